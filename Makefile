@@ -1,0 +1,45 @@
+# Two entry points (README): `make bench` sets up and runs the main job; `make test` sets up and
+# runs the tests. Both create or reuse the virtual environment .venv in the repo.
+#
+# The venv sees system site-packages, so a torch already installed on the machine is kept; only
+# when none imports is torch==2.13.0 installed (a local CPU build on the project's machines; set
+# TORCH_SPEC to choose another, e.g. TORCH_SPEC="torch==2.14.1").
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+TORCH_SPEC  ?= torch==2.13.0
+STAMP       := $(VENV)/.marginops-installed
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+
+.PHONY: setup bench test lint cuda-check clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(EXT_SOURCES)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install setuptools wheel ninja numpy
+	$(PY) -m pip install triton pytest pytest-benchmark pytorch-metric-learning scikit-learn \
+		matplotlib tqdm ruff
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -m marginops.info
+	@touch $(STAMP)
+
+bench: setup
+	$(PY) benchmarks/bench_fused.py
+
+# CI runs exactly this. The CUDA extension build (no GPU needed) comes first so that pytest's
+# summary is the last thing printed.
+test: setup
+	bash scripts/build_cuda_extension.sh
+	$(PY) -m ruff check marginops tests benchmarks examples
+	$(PY) -m pytest -q tests
+
+cuda-check:
+	bash scripts/build_cuda_extension.sh
+
+clean:
+	rm -rf build *.egg-info marginops/_C*.so $(STAMP)

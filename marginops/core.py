@@ -1,0 +1,221 @@
+"""The core op every softmax family is written over, and the backend dispatch.
+
+``margin_lse`` computes, without ever holding the B×C logits,
+
+    lse_neg_i = log Σ_{j ≠ y_i} exp(scale_i · c'_ij + bias_j)      c_ij = f_i · ŵ_j
+    dot_y_i   = f_i · ŵ_{y_i}
+
+and a family then forms its target logit t_i from dot_y (B values, plain PyTorch) and the loss
+``softplus(lse_neg − t) = logsumexp(all logits) − t``. The backends (``marginops/ops/``) implement
+one low-level contract, documented in ``marginops/ops/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._validation import check_weight
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+_BACKEND_MODULES = {"torch": "torch_chunked", "cpp": "cpp", "cuda": "cpp", "triton": "triton"}
+
+
+class MarginLSE(NamedTuple):
+    """Output of :func:`margin_lse`: ``lse_neg`` and ``dot_y``, both (B,) in fp32 (fp64 for fp64)."""
+
+    lse_neg: Tensor
+    dot_y: Tensor
+
+
+_LOADED: dict[str, object] = {}
+
+
+def _backend_module(name: str):
+    # A plain dict lookup once loaded, so torch.compile traces through it (it cannot trace
+    # importlib); _resolve, run before any call, has loaded the module.
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(f"marginops.ops.{_BACKEND_MODULES[name]}")
+    return _LOADED[name]
+
+
+def backend_status(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """For each backend: None if it can run on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    status: dict[str, str | None] = {}
+    for name in BACKENDS:
+        try:
+            status[name] = _backend_module(name).availability(name, device)
+        except ImportError as err:  # a backend file that is not there yet / failed to import
+            status[name] = f"marginops.ops.{_BACKEND_MODULES[name]} failed to import: {err}"
+    return status
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"``: triton, then cuda, then torch on CUDA tensors; cpp, then torch on CPU."""
+    return _resolve(backend, device.type)
+
+
+@functools.cache
+def _backend_available(name: str, device_type: str) -> str | None:
+    return backend_status(torch.device(device_type))[name]
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    # Answers are cached per device type: which extensions imported does not change in a
+    # process, and torch.compile treats the choice as a constant of the graph.
+    device = torch.device(device_type)
+    if backend == "auto":
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
+        return next(name for name in order if _backend_available(name, device_type) is None)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of 'auto', "
+                         + ", ".join(map(repr, BACKENDS)) + ".")
+    reason = _backend_available(backend, device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}. "
+                           "Use backend='auto' to pick what is available "
+                           "(python -m marginops.info lists the backends).")
+    return backend
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_vector(name: str, value, batch: int, like: Tensor) -> Tensor:
+    """A float or a 0-d / (B,) tensor as a (B,) tensor in acc dtype (differentiable)."""
+    acc = _acc(like.dtype)
+    if not isinstance(value, Tensor):
+        return torch.full((batch,), float(value), dtype=acc, device=like.device)
+    if value.dim() == 0:
+        return value.to(acc).expand(batch).contiguous()
+    if value.shape != (batch,):
+        raise ValueError(f"{name} must be a float, a 0-d tensor or a ({batch},) tensor, got shape "
+                         f"{tuple(value.shape)}.")
+    return value.to(device=like.device, dtype=acc).contiguous()
+
+
+def target_columns(labels: Tensor, num_local: int, class_range: tuple[int, int] | None,
+                   class_index: Tensor | None) -> Tensor:
+    """Column of each row's target among the iterated classes, -1 if absent or ignored."""
+    start = 0 if class_range is None else int(class_range[0])
+    local = labels - start
+    present = (labels >= 0) & (local >= 0) & (local < num_local)
+    if class_index is None:
+        return torch.where(present, local, torch.full_like(local, -1))
+    position = torch.full((num_local,), -1, dtype=torch.long, device=labels.device)
+    position[class_index] = torch.arange(class_index.numel(), device=labels.device)
+    return torch.where(present, position[local.clamp(0, num_local - 1)], torch.full_like(local, -1))
+
+
+def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | Tensor = 1.0,
+               bias: Tensor | None = None, *, normalize_weight: bool = True,
+               class_range: tuple[int, int] | None = None, class_index: Tensor | None = None,
+               hard_negative: tuple[Tensor | float, Tensor | float] | None = None,
+               subcenters: int = 1, backend: str = "auto") -> MarginLSE:
+    """Log-sum-exp over the non-target logits and the target dot product, streamed over classes.
+
+    Args:
+        features: (B, D) — typically x̂ (normalised embeddings); any float dtype.
+        weight: (C_local·K, D) classifier rows, row = class·K + k; normalised inside when
+            ``normalize_weight``.
+        labels: (B,) int64 global class ids, -1 for ignored rows.
+        scale: float, 0-d or (B,) tensor s_i (differentiable).
+        bias: optional (C_local,) per-class bias b_j (differentiable).
+        class_range: ``(start, C_local)`` — this shard owns classes [start, start + C_local).
+        class_index: optional (N,) int64 local class ids to iterate (Partial FC); others are
+            skipped and get zero gradient.
+        hard_negative: ``(tau, t)`` — CurricularFace: for j ≠ y with c_ij > tau_i, c_ij becomes
+            c_ij·(t + c_ij). tau (B,) or scalar, t scalar; neither is differentiated.
+        subcenters: K; class j's cosine is the max over rows j·K .. j·K+K-1.
+        backend: "auto", "torch", "cpp", "cuda" or "triton".
+
+    Returns:
+        ``MarginLSE(lse_neg, dot_y)``, each (B,) in fp32 (fp64 for fp64 inputs).
+
+    Equivalent PyTorch (materialising B×C)::
+
+        c = features @ F.normalize(weight).T            # (B, C), then max over sub-centers
+        z = scale[:, None] * c + bias                   # with hard negatives modulated
+        dot_y = c[arange(B), labels]
+        lse_neg = z.masked_fill(onehot(labels), -inf).logsumexp(1)
+    """
+    check_weight(weight, features)
+    if features.dim() != 2:
+        raise ValueError(f"features must be 2-D (batch, embedding_size), got {tuple(features.shape)}.")
+    if not isinstance(subcenters, int) or subcenters < 1 or weight.shape[0] % subcenters:
+        raise ValueError(f"subcenters={subcenters!r} must be a positive int dividing weight's "
+                         f"{weight.shape[0]} rows.")
+    batch = features.shape[0]
+    num_local = weight.shape[0] // subcenters
+    if class_range is not None and int(class_range[1]) != num_local:
+        raise ValueError(f"class_range={tuple(class_range)} says this shard owns {class_range[1]} "
+                         f"classes but weight has {num_local} (= {weight.shape[0]} rows / "
+                         f"{subcenters} sub-centers).")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}.")
+    if class_index is not None:
+        if class_index.dtype != torch.long or class_index.dim() != 1:
+            raise TypeError("class_index must be a 1-D torch.long tensor of local class ids.")
+        if not torch.compiler.is_compiling() and class_index.numel() and (
+                int(class_index.min()) < 0 or int(class_index.max()) >= num_local
+                or torch.unique(class_index).numel() != class_index.numel()):
+            raise ValueError(f"class_index must hold distinct local class ids in [0, {num_local}).")
+    acc = _acc(features.dtype)
+    scale_rows = _row_vector("scale", scale, batch, features)
+    if bias is not None:
+        if bias.shape != (num_local,):
+            raise ValueError(f"bias must have shape ({num_local},), got {tuple(bias.shape)}.")
+        bias = bias.to(acc)
+    hard_tau = hard_t = None
+    if hard_negative is not None:
+        tau, t = hard_negative
+        hard_tau = _row_vector("hard_negative tau", tau, batch, features).detach()
+        hard_t = torch.as_tensor(t, dtype=acc, device=features.device).detach().reshape(())
+    name = resolve_backend(backend, features.device)
+    target_col = target_columns(labels, num_local, class_range, class_index)
+    lse_neg, dot_y = _backend_module(name).margin_lse(
+        features.contiguous(), weight.contiguous(), scale_rows, bias, target_col, class_index,
+        hard_tau, hard_t, bool(normalize_weight), subcenters)
+    return MarginLSE(lse_neg, dot_y)
+
+
+def topk_dot(features: Tensor, weight: Tensor, k: int, *, exclude: Tensor | None = None,
+             normalize_weight: bool = True, subcenters: int = 1,
+             backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The k largest f_i·ŵ_j per row (sub-center max), optionally excluding class ``exclude_i``.
+
+    Streams over classes with a running top-k: no B×C logits. Returns ``(values, classes)``, each
+    (B, k): values descending, differentiable w.r.t. features and weight (the backward is sparse:
+    B·k rows), classes int64. Equivalent PyTorch::
+
+        c = features @ F.normalize(weight).T   (then max over sub-centers)
+        c[arange(B), exclude] = -inf
+        values, classes = c.topk(k, dim=1)
+    """
+    check_weight(weight, features)
+    batch = features.shape[0]
+    num_classes = weight.shape[0] // subcenters
+    available = num_classes - (1 if exclude is not None else 0)
+    if not 1 <= k <= available:
+        raise ValueError(f"k={k} must be between 1 and {available} (the number of classes"
+                         + (" other than the excluded label)." if exclude is not None else ")."))
+    exclude_col = (torch.full((batch,), -1, dtype=torch.long, device=features.device)
+                   if exclude is None else target_columns(exclude, num_classes, None, None))
+    name = resolve_backend(backend, features.device)
+    with torch.no_grad():
+        _, classes = _backend_module(name).topk(features.contiguous(), weight.contiguous(),
+                                                exclude_col, k, bool(normalize_weight), subcenters)
+    # Recompute the k values differentiably: only B·k·K rows are read, so the backward is sparse.
+    rows = weight.view(num_classes, subcenters, -1)[classes]          # (B, k, K, D)
+    if normalize_weight:
+        rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    acc = _acc(features.dtype)
+    values = torch.einsum("bd,bkmd->bkm", features.to(acc), rows.to(acc)).amax(dim=-1)
+    return values, classes

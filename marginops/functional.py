@@ -1,0 +1,116 @@
+"""Functional API: margin cross-entropy over the core op, and the pieces the modules share.
+
+Every loss here is ``softplus(lse_neg − t) = logsumexp_j z_ij − z_iy`` with the target logit
+``t = scale · ψ(dot_y) + bias_y`` formed from B values, so the B×C logits never exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import margins
+from ._validation import REDUCTIONS, check_choice, check_embeddings, check_labels, check_margin
+from .core import margin_lse
+
+
+def normalize_rows(embeddings: Tensor) -> tuple[Tensor, Tensor]:
+    """(x̂, ‖x‖): x̂ = x / max(‖x‖, 1e-12) in the input's dtype, norms (B,) in fp32/fp64.
+
+    The norm is taken in fp32 even for half inputs; x̂ goes back to the input dtype so that GPU
+    kernels run half-precision GEMMs (they accumulate in fp32).
+    """
+    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    x = embeddings.to(acc)
+    norms = x.norm(dim=1)
+    return (x / norms.clamp_min(1e-12)[:, None]).to(embeddings.dtype), norms
+
+
+def softmax_rows(lse_neg: Tensor, target_logit: Tensor) -> Tensor:
+    """Per-row cross-entropy logsumexp(z) − z_y = softplus(lse_neg − z_y); exact, no p_y − 1."""
+    return F.softplus(lse_neg - target_logit)
+
+
+def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """Mean over the non-ignored rows (0 when all are ignored), sum, or the (B,) rows themselves;
+    ignored rows hold exactly 0 and receive no gradient."""
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum().clamp_min(1)
+
+
+def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
+                         target_fn: Callable[[Tensor], Tensor] | None = None, *,
+                         scale: float | Tensor = 64.0, bias: Tensor | None = None,
+                         normalize_weight: bool = True, subcenters: int = 1,
+                         hard_negative: tuple[Tensor | float, Tensor | float] | None = None,
+                         reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Scaled cosine cross-entropy with a margin on the target logit.
+
+    Args:
+        embeddings: (B, D) raw embeddings (normalised here).
+        weight: (C·K, D) classifier, row = class·K + k.
+        labels: (B,) int64 in [0, C), -1 ignores a row.
+        target_fn: ψ applied to the target cosines (B,) → (B,); None means no margin.
+        scale: float, 0-d or (B,) tensor s (differentiable).
+        bias: optional (C,) class bias (added to every logit, target included).
+        normalize_weight: False gives plain (un-normalised) weight rows (Crystal loss).
+
+    Equivalent PyTorch::
+
+        c = F.normalize(embeddings) @ F.normalize(weight).T
+        logits = scale * c.scatter(1, labels[:, None], target_fn(c.gather(1, labels[:, None])))
+        F.cross_entropy(logits + bias, labels, ignore_index=-1, reduction=reduction)
+    """
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_embeddings(embeddings)
+    num_classes = weight.shape[0] // subcenters if weight.dim() == 2 else 0
+    check_labels(labels, embeddings.shape[0], num_classes, embeddings.device)
+    x_hat, _ = normalize_rows(embeddings)
+    lse_neg, dot_y = margin_lse(x_hat, weight, labels, scale, bias,
+                                normalize_weight=normalize_weight, hard_negative=hard_negative,
+                                subcenters=subcenters, backend=backend)
+    psi = dot_y if target_fn is None else target_fn(dot_y)
+    target = scale_times(scale, psi)
+    if bias is not None:
+        target = target + bias.to(target.dtype)[labels.clamp_min(0)]
+    return reduce_rows(softmax_rows(lse_neg, target), labels >= 0, reduction)
+
+
+def scale_times(scale: float | Tensor, value: Tensor) -> Tensor:
+    """scale · value for a float, 0-d or (B,) scale, in value's dtype."""
+    if isinstance(scale, Tensor):
+        scale = scale.to(value.dtype)
+    return scale * value
+
+
+def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0,
+                 margin: float = 0.5, angle_policy: str = "fallback", grad_mode: str = "exact",
+                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """ArcFace: target s·cos(θ_y + m), others s·cos θ_j (arXiv 1801.07698); margin in radians."""
+    check_margin("margin", margin)
+    return margin_cross_entropy(
+        embeddings, weight, labels,
+        lambda c: margins.arcface(c, margin, angle_policy=angle_policy, grad_mode=grad_mode),
+        scale=scale, reduction=reduction, backend=backend)
+
+
+def cosface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0,
+                 margin: float = 0.35, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """CosFace: target s·(cos θ_y − m), others s·cos θ_j (arXiv 1801.09414)."""
+    return margin_cross_entropy(embeddings, weight, labels, lambda c: margins.cosface(c, margin),
+                                scale=scale, reduction=reduction, backend=backend)
+
+
+def normface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *,
+                  scale: float | Tensor = 64.0, reduction: str = "mean",
+                  backend: str = "auto") -> Tensor:
+    """NormFace: s·cos θ for every class, no margin (arXiv 1704.06369)."""
+    return margin_cross_entropy(embeddings, weight, labels, None, scale=scale,
+                                reduction=reduction, backend=backend)

@@ -1,0 +1,57 @@
+"""Backends of the core op, one file each, all behind one contract.
+
+The contract (shared/DESIGN.md §2), as every backend implements it
+=================================================================
+
+Low-level inputs are already validated and normalised by ``marginops.core``:
+
+    features     (B, D)  fp32 / fp64 / fp16 / bf16, contiguous
+    weight       (R, D)  R = C_local · K rows (row = class·K + k); any float dtype, contiguous.
+                         fp64 only together with fp64 features.
+    scale        (B,)    acc dtype (fp64 if features are fp64, else fp32)
+    bias         (C_local,) acc dtype, or None; indexed by class, not by sub-center row
+    target_col   (B,)    int64: the column (position in the iterated class list) that is this
+                         row's target, or -1 when the target is not in this shard / row ignored
+    class_index  (N,)    int64 or None: iterate only these classes (Partial FC); column n is class
+                         class_index[n]. None means column n is class n, N = C_local.
+    hard_tau     (B,)    acc dtype or None (CurricularFace threshold; +inf disables a row)
+    hard_t       ()      acc dtype 0-d tensor or None (CurricularFace t); given iff hard_tau is
+    normalize_weight bool; subcenters int K >= 1
+
+Math (acc dtype throughout; never exponentiate in half precision):
+
+    wn_r   = max(‖W_r‖, 1e-12) if normalize_weight else 1
+    d_ir   = f_i · W_r / wn_r
+    d_in   = max_k d_{i, c_n·K + k}          (c_n the class of column n; sub-center max)
+    d'_in  = d_in · (t + d_in)   if hard and n != target_col_i and d_in > tau_i, else d_in
+    z_in   = scale_i · d'_in + bias_{c_n}
+    lse_neg_i = log Σ_{n != target_col_i} exp(z_in)     (-inf if there is no such column)
+    dot_y_i   = d_{i, target_col_i}  (unmodulated, unscaled, no bias), 0 if target_col_i = -1
+
+Outputs ``(lse_neg, dot_y)``, both (B,) in acc dtype.
+
+Backward, given grad_lse (B,), grad_dot (B,), and the saved lse_neg:
+
+    g_in        = grad_lse_i · exp(z_in - lse_neg_i)       for n != target_col_i, else 0
+    grad_scale_i = Σ_n g_in · d'_in
+    grad_bias_c  = Σ_i g_in                                  (scattered to class c_n)
+    dd_in       = g_in · scale_i · (t + 2 d_in if modulated else 1)  + [n == target_col_i]·grad_dot_i
+    grad_f_i    = Σ_n dd_in · W_{r*(i,n)} / wn_{r*}          r* = the argmax sub-center row
+    G_r         = Σ_i dd_{i,n(r)} f_i   over rows i whose argmax for column n(r) is r
+    grad_W_r    = (G_r - ŵ_r (ŵ_r · G_r)) / wn_r  if normalize_weight and ‖W_r‖ > 1e-12
+                  G_r / wn_r otherwise;  rows never iterated (class_index) get exactly 0.
+
+Returns ``(grad_features, grad_weight, grad_scale, grad_bias)``: grad_features in features' dtype,
+grad_weight in weight's dtype (full (R, D)), grad_scale and grad_bias in acc dtype; grad_bias
+is an empty tensor when bias is None. No gradient flows to target_col, class_index, hard_tau, hard_t.
+
+topk: ``topk(features, weight, exclude_col, k, normalize_weight, subcenters)`` returns
+``(values (B, k) acc dtype, columns (B, k) int64)``: the k largest d_in per row over columns
+n != exclude_col_i (exclude_col = -1 excludes nothing), values descending; ties broken by the lower
+column. It has no autograd: callers recompute the k values differentiably from the columns
+(B·k·D work, see ``marginops.core.topk_dot``).
+
+Registered op names (``torch.ops.marginops.*``): ``margin_lse_torch`` / ``margin_lse_torch_backward``
+(this package's Python), ``margin_lse`` / ``margin_lse_backward`` / ``topk`` (C++: CPU and CUDA
+dispatch keys), ``margin_lse_triton`` / ``margin_lse_triton_backward`` / ``topk_triton``.
+"""

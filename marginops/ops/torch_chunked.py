@@ -1,0 +1,224 @@
+"""The `torch` backend: the core op streamed over class chunks in plain PyTorch.
+
+Portable (any device torch runs on) and memory-saving: it never holds B×C, only one B×chunk tile
+at a time, in forward and in backward (which recomputes the tile). The math is the contract in
+``marginops/ops/__init__.py``; this file reads top-down: tile → forward op → backward op → autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+NAMES = ("torch",)
+
+# Elements of one B×(chunk·K) tile. 4M fp32 = 16 MB: large enough for an efficient GEMM, small
+# enough that the handful of tile-sized temporaries stay far below a B×C buffer.
+TILE_ELEMENTS = 1 << 22
+
+
+def availability(backend: str, device: torch.device) -> str | None:
+    return None
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Tile(NamedTuple):
+    classes: Tensor      # (n,) class ids (rows of bias) of this chunk's columns
+    rows: Tensor | slice  # weight rows of the chunk, n·K of them, class-major
+    w_hat: Tensor        # (n·K, D) acc-dtype weight rows, normalised if asked
+    w_norm: Tensor       # (n·K, 1) the clamped norms (ones when not normalising)
+    d: Tensor            # (B, n) cosines after the sub-center max, before modulation
+    best: Tensor | None  # (B, n) argmax sub-center, None when K = 1
+    is_target: Tensor    # (B, n) bool
+    hard: Tensor | None  # (B, n) bool: hard negatives modulated d·(t+d)
+    d_mod: Tensor        # (B, n) cosines after the hard-negative modulation
+    z: Tensor            # (B, n) logits, -inf at the target
+
+
+def _tiles(f: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, target_col: Tensor,
+           class_index: Tensor | None, hard_tau: Tensor | None, hard_t: Tensor | None,
+           normalize_weight: bool, K: int) -> Iterator[tuple[int, Tile]]:
+    """Yield (first column, tile) over all columns; f is already in acc dtype."""
+    B = f.shape[0]
+    n_cols = weight.shape[0] // K if class_index is None else class_index.numel()
+    chunk = max(1, min(n_cols, TILE_ELEMENTS // max(1, B * K)))
+    sub = torch.arange(K, device=f.device)
+    for n0 in range(0, n_cols, chunk):
+        n1 = min(n_cols, n0 + chunk)
+        if class_index is None:
+            classes = torch.arange(n0, n1, device=f.device)
+            rows: Tensor | slice = slice(n0 * K, n1 * K)
+            w = weight[rows]
+        else:
+            classes = class_index[n0:n1]
+            rows = (classes[:, None] * K + sub).flatten()
+            w = weight.index_select(0, rows)  # chunk-sized gather, never the whole sampled set
+        w = w.to(f.dtype)
+        if normalize_weight:
+            w_norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        else:
+            w_norm = torch.ones_like(w[:, :1])
+        w_hat = w / w_norm
+        d = (f @ w_hat.t()).view(B, n1 - n0, K)
+        best = None
+        if K > 1:
+            d, best = d.max(dim=2)
+        else:
+            d = d.squeeze(2)
+        cols = torch.arange(n0, n1, device=f.device)
+        is_target = cols[None, :] == target_col[:, None]
+        hard = None
+        d_mod = d
+        if hard_tau is not None:
+            hard = (~is_target) & (d > hard_tau[:, None])
+            d_mod = torch.where(hard, d * (hard_t + d), d)
+        z = scale[:, None] * d_mod
+        if bias is not None:
+            z = z + bias[classes][None, :]
+        z = z.masked_fill(is_target, float("-inf"))
+        yield n0, Tile(classes, rows, w_hat, w_norm, d, best, is_target, hard, d_mod, z)
+
+
+# ---------------------------------------------------------------- forward op
+@torch.library.custom_op("marginops::margin_lse_torch", mutates_args=())
+def margin_lse_op(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
+                  target_col: Tensor, class_index: Tensor | None, hard_tau: Tensor | None,
+                  hard_t: Tensor | None, normalize_weight: bool,
+                  subcenters: int) -> tuple[Tensor, Tensor]:
+    acc = acc_dtype(features.dtype)
+    f = features.to(acc)
+    lse_neg = torch.full((f.shape[0],), float("-inf"), dtype=acc, device=f.device)
+    dot_y = torch.zeros_like(lse_neg)
+    for _, t in _tiles(f, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+                       normalize_weight, subcenters):
+        # online log-sum-exp: log(e^a + e^b) merges the running value with this chunk's
+        lse_neg = torch.logaddexp(lse_neg, torch.logsumexp(t.z, dim=1))
+        dot_y = dot_y + (t.d * t.is_target).sum(dim=1)
+    return lse_neg, dot_y
+
+
+@margin_lse_op.register_fake
+def _(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+      normalize_weight, subcenters):
+    acc = acc_dtype(features.dtype)
+    return features.new_empty(features.shape[0], dtype=acc), features.new_empty(
+        features.shape[0], dtype=acc)
+
+
+# ---------------------------------------------------------------- backward op
+@torch.library.custom_op("marginops::margin_lse_torch_backward", mutates_args=())
+def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, features: Tensor, weight: Tensor,
+                           scale: Tensor, bias: Tensor | None, target_col: Tensor,
+                           class_index: Tensor | None, hard_tau: Tensor | None,
+                           hard_t: Tensor | None, lse_neg: Tensor, normalize_weight: bool,
+                           subcenters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    K = subcenters
+    acc = acc_dtype(features.dtype)
+    f = features.to(acc)
+    B = f.shape[0]
+    grad_f = torch.zeros_like(f)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_scale = torch.zeros_like(scale)
+    grad_bias = torch.zeros_like(bias) if bias is not None else scale.new_zeros(0)
+    # rows whose lse_neg is -inf have no negatives: every p is 0 there
+    finite_lse = torch.where(torch.isfinite(lse_neg), lse_neg, torch.zeros_like(lse_neg))
+    for n0, t in _tiles(f, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+                        normalize_weight, K):
+        # dL/dz_in = grad_lse_i · softmax over the negatives (0 at the target: z = -inf there)
+        g = grad_lse[:, None] * torch.exp(t.z - finite_lse[:, None])
+        grad_scale += (g * t.d_mod).sum(dim=1)
+        if bias is not None:
+            grad_bias.index_add_(0, t.classes, g.sum(dim=0))
+        dd = g * scale[:, None]
+        if t.hard is not None:  # d/dd of d·(t + d) is t + 2d
+            dd = torch.where(t.hard, dd * (hard_t + 2 * t.d), dd)
+        dd = dd + t.is_target * grad_dot[:, None]
+        if K > 1:  # route each column's gradient to its argmax sub-center row
+            dd = torch.zeros(B, dd.shape[1], K, dtype=acc, device=f.device).scatter_(
+                2, t.best[..., None], dd[..., None]).view(B, -1)
+        grad_f += dd @ t.w_hat
+        g_what = dd.t() @ f  # (n·K, D): gradient w.r.t. the normalised rows
+        if normalize_weight:  # Jacobian of w/‖w‖: (I − ŵŵᵀ)/‖w‖, identity/eps in the clamp
+            radial = (t.w_hat * g_what).sum(dim=1, keepdim=True)
+            clamped = t.w_norm <= 1e-12
+            g_what = torch.where(clamped, g_what, g_what - t.w_hat * radial) / t.w_norm
+        if isinstance(t.rows, slice):
+            grad_w[t.rows] = g_what
+        else:
+            grad_w.index_copy_(0, t.rows, g_what)
+    return grad_f.to(features.dtype), grad_w.to(weight.dtype), grad_scale, grad_bias
+
+
+@margin_lse_backward_op.register_fake
+def _(grad_lse, grad_dot, features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+      lse_neg, normalize_weight, subcenters):
+    grad_bias = torch.empty_like(bias) if bias is not None else scale.new_empty(0)
+    return (torch.empty_like(features), torch.empty_like(weight), torch.empty_like(scale),
+            grad_bias)
+
+
+# ---------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+     normalize_weight, subcenters) = inputs
+    ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+                          output[0])
+    ctx.normalize_weight = normalize_weight
+    ctx.subcenters = subcenters
+
+
+def _backward(ctx, grad_lse, grad_dot):
+    features, weight, scale, bias, target_col, class_index, hard_tau, hard_t, lse_neg = (
+        ctx.saved_tensors)
+    grad_f, grad_w, grad_scale, grad_bias = margin_lse_backward_op(
+        grad_lse.contiguous(), grad_dot.contiguous(), features, weight, scale, bias, target_col,
+        class_index, hard_tau, hard_t, lse_neg, ctx.normalize_weight, ctx.subcenters)
+    return (grad_f, grad_w, grad_scale, grad_bias if bias is not None else None,
+            None, None, None, None, None, None)
+
+
+margin_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def margin_lse(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+               normalize_weight: bool, subcenters: int) -> tuple[Tensor, Tensor]:
+    return margin_lse_op(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+                         normalize_weight, subcenters)
+
+
+# ---------------------------------------------------------------- top-k (no autograd)
+@torch.library.custom_op("marginops::topk_torch", mutates_args=())
+def topk_op(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int,
+            normalize_weight: bool, subcenters: int) -> tuple[Tensor, Tensor]:
+    acc = acc_dtype(features.dtype)
+    f = features.to(acc)
+    B = f.shape[0]
+    best_val = f.new_full((B, 0), float("-inf"))
+    best_col = exclude_col.new_zeros((B, 0))
+    ones = f.new_ones(B)
+    for n0, t in _tiles(f, weight, ones, None, exclude_col, None, None, None, normalize_weight,
+                        subcenters):
+        cols = torch.arange(n0, n0 + t.d.shape[1], device=f.device).expand(B, -1)
+        val = torch.cat([best_val, t.d.masked_fill(t.is_target, float("-inf"))], dim=1)
+        col = torch.cat([best_col, cols], dim=1)
+        best_val, pick = torch.topk(val, min(k, val.shape[1]), dim=1)
+        best_col = col.gather(1, pick)
+    return best_val, best_col
+
+
+@topk_op.register_fake
+def _(features, weight, exclude_col, k, normalize_weight, subcenters):
+    acc = acc_dtype(features.dtype)
+    B = features.shape[0]
+    return features.new_empty(B, k, dtype=acc), exclude_col.new_empty(B, k)
+
+
+def topk(features, weight, exclude_col, k: int, normalize_weight: bool,
+         subcenters: int) -> tuple[Tensor, Tensor]:
+    return topk_op(features, weight, exclude_col, k, normalize_weight, subcenters)
