@@ -55,9 +55,10 @@ def backend_status(device: torch.device | str = "cpu") -> dict[str, str | None]:
     return status
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"``: triton, then cuda, then torch on CUDA tensors; cpp, then torch on CPU."""
-    return _resolve(backend, device.type)
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``"auto"``: triton, then cuda, then torch on CUDA tensors (fp64 goes to torch: the GPU
+    kernels have no fp64 path); cpp, then torch on CPU."""
+    return _resolve(backend, device.type, dtype == torch.float64)
 
 
 @functools.cache
@@ -66,12 +67,14 @@ def _backend_available(name: str, device_type: str) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
+def _resolve(backend: str, device_type: str, fp64: bool) -> str:
     # Answers are cached per device type: which extensions imported does not change in a
     # process, and torch.compile treats the choice as a constant of the graph.
     device = torch.device(device_type)
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
+        if fp64:
+            order = tuple(name for name in order if name not in ("triton", "cuda"))
         return next(name for name in order if _backend_available(name, device_type) is None)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of 'auto', "
@@ -178,7 +181,7 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
         tau, t = hard_negative
         hard_tau = _row_vector("hard_negative tau", tau, batch, features).detach()
         hard_t = torch.as_tensor(t, dtype=acc, device=features.device).detach().reshape(())
-    name = resolve_backend(backend, features.device)
+    name = resolve_backend(backend, features.device, features.dtype)
     target_col = target_columns(labels, num_local, class_range, class_index)
     lse_neg, dot_y = _backend_module(name).margin_lse(
         features.contiguous(), weight.contiguous(), scale_rows, bias, target_col, class_index,
@@ -208,7 +211,7 @@ def topk_dot(features: Tensor, weight: Tensor, k: int, *, exclude: Tensor | None
                          + (" other than the excluded label)." if exclude is not None else ")."))
     exclude_col = (torch.full((batch,), -1, dtype=torch.long, device=features.device)
                    if exclude is None else target_columns(exclude, num_classes, None, None))
-    name = resolve_backend(backend, features.device)
+    name = resolve_backend(backend, features.device, features.dtype)
     with torch.no_grad():
         _, classes = _backend_module(name).topk(features.contiguous(), weight.contiguous(),
                                                 exclude_col, k, bool(normalize_weight), subcenters)

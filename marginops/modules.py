@@ -23,11 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import margins
-from ._validation import (ANGLE_POLICIES, GRAD_MODES, REDUCTIONS, check_choice, check_embeddings,
-                          check_labels, check_margin)
+from ._validation import (
+    ANGLE_POLICIES,
+    GRAD_MODES,
+    REDUCTIONS,
+    check_choice,
+    check_embeddings,
+    check_labels,
+    check_margin,
+)
 from .core import MarginLSE, margin_lse, topk_dot
 from .functional import normalize_rows, reduce_rows, scale_times, softmax_rows
-
 
 # State buffers have shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d
 # fp64 buffers, and one shape for every dtype keeps state_dicts uniform.

@@ -15,9 +15,9 @@ from torch import Tensor
 
 NAMES = ("torch",)
 
-# Elements of one B×(chunk·K) tile. 4M fp32 = 16 MB: large enough for an efficient GEMM, small
+# Elements of one B×(chunk·K) tile. 1M fp32 = 4 MB: large enough for an efficient GEMM, small
 # enough that the handful of tile-sized temporaries stay far below a B×C buffer.
-TILE_ELEMENTS = 1 << 22
+TILE_ELEMENTS = 1 << 20
 
 
 def availability(backend: str, device: torch.device) -> str | None:
@@ -128,7 +128,7 @@ def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, features: Tensor,
     grad_bias = torch.zeros_like(bias) if bias is not None else scale.new_zeros(0)
     # rows whose lse_neg is -inf have no negatives: every p is 0 there
     finite_lse = torch.where(torch.isfinite(lse_neg), lse_neg, torch.zeros_like(lse_neg))
-    for n0, t in _tiles(f, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+    for _, t in _tiles(f, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
                         normalize_weight, K):
         # dL/dz_in = grad_lse_i · softmax over the negatives (0 at the target: z = -inf there)
         g = grad_lse[:, None] * torch.exp(t.z - finite_lse[:, None])

@@ -1,0 +1,630 @@
+// CPU kernels of the marginops core op: margin_lse, margin_lse_backward, topk.
+//
+// Structure (the same in all three): stream over the class columns in chunks of `nc` columns.
+// For each chunk
+//   1. load   — read the chunk's weight rows (indirectly through class_index when given), convert
+//               to the acc dtype and normalise them into a small nc·K × D buffer Ŵc;
+//   2. GEMM   — T = F · Ŵcᵀ (B × nc·K) with ATen's BLAS GEMM (MKL / OpenBLAS);
+//   3. epilogue — one tight loop per row over T, in place: sub-center max, target mask, hard-negative
+//               modulation, scale, bias, then max and Σexp (forward), or the softmax gradient dd
+//               (backward), using the shared math of csrc/include/epilogue.h.
+// The backward then does ∂F += DD · Ŵc and G = DDᵀ · F (two more GEMMs) and applies the
+// normalisation Jacobian to G row by row; each chunk owns its weight rows, so no atomics.
+//
+// Parallelism: the chunks are split into `ngroups` contiguous ranges (one per thread); each group
+// keeps its own partial results (running max/Σexp per row, or ∂F and ∂scale accumulators) that are
+// merged in group order at the end, so results are deterministic for a given thread count. Inside a
+// group the GEMMs run single-threaded on a tile that fits in cache. Memory is bounded by
+// ngroups × (B·nc·K + nc·K·D + B·D) acc elements: nothing grows with B·C.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+#include "epilogue.h"
+
+namespace marginops {
+namespace cpu {
+
+using at::Tensor;
+namespace epi = marginops::epi;
+
+// ------------------------------------------------------------------------------------------------
+// Problem description shared by the three ops
+// ------------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct Problem {
+  int64_t B = 0, D = 0, K = 1, N = 0;   // rows, embedding dim, sub-centers, iterated columns
+  const acc_t* F = nullptr;              // B × D features in acc dtype
+  const int64_t* class_index = nullptr;  // N class ids, or null: column n is class n
+  const int64_t* target = nullptr;       // B target columns (−1: none)
+  const acc_t* scale = nullptr;          // B
+  const acc_t* bias = nullptr;           // C_local (by class) or null
+  const acc_t* tau = nullptr;            // B or null
+  acc_t t = 0;                           // CurricularFace t
+  bool hard = false;
+  bool normalize = true;
+
+  int64_t class_of(int64_t n) const { return class_index ? class_index[n] : n; }
+};
+
+// Columns per chunk. The B × nc·K tile should stay in the per-core L2 cache while the epilogue
+// runs over it, yet be large enough for an efficient GEMM. MARGINOPS_CPU_TILE_KB overrides the
+// tile budget (a benchmarking knob, not a behaviour switch: results do not depend on it beyond
+// rounding).
+inline int64_t pick_chunk(int64_t B, int64_t K, int64_t N, int64_t acc_size, int64_t nthreads) {
+  int64_t budget = 1024 * 1024;  // bytes of tile
+  if (const char* env = std::getenv("MARGINOPS_CPU_TILE_KB")) {
+    int64_t kb = std::atoll(env);
+    if (kb > 0) budget = kb * 1024;
+  }
+  int64_t nc = budget / std::max<int64_t>(1, B * K * acc_size);
+  nc = std::clamp<int64_t>(nc / 16 * 16, 16, 2048);
+  // Enough chunks to keep every thread busy.
+  int64_t per_thread = (N + nthreads - 1) / std::max<int64_t>(1, nthreads);
+  per_thread = (per_thread + 15) / 16 * 16;
+  nc = std::min(nc, std::max<int64_t>(per_thread, 16));
+  return std::max<int64_t>(1, std::min(nc, std::max<int64_t>(N, 1)));
+}
+
+// Contiguous range of chunks owned by group g of ngroups.
+inline void group_range(int64_t g, int64_t ngroups, int64_t nchunks, int64_t* c0, int64_t* c1) {
+  *c0 = nchunks * g / ngroups;
+  *c1 = nchunks * (g + 1) / ngroups;
+}
+
+// Load columns [n0, n0 + nc) : their K weight rows each, converted to acc and normalised, into
+// Wc (nc·K × D). inv[r] = 1/wn, sumsq[r] = ‖W_r‖², bias_c[j] = bias of column j (0 without bias).
+template <typename acc_t, typename w_t>
+void load_chunk(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc, acc_t* Wc,
+                acc_t* inv, acc_t* sumsq, acc_t* bias_c) {
+  const int64_t D = P.D, K = P.K;
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t c = P.class_of(n0 + j);
+    bias_c[j] = P.bias ? P.bias[c] : acc_t(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const w_t* src = W + (c * K + k) * D;
+      acc_t* dst = Wc + (j * K + k) * D;
+      acc_t ss = 0;
+      for (int64_t e = 0; e < D; ++e) {
+        const acc_t v = static_cast<acc_t>(src[e]);
+        dst[e] = v;
+        ss += v * v;
+      }
+      const acc_t iv = epi::inv_norm(ss, P.normalize);
+      inv[j * K + k] = iv;
+      sumsq[j * K + k] = ss;
+      if (P.normalize) {
+        for (int64_t e = 0; e < D; ++e) dst[e] *= iv;
+      }
+    }
+  }
+}
+
+// In place: row of nc·K dots → nc sub-center maxima (forward and topk; the backward also needs
+// the argmax and keeps it separately). Writing position j never overtakes reading position j·K.
+template <typename acc_t>
+inline void subcenter_reduce(acc_t* row, int64_t nc, int64_t K) {
+  if (K == 1) return;
+  for (int64_t j = 0; j < nc; ++j) {
+    int64_t a;
+    row[j] = epi::subcenter_max(row + j * K, K, &a);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row epilogues: the hot loops. Written as plain loops over one tile row that GCC vectorises
+// (-fno-trapping-math lets it if-convert the selects; exp_acc is branch-free), and compiled in
+// AVX-512 / AVX2 / baseline clones picked at load time (GCC function multi-versioning), so one
+// binary runs everywhere and uses the wide units where they exist.
+// ------------------------------------------------------------------------------------------------
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MO_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MO_CPU_CLONES
+#define MO_ALWAYS_INLINE inline
+#endif
+
+// Forward: d → z = s·d' + b in place, −inf at the target column tl; returns max_j z.
+template <typename acc_t>
+MO_ALWAYS_INLINE acc_t row_logits_impl(acc_t* row, int64_t nc, int64_t tl, acc_t s, acc_t tau,
+                                       acc_t t, bool hard, const acc_t* bc) {
+  acc_t m = epi::neg_inf<acc_t>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < nc; ++j) {
+    const acc_t d = row[j];
+    const bool h = epi::is_hard(d, tau, hard);
+    acc_t z = epi::logit(epi::modulate(d, t, h), s, bc[j]);
+    z = j == tl ? epi::neg_inf<acc_t>() : z;
+    row[j] = z;
+    m = m > z ? m : z;
+  }
+  return m;
+}
+
+// Forward: Σ_j exp(z_j − m).
+template <typename acc_t>
+MO_ALWAYS_INLINE acc_t row_sum_exp_impl(const acc_t* row, int64_t nc, acc_t m) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < nc; ++j) sum += epi::exp_acc(row[j] - m);
+  return sum;
+}
+
+// Backward: from d (sub-center maxima) to dd, written to out (may be d itself):
+//   g_j = grad_lse · exp(z_j − lse_neg) for j ≠ tl, 0 at tl;   gbias_j += g_j
+//   dd_j = g_j · s · ∂d'/∂d;   returns Σ_j g_j · d'_j (this row's ∂scale)
+// The target's grad_dot is added by the caller.
+template <typename acc_t>
+MO_ALWAYS_INLINE acc_t row_dd_impl(const acc_t* d, acc_t* out, int64_t nc, int64_t tl, acc_t s,
+                                   acc_t tau, acc_t t, bool hard, const acc_t* bc, acc_t lse,
+                                   acc_t gl, acc_t* gbc) {
+  acc_t gsum = 0;
+#pragma omp simd reduction(+ : gsum)
+  for (int64_t j = 0; j < nc; ++j) {
+    const acc_t dj = d[j];
+    const bool h = epi::is_hard(dj, tau, hard);
+    const acc_t dm = epi::modulate(dj, t, h);
+    acc_t p = epi::softmax_grad(epi::logit(dm, s, bc[j]), lse, gl);
+    p = j == tl ? acc_t(0) : p;
+    gsum += p * dm;
+    gbc[j] += p;
+    out[j] = p * s * epi::modulate_grad(dj, t, h);
+  }
+  return gsum;
+}
+
+#define MO_DEFINE_ROW_KERNELS(T)                                                                 \
+  MO_CPU_CLONES T row_logits(T* row, int64_t nc, int64_t tl, T s, T tau, T t, bool hard,         \
+                             const T* bc) {                                                      \
+    return row_logits_impl<T>(row, nc, tl, s, tau, t, hard, bc);                                 \
+  }                                                                                              \
+  MO_CPU_CLONES T row_sum_exp(const T* row, int64_t nc, T m) {                                   \
+    return row_sum_exp_impl<T>(row, nc, m);                                                      \
+  }                                                                                              \
+  MO_CPU_CLONES T row_dd(const T* d, T* out, int64_t nc, int64_t tl, T s, T tau, T t, bool hard, \
+                         const T* bc, T lse, T gl, T* gbc) {                                     \
+    return row_dd_impl<T>(d, out, nc, tl, s, tau, t, hard, bc, lse, gl, gbc);                    \
+  }
+MO_DEFINE_ROW_KERNELS(float)
+MO_DEFINE_ROW_KERNELS(double)
+#undef MO_DEFINE_ROW_KERNELS
+
+// Scratch of one group (one thread).
+template <typename acc_t>
+struct Workspace {
+  Tensor Wc, tile, inv, sumsq, bias_c;
+  Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt)
+      : Wc(at::empty({nc * K, D}, opt)),
+        tile(at::empty({B * nc * K}, opt)),
+        inv(at::empty({nc * K}, opt)),
+        sumsq(at::empty({nc * K}, opt)),
+        bias_c(at::empty({nc}, opt)) {}
+  // Views sized for a chunk of nc columns (the last chunk may be narrower).
+  Tensor W_view(int64_t rows) { return Wc.narrow(0, 0, rows); }
+  Tensor T_view(int64_t B, int64_t cols) { return tile.narrow(0, 0, B * cols).view({B, cols}); }
+};
+
+// ================================================================================================
+// Forward
+// ================================================================================================
+
+template <typename acc_t, typename w_t>
+void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc_t* lse_out,
+                  acc_t* dot_out) {
+  const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nc_max = pick_chunk(B, K, N, sizeof(acc_t), nthreads);
+  const int64_t nchunks = (N + nc_max - 1) / nc_max;
+  const int64_t ngroups = std::max<int64_t>(1, std::min(nchunks, nthreads));
+  const auto opt = Facc.options();
+
+  // Per-group running (max, Σexp) for every row.
+  std::vector<acc_t> gm(ngroups * B, epi::neg_inf<acc_t>()), gs(ngroups * B, acc_t(0));
+
+  at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
+    for (int64_t g = gb; g < ge; ++g) {
+      int64_t c0, c1;
+      group_range(g, ngroups, nchunks, &c0, &c1);
+      if (c0 == c1) continue;
+      Workspace<acc_t> ws(B, D, K, nc_max, opt);
+      acc_t* M = gm.data() + g * B;
+      acc_t* S = gs.data() + g * B;
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const int64_t n0 = ch * nc_max, nc = std::min(nc_max, N - n0), ncK = nc * K;
+        load_chunk(P, W, n0, nc, ws.Wc.template data_ptr<acc_t>(), ws.inv.template data_ptr<acc_t>(),
+                   ws.sumsq.template data_ptr<acc_t>(), ws.bias_c.template data_ptr<acc_t>());
+        Tensor T = ws.T_view(B, ncK);
+        at::mm_out(T, Facc, ws.W_view(ncK).t());
+        acc_t* tp = T.data_ptr<acc_t>();
+        const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
+        for (int64_t i = 0; i < B; ++i) {
+          acc_t* row = tp + i * ncK;
+          subcenter_reduce(row, nc, K);
+          const int64_t tl = P.target[i] - n0;
+          if (tl >= 0 && tl < nc) dot_out[i] = row[tl];  // exactly one chunk holds the target
+          const acc_t m = row_logits(row, nc, tl, P.scale[i], P.hard ? P.tau[i] : acc_t(0), P.t,
+                                     P.hard, bc);
+          if (m == epi::neg_inf<acc_t>()) continue;  // no non-target column in this chunk
+          const acc_t sum = row_sum_exp(row, nc, m);
+          epi::lse_merge(M[i], S[i], m, sum);
+        }
+      }
+    }
+  });
+
+  // Merge the groups' partials in group order (deterministic).
+  for (int64_t i = 0; i < B; ++i) {
+    acc_t m = gm[i], s = gs[i];
+    for (int64_t g = 1; g < ngroups; ++g) epi::lse_merge(m, s, gm[g * B + i], gs[g * B + i]);
+    lse_out[i] = epi::lse_finalize(m, s);
+  }
+}
+
+// ================================================================================================
+// Backward
+// ================================================================================================
+
+template <typename acc_t, typename w_t>
+void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const acc_t* grad_lse,
+                   const acc_t* grad_dot, const acc_t* lse_neg, Tensor& gF_out, w_t* gW,
+                   acc_t* gscale_out, acc_t* gbias, bool accumulate_rows) {
+  const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
+  const int64_t nthreads = accumulate_rows ? 1 : at::get_num_threads();
+  const int64_t nc_max = pick_chunk(B, K, N, sizeof(acc_t), nthreads);
+  const int64_t nchunks = (N + nc_max - 1) / nc_max;
+  const int64_t ngroups = std::max<int64_t>(1, std::min(nchunks, nthreads));
+  const auto opt = Facc.options();
+
+  // Per-group ∂F (B × D) and ∂scale (B) accumulators, merged in group order at the end.
+  std::vector<Tensor> gF(ngroups);
+  std::vector<acc_t> gsc(ngroups * B, acc_t(0));
+
+  at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
+    for (int64_t g = gb; g < ge; ++g) {
+      gF[g] = at::zeros({B, D}, opt);
+      int64_t c0, c1;
+      group_range(g, ngroups, nchunks, &c0, &c1);
+      if (c0 == c1) continue;
+      Workspace<acc_t> ws(B, D, K, nc_max, opt);
+      Tensor G = at::empty({nc_max * K, D}, opt);   // ∂L/∂Ŵ of the chunk
+      std::vector<acc_t> gb_chunk(nc_max), dbuf(nc_max);
+      std::vector<int64_t> abuf(nc_max);
+      acc_t* gs = gsc.data() + g * B;
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const int64_t n0 = ch * nc_max, nc = std::min(nc_max, N - n0), ncK = nc * K;
+        acc_t* Wc = ws.Wc.template data_ptr<acc_t>();
+        const acc_t* inv = ws.inv.template data_ptr<acc_t>();
+        const acc_t* ssq = ws.sumsq.template data_ptr<acc_t>();
+        const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
+        load_chunk(P, W, n0, nc, Wc, ws.inv.template data_ptr<acc_t>(),
+                   ws.sumsq.template data_ptr<acc_t>(), ws.bias_c.template data_ptr<acc_t>());
+        Tensor T = ws.T_view(B, ncK);
+        at::mm_out(T, Facc, ws.W_view(ncK).t());  // recompute the dots
+        acc_t* tp = T.data_ptr<acc_t>();
+        std::fill(gb_chunk.begin(), gb_chunk.begin() + nc, acc_t(0));
+        acc_t* gbc = gb_chunk.data();
+
+        // Epilogue: T row → DD row in place.
+        //   g  = grad_lse · exp(z − lse_neg) off target;  dd = g · s · ∂d'/∂d (+ grad_dot at target)
+        for (int64_t i = 0; i < B; ++i) {
+          acc_t* row = tp + i * ncK;
+          const acc_t* d;
+          if (K == 1) {
+            d = row;  // dd overwrites d element by element
+          } else {
+            for (int64_t j = 0; j < nc; ++j)
+              dbuf[j] = epi::subcenter_max(row + j * K, K, &abuf[j]);
+            std::fill(row, row + ncK, acc_t(0));
+            d = dbuf.data();
+          }
+          const int64_t tl = P.target[i] - n0;
+          const bool has_t = tl >= 0 && tl < nc;
+          acc_t* out = K == 1 ? row : dbuf.data();  // K = 1: in place; else compact, scattered below
+          const acc_t gsum = row_dd(d, out, nc, tl, P.scale[i], P.hard ? P.tau[i] : acc_t(0), P.t,
+                                    P.hard, bc, lse_neg[i], grad_lse[i], gbc);
+          if (has_t) out[tl] += grad_dot[i];
+          if (K > 1) {
+            for (int64_t j = 0; j < nc; ++j) row[j * K + abuf[j]] = out[j];
+          }
+          gs[i] += gsum;
+        }
+
+        // ∂F += DD · Ŵc ;  G = DDᵀ · F
+        const Tensor Wv = ws.W_view(ncK);
+        gF[g].addmm_(T, Wv);
+        Tensor Gv = G.narrow(0, 0, ncK);
+        at::mm_out(Gv, T.t(), Facc);
+        const acc_t* gp = Gv.data_ptr<acc_t>();
+
+        // Normalisation Jacobian per weight row, written to the rows this chunk owns.
+        for (int64_t j = 0; j < nc; ++j) {
+          const int64_t c = P.class_of(n0 + j);
+          if (gbias) gbias[c] = accumulate_rows ? gbias[c] + gbc[j] : gbc[j];
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t r = j * K + k;
+            const acc_t* grow = gp + r * D;
+            const acc_t* what = Wc + r * D;
+            acc_t proj = 0;
+            if (epi::norm_projects(ssq[r], P.normalize)) {
+#pragma omp simd reduction(+ : proj)
+              for (int64_t e = 0; e < D; ++e) proj += what[e] * grow[e];
+            }
+            const acc_t iv = inv[r];
+            w_t* dst = gW + (c * K + k) * D;
+            if (accumulate_rows) {
+              for (int64_t e = 0; e < D; ++e)
+                dst[e] = static_cast<w_t>(static_cast<acc_t>(dst[e]) +
+                                          epi::normalize_backward(grow[e], what[e], proj, iv));
+            } else {
+              for (int64_t e = 0; e < D; ++e)
+                dst[e] = static_cast<w_t>(epi::normalize_backward(grow[e], what[e], proj, iv));
+            }
+          }
+        }
+      }
+    }
+  });
+
+  gF_out = gF[0];
+  for (int64_t g = 1; g < ngroups; ++g) gF_out.add_(gF[g]);
+  for (int64_t i = 0; i < B; ++i) {
+    acc_t s = 0;
+    for (int64_t g = 0; g < ngroups; ++g) s += gsc[g * B + i];
+    gscale_out[i] = s;
+  }
+}
+
+// ================================================================================================
+// Top-k
+// ================================================================================================
+
+template <typename acc_t, typename w_t>
+void topk_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const int64_t* exclude,
+               int64_t k, acc_t* vals_out, int64_t* cols_out) {
+  const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nc_max = pick_chunk(B, K, N, sizeof(acc_t), nthreads);
+  const int64_t nchunks = (N + nc_max - 1) / nc_max;
+  const int64_t ngroups = std::max<int64_t>(1, std::min(nchunks, nthreads));
+  const auto opt = Facc.options();
+  const int64_t kEmpty = std::numeric_limits<int64_t>::max();
+
+  // Per-group sorted lists (B × k); empty slots are (−inf, kEmpty) so any real column beats them.
+  std::vector<acc_t> gv(ngroups * B * k, epi::neg_inf<acc_t>());
+  std::vector<int64_t> gc(ngroups * B * k, kEmpty);
+
+  at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
+    for (int64_t g = gb; g < ge; ++g) {
+      int64_t c0, c1;
+      group_range(g, ngroups, nchunks, &c0, &c1);
+      if (c0 == c1) continue;
+      Workspace<acc_t> ws(B, D, K, nc_max, opt);
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const int64_t n0 = ch * nc_max, nc = std::min(nc_max, N - n0), ncK = nc * K;
+        load_chunk(P, W, n0, nc, ws.Wc.template data_ptr<acc_t>(), ws.inv.template data_ptr<acc_t>(),
+                   ws.sumsq.template data_ptr<acc_t>(), ws.bias_c.template data_ptr<acc_t>());
+        Tensor T = ws.T_view(B, ncK);
+        at::mm_out(T, Facc, ws.W_view(ncK).t());
+        acc_t* tp = T.data_ptr<acc_t>();
+        for (int64_t i = 0; i < B; ++i) {
+          acc_t* row = tp + i * ncK;
+          subcenter_reduce(row, nc, K);
+          // The excluded column competes as −inf, like the dense oracle's masked_fill.
+          const int64_t xl = exclude[i] - n0;
+          if (xl >= 0 && xl < nc) row[xl] = epi::neg_inf<acc_t>();
+          acc_t* v = gv.data() + (g * B + i) * k;
+          int64_t* c = gc.data() + (g * B + i) * k;
+          for (int64_t j = 0; j < nc; ++j) epi::topk_insert(v, c, k, row[j], n0 + j);
+        }
+      }
+    }
+  });
+
+  // The order is total (value, then column), so merging the groups gives the same list whatever
+  // the grouping.
+  for (int64_t i = 0; i < B; ++i) {
+    acc_t* v = vals_out + i * k;
+    int64_t* c = cols_out + i * k;
+    std::copy(gv.begin() + i * k, gv.begin() + (i + 1) * k, v);
+    std::copy(gc.begin() + i * k, gc.begin() + (i + 1) * k, c);
+    for (int64_t g = 1; g < ngroups; ++g)
+      for (int64_t j = 0; j < k; ++j)
+        epi::topk_insert(v, c, k, gv[(g * B + i) * k + j], gc[(g * B + i) * k + j]);
+  }
+}
+
+// ================================================================================================
+// Registered ops: argument checks, dtype dispatch
+// ================================================================================================
+
+inline at::ScalarType acc_type_of(const Tensor& features) {
+  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool has_duplicates(const Tensor& class_index) {
+  if (class_index.numel() < 2) return false;
+  Tensor s = std::get<0>(class_index.sort());
+  return (s.narrow(0, 1, s.numel() - 1) == s.narrow(0, 0, s.numel() - 1)).any().item<bool>();
+}
+
+template <typename acc_t>
+Problem<acc_t> make_problem(const Tensor& Facc, const Tensor& weight, const Tensor& scale,
+                            const std::optional<Tensor>& bias, const Tensor& target_col,
+                            const std::optional<Tensor>& class_index,
+                            const std::optional<Tensor>& hard_tau,
+                            const std::optional<Tensor>& hard_t, bool normalize_weight,
+                            int64_t subcenters) {
+  Problem<acc_t> P;
+  P.B = Facc.size(0);
+  P.D = Facc.size(1);
+  P.K = subcenters;
+  TORCH_CHECK(subcenters >= 1, "marginops: subcenters must be >= 1");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == P.D, "marginops: weight must be (R, D)");
+  TORCH_CHECK(weight.size(0) % subcenters == 0, "marginops: weight rows must be C·subcenters");
+  const int64_t C = weight.size(0) / subcenters;
+  P.N = class_index.has_value() ? class_index->numel() : C;
+  P.F = Facc.data_ptr<acc_t>();
+  P.class_index = class_index.has_value() ? class_index->data_ptr<int64_t>() : nullptr;
+  P.target = target_col.data_ptr<int64_t>();
+  TORCH_CHECK(target_col.numel() == P.B, "marginops: target_col must be (B,)");
+  TORCH_CHECK(scale.numel() == P.B, "marginops: scale must be (B,)");
+  P.scale = scale.data_ptr<acc_t>();
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == C, "marginops: bias must be (C_local,)");
+    P.bias = bias->data_ptr<acc_t>();
+  }
+  TORCH_CHECK(hard_tau.has_value() == hard_t.has_value(),
+              "marginops: hard_tau and hard_t are given together");
+  if (hard_tau.has_value()) {
+    P.hard = true;
+    P.tau = hard_tau->data_ptr<acc_t>();
+    P.t = hard_t->item<acc_t>();
+  }
+  P.normalize = normalize_weight;
+  return P;
+}
+
+// Contiguous copies in the types the kernels read.
+struct Inputs {
+  Tensor F, W, scale, target;
+  std::optional<Tensor> bias, class_index, tau, t;
+};
+
+inline Inputs prepare(const Tensor& features, const Tensor& weight, const Tensor& scale,
+                      const std::optional<Tensor>& bias, const Tensor& target_col,
+                      const std::optional<Tensor>& class_index,
+                      const std::optional<Tensor>& hard_tau, const std::optional<Tensor>& hard_t) {
+  TORCH_CHECK(features.dim() == 2, "marginops: features must be (B, D)");
+  const auto acc = acc_type_of(features);
+  TORCH_CHECK(acc != at::kDouble || weight.scalar_type() == at::kDouble,
+              "marginops: fp64 features need fp64 weight");
+  TORCH_CHECK(weight.scalar_type() != at::kDouble || acc == at::kDouble,
+              "marginops: fp64 weight needs fp64 features");
+  // detach(): the kernels call ATen ops (mm_out) that must not see autograd-tracked inputs; the
+  // op's autograd is the registered formula, not these internals.
+  Inputs in;
+  in.F = features.detach().to(acc).contiguous();
+  in.W = weight.detach().contiguous();
+  in.scale = scale.detach().to(acc).contiguous();
+  in.target = target_col.detach().to(at::kLong).contiguous();
+  if (bias.has_value()) in.bias = bias->detach().to(acc).contiguous();
+  if (class_index.has_value()) in.class_index = class_index->to(at::kLong).contiguous();
+  if (hard_tau.has_value()) in.tau = hard_tau->detach().to(acc).contiguous();
+  if (hard_t.has_value()) in.t = hard_t->detach().to(acc).contiguous();
+  return in;
+}
+
+// Calls f.template operator()<acc_t, w_t>() for the supported (acc, weight) dtype pairs.
+template <typename Fn>
+void dispatch_types(at::ScalarType acc, at::ScalarType wt, Fn&& f) {
+  if (acc == at::kDouble) {
+    f(double(0), double(0));
+  } else if (wt == at::kFloat) {
+    f(float(0), float(0));
+  } else if (wt == at::kHalf) {
+    f(float(0), at::Half(0));
+  } else if (wt == at::kBFloat16) {
+    f(float(0), at::BFloat16(0));
+  } else {
+    TORCH_CHECK(false, "marginops: unsupported weight dtype ", wt);
+  }
+}
+
+std::tuple<Tensor, Tensor> margin_lse_cpu(const Tensor& features, const Tensor& weight,
+                                          const Tensor& scale, const std::optional<Tensor>& bias,
+                                          const Tensor& target_col,
+                                          const std::optional<Tensor>& class_index,
+                                          const std::optional<Tensor>& hard_tau,
+                                          const std::optional<Tensor>& hard_t,
+                                          bool normalize_weight, int64_t subcenters) {
+  Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
+  const auto acc = in.F.scalar_type();
+  const int64_t B = in.F.size(0);
+  Tensor lse = at::empty({B}, in.F.options());
+  Tensor dot = at::zeros({B}, in.F.options());
+  dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
+    using acc_t = decltype(acc0);
+    using w_t = decltype(w0);
+    auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
+                                 in.t, normalize_weight, subcenters);
+    forward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, lse.data_ptr<acc_t>(),
+                             dot.data_ptr<acc_t>());
+  });
+  return {lse, dot};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cpu(
+    const Tensor& grad_lse, const Tensor& grad_dot, const Tensor& lse_neg, const Tensor& features,
+    const Tensor& weight, const Tensor& scale, const std::optional<Tensor>& bias,
+    const Tensor& target_col, const std::optional<Tensor>& class_index,
+    const std::optional<Tensor>& hard_tau, const std::optional<Tensor>& hard_t,
+    bool normalize_weight, int64_t subcenters) {
+  Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
+  const auto acc = in.F.scalar_type();
+  const int64_t B = in.F.size(0);
+  Tensor gl = grad_lse.detach().to(acc).contiguous(), gd = grad_dot.detach().to(acc).contiguous();
+  Tensor ln = lse_neg.detach().to(acc).contiguous();
+  TORCH_CHECK(gl.numel() == B && gd.numel() == B && ln.numel() == B,
+              "marginops: grad_lse, grad_dot and lse_neg must be (B,)");
+  // Rows never iterated (class_index) keep exactly zero; a repeated class in class_index is
+  // accumulated, which needs the chunks to run one after another.
+  const bool dup = in.class_index.has_value() && has_duplicates(*in.class_index);
+  Tensor gW = (in.class_index.has_value() || dup) ? at::zeros_like(in.W) : at::empty_like(in.W);
+  Tensor gS = at::empty({B}, in.F.options());
+  Tensor gBias = in.bias.has_value() ? at::zeros_like(*in.bias) : at::empty({0}, in.F.options());
+  Tensor gF;
+  dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
+    using acc_t = decltype(acc0);
+    using w_t = decltype(w0);
+    auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
+                                 in.t, normalize_weight, subcenters);
+    backward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, gl.data_ptr<acc_t>(),
+                              gd.data_ptr<acc_t>(), ln.data_ptr<acc_t>(), gF, gW.data_ptr<w_t>(),
+                              gS.data_ptr<acc_t>(),
+                              in.bias.has_value() ? gBias.data_ptr<acc_t>() : nullptr, dup);
+  });
+  return {gF.to(features.scalar_type()), gW, gS, gBias};
+}
+
+std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight,
+                                    const Tensor& exclude_col, int64_t k, bool normalize_weight,
+                                    int64_t subcenters) {
+  Tensor scale = at::ones({features.size(0)}, features.options().dtype(acc_type_of(features)));
+  Inputs in = prepare(features, weight, scale, std::nullopt, exclude_col, std::nullopt,
+                      std::nullopt, std::nullopt);
+  const auto acc = in.F.scalar_type();
+  const int64_t B = in.F.size(0);
+  TORCH_CHECK(subcenters >= 1 && in.W.size(0) % subcenters == 0,
+              "marginops: weight rows must be C·subcenters");
+  const int64_t N = in.W.size(0) / subcenters;
+  TORCH_CHECK(k >= 0 && k <= N, "marginops: topk needs 0 <= k <= number of classes (", N, ")");
+  Tensor vals = at::empty({B, k}, in.F.options());
+  Tensor cols = at::empty({B, k}, in.F.options().dtype(at::kLong));
+  if (k == 0 || B == 0) return {vals, cols};
+  dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
+    using acc_t = decltype(acc0);
+    using w_t = decltype(w0);
+    auto P = make_problem<acc_t>(in.F, in.W, in.scale, std::nullopt, in.target, std::nullopt,
+                                 std::nullopt, std::nullopt, normalize_weight, subcenters);
+    topk_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, in.target.data_ptr<int64_t>(), k,
+                          vals.data_ptr<acc_t>(), cols.data_ptr<int64_t>());
+  });
+  return {vals, cols};
+}
+
+TORCH_LIBRARY_IMPL(marginops, CPU, m) {
+  m.impl("margin_lse", &margin_lse_cpu);
+  m.impl("margin_lse_backward", &margin_lse_backward_cpu);
+  m.impl("topk", &topk_cpu);
+}
+
+}  // namespace cpu
+}  // namespace marginops

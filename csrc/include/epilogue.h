@@ -1,0 +1,209 @@
+// Epilogue math of the marginops core op, written once for the CPU and the CUDA kernels.
+//
+// Everything here is a scalar, branch-light inline function. The CPU code (csrc/cpu) calls it in
+// loops the compiler vectorises; the CUDA code (csrc/cuda) calls it per thread. Compiled as plain
+// C++ when __CUDACC__ is not defined, so the CPU tests exercise exactly the math the GPU runs.
+//
+// Notation (marginops/ops/__init__.py has the full contract):
+//   d_in   cosine-like dot of row i with column n (after the sub-center max)
+//   d'_in  = d·(t + d) when hard-negative modulated (CurricularFace), else d
+//   z_in   = scale_i · d'_in + bias_n
+//   lse_neg_i = log Σ_{n ≠ target} exp(z_in),  kept as a running (max m, Σ exp(z − m)) pair.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MO_HD __host__ __device__ __forceinline__
+#else
+#define MO_HD inline
+#endif
+
+namespace marginops {
+namespace epi {
+
+// Smallest weight-row norm used as a divisor (matches F.normalize / the reference's clamp_min).
+constexpr double kNormEps = 1e-12;
+
+template <typename T>
+MO_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exponentials. Never called with half-precision arguments: the acc type is float or double.
+//
+// On the host, float uses a Cephes-style polynomial written with plain arithmetic and integer bit
+// manipulation only, so GCC vectorises loops that call it (libm's expf would stop vectorisation).
+// Relative error ≲ 2 ulp over the range used here (x ≤ 0 up to rounding); x < -87.3 → exactly 0,
+// so masked (−inf) entries contribute nothing. On the device, expf (full precision) is used.
+// Double always uses exp(), which keeps fp64 gradcheck exact.
+// ---------------------------------------------------------------------------------------------
+MO_HD float exp_acc(float x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return expf(x);
+#else
+  const float lo = -87.33654f, hi = 88.0f;
+  const bool underflow = !(x >= lo);  // also true for NaN-free −inf
+  float xc = x < lo ? lo : (x > hi ? hi : x);
+  // k = round(x / ln2) with the 1.5·2^23 magic constant (no floor/rint call, vectorisable).
+  const float magic = 12582912.0f;
+  float t = xc * 1.44269504088896341f + magic;
+  float k = t - magic;
+  // r = x − k·ln2 in two pieces (Cody–Waite), |r| ≤ ln2/2.
+  float r = xc - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^k by building the exponent field directly.
+  int32_t ki = static_cast<int32_t>(k);
+  int32_t bits = (ki + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(float));
+  float y = p * two_k;
+  return underflow ? 0.0f : y;
+#endif
+}
+
+MO_HD double exp_acc(double x) { return exp(x); }
+
+MO_HD float log_acc(float x) { return logf(x); }
+MO_HD double log_acc(double x) { return log(x); }
+MO_HD float sqrt_acc(float x) { return sqrtf(x); }
+MO_HD double sqrt_acc(double x) { return sqrt(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Online log-sum-exp. A partial result is (m, s) with lse = m + log s; the empty set is (−inf, 0).
+// Merging two partials rescales the one with the smaller max. Merging is commutative up to
+// rounding; callers merge in a fixed order so results are deterministic.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+MO_HD void lse_merge(T& m, T& s, T m2, T s2) {
+  if (s2 == T(0)) return;  // other side empty
+  if (s == T(0)) {
+    m = m2;
+    s = s2;
+    return;
+  }
+  if (m2 > m) {
+    s = s * exp_acc(m - m2) + s2;
+    m = m2;
+  } else {
+    s = s + s2 * exp_acc(m2 - m);
+  }
+}
+
+// lse from a partial; −inf when the set was empty (no non-target column).
+template <typename T>
+MO_HD T lse_finalize(T m, T s) {
+  return s > T(0) ? m + log_acc(s) : neg_inf<T>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target masking and hard-negative modulation (CurricularFace).
+//   hard   = has_hard && n ≠ target && d > tau
+//   d'     = hard ? d·(t + d) : d,      ∂d'/∂d = hard ? t + 2d : 1
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+MO_HD bool is_hard(T d, T tau, bool has_hard) {
+  return has_hard && d > tau;
+}
+
+template <typename T>
+MO_HD T modulate(T d, T t, bool hard) {
+  return hard ? d * (t + d) : d;
+}
+
+template <typename T>
+MO_HD T modulate_grad(T d, T t, bool hard) {
+  return hard ? t + T(2) * d : T(1);
+}
+
+// z = scale · d' + bias
+template <typename T>
+MO_HD T logit(T d_mod, T scale, T bias) {
+  return scale * d_mod + bias;
+}
+
+// Softmax weight of a non-target column in the backward: g = grad_lse · exp(z − lse_neg).
+// lse_neg = −inf means there was no non-target column: g = 0 (avoids exp(−inf + inf) = NaN).
+template <typename T>
+MO_HD T softmax_grad(T z, T lse_neg, T grad_lse) {
+  return lse_neg == neg_inf<T>() ? T(0) : grad_lse * exp_acc(z - lse_neg);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sub-center max: class column n owns rows n·K .. n·K+K−1 of the tile; its value is the max, and
+// the gradient flows to the first row attaining it (argmax).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+MO_HD T subcenter_max(const T* row, int64_t K, int64_t* argk) {
+  T best = row[0];
+  int64_t a = 0;
+  for (int64_t k = 1; k < K; ++k) {
+    if (row[k] > best) {
+      best = row[k];
+      a = k;
+    }
+  }
+  *argk = a;
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight normalisation. Forward: ŵ = W / wn with wn = max(‖W‖, eps) (1 when not normalising).
+// Backward for a row, given G = ∂L/∂ŵ (or ∂L/∂W when not normalising):
+//   ∂L/∂W = (G − ŵ (ŵ·G)) / wn     if normalising and ‖W‖ > eps   (projection onto ŵ⊥)
+//   ∂L/∂W = G / wn                 otherwise (clamped norm is a constant)
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+MO_HD T inv_norm(T sumsq, bool normalize) {
+  if (!normalize) return T(1);
+  T n = sqrt_acc(sumsq);
+  return T(1) / (n > T(kNormEps) ? n : T(kNormEps));
+}
+
+// Whether the projection term applies to a row with squared norm sumsq.
+template <typename T>
+MO_HD bool norm_projects(T sumsq, bool normalize) {
+  return normalize && sqrt_acc(sumsq) > T(kNormEps);
+}
+
+// One element of the row backward; proj = ŵ·G (0 when the projection does not apply).
+template <typename T>
+MO_HD T normalize_backward(T g, T w_hat, T proj, T inv) {
+  return (g - w_hat * proj) * inv;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Top-k order: larger value first, ties broken by the lower column.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+MO_HD bool topk_better(T v1, int64_t c1, T v2, int64_t c2) {
+  return v1 > v2 || (v1 == v2 && c1 < c2);
+}
+
+// Insert (v, c) into a descending list of k entries if it beats the last one.
+template <typename T>
+MO_HD void topk_insert(T* vals, int64_t* cols, int64_t k, T v, int64_t c) {
+  if (!topk_better(v, c, vals[k - 1], cols[k - 1])) return;
+  int64_t j = k - 1;
+  while (j > 0 && topk_better(v, c, vals[j - 1], cols[j - 1])) {
+    vals[j] = vals[j - 1];
+    cols[j] = cols[j - 1];
+    --j;
+  }
+  vals[j] = v;
+  cols[j] = c;
+}
+
+}  // namespace epi
+}  // namespace marginops

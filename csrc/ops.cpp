@@ -1,0 +1,43 @@
+// Op schemas of the marginops C++/CUDA extension, and the Python module stub that loads them.
+//
+// The kernels live in csrc/cpu (CPU dispatch key) and csrc/cuda (CUDA dispatch key). Fake (meta)
+// kernels and autograd are registered from Python (marginops/ops/cpp.py), the pytorch/extension-cpp
+// recipe: the backward is itself a registered op, so torch.compile and opcheck see through both.
+//
+// The contract (shapes, dtypes, math) is the docstring of marginops/ops/__init__.py.
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// `import marginops._C` loads this shared object, which runs the TORCH_LIBRARY static
+// initialisers below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      NULL,  // doc
+      -1,    // per-interpreter state size
+      NULL,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(marginops, m) {
+  // lse_neg_i = log Σ_{n≠target} exp(scale_i·d'_in + bias_n),  dot_y_i = d_{i,target}
+  m.def(
+      "margin_lse(Tensor features, Tensor weight, Tensor scale, Tensor? bias, Tensor target_col, "
+      "Tensor? class_index, Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, "
+      "int subcenters) -> (Tensor lse_neg, Tensor dot_y)");
+  // -> (grad_features, grad_weight, grad_scale, grad_bias); grad_bias is empty when bias is None.
+  m.def(
+      "margin_lse_backward(Tensor grad_lse, Tensor grad_dot, Tensor lse_neg, Tensor features, "
+      "Tensor weight, Tensor scale, Tensor? bias, Tensor target_col, Tensor? class_index, "
+      "Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, int subcenters) "
+      "-> (Tensor grad_features, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
+  // k largest d_in per row over n ≠ exclude_col_i; values descending, ties → lower column.
+  m.def(
+      "topk(Tensor features, Tensor weight, Tensor exclude_col, int k, bool normalize_weight, "
+      "int subcenters) -> (Tensor values, Tensor columns)");
+}

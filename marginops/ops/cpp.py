@@ -1,0 +1,169 @@
+"""Backends "cpp" (CPU) and "cuda" (CUDA): the compiled extension ``marginops._C``.
+
+``marginops._C`` (csrc/) registers ``torch.ops.marginops.margin_lse``, ``margin_lse_backward`` and
+``topk`` with CPU kernels, and with CUDA kernels when it was built against a CUDA torch. Same op
+names, different dispatch keys: "cpp" is the CPU kernel, "cuda" the CUDA kernel.
+
+This file adds what the pytorch/extension-cpp recipe puts in Python: fake (meta) kernels, so
+``torch.compile`` and ``opcheck`` can trace the ops, and the autograd formula, whose backward is
+itself the registered ``margin_lse_backward`` op. The math is the contract of
+``marginops/ops/__init__.py``.
+
+Importing never fails: if ``marginops._C`` is missing or was built for another torch, a warning
+says so once and ``availability`` reports the backend unusable (``backend="auto"`` then falls
+back to the torch backend).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+from torch import Tensor
+
+NAMES = ("cpp", "cuda")
+
+_REBUILD = "rebuild it with `pip install --no-build-isolation -e .` in the marginops checkout"
+
+
+def _load() -> str | None:
+    """Import the extension; return None on success, else why it is unusable."""
+    try:
+        importlib.import_module("marginops._C")  # loading the binary registers the ops
+    except ModuleNotFoundError as err:
+        if err.name != "marginops._C":
+            return f"importing marginops._C failed ({err}); {_REBUILD}"
+        return "marginops._C is not built: run `pip install --no-build-isolation -e .`"
+    except (ImportError, OSError) as err:  # e.g. "undefined symbol": built for another torch
+        return (f"marginops._C failed to load ({err}); it was probably built for another torch "
+                f"version than {torch.__version__}: {_REBUILD}")
+    if not hasattr(torch.ops.marginops, "margin_lse"):
+        return f"marginops._C loaded but did not register torch.ops.marginops.margin_lse; {_REBUILD}"
+    return None
+
+
+_LOAD_ERROR = _load()
+if _LOAD_ERROR is not None:
+    warnings.warn(f"marginops: the C++/CUDA backends are unavailable: {_LOAD_ERROR}. "
+                  "The 'torch' backend still works.", RuntimeWarning, stacklevel=2)
+
+
+def _has_cuda_kernel() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("marginops::margin_lse", "CUDA")
+
+
+def availability(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` ("cpp" or "cuda") can run on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    if backend not in NAMES:
+        return f"marginops.ops.cpp serves backends {NAMES}, not {backend!r}"
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    if backend == "cpp":
+        return None if device.type == "cpu" else "backend 'cpp' needs CPU tensors"
+    if device.type != "cuda":
+        return "backend 'cuda' needs CUDA tensors"
+    if not _has_cuda_kernel():
+        return ("the marginops._C extension was built without CUDA (rebuild with a CUDA torch "
+                "and a CUDA toolkit, or MARGINOPS_FORCE_CUDA=1)")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Python-side registrations (only when the ops exist)
+# ------------------------------------------------------------------------------------------------
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output):
+    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+     normalize_weight, subcenters) = inputs
+    lse_neg, _ = output
+    ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau,
+                          hard_t, lse_neg)
+    ctx.normalize_weight = normalize_weight
+    ctx.subcenters = subcenters
+
+
+def _backward(ctx, grad_lse, grad_dot):
+    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+     lse_neg) = ctx.saved_tensors
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse_neg)
+    if grad_dot is None:
+        grad_dot = torch.zeros_like(lse_neg)
+    needs = ctx.needs_input_grad
+    if not any(needs[:4]):
+        return (None,) * 10
+    grad_f, grad_w, grad_scale, grad_bias = torch.ops.marginops.margin_lse_backward(
+        grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, class_index,
+        hard_tau, hard_t, ctx.normalize_weight, ctx.subcenters)
+    return (grad_f if needs[0] else None,
+            grad_w if needs[1] else None,
+            grad_scale if needs[2] else None,
+            grad_bias if (bias is not None and needs[3]) else None,
+            None, None, None, None, None, None)
+
+
+if _LOAD_ERROR is None:
+
+    @torch.library.register_fake("marginops::margin_lse")
+    def _margin_lse_fake(features, weight, scale, bias, target_col, class_index, hard_tau,
+                         hard_t, normalize_weight, subcenters):
+        acc = _acc(features.dtype)
+        batch = features.shape[0]
+        return features.new_empty((batch,), dtype=acc), features.new_empty((batch,), dtype=acc)
+
+    @torch.library.register_fake("marginops::margin_lse_backward")
+    def _margin_lse_backward_fake(grad_lse, grad_dot, lse_neg, features, weight, scale, bias,
+                                  target_col, class_index, hard_tau, hard_t, normalize_weight,
+                                  subcenters):
+        acc = _acc(features.dtype)
+        grad_bias = (bias.new_empty(bias.shape, dtype=acc) if bias is not None
+                     else features.new_empty((0,), dtype=acc))
+        return (torch.empty_like(features), torch.empty_like(weight),
+                features.new_empty((features.shape[0],), dtype=acc), grad_bias)
+
+    @torch.library.register_fake("marginops::topk")
+    def _topk_fake(features, weight, exclude_col, k, normalize_weight, subcenters):
+        batch = features.shape[0]
+        return (features.new_empty((batch, k), dtype=_acc(features.dtype)),
+                features.new_empty((batch, k), dtype=torch.long))
+
+    torch.library.register_autograd("marginops::margin_lse", _backward,
+                                    setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# The interface marginops.core calls
+# ------------------------------------------------------------------------------------------------
+
+def _require_loaded() -> None:
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(f"marginops C++ backend unavailable: {_LOAD_ERROR}")
+
+
+def margin_lse(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
+               target_col: Tensor, class_index: Tensor | None, hard_tau: Tensor | None,
+               hard_t: Tensor | None, normalize_weight: bool,
+               subcenters: int) -> tuple[Tensor, Tensor]:
+    """(lse_neg, dot_y), differentiable w.r.t. features, weight, scale and bias."""
+    _require_loaded()
+    lse_neg, dot_y = torch.ops.marginops.margin_lse(
+        features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+        bool(normalize_weight), int(subcenters))
+    return lse_neg, dot_y
+
+
+def topk(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int, normalize_weight: bool,
+         subcenters: int) -> tuple[Tensor, Tensor]:
+    """(values (B, k) acc dtype, columns (B, k) int64); no autograd."""
+    _require_loaded()
+    values, columns = torch.ops.marginops.topk(features, weight, exclude_col, int(k),
+                                               bool(normalize_weight), int(subcenters))
+    return values, columns

@@ -1,0 +1,199 @@
+"""Every kernel configuration the Triton launcher can pick.
+
+There are three sources of configurations, and this file is the only place they are listed:
+
+* ``DEFAULT[variant][kernel]`` — the fixed configuration used on a GPU when autotuning is off.
+* ``AUTOTUNE[variant][kernel]`` — extra candidates searched, with the default, when autotuning is on
+  (``set_autotune(True)`` or ``MARGINOPS_TRITON_AUTOTUNE=1``, read at call time).
+* ``INTERPRETER[kernel]`` — tiny tiles used under ``TRITON_INTERPRET=1`` (CPU tensors): the kernel code
+  is identical, small tiles just make small test shapes cross many tiles and keep numpy fast.
+
+``tests/test_triton_aot.py`` compiles ``gpu_configs(kernel, variant)`` (DEFAULT ∪ AUTOTUNE) for every
+kernel and variant, for sm_80 and sm_90 and every input dtype of that variant, in the specialisation
+the variant launches with, and checks spills / shared memory / wgmma, so a configuration added
+here cannot skip those checks.
+
+Kernels:
+    fwd     margin_lse forward: row tile × class split, online logsumexp (BLOCK_B × BLOCK_N tiles)
+    bwd_df  backward, feature gradient: row tile × class split, partial dF per split
+    bwd_dw  backward, weight gradient: one program per class tile, loops over the batch
+    topk    streaming per-row top-k: row tile × class split
+    merge   merges the per-split (m, s, dot_y) partials of the forward (BLOCK_B only)
+    norm    1/‖W_r‖ of the iterated rows, (N, K) fp32, for the backward (BLOCK_N × BLOCK_D)
+
+Register budget notes (≤ 255 registers per thread): the kernels are register-bound, not
+shared-memory-bound. Besides the BLOCK_B × BLOCK_N fp32 dot / epilogue tiles, the 64-bit pointer
+tensors of the indirect (class_index) W loads and of the read-modify-write chunks cost a lot. The
+sizes below are the largest tried for which ``cuobjdump -res-usage`` reports STACK:0 on both
+sm_80 and sm_90 (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_b: int  # batch rows per tile (tl.dot M for fwd/bwd_df/topk, K-dim of the dW dot)
+    block_n: int  # columns (classes) per tile
+    block_d: int  # embedding chunk per tl.dot step
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self) -> dict:
+        return {"BLOCK_B": self.block_b, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
+
+    def launch(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+KERNELS = ("fwd", "bwd_df", "bwd_dw", "topk", "merge", "norm")
+
+# A launch's *variant* picks its table: the features dtype ("half" = fp16 / bf16 on tensor cores,
+# "fp32" = fp32 via 3×TF32 products, which need more registers) and whether sub-centers are on
+# (the argmax tile they add costs registers, so those launches get smaller tiles).
+VARIANTS = ("half", "half_sub", "fp32", "fp32_sub")
+
+
+def variant(features_dtype, subcenters: int) -> str:
+    import torch
+
+    base = "fp32" if features_dtype == torch.float32 else "half"
+    return base + ("_sub" if subcenters > 1 else "")
+
+
+C = KernelConfig
+_MERGE = C(128, 16, 16, num_warps=4, num_stages=1)
+_NORM = C(16, 64, 64, num_warps=4, num_stages=2)
+
+# DEFAULT[variant][kernel] — the fixed configuration when autotuning is off.
+DEFAULT: dict[str, dict[str, KernelConfig]] = {
+    "half": {
+        "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
+        "bwd_df": C(64, 128, 32, num_warps=8, num_stages=2),
+        "bwd_dw": C(64, 128, 32, num_warps=8, num_stages=2),
+        "topk": C(64, 64, 64, num_warps=4, num_stages=2),
+        "merge": _MERGE, "norm": _NORM,
+    },
+    "half_sub": {
+        "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
+        "bwd_df": C(64, 32, 32, num_warps=4, num_stages=2),
+        "bwd_dw": C(32, 64, 32, num_warps=4, num_stages=2),
+        "topk": C(64, 64, 64, num_warps=4, num_stages=2),
+        "merge": _MERGE, "norm": _NORM,
+    },
+    "fp32": {
+        "fwd": C(32, 64, 32, num_warps=4, num_stages=2),
+        "bwd_df": C(32, 64, 32, num_warps=8, num_stages=2),
+        "bwd_dw": C(32, 64, 32, num_warps=8, num_stages=2),
+        "topk": C(32, 64, 32, num_warps=4, num_stages=2),
+        "merge": _MERGE, "norm": _NORM,
+    },
+    "fp32_sub": {
+        "fwd": C(32, 64, 32, num_warps=4, num_stages=2),
+        "bwd_df": C(16, 64, 32, num_warps=4, num_stages=2),
+        "bwd_dw": C(32, 64, 32, num_warps=8, num_stages=2),
+        "topk": C(32, 64, 32, num_warps=4, num_stages=2),
+        "merge": _MERGE, "norm": _NORM,
+    },
+}
+
+# AUTOTUNE[variant][kernel] — extra candidates searched when autotuning is on (the default is
+# always a candidate too). Small on purpose: every entry is compiled for sm_80 and sm_90 in CI.
+AUTOTUNE: dict[str, dict[str, tuple[KernelConfig, ...]]] = {
+    "half": {
+        "fwd": (C(128, 64, 64, num_warps=8, num_stages=3), C(64, 64, 64, num_warps=4, num_stages=3)),
+        "bwd_df": (C(64, 64, 32, num_warps=4, num_stages=2),),
+    },
+    "fp32": {
+        "bwd_df": (C(32, 32, 32, num_warps=4, num_stages=2),),
+    },
+}
+
+INTERPRETER: dict[str, KernelConfig] = {k: C(16, 16, 16, num_warps=1, num_stages=1)
+                                        for k in KERNELS}
+
+
+def default(kernel: str, var: str) -> KernelConfig:
+    return DEFAULT[var][kernel]
+
+
+def gpu_configs(kernel: str, var: str) -> tuple[KernelConfig, ...]:
+    """Every configuration the launcher can pick for ``kernel`` in ``var`` (default first)."""
+    out = [DEFAULT[var][kernel]]
+    for c in AUTOTUNE.get(var, {}).get(kernel, ()):
+        if c not in out:
+            out.append(c)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime switches (read at call time, never at import time)
+# ---------------------------------------------------------------------------------------------
+
+_autotune: bool | None = None  # None: follow MARGINOPS_TRITON_AUTOTUNE
+_forced: dict[str, KernelConfig] = {}
+_forced_splits: int | None = None
+
+
+def set_autotune(on: bool | None) -> None:
+    """Turn autotuning on/off for this process (None: follow ``MARGINOPS_TRITON_AUTOTUNE``)."""
+    global _autotune
+    _autotune = on
+
+
+def autotune_enabled() -> bool:
+    if _autotune is not None:
+        return _autotune
+    return os.environ.get("MARGINOPS_TRITON_AUTOTUNE", "0") not in ("", "0", "false", "False")
+
+
+class force:
+    """Context manager pinning configurations and/or the class-split count (tests, benchmarks).
+
+        with configs.force(splits=3, fwd=configs.DEFAULT["fwd"]): ...
+    """
+
+    def __init__(self, splits: int | None = None, **per_kernel: KernelConfig):
+        self.splits, self.per_kernel = splits, per_kernel
+
+    def __enter__(self):
+        global _forced_splits
+        self._saved = (dict(_forced), _forced_splits)
+        _forced.update(self.per_kernel)
+        if self.splits is not None:
+            _forced_splits = self.splits
+        return self
+
+    def __exit__(self, *exc):
+        global _forced_splits
+        saved, _forced_splits = self._saved
+        _forced.clear()
+        _forced.update(saved)
+
+
+def forced(kernel: str) -> KernelConfig | None:
+    return _forced.get(kernel)
+
+
+def forced_splits() -> int | None:
+    return _forced_splits
+
+
+def pick_splits(row_tiles: int, col_tiles: int, n_sm: int, interpreter: bool) -> int:
+    """How many programs share one row tile's classes.
+
+    Enough programs to fill the GPU twice over, but each split keeps at least 4 class tiles so the
+    per-split partials (and, for the feature gradient, the splits × B × D buffer) stay cheap.
+    """
+    if _forced_splits is not None:
+        return max(1, min(_forced_splits, col_tiles))
+    if interpreter:
+        return max(1, min(2, col_tiles))
+    want = -(-2 * n_sm // max(row_tiles, 1))
+    return max(1, min(want, max(col_tiles // 4, 1)))

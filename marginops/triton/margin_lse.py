@@ -1,0 +1,699 @@
+"""Fully fused margin-softmax reduction in Triton: the core op of shared/DESIGN.md §2.
+
+Read top-down: shared tile helpers → forward kernels → backward kernels → launchers →
+registered ops (``torch.ops.marginops.margin_lse_triton`` / ``..._backward``) → autograd.
+
+The math (marginops/ops/__init__.py has the full contract). For a batch row i and an iterated column
+n (class c_n = class_index[n], or n), with sub-center rows r = c_n·K + k:
+
+    d_ir  = f_i · W_r / wn_r            wn_r = max(‖W_r‖, 1e-12), or 1 without normalisation
+    d_in  = max_k d_{i, c_n·K+k}        (sub-center max; r*(i, n) is the argmax row)
+    d'_in = d_in (t + d_in)  if hard-negative and n ≠ y_i and d_in > tau_i, else d_in
+    z_in  = scale_i · d'_in + bias_{c_n}
+    lse_neg_i = log Σ_{n ≠ y_i} exp z_in            dot_y_i = d_{i, y_i}
+
+Design (what runs where)
+------------------------
+Forward ``_fwd_kernel``: grid (row tiles × class splits). A program owns BLOCK_B rows and a
+contiguous range of columns; per BLOCK_N column tile it runs ``tl.dot`` over D in BLOCK_D chunks
+(fp32 accumulation, W tiles converted on load to the features' dtype), summing the squares of the
+same loaded W tile so the row norm costs no extra pass, then the whole epilogue in registers
+(1/‖W‖ column scale, sub-center max, target mask and dot_y capture, hard-negative modulation,
+scale, bias, online max / sum-exp). Each program writes three BLOCK_B vectors (m, s, dot_y) to a
+(splits × B) buffer; ``_merge_kernel`` combines the splits. Nothing B×C-sized is ever stored.
+
+Backward: logits are recomputed, never stored.
+  * ``_bwd_df_kernel`` (row tiles × class splits): dd_in (see contract) times 1/wn of the argmax
+    row, then dF_i += Σ_n dd_in W_{r*}; each split accumulates into its own slice of an
+    fp32 (splits × B × D) buffer that torch sums afterwards (deterministic, no atomics). It also
+    produces grad_scale_i = Σ_n g_in d'_in per split.
+  * ``_bwd_dw_kernel`` (one program per class tile, looping over the whole batch): G_r = Σ_i dd_in f_i
+    for the rows r that are an argmax, grad_bias, and — in the epilogue, once G_r is complete —
+    the normalisation Jacobian grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r. A class tile belongs to one
+    program, so dW needs no atomics.
+
+The second GEMM of each backward kernel (dd·W and ddᵀ·F) accumulates into a program-owned fp32
+chunk of global memory (read, ``tl.dot``-accumulate, write back, barrier) one BLOCK_D chunk at a
+time. That keeps the register footprint independent of D (D = 512 would otherwise need a
+BLOCK × 512 fp32 accumulator per program and spill), at the cost of re-reading that chunk once per
+tile, which the L1/L2 serve since the same program just wrote it.
+
+Why not the FlashAttention-shaped forward (emitting the feature-gradient partial from the forward)?
+It saves one of five B·C·D GEMM-equivalents (8 vs 10 · B·C·D FLOPs) but (a) needs the same
+BLOCK_B × D accumulator, carried through the online-softmax rescaling, (b) makes every forward —
+including evaluation and no-grad calls — pay the extra GEMM and a splits × B × D buffer, and
+(c) its benefit cannot be measured on the GPU-less machines this was written on. The split kept
+here is the simpler, measurable baseline; the forward stays a pure reduction.
+
+dtypes: features fp32 / fp16 / bf16; weight any of those (fp32 master weights with half features are
+read as they are and converted tile by tile, as autocast would). fp64 is refused (the torch and
+C++ backends serve fp64). fp32 dots use IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``.
+``class_index`` entries must be distinct (Partial-FC samples are): two programs would otherwise own
+the same weight rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import configs
+
+NEG_INF: float = float("-inf")
+_NEG_INF = tl.constexpr(NEG_INF)  # what the kernels read (globals must be constexpr)
+
+
+def interpreting() -> bool:
+    """Were the kernels of this module defined under TRITON_INTERPRET=1 (run on CPU tensors)?"""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# =============================================================================================
+# Tile helpers (inlined into every kernel)
+# =============================================================================================
+
+
+@triton.jit
+def _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
+                 stride_f, stride_w,
+                 NORMALIZE: tl.constexpr, NORM_IN_LOOP: tl.constexpr, HAS_SUB: tl.constexpr,
+                 DOT_PREC: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_B, BLOCK_N) tile of d_in = max_k f_i·W_{c_n K + k} / wn, in fp32.
+
+    1/wn comes either from the sum of squares of the W tiles this loop loads anyway
+    (NORM_IN_LOOP, the forward) or from the (N, K) buffer of ``_inv_norm_kernel`` (backward, where
+    it is needed again later). With sub-centers (HAS_SUB) it also returns the winning k per element
+    (the gradient of a max flows to its argmax only; ties keep the lower k), else zeros.
+    """
+    d_best = tl.full((BLOCK_B, BLOCK_N), _NEG_INF, tl.float32)
+    k_best = tl.zeros((BLOCK_B, BLOCK_N), tl.int32)
+    offs = tl.arange(0, BLOCK_D)
+    for k in range(K):
+        wrow = cls * K + k  # int64 row index into W (R = C_local·K rows)
+        acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+        wsq = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dcol = d0 + offs
+            dmask = dcol < D
+            f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
+                        mask=row_mask[:, None] & dmask[None, :], other=0.0)
+            w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
+                        mask=col_mask[:, None] & dmask[None, :], other=0.0)
+            if NORMALIZE and NORM_IN_LOOP:
+                wf = w.to(tl.float32)
+                wsq += tl.sum(wf * wf, axis=1)  # ‖W_r‖² from the tile already loaded
+            # f_i · W_r, fp32 accumulation; W converted on load to the features' dtype
+            acc = tl.dot(f, tl.trans(w.to(f.dtype)), acc, input_precision=DOT_PREC)
+        if NORMALIZE:
+            if NORM_IN_LOOP:
+                inv = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)  # 1/wn_r: a per-column scale
+            else:
+                inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=1.0)
+            dk = acc * inv[None, :]
+        else:
+            dk = acc
+        if HAS_SUB:
+            better = dk > d_best
+            d_best = tl.where(better, dk, d_best)
+            k_best = tl.where(better, k, k_best)
+        else:
+            d_best = dk
+    return d_best, k_best
+
+
+@triton.jit
+def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
+                HAS_BIAS: tl.constexpr, HARD: tl.constexpr):
+    """Epilogue on a cosine tile: returns (is_target, d', dd'/dd, z with -inf where excluded).
+
+    z is -inf on the target column and on padding columns, so exp(z − ·) is exactly 0 there.
+    """
+    is_t = (cols[None, :] == tcol[:, None]) & col_mask[None, :]
+    if HARD:
+        # CurricularFace: a non-target cosine above tau_i becomes d (t + d); derivative t + 2d
+        hard = (d > tau[:, None]) & (~is_t)
+        dmod = tl.where(hard, d * (t + d), d)
+        slope = tl.where(hard, t + 2.0 * d, 1.0)
+    else:
+        dmod = d
+        slope = 1.0
+    z = scale[:, None] * dmod
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cls, mask=col_mask, other=0.0).to(tl.float32)
+        z += b[None, :]
+    z = tl.where(col_mask[None, :] & (~is_t), z, _NEG_INF)
+    return is_t, dmod, slope, z
+
+
+@triton.jit
+def _split_range(split, cols_per_split, N):
+    """Columns [n_start, n_end) of a class split (cols_per_split is a multiple of BLOCK_N)."""
+    n_start = split * cols_per_split
+    n_end = tl.minimum(n_start + cols_per_split, N)
+    return n_start, n_end
+
+
+@triton.jit
+def _class_of(cols, col_mask, cidx_ptr, HAS_INDEX: tl.constexpr):
+    """Class id (int64) of each column: class_index[n] (Partial FC, indirect rows) or n."""
+    if HAS_INDEX:
+        cls = tl.load(cidx_ptr + cols, mask=col_mask, other=0)
+    else:
+        cls = cols.to(tl.int64)
+    return cls
+
+
+# =============================================================================================
+# Forward kernels
+# =============================================================================================
+
+
+@triton.jit
+def _fwd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
+                m_ptr, s_ptr, y_ptr,  # (splits, B) fp32 partials
+                B, N, D, K, cols_per_split, stride_f, stride_w,
+                HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
+    if HARD:
+        tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
+        t = tl.load(t_ptr).to(tl.float32)
+    else:
+        tau = scale
+        t = 0.0
+
+    # online logsumexp over this split's columns: lse = m + log s
+    m = tl.full((BLOCK_B,), _NEG_INF, tl.float32)
+    s = tl.zeros((BLOCK_B,), tl.float32)
+    dot_y = tl.zeros((BLOCK_B,), tl.float32)
+    n_start, n_end = _split_range(split, cols_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_end
+        cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
+        d, _kb = _cosine_tile(f_ptr, w_ptr, scale_ptr, rows, row_mask, cols, cls, col_mask, K, D,
+                              stride_f, stride_w, NORMALIZE, True, HAS_SUB, DOT_PREC,
+                              BLOCK_B, BLOCK_N, BLOCK_D)
+        is_t, _dmod, _slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls,
+                                             tau, t, HAS_BIAS, HARD)
+        dot_y += tl.sum(tl.where(is_t, d, 0.0), axis=1)  # raw target cosine (one column at most)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no finite logit yet: avoid −inf − −inf
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+        m = m_new
+    out = split * B + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(y_ptr + out, dot_y, mask=row_mask)
+
+
+@triton.jit
+def _merge_kernel(m_ptr, s_ptr, y_ptr, lse_ptr, doty_ptr, B, SPLITS, BLOCK_B: tl.constexpr):
+    """lse_i = M + log Σ_s s_s exp(m_s − M) with M = max_s m_s;  dot_y_i = Σ_s dot_y_s."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = rows < B
+    big_m = tl.full((BLOCK_B,), _NEG_INF, tl.float32)
+    for sp in range(SPLITS):
+        big_m = tl.maximum(big_m, tl.load(m_ptr + sp * B + rows, mask=mask, other=_NEG_INF))
+    m_ref = tl.where(big_m == _NEG_INF, 0.0, big_m)
+    total = tl.zeros((BLOCK_B,), tl.float32)
+    dot_y = tl.zeros((BLOCK_B,), tl.float32)
+    for sp in range(SPLITS):
+        m_s = tl.load(m_ptr + sp * B + rows, mask=mask, other=_NEG_INF)
+        total += tl.load(s_ptr + sp * B + rows, mask=mask, other=0.0) * tl.exp(m_s - m_ref)
+        dot_y += tl.load(y_ptr + sp * B + rows, mask=mask, other=0.0)
+    lse = tl.where(total > 0.0, m_ref + tl.log(total), _NEG_INF)
+    tl.store(lse_ptr + rows, lse, mask=mask)
+    tl.store(doty_ptr + rows, dot_y, mask=mask)
+
+
+# =============================================================================================
+# Backward kernels
+# =============================================================================================
+
+
+@triton.jit
+def _inv_norm_kernel(w_ptr, cidx_ptr, inv_ptr, N, D, K, stride_w,
+                     HAS_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """inv[n, k] = 1 / max(‖W_{c_n K + k}‖, 1e-12) for the iterated columns only (N × K fp32)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
+    offs = tl.arange(0, BLOCK_D)
+    for k in range(K):
+        wrow = cls * K + k
+        wsq = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dcol = d0 + offs
+            w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
+                        mask=col_mask[:, None] & (dcol < D)[None, :], other=0.0).to(tl.float32)
+            wsq += tl.sum(w * w, axis=1)
+        tl.store(inv_ptr + cols * K + k, 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12), mask=col_mask)
+
+
+@triton.jit
+def _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, lse, glse, gdot,
+                 HAS_BIAS: tl.constexpr, HARD: tl.constexpr):
+    """g_in = grad_lse_i · exp(z_in − lse_i) (0 on the target) and
+    dd_in = g_in · scale_i · dd'/dd + [n = y_i] grad_dot_i, the gradient w.r.t. the cosine d_in."""
+    is_t, dmod, slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
+                                       HAS_BIAS, HARD)
+    lse_ref = tl.where(lse == _NEG_INF, 0.0, lse)  # such rows have z = −inf everywhere: p = 0
+    g = glse[:, None] * tl.exp(z - lse_ref[:, None])
+    dd = g * scale[:, None] * slope + tl.where(is_t, gdot[:, None], 0.0)
+    return g, dmod, dd
+
+
+@triton.jit
+def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
+                   lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
+                   df_ptr, gs_ptr,  # (splits, B, D) and (splits, B) fp32, df zero-initialised
+                   B, N, D, K, cols_per_split, stride_f, stride_w,
+                   HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                   NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_f_i = Σ_n dd_in W_{r*} / wn_{r*} and grad_scale_i = Σ_n g_in d'_in over one split."""
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    glse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    gdot = tl.load(gdot_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    if HARD:
+        tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
+        t = tl.load(t_ptr).to(tl.float32)
+    else:
+        tau = scale
+        t = 0.0
+    dot_ty = f_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK_D)
+    df_base = df_ptr + split.to(tl.int64) * B * D
+    gs = tl.zeros((BLOCK_B,), tl.float32)
+    n_start, n_end = _split_range(split, cols_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_end
+        cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
+        d, kb = _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
+                             stride_f, stride_w, NORMALIZE, False, HAS_SUB, DOT_PREC,
+                             BLOCK_B, BLOCK_N, BLOCK_D)
+        g, dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
+                                   lse, glse, gdot, HAS_BIAS, HARD)
+        gs += tl.sum(g * dmod, axis=1)
+        for k in range(K):
+            # d_in = f_i·W_r*/wn_r*: the gradient reaches f_i through W_r*/wn_r* (argmax row only)
+            if HAS_SUB:
+                ddk = tl.where(kb == k, dd, 0.0)
+            else:
+                ddk = dd
+            if NORMALIZE:
+                ddk = ddk * tl.load(inv_ptr + cols * K + k, mask=col_mask, other=0.0)[None, :]
+            ddk = ddk.to(dot_ty)
+            wrow = cls * K + k
+            for d0 in range(0, D, BLOCK_D):
+                dcol = d0 + offs
+                dmask = dcol < D
+                w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
+                            mask=col_mask[:, None] & dmask[None, :], other=0.0)
+                ptrs = df_base + rows[:, None] * D + dcol[None, :]
+                omask = row_mask[:, None] & dmask[None, :]
+                acc = tl.load(ptrs, mask=omask, other=0.0)
+                acc = tl.dot(ddk, w.to(dot_ty), acc, input_precision=DOT_PREC)
+                tl.store(ptrs, acc, mask=omask)
+                tl.debug_barrier()  # the next read of this chunk may come from another thread
+    tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
+
+
+@triton.jit
+def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
+                   lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
+                   gacc_ptr,  # (R, D) fp32 zero-initialised accumulator for G (may alias gw_ptr)
+                   gw_ptr,  # (R, D) grad_weight in weight's dtype, zero-initialised
+                   gb_ptr,  # (C_local,) fp32 grad_bias
+                   B, N, D, K, stride_f, stride_w,
+                   HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                   NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program owns BLOCK_N columns (all K sub-center rows of each) and loops over the batch:
+    G_r = Σ_i dd_in f_i (argmax rows only), grad_bias_c = Σ_i g_in, then the Jacobian of W/‖W‖."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
+    dot_ty = f_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK_D)
+    if HARD:
+        t = tl.load(t_ptr).to(tl.float32)
+    else:
+        t = 0.0
+    gb = tl.zeros((BLOCK_N,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        glse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        gdot = tl.load(gdot_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        if HARD:
+            tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
+        else:
+            tau = scale
+        d, kb = _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
+                             stride_f, stride_w, NORMALIZE, False, HAS_SUB, DOT_PREC,
+                             BLOCK_B, BLOCK_N, BLOCK_D)
+        g, _dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
+                                    lse, glse, gdot, HAS_BIAS, HARD)
+        if HAS_BIAS:
+            gb += tl.sum(g, axis=0)
+        for k in range(K):
+            if HAS_SUB:
+                ddk = tl.where(kb == k, dd, 0.0).to(dot_ty)
+            else:
+                ddk = dd.to(dot_ty)
+            wrow = cls * K + k
+            for d0 in range(0, D, BLOCK_D):
+                dcol = d0 + offs
+                dmask = dcol < D
+                f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
+                            mask=row_mask[:, None] & dmask[None, :], other=0.0)
+                ptrs = gacc_ptr + wrow[:, None] * D + dcol[None, :]
+                omask = col_mask[:, None] & dmask[None, :]
+                acc = tl.load(ptrs, mask=omask, other=0.0)
+                acc = tl.dot(tl.trans(ddk), f, acc, input_precision=DOT_PREC)  # G_r += Σ_i dd f_i
+                tl.store(ptrs, acc, mask=omask)
+                tl.debug_barrier()
+    if HAS_BIAS:
+        tl.store(gb_ptr + cls, gb, mask=col_mask)
+
+    # Epilogue: grad_W_r = (G_r − W_r (W_r·G_r)/wn_r²) / wn_r  (= (G − ŵ(ŵ·G))/wn), per row r.
+    for k in range(K):
+        wrow = cls * K + k
+        if NORMALIZE:
+            wg = tl.zeros((BLOCK_N,), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dcol = d0 + offs
+                omask = col_mask[:, None] & (dcol < D)[None, :]
+                w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :], mask=omask,
+                            other=0.0).to(tl.float32)
+                G = tl.load(gacc_ptr + wrow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
+                wg += tl.sum(w * G, axis=1)
+            inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=1.0)
+            proj = wg * inv * inv  # (W·G)/wn²; W = 0 gives wg = 0, so grad = G / 1e-12 there
+        else:
+            inv = tl.full((BLOCK_N,), 1.0, tl.float32)
+            proj = tl.zeros((BLOCK_N,), tl.float32)
+        tl.debug_barrier()  # gw may alias gacc: every read of this row block precedes any write
+        for d0 in range(0, D, BLOCK_D):
+            dcol = d0 + offs
+            omask = col_mask[:, None] & (dcol < D)[None, :]
+            G = tl.load(gacc_ptr + wrow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
+            if NORMALIZE:
+                w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :], mask=omask,
+                            other=0.0).to(tl.float32)
+                grad = (G - w * proj[:, None]) * inv[:, None]
+            else:
+                grad = G
+            tl.store(gw_ptr + wrow[:, None] * D + dcol[None, :],
+                     grad.to(gw_ptr.dtype.element_ty), mask=omask)
+
+
+# =============================================================================================
+# Launchers
+# =============================================================================================
+
+
+def _dot_precision(features: Tensor) -> str:
+    """fp32 dots: "tf32x3" (three TF32 tensor-core products, fp32-level accuracy; IEEE fp32 FMA
+    tiles need far more registers and spill) or plain "tf32" when the user allowed TF32 matmuls
+    in torch. fp16 / bf16 operands ignore it."""
+    if features.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "tf32x3"
+    return "tf32"
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _config(kernel: str, a: _Args) -> configs.KernelConfig:
+    """The configuration a launch uses when autotuning does not choose (see configs.py)."""
+    c = configs.forced(kernel)
+    if c is not None:
+        return c
+    if interpreting():
+        return configs.INTERPRETER[kernel]
+    return configs.default(kernel, a.variant)
+
+
+def _split_columns(B: int, N: int, cfg: configs.KernelConfig, device) -> tuple[int, int]:
+    """(splits, cols_per_split): cols_per_split is a multiple of BLOCK_N, every split non-empty."""
+    row_tiles = triton.cdiv(B, cfg.block_b)
+    col_tiles = max(triton.cdiv(N, cfg.block_n), 1)
+    splits = configs.pick_splits(row_tiles, col_tiles, _n_sm(device), interpreting())
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_n
+
+
+class _Args:
+    """The op's inputs, checked once and laid out as the kernels want them."""
+
+    def __init__(self, features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+                 normalize_weight, subcenters):
+        if features.dtype == torch.float64 or weight.dtype == torch.float64:
+            raise TypeError("backend 'triton' does not support float64 inputs; "
+                            "use backend='torch' or backend='cpp' for float64")
+        if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"backend 'triton': unsupported features dtype {features.dtype}")
+        self.f = features.contiguous()
+        self.w = weight.contiguous()
+        self.B, self.D = self.f.shape
+        self.K = int(subcenters)
+        self.R = self.w.shape[0]
+        self.C_local = self.R // self.K
+        self.N = class_index.numel() if class_index is not None else self.C_local
+        self.scale = scale.contiguous()
+        self.bias = bias.contiguous() if bias is not None else None
+        self.tcol = target_col.contiguous()
+        self.cidx = class_index.contiguous() if class_index is not None else None
+        self.hard = hard_tau is not None
+        self.tau = hard_tau.contiguous() if self.hard else None
+        self.t = hard_t.reshape(1).contiguous() if self.hard else None
+        self.normalize = bool(normalize_weight)
+        self.acc = scale.dtype
+        self.variant = configs.variant(self.f.dtype, self.K)
+        dummy = self.scale
+        # kernel pointer arguments: optional inputs replaced by a dummy the kernel never reads
+        self.ptrs = (self.f, self.w, self.scale,
+                     self.bias if self.bias is not None else dummy,
+                     self.tcol,
+                     self.cidx if self.cidx is not None else self.tcol,
+                     self.tau if self.hard else dummy,
+                     self.t if self.hard else dummy)
+        self.flags = dict(HAS_BIAS=self.bias is not None, HAS_INDEX=self.cidx is not None,
+                          HARD=self.hard, NORMALIZE=self.normalize, HAS_SUB=self.K > 1,
+                          DOT_PREC=_dot_precision(self.f))
+
+
+def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
+    dev = a.f.device
+    lse = torch.full((a.B,), NEG_INF, dtype=torch.float32, device=dev)
+    dot_y = torch.zeros(a.B, dtype=torch.float32, device=dev)
+    if a.B == 0 or a.N == 0:
+        return lse.to(a.acc), dot_y.to(a.acc)
+    cfg = cfg or _config("fwd", a)
+    merge_cfg = merge_cfg or _config("merge", a)
+    splits, cps = _split_columns(a.B, a.N, cfg, dev)
+    part = torch.empty((3, splits, a.B), dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(a.B, cfg.block_b), splits)
+    _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
+                      a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0),
+                      **a.flags, **cfg.meta(), **cfg.launch())
+    _merge_kernel[(triton.cdiv(a.B, merge_cfg.block_b),)](
+        part[0], part[1], part[2], lse, dot_y, a.B, splits,
+        BLOCK_B=merge_cfg.block_b, **merge_cfg.launch())
+    return lse.to(a.acc), dot_y.to(a.acc)
+
+
+def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=None, dw_cfg=None):
+    dev = a.f.device
+    grad_f = torch.zeros_like(a.f)
+    grad_w = torch.zeros_like(a.w)
+    grad_s = torch.zeros(a.B, dtype=a.acc, device=dev)
+    grad_b = (torch.zeros(a.bias.shape, dtype=a.bias.dtype, device=dev) if a.bias is not None
+              else torch.empty(0, dtype=a.acc, device=dev))
+    if a.B == 0 or a.N == 0:
+        return grad_f, grad_w, grad_s, grad_b
+    lse = lse.to(torch.float32).contiguous()
+    grad_lse = grad_lse.to(torch.float32).contiguous()
+    grad_dot = grad_dot.to(torch.float32).contiguous()
+    common = (a.B, a.N, a.D, a.K)
+
+    # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes below need it per column
+    inv = lse  # dummy pointer, never read without normalisation
+    if a.normalize:
+        norm_cfg = _config("norm", a)
+        inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
+        _inv_norm_kernel[(triton.cdiv(a.N, norm_cfg.block_n),)](
+            a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
+            BLOCK_N=norm_cfg.block_n, BLOCK_D=norm_cfg.block_d, **norm_cfg.launch())
+
+    # feature gradient and grad_scale: rows × splits, partial buffers summed below
+    df_cfg = df_cfg or _config("bwd_df", a)
+    splits, cps = _split_columns(a.B, a.N, df_cfg, dev)
+    df = torch.zeros((splits, a.B, a.D), dtype=torch.float32, device=dev)
+    gs = torch.empty((splits, a.B), dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(a.B, df_cfg.block_b), splits)
+    _bwd_df_kernel[grid](*a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps,
+                         a.f.stride(0), a.w.stride(0), **a.flags, **df_cfg.meta(),
+                         **df_cfg.launch())
+    grad_f = df.sum(0).to(a.f.dtype)
+    grad_s = gs.sum(0).to(a.acc)
+
+    # weight gradient and grad_bias: one program per class tile, no atomics
+    dw_cfg = dw_cfg or _config("bwd_dw", a)
+    gacc = grad_w if grad_w.dtype == torch.float32 else torch.zeros(
+        grad_w.shape, dtype=torch.float32, device=dev)
+    gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=dev) if a.bias is not None else gs
+    _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n),)](
+        *a.ptrs, lse, grad_lse, grad_dot, inv, gacc, grad_w, gb, *common,
+        a.f.stride(0), a.w.stride(0), **a.flags, **dw_cfg.meta(), **dw_cfg.launch())
+    if a.bias is not None:
+        grad_b = gb.to(a.bias.dtype)
+    return grad_f, grad_w, grad_s, grad_b
+
+
+# --- autotuning (off by default; see configs.py) ----------------------------------------------
+
+_tuned: dict[tuple, tuple] = {}
+
+
+def _bench(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def _tune_key(a: _Args, what: str) -> tuple:
+    bucket = lambda x: 1 << max(int(x) - 1, 0).bit_length()  # noqa: E731  next power of two
+    return (what, a.f.dtype, a.w.dtype, a.K, bucket(a.B), bucket(a.N), bucket(a.D),
+            tuple(sorted(a.flags.items())), a.f.device.index)
+
+
+def _pick(a: _Args, what: str, run) -> tuple:
+    """Configurations for a pass: fixed default, or the fastest of configs.AUTOTUNE (cached)."""
+    kernels = {"fwd": ("fwd",), "bwd": ("bwd_df", "bwd_dw")}[what]
+    if interpreting() or not configs.autotune_enabled() or any(configs.forced(k) for k in kernels):
+        return tuple(None for _ in kernels)
+    key = _tune_key(a, what)
+    if key not in _tuned:
+        best, best_t = None, float("inf")
+        for combo in _combos(kernels, a.variant):
+            t = _bench(lambda combo=combo: run(*combo))
+            if t < best_t:
+                best, best_t = combo, t
+        _tuned[key] = best
+    return _tuned[key]
+
+
+def _combos(kernels, var):
+    if len(kernels) == 1:
+        return [(c,) for c in configs.gpu_configs(kernels[0], var)]
+    # the two backward kernels are independent: tune each against the other's default
+    df, dw = kernels
+    out = [(c, configs.default(dw, var)) for c in configs.gpu_configs(df, var)]
+    out += [(configs.default(df, var), c) for c in configs.gpu_configs(dw, var)[1:]]
+    return out
+
+
+# =============================================================================================
+# Registered ops
+# =============================================================================================
+
+
+@torch.library.custom_op("marginops::margin_lse_triton", mutates_args=())
+def margin_lse_triton(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
+                      target_col: Tensor, class_index: Tensor | None,
+                      hard_tau: Tensor | None, hard_t: Tensor | None,
+                      normalize_weight: bool, subcenters: int) -> tuple[Tensor, Tensor]:
+    a = _Args(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+              normalize_weight, subcenters)
+    (cfg,) = _pick(a, "fwd", lambda c: _forward(a, c))
+    return _forward(a, cfg)
+
+
+@margin_lse_triton.register_fake
+def _(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+      normalize_weight, subcenters):
+    B = features.shape[0]
+    return scale.new_empty(B), scale.new_empty(B)
+
+
+@torch.library.custom_op("marginops::margin_lse_triton_backward", mutates_args=())
+def margin_lse_triton_backward(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor,
+                               features: Tensor, weight: Tensor, scale: Tensor,
+                               bias: Tensor | None, target_col: Tensor,
+                               class_index: Tensor | None, hard_tau: Tensor | None,
+                               hard_t: Tensor | None, normalize_weight: bool,
+                               subcenters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    a = _Args(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+              normalize_weight, subcenters)
+    df_cfg, dw_cfg = _pick(a, "bwd", lambda c1, c2: _backward(a, lse_neg, grad_lse, grad_dot,
+                                                               c1, c2))
+    return _backward(a, lse_neg, grad_lse, grad_dot, df_cfg, dw_cfg)
+
+
+@margin_lse_triton_backward.register_fake
+def _(grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, class_index,
+      hard_tau, hard_t, normalize_weight, subcenters):
+    gb = torch.empty_like(bias) if bias is not None else scale.new_empty(0)
+    return torch.empty_like(features), torch.empty_like(weight), torch.empty_like(scale), gb
+
+
+# =============================================================================================
+# Autograd
+# =============================================================================================
+
+
+def _setup_context(ctx, inputs, output):
+    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+     normalize_weight, subcenters) = inputs
+    ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau,
+                          hard_t, output[0])
+    ctx.normalize_weight = normalize_weight
+    ctx.subcenters = subcenters
+
+
+def _backward_autograd(ctx, grad_lse, grad_dot):
+    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+     lse_neg) = ctx.saved_tensors
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse_neg)
+    if grad_dot is None:
+        grad_dot = torch.zeros_like(lse_neg)
+    gf, gw, gs, gb = torch.ops.marginops.margin_lse_triton_backward(
+        grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, class_index,
+        hard_tau, hard_t, ctx.normalize_weight, ctx.subcenters)
+    return gf, gw, gs, (gb if bias is not None else None), None, None, None, None, None, None
+
+
+margin_lse_triton.register_autograd(_backward_autograd, setup_context=_setup_context)

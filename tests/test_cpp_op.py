@@ -1,0 +1,493 @@
+"""The compiled core op (``torch.ops.marginops.margin_lse`` / ``topk``) against the dense oracle.
+
+Backends "cpp" (CPU kernels) and "cuda" (CUDA kernels) of ``marginops.ops.cpp``; every check runs on
+CPU here and again on CUDA where a GPU exists. Reference: tests/contract_oracle.py (materialises
+the logits, autograd for the gradients). Tolerances: tests/tolerance.py.
+
+Chunk boundaries: ``MARGINOPS_CPU_TILE_KB=1`` makes the CPU kernel use 16-column chunks at these
+batch sizes, so C = 16·k ± 1 exercises partial chunks and several chunks per thread.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from contract_oracle import margin_lse_dense, topk_dense
+from tolerance import assert_tight, assert_within_budget
+
+from marginops.ops import cpp
+
+_CPU_REASON = cpp.availability("cpp", torch.device("cpu"))
+
+
+def runs_without_extension(fn):
+    """Tests of the loading/fallback logic itself run even when marginops._C is not built."""
+    fn.runs_without_extension = True
+    return fn
+
+
+@pytest.fixture(autouse=True)
+def _needs_extension(request):
+    if _CPU_REASON is not None and not getattr(request.function, "runs_without_extension", False):
+        pytest.skip(f"C++ backend: {_CPU_REASON}")
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")]),
+]
+
+
+def _skip_unless_available(device: str) -> None:
+    backend = "cpp" if device == "cpu" else "cuda"
+    reason = cpp.availability(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r}: {reason}")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """16-column chunks on CPU, so a handful of classes spans several chunks."""
+    monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Case construction and comparison helpers
+# ------------------------------------------------------------------------------------------------
+
+def make_case(B, D, C, *, K=1, dtype=torch.float64, wdtype=None, bias=False, class_index=False,
+              hard=False, normalize=True, scale=(1.0, 16.0), device="cpu", seed=0,
+              no_target_rows=True):
+    """Inputs of the low-level contract; features are unit rows like x̂."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    wdtype = wdtype or dtype
+    f = torch.randn(B, D, generator=g, dtype=torch.float64)
+    f = f / f.norm(dim=1, keepdim=True)
+    w = torch.randn(C * K, D, generator=g, dtype=torch.float64)
+    if not normalize:
+        w = w * 0.3
+    s = torch.empty(B, dtype=torch.float64).uniform_(*scale, generator=g)
+    b = torch.randn(C, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    if class_index:
+        ci = torch.randperm(C, generator=g)[: max(1, (2 * C) // 3)]
+        N = ci.numel()
+    else:
+        ci, N = None, C
+    tc = torch.randint(0, N, (B,), generator=g)
+    if no_target_rows and B > 1:
+        tc[::3] = -1
+    tau = torch.empty(B, dtype=torch.float64).uniform_(-0.2, 0.3, generator=g) if hard else None
+    t = torch.tensor(0.25, dtype=torch.float64) if hard else None
+    case = dict(features=f.to(dtype), weight=w.to(wdtype), scale=s.to(acc),
+                bias=None if b is None else b.to(acc), target_col=tc, class_index=ci,
+                hard_tau=None if tau is None else tau.to(acc),
+                hard_t=None if t is None else t.to(acc), normalize_weight=normalize, subcenters=K)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+DIFF = ("features", "weight", "scale", "bias")
+
+
+def run(fn, case, grad_seed=1):
+    """Outputs and gradients of (features, weight, scale, bias) for random output cotangents."""
+    inputs = {k: (v.detach().clone().requires_grad_(True) if k in DIFF and v is not None else v)
+              for k, v in case.items()}
+    lse, dot = fn(**inputs)
+    g = torch.Generator().manual_seed(grad_seed)
+    gl = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse)
+    gd = torch.randn(dot.shape, generator=g, dtype=torch.float64).to(dot)
+    leaves = [inputs[k] for k in DIFF if inputs[k] is not None]
+    grads = torch.autograd.grad((lse, dot), leaves, (gl, gd))
+    names = [k for k in DIFF if inputs[k] is not None]
+    return {"lse_neg": lse.detach(), "dot_y": dot.detach(), **{f"grad_{n}": gr for n, gr in
+                                                                 zip(names, grads)}}
+
+
+def ours(**kw):
+    return cpp.margin_lse(**kw)
+
+
+def oracle(**kw):
+    return margin_lse_dense(**kw)
+
+
+def as_fp64(case):
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in case.items()}
+
+
+def check_tight(case):
+    got, want = run(ours, case), run(oracle, case)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert_tight(got[k], want[k], name=k)
+    return got
+
+
+def check_budget(case, dtype):
+    """Low precision: error vs fp64 truth within 2× the same-precision oracle's error."""
+    got, base, truth = run(ours, case), run(oracle, case), run(oracle, as_fp64(case))
+    for k in truth:
+        assert got[k].dtype == base[k].dtype, k
+        assert_within_budget(got[k], base[k], truth[k], dtype, name=k)
+    return got
+
+
+# ------------------------------------------------------------------------------------------------
+# margin_lse: values and gradients against the oracle
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("class_index", [False, True])
+@pytest.mark.parametrize("hard", [False, True])
+def test_options_fp64(device, normalize, bias, K, class_index, hard, small_chunks):
+    _skip_unless_available(device)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    case = make_case(7, 13, 41, K=K, dtype=dtype, bias=bias, class_index=class_index, hard=hard,
+                     normalize=normalize, device=device)
+    if device == "cpu":
+        check_tight(case)
+    else:
+        check_budget(case, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,D,C,K", [
+    (4, 3, 47, 1), (4, 3, 48, 1), (4, 3, 49, 1),      # C = 16·3 - 1, 16·3, 16·3 + 1
+    (5, 13, 31, 2), (5, 13, 33, 2),                   # K = 2: 16-column chunks of 32 rows
+    (3, 13, 5, 1),                                    # C smaller than one chunk
+    (6, 13, 1, 1), (6, 13, 1, 3),                     # C = 1 (rows with the target: no negatives)
+    (1, 13, 40, 1), (1, 3, 17, 3),                    # B = 1
+])
+def test_shapes(device, B, D, C, K, small_chunks):
+    _skip_unless_available(device)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    case = make_case(B, D, C, K=K, dtype=dtype, bias=True, hard=True, device=device, seed=B + C)
+    got = check_tight(case) if device == "cpu" else check_budget(case, dtype)
+    if C == 1:  # a row whose target is the only class has no negatives: −inf, and no NaN
+        has_t = case["target_col"] >= 0
+        assert torch.isneginf(got["lse_neg"][has_t]).all()
+        assert torch.isfinite(got["grad_features"]).all()
+
+
+def test_default_chunking_many_chunks():
+    """Default tile sizes, with more chunks than threads (several per group)."""
+    case = make_case(3, 5, 9000, K=1, bias=True, class_index=True, hard=True, seed=3)
+    check_tight(case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fdtype,wdtype", [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),    # bf16 activations, fp32 master weights
+    (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+])
+def test_low_precision_within_budget(device, fdtype, wdtype, small_chunks):
+    _skip_unless_available(device)
+    case = make_case(6, 13, 45, K=2, dtype=fdtype, wdtype=wdtype, bias=True, hard=True,
+                     class_index=True, device=device, scale=(8.0, 32.0))
+    got = check_budget(case, fdtype if fdtype != torch.float32 else wdtype)
+    assert got["grad_features"].dtype == fdtype and got["grad_weight"].dtype == wdtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_extreme_cosines_scale_64(device, dtype, small_chunks):
+    """Features equal to a class weight (cos = 1) and to its negation (cos = −1), at s = 64."""
+    _skip_unless_available(device)
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("the CUDA kernels take bf16/fp16/fp32")
+    case = make_case(6, 13, 40, dtype=dtype, device=device, scale=(64.0, 64.0), seed=5,
+                     no_target_rows=False)
+    w = case["weight"]
+    wn = w / w.norm(dim=1, keepdim=True)
+    f = case["features"].clone()
+    f[0], f[1], f[2] = wn[7], -wn[7], wn[case["target_col"][2]]   # hit a negative, its opposite,
+    f[3] = wn[case["target_col"][3]] * -1.0                        # the target, minus the target
+    case["features"] = f
+    got = check_tight(case) if dtype == torch.float64 else check_budget(case, dtype)
+    for k, v in got.items():
+        assert torch.isfinite(v).all(), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_index_gradient_exactly_zero_elsewhere(device):
+    _skip_unless_available(device)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    case = make_case(5, 13, 30, K=2, dtype=dtype, class_index=True, bias=True, device=device)
+    got = run(ours, case)
+    sampled = torch.zeros(30, dtype=torch.bool, device=device)
+    sampled[case["class_index"]] = True
+    gw = got["grad_weight"].view(30, 2, 13)
+    assert (gw[~sampled] == 0).all()
+    assert (gw[sampled].abs().sum(dim=(1, 2)) > 0).all()
+    assert (got["grad_bias"][~sampled] == 0).all()
+
+
+def test_repeated_class_index_accumulates(small_chunks):
+    """marginops.core rejects repeated classes, but the kernel still sums their gradients."""
+    case = make_case(5, 13, 40, K=2, bias=True, hard=True)
+    case["class_index"] = torch.tensor([3, 17, 3, 30, 17, 5] * 4 + [39, 0])
+    tc = case["target_col"]
+    case["target_col"] = torch.where(tc >= 0, tc % 26, tc)
+    check_tight(case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ignored_rows(device):
+    """target_col = −1: dot_y = 0, every column is a negative, grad_dot has no effect."""
+    _skip_unless_available(device)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    case = make_case(4, 13, 20, dtype=dtype, device=device)
+    case["target_col"] = torch.full_like(case["target_col"], -1)
+    got = check_tight(case) if device == "cpu" else check_budget(case, dtype)
+    assert (got["dot_y"] == 0).all()
+
+
+def test_deterministic(small_chunks):
+    case = make_case(9, 13, 200, K=2, dtype=torch.float32, bias=True, hard=True)
+    a, b = run(ours, case), run(ours, case)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_inputs_not_mutated():
+    case = make_case(5, 13, 40, dtype=torch.float32, bias=True, hard=True, class_index=True)
+    before = {k: v.clone() for k, v in case.items() if isinstance(v, torch.Tensor)}
+    run(ours, case)
+    for k, v in before.items():
+        assert torch.equal(case[k], v), k
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd: gradcheck through the registered op, needs_input_grad, no bias
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("K,hard,normalize,class_index,bias", [
+    (1, False, True, False, True),
+    (2, True, True, True, True),
+    (1, True, False, False, False),
+    (3, False, False, True, True),
+])
+def test_gradcheck_fp64(K, hard, normalize, class_index, bias, small_chunks):
+    case = make_case(4, 5, 35, K=K, bias=bias, hard=hard, normalize=normalize,
+                     class_index=class_index, scale=(1.0, 3.0), seed=11)
+    diff = [k for k in DIFF if case[k] is not None]
+
+    def fn(*tensors):
+        kw = dict(case)
+        kw.update(zip(diff, tensors))
+        return torch.ops.marginops.margin_lse(*(kw[k] for k in (
+            "features", "weight", "scale", "bias", "target_col", "class_index", "hard_tau",
+            "hard_t", "normalize_weight", "subcenters")))
+
+    inputs = tuple(case[k].clone().requires_grad_(True) for k in diff)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_partial_requires_grad():
+    """Only the weight needs a gradient; bias None; the op still differentiates correctly."""
+    case = make_case(4, 13, 30, bias=False)
+    w = case["weight"].clone().requires_grad_(True)
+    lse, dot = cpp.margin_lse(**{**case, "weight": w})
+    (gw,) = torch.autograd.grad(lse.sum() + dot.sum(), [w])
+    w2 = case["weight"].clone().requires_grad_(True)
+    lse2, dot2 = margin_lse_dense(**{**case, "weight": w2})
+    (gw2,) = torch.autograd.grad(lse2.sum() + dot2.sum(), [w2])
+    assert_tight(gw, gw2, name="grad_weight")
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck: schema, fake kernels, autograd registration, AOT dispatch
+# ------------------------------------------------------------------------------------------------
+
+ARGS = ("features", "weight", "scale", "bias", "target_col", "class_index", "hard_tau", "hard_t",
+        "normalize_weight", "subcenters")
+
+
+def _opcheck_samples(device):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    return [
+        make_case(4, 13, 20, dtype=dtype, device=device),
+        make_case(5, 7, 9, K=2, dtype=dtype, bias=True, hard=True, class_index=True,
+                  device=device, seed=2),
+        make_case(3, 5, 11, dtype=torch.float32, wdtype=torch.bfloat16, normalize=False,
+                  device=device, seed=3),
+        make_case(2, 5, 6, dtype=torch.bfloat16, wdtype=torch.float32, bias=True, device=device,
+                  seed=4),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_margin_lse(device):
+    _skip_unless_available(device)
+    for i, case in enumerate(_opcheck_samples(device)):
+        args = tuple(case[k] for k in ARGS)
+        if i % 2 == 0:  # with and without inputs that require grad
+            args = tuple(a.clone().requires_grad_(True) if k in ("features", "weight", "scale")
+                         else a for k, a in zip(ARGS, args))
+        torch.library.opcheck(torch.ops.marginops.margin_lse.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_margin_lse_backward(device):
+    _skip_unless_available(device)
+    for case in _opcheck_samples(device):
+        lse, _ = torch.ops.marginops.margin_lse(*(case[k] for k in ARGS))
+        acc = lse.dtype
+        B = lse.shape[0]
+        g = torch.Generator().manual_seed(0)
+        gl = torch.randn(B, generator=g).to(device=device, dtype=acc)
+        gd = torch.randn(B, generator=g).to(device=device, dtype=acc)
+        torch.library.opcheck(torch.ops.marginops.margin_lse_backward.default,
+                              (gl, gd, lse, *(case[k] for k in ARGS)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_topk(device):
+    _skip_unless_available(device)
+    for case, k in zip(_opcheck_samples(device), (3, 1, 5, 4)):
+        torch.library.opcheck(torch.ops.marginops.topk.default,
+                              (case["features"], case["weight"], case["target_col"], k,
+                               case["normalize_weight"], case["subcenters"]))
+
+
+def test_torch_compile_fullgraph():
+    """A margin loss over the op compiles without graph breaks and matches eager."""
+    case = make_case(6, 13, 50, dtype=torch.float32, bias=True)
+
+    def loss_fn(f, w, s, b, tc):
+        lse, dot = torch.ops.marginops.margin_lse(f, w, s, b, tc, None, None, None, True, 1)
+        target = s * torch.cos(torch.acos(dot.clamp(-1 + 1e-6, 1 - 1e-6)) + 0.3)
+        return torch.nn.functional.softplus(lse - target).mean()
+
+    def grads(fn):
+        leaves = [case[k].clone().requires_grad_(True) for k in ("features", "weight", "bias")]
+        loss = fn(leaves[0], leaves[1], case["scale"], leaves[2], case["target_col"])
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(grads(compiled), grads(loss_fn)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# topk
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,D,C,K,k,normalize", [
+    (5, 13, 47, 1, 5, True), (5, 13, 49, 2, 7, False), (1, 3, 20, 1, 1, True),
+    (4, 13, 70, 3, 16, True), (3, 5, 6, 1, 6, True),
+])
+def test_topk_matches_dense(device, B, D, C, K, k, normalize, small_chunks):
+    _skip_unless_available(device)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    case = make_case(B, D, C, K=K, dtype=dtype, normalize=normalize, device=device, seed=C)
+    args = (case["features"], case["weight"], case["target_col"], k, normalize, K)
+    v, c = cpp.topk(*args)
+    v2, c2 = topk_dense(*args)
+    assert v.dtype == v2.dtype and c.dtype == torch.long
+    assert torch.equal(c, c2)
+    if dtype == torch.float64:
+        assert_tight(v, v2, name="values")
+    else:
+        torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
+    # the excluded column never appears with a finite value
+    hit = (c == case["target_col"][:, None]) & torch.isfinite(v)
+    assert not hit.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_ties_lower_column_first(device, small_chunks):
+    _skip_unless_available(device)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    f = torch.randn(3, 5, dtype=dtype, device=device)
+    w = torch.randn(40, 5, dtype=dtype, device=device)
+    w[33] = w[2]  # identical rows in different chunks: equal values
+    w[20] = w[2]
+    f[:] = w[2]
+    v, c = cpp.topk(f, w, torch.tensor([-1, 20, 2], device=device), 3, True, 1)
+    assert c[0].tolist() == [2, 20, 33]
+    assert c[1].tolist() == [2, 33, c[1, 2].item()]
+    assert c[2].tolist()[:2] == [20, 33]
+    assert v[0, 0] == v[0, 1] == v[0, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend reporting
+# ------------------------------------------------------------------------------------------------
+
+def test_availability_messages():
+    assert cpp.availability("cpp", torch.device("cpu")) is None
+    assert "CUDA tensors" in cpp.availability("cuda", torch.device("cpu"))
+    assert "CPU tensors" in cpp.availability("cpp", torch.device("cuda"))
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("marginops::margin_lse", "CUDA"):
+        assert "without CUDA" in cpp.availability("cuda", torch.device("cuda"))
+
+
+# ------------------------------------------------------------------------------------------------
+# A missing or stale binary: a warning and an unavailable backend, never a crash at import
+# ------------------------------------------------------------------------------------------------
+
+_LOAD_FAILURE = textwrap.dedent("""
+    import importlib.abc, json, sys, warnings
+    import torch
+
+    ERR = sys.argv[1]
+
+    class Broken(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "marginops._C":
+                if ERR == "missing":
+                    raise ModuleNotFoundError("No module named 'marginops._C'", name=name)
+                raise ImportError("/site/marginops/_C.so: undefined symbol: "
+                                  "_ZN3c104impl3cow11cow_deleterEPv")
+
+    sys.meta_path.insert(0, Broken())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from marginops.ops import cpp
+    try:
+        cpp.margin_lse(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), None,
+                       torch.zeros(1, dtype=torch.long), None, None, None, True, 1)
+        raised = ""
+    except RuntimeError as err:
+        raised = str(err)
+    print(json.dumps({
+        "warnings": [str(w.message) for w in caught if "marginops" in str(w.message)],
+        "cpp": cpp.availability("cpp", torch.device("cpu")),
+        "cuda": cpp.availability("cuda", torch.device("cuda")),
+        "raised": raised,
+    }))
+""")
+
+
+@runs_without_extension
+@pytest.mark.parametrize("failure", ["missing", "stale"])
+def test_unloadable_extension_warns_once_and_reports(failure):
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _LOAD_FAILURE, failure], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(r["warnings"]) == 1, r["warnings"]
+    assert "pip install --no-build-isolation -e ." in r["warnings"][0]
+    for reason in (r["cpp"], r["cuda"], r["raised"]):
+        assert reason and "pip install --no-build-isolation -e ." in reason
+    if failure == "stale":
+        assert "undefined symbol" in r["cpp"] and "another torch" in r["cpp"]
+    else:
+        assert "not built" in r["cpp"]

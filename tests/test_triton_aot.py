@@ -1,0 +1,214 @@
+"""Ahead-of-time compilation of every Triton kernel × configuration for sm_80 and sm_90 (no GPU).
+
+For every kernel in marginops/triton and every configuration the launcher can pick on a GPU
+(``configs.gpu_configs``: the default and the autotune space), for features/weight dtypes
+fp32/fp32, fp16/fp16, bf16/bf16 and bf16/fp32 (autocast with fp32 master weights):
+
+* ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80 | 90, 32))`` succeeds;
+* the cubin spills nothing: ``cuobjdump -res-usage`` (bundled with triton's nvidia backend)
+  reports STACK:0 and LOCAL:0;
+* shared memory fits the target (sm_80: 163 KB, sm_90: 227 KB);
+* sm_90 code for fp16 / bf16 uses wgmma.
+
+The launcher picks configurations per *variant* (configs.py: half / fp32 features, with or without
+sub-centers). Each configuration is compiled in the specialisation its variant launches with:
+K = subcenters is the constant 1 (Triton specialises ints equal to 1) or a runtime int for the
+sub-center variants; 16-byte aligned pointers / D / strides; and every option flag on — bias,
+class_index, hard negatives, normalisation — the heaviest epilogue. ``test_flags_off_variant``
+adds the plain-ArcFace specialisation of the default configurations.
+
+Run without TRITON_INTERPRET (kernels must be compiled-mode JITFunctions):
+    .venv/bin/python -m pytest tests/test_triton_aot.py
+``python tests/test_triton_aot.py`` prints the static-figures table of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    pytest.skip("AOT compilation needs compiled-mode kernels; run without TRITON_INTERPRET",
+                allow_module_level=True)
+triton = pytest.importorskip("triton")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence the 3.9 deprecation warning
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from marginops.triton import configs  # noqa: E402
+from marginops.triton import margin_lse as ml  # noqa: E402
+from marginops.triton import topk as tk  # noqa: E402
+
+ARCHS = (80, 90)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+KERNELS = {
+    "fwd": ml._fwd_kernel,
+    "bwd_df": ml._bwd_df_kernel,
+    "bwd_dw": ml._bwd_dw_kernel,
+    "topk": tk._topk_kernel,
+    "merge": ml._merge_kernel,
+    "norm": ml._inv_norm_kernel,
+}
+
+# pointer argument -> "f" (features dtype), "w" (weight dtype) or a fixed type
+_PTR = {
+    "f_ptr": "f", "w_ptr": "w", "gw_ptr": "w",
+    "tcol_ptr": "i64", "cidx_ptr": "i64", "excl_ptr": "i64", "col_ptr": "i32",
+}
+_ALIGNED_INTS = {"D", "stride_f", "stride_w"}
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _source(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, *, flags: bool,
+            k_const: bool) -> ASTSource:
+    fn = KERNELS[kernel]
+    const = {}
+    if kernel == "merge":
+        const["BLOCK_B"] = cfg.block_b
+    elif kernel == "norm":
+        const.update(HAS_INDEX=flags, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    else:
+        const.update(cfg.meta())
+        const["NORMALIZE"] = flags
+        const["HAS_SUB"] = not k_const
+        const["DOT_PREC"] = "tf32x3" if fdt == "fp32" else "tf32"  # see ml._dot_precision
+        if kernel != "topk":
+            const.update(HAS_BIAS=flags, HAS_INDEX=flags, HARD=flags)
+        else:
+            const["KP"] = 16
+    if k_const and "K" in fn.arg_names:
+        const["K"] = 1  # a launch with subcenters=1: Triton specialises ints equal to 1
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            kind = _PTR.get(name, "fp32")
+            sig[name] = "*" + {"f": fdt, "w": wdt}.get(kind, kind)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name in _ALIGNED_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+
+
+@functools.cache
+def compile_stats(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, arch: int,
+                  flags: bool = True, k_const: bool = True) -> dict:
+    """Compile one variant and return its static figures."""
+    src = _source(kernel, cfg, fdt, wdt, flags=flags, k_const=k_const)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.launch())
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(ck.asm["cubin"])
+        fh.flush()
+        res = subprocess.run([_bin("cuobjdump"), "-res-usage", fh.name], capture_output=True,
+                             text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    assert m, res
+    reg, stack, _static_shared, local = map(int, m.groups())
+    return {"regs": reg, "stack": stack, "local": local, "shared": ck.metadata.shared,
+            "wgmma": "wgmma" in ck.asm["ptx"], "res": res.strip()}
+
+
+VARIANT_DTYPES = {
+    "half": (("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")),
+    "fp32": (("fp32", "fp32"),),
+}
+
+
+def _cases():
+    """(kernel, variant, config, features dtype, weight dtype, arch, K specialised to 1), unique."""
+    seen = set()
+    for var in configs.VARIANTS:
+        k_const = not var.endswith("_sub")
+        for kernel in configs.KERNELS:
+            for cfg in configs.gpu_configs(kernel, var):
+                for fdt, wdt in VARIANT_DTYPES[var.removesuffix("_sub")]:
+                    if kernel == "merge":
+                        fdt, wdt, kc = "fp32", "fp32", True  # fp32 partials only, no K
+                    elif kernel == "norm":
+                        fdt, kc = wdt, k_const  # reads only the weight
+                    else:
+                        kc = k_const
+                    for arch in ARCHS:
+                        key = (kernel, cfg, fdt, wdt, arch, kc)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        yield pytest.param(
+                            kernel, var, cfg, fdt, wdt, arch, kc,
+                            id=f"{kernel}-{var}-{_cfg_id(cfg)}-{fdt}x{wdt}-sm{arch}"
+                               f"{'' if kc else '-K'}")
+
+
+def _cfg_id(cfg: configs.KernelConfig) -> str:
+    return f"b{cfg.block_b}n{cfg.block_n}d{cfg.block_d}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+# sm_90 wgmma needs a 64-row tile per warpgroup: configurations whose tl.dot M dimensions are
+# below 64 (chosen to fit the register file) are listed here, with the reason, and checked not to
+# grow: a new configuration must use wgmma or be added here deliberately.
+NO_WGMMA: set[tuple[str, str]] = set()  # (kernel, variant); none today
+
+
+def _check(stats: dict, kernel: str, var: str, fdt: str, arch: int):
+    assert stats["stack"] == 0 and stats["local"] == 0, f"register spills: {stats['res']}"
+    assert stats["shared"] <= SMEM_LIMIT[arch], f"shared memory {stats['shared']} B"
+    if (arch == 90 and fdt in ("fp16", "bf16") and kernel not in ("merge", "norm")
+            and (kernel, var) not in NO_WGMMA):
+        assert stats["wgmma"], "sm_90 half-precision code does not use wgmma"
+
+
+def test_every_config_is_listed():
+    """Every kernel has a configuration in every variant; the compile matrix covers them all."""
+    assert set(configs.KERNELS) == set(KERNELS)
+    cases = list(_cases())
+    for var in configs.VARIANTS:
+        for kernel in configs.KERNELS:
+            assert kernel in configs.DEFAULT[var]
+            for cfg in configs.gpu_configs(kernel, var):
+                assert any(p.values[0] == kernel and p.values[2] == cfg for p in cases)
+
+
+@pytest.mark.parametrize("kernel,var,cfg,fdt,wdt,arch,k_const", list(_cases()))
+def test_compiles_without_spills(kernel, var, cfg, fdt, wdt, arch, k_const):
+    _check(compile_stats(kernel, cfg, fdt, wdt, arch, k_const=k_const), kernel, var, fdt, arch)
+
+
+@pytest.mark.parametrize("kernel", [k for k in configs.KERNELS if k not in ("merge", "norm")])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flags_off_variant(kernel, arch):
+    """Default half configuration with every option flag off (plain ArcFace), fp16 features
+    with fp32 master weights: the lighter specialisation must compile cleanly too."""
+    cfg = configs.default(kernel, "half")
+    _check(compile_stats(kernel, cfg, "fp16", "fp32", arch, flags=False), kernel, "half",
+           "fp16", arch)
+
+
+def static_table() -> str:
+    """Markdown table of the static figures (benchmarks/README.md, "Triton static figures")."""
+    lines = ["| kernel | variant | config (B×N×D, warps, stages) | dtype f/w | sm | regs "
+             "| smem (KB) | spills (stack B) | wgmma |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in _cases():
+        kernel, var, cfg, fdt, wdt, arch, kc = p.values
+        s = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=kc)
+        lines.append(
+            f"| {kernel} | {var} | {cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {cfg.num_warps}, "
+            f"{cfg.num_stages} | {fdt}/{wdt} | {arch} | {s['regs']} | {s['shared'] / 1024:.1f} "
+            f"| {s['stack']} | {'yes' if s['wgmma'] else 'no'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(static_table())

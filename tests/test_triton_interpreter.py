@@ -1,0 +1,316 @@
+"""The Triton backend in Triton's CPU interpreter against the dense oracle (tests/contract_oracle.py).
+
+Triton fixes interpreter vs compiled mode when a kernel is *defined*, so these checks need
+TRITON_INTERPRET=1 in the environment before anything imports marginops.triton. Two ways to run:
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton_interpreter.py   # direct
+    .venv/bin/python -m pytest tests/                                                 # whole suite
+
+In a process without the variable (the normal suite), every check here is skipped except
+``test_interpreter_subprocess``, which re-runs this file in a child pytest with TRITON_INTERPRET=1,
+so the rest of the suite keeps compiled-mode Triton and never sees the variable.
+
+Shapes are small and odd (B = 5, 37; C = 1, 129, 1000; D = 3, 40, 130) with 16×16×16 tiles and
+several class splits, so every case crosses tile and split boundaries. bf16 is not run here
+(``tl.dot`` on bf16 is wrong in the interpreter); its code path is the fp16 one, and
+tests/test_triton_aot.py compiles it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from contract_oracle import margin_lse_dense, topk_dense  # noqa: E402
+from tolerance import assert_within_budget  # noqa: E402
+
+# numpy warns on log(0) inside the interpreter even where tl.where discards the result
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+
+requires_interp = pytest.mark.skipif(
+    not INTERP, reason="runs under TRITON_INTERPRET=1 (see test_interpreter_subprocess)")
+
+
+@pytest.mark.skipif(INTERP, reason="already in the interpreter process")
+def test_interpreter_subprocess():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        os.path.abspath(__file__)], env=env, cwd=os.path.dirname(HERE),
+                       capture_output=True, text=True)
+    tail = (r.stdout + r.stderr)[-6000:]
+    print(f"interpreter run took {time.time() - t0:.0f}s\n{tail}")
+    assert r.returncode == 0, tail
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _ops():
+    import marginops.ops.triton as binding
+
+    assert binding.availability("triton", torch.device("cpu")) is None
+    return binding
+
+
+def _problem(B, C, D, K=1, *, normalize=True, bias=False, index=False, hard=False,
+             zero_row=False, seed=0):
+    """Leaf tensors in fp64 (truth) plus the non-differentiable contract inputs."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, D, generator=g, dtype=torch.float64)
+    if normalize:
+        f = f / f.norm(dim=1, keepdim=True)  # face embeddings are normalised before the op
+    w = torch.randn(C * K, D, generator=g, dtype=torch.float64) * (1.0 if normalize else 0.3)
+    if zero_row:
+        w[1] = 0.0  # ‖W_r‖ = 0: the Jacobian must degrade to G_r / 1e-12 without NaN
+    scale = torch.rand(B, generator=g, dtype=torch.float64) * 40 + 8
+    b = torch.randn(C, generator=g, dtype=torch.float64) if bias else None
+    if index:
+        cidx = torch.randperm(C, generator=g)[: max(C // 2, 1)]
+        N = cidx.numel()
+    else:
+        cidx, N = None, C
+    tcol = torch.randint(0, N, (B,), generator=g)
+    tcol[::4] = -1  # ignored rows / target outside this shard
+    tau = torch.rand(B, generator=g, dtype=torch.float64) * 0.3 if hard else None
+    if hard:
+        tau[1::5] = float("inf")  # hard negatives disabled on some rows
+    t = torch.tensor(0.2, dtype=torch.float64) if hard else None
+    return dict(f=f, w=w, scale=scale, bias=b, tcol=tcol, cidx=cidx, tau=tau, t=t,
+                normalize=normalize, K=K)
+
+
+def _run(fn, p, fdt, wdt, grad_lse, grad_dot):
+    """Forward + backward of ``fn`` with the float leaves cast to (fdt, wdt, acc)."""
+    acc = torch.float64 if fdt == torch.float64 else torch.float32
+    f = p["f"].to(fdt).requires_grad_()
+    w = p["w"].to(wdt).requires_grad_()
+    scale = p["scale"].to(acc).requires_grad_()
+    bias = p["bias"].to(acc).requires_grad_() if p["bias"] is not None else None
+    tau = p["tau"].to(acc) if p["tau"] is not None else None
+    t = p["t"].to(acc) if p["t"] is not None else None
+    lse, dot = fn(f, w, scale, bias, p["tcol"], p["cidx"], tau, t, p["normalize"], p["K"])
+    finite = torch.isfinite(lse)
+    loss = (torch.where(finite, lse, 0.0) * grad_lse.to(acc)).sum() + (dot * grad_dot.to(acc)).sum()
+    leaves = [f, w, scale] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(loss, leaves)
+    return [lse.detach(), dot.detach()] + [gr.detach() for gr in grads]
+
+
+NAMES = ["lse_neg", "dot_y", "grad_features", "grad_weight", "grad_scale", "grad_bias"]
+
+
+def _compare(p, dtype, wdtype=None, splits=3, cfg=None, check_lse_grad=True):
+    from marginops.triton import configs
+
+    wdtype = wdtype or dtype
+    B = p["f"].shape[0]
+    g = torch.Generator().manual_seed(1)
+    grad_lse = torch.randn(B, generator=g, dtype=torch.float64)
+    grad_dot = torch.randn(B, generator=g, dtype=torch.float64)
+    if not check_lse_grad:
+        grad_lse.zero_()  # rows without any negative column: the oracle's logsumexp grad is NaN
+    truth = _run(margin_lse_dense, p, torch.float64, torch.float64, grad_lse, grad_dot)
+    base = _run(margin_lse_dense, p, dtype, wdtype, grad_lse, grad_dot)
+    forced = {k: cfg for k in ("fwd", "bwd_df", "bwd_dw", "merge")} if cfg else {}
+    with configs.force(splits=splits, **forced):
+        ours = _run(_ops().margin_lse, p, dtype, wdtype, grad_lse, grad_dot)
+    assert ours[0].dtype == torch.float32 and ours[2].dtype == dtype and ours[3].dtype == wdtype
+    # the ±inf pattern of lse_neg must agree exactly; finite values within budget
+    assert torch.equal(torch.isfinite(ours[0]), torch.isfinite(truth[0]))
+    fin = torch.isfinite(truth[0])
+    ours[0], base[0], truth[0] = ours[0][fin], base[0][fin], truth[0][fin]
+    for name, a, b_, t in zip(NAMES, ours, base, truth):
+        assert torch.isfinite(a).all(), name
+        assert_within_budget(a, b_, t, dtype, name=f"{name} ({dtype})")
+    if p["cidx"] is not None:  # Partial FC: rows never iterated get exactly zero gradient
+        C = p["w"].shape[0] // p["K"]
+        untouched = torch.ones(C, dtype=torch.bool)
+        untouched[p["cidx"]] = False
+        rows = untouched.repeat_interleave(p["K"])
+        assert (ours[3][rows] == 0).all()
+        if p["bias"] is not None:
+            assert (ours[5][untouched] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# margin_lse forward + backward vs the oracle
+# ---------------------------------------------------------------------------------------------
+
+CASES = {
+    # id: (B, C, D, K, options)
+    "plain-37x129x40": (37, 129, 40, 1, {}),
+    "all-options-K3": (37, 129, 40, 3, dict(bias=True, index=True, hard=True)),
+    "unnormalized-bias-5x1000x130": (5, 1000, 130, 1, dict(normalize=False, bias=True)),
+    "hard-D3-37x1000": (37, 1000, 3, 1, dict(hard=True)),
+    "index-K3-unnormalized-5x129x130": (5, 129, 130, 3, dict(normalize=False, index=True,
+                                                              bias=True)),
+    "zero-weight-row": (5, 129, 40, 1, dict(zero_row=True, bias=True)),
+}
+
+
+@requires_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_margin_lse_matches_oracle(case, dtype):
+    B, C, D, K, opts = CASES[case]
+    if dtype == torch.float16 and case in ("unnormalized-bias-5x1000x130", "zero-weight-row"):
+        pytest.skip("covered in fp32; keeps the interpreter run short")
+    _compare(_problem(B, C, D, K, **opts), dtype)
+
+
+@requires_interp
+def test_fp32_master_weights_with_half_features():
+    """Autocast layout: fp16 features, fp32 weight read as is and converted tile by tile."""
+    _compare(_problem(37, 129, 40, 1, bias=True, hard=True), torch.float16, torch.float32)
+
+
+@requires_interp
+def test_single_class_and_all_targets():
+    """C = 1: rows whose target is the only class have no negative column (lse_neg = -inf)."""
+    p = _problem(5, 1, 3)
+    p["tcol"] = torch.tensor([0, -1, 0, 0, -1])
+    _compare(p, torch.float32, check_lse_grad=False)
+
+
+@requires_interp
+@pytest.mark.parametrize("splits", [1, 7])
+def test_split_counts(splits):
+    _compare(_problem(37, 129, 40, 1, bias=True, hard=True), torch.float32, splits=splits)
+
+
+@requires_interp
+def test_gpu_default_tiles():
+    """The GPU default configuration's tile sizes (larger than the problem: masks everywhere)."""
+    from marginops.triton import configs
+
+    p = _problem(37, 129, 40, 3, bias=True, index=True, hard=True)
+    for kernel in ("fwd", "bwd_df", "bwd_dw"):
+        with configs.force(**{kernel: configs.default(kernel, "half")}):
+            _compare(p, torch.float32, splits=2)
+
+
+@requires_interp
+def test_empty_class_index():
+    binding = _ops()
+    f = torch.randn(5, 16, requires_grad=True)
+    w = torch.randn(10, 16, requires_grad=True)
+    scale = torch.full((5,), 30.0, requires_grad=True)
+    lse, dot = binding.margin_lse(f, w, scale, None, torch.full((5,), -1), torch.empty(0,
+                                  dtype=torch.int64), None, None, True, 1)
+    assert torch.isneginf(lse).all() and (dot == 0).all()
+    (dot.sum()).backward()
+    assert (f.grad == 0).all() and (w.grad == 0).all()
+
+
+@requires_interp
+def test_fp64_is_refused_clearly():
+    binding = _ops()
+    f = torch.randn(5, 16, dtype=torch.float64)
+    w = torch.randn(10, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        binding.margin_lse(f, w, torch.ones(5, dtype=torch.float64), None,
+                           torch.zeros(5, dtype=torch.int64), None, None, None, True, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# topk
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_interp
+@pytest.mark.parametrize("k,K,normalize,B,C,D", [(5, 3, True, 37, 129, 40), (16, 1, False, 5, 1000, 130),
+                                               (1, 1, True, 37, 129, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_topk_matches_oracle(k, K, normalize, B, C, D, dtype):
+    from marginops.triton import configs
+
+    p = _problem(B, C, D, K, normalize=normalize)
+    excl = p["tcol"]
+    f, w = p["f"].to(dtype), p["w"].to(dtype)
+    with configs.force(splits=3):
+        vals, cols = _ops().topk(f, w, excl, k, normalize, K)
+    assert vals.shape == (B, k) and vals.dtype == torch.float32 and cols.dtype == torch.int64
+    tv, tc = topk_dense(f.double(), w.double(), excl, k, normalize, K)
+    bv, _ = topk_dense(f, w, excl, k, normalize, K)
+    assert_within_budget(vals, bv, tv, dtype, name="topk values")
+    assert (vals[:, :-1] >= vals[:, 1:]).all()  # descending
+    assert not (cols == excl[:, None]).any()  # the label is excluded
+    if dtype == torch.float32:
+        assert torch.equal(cols, tc)
+    else:  # near-ties may swap in half precision: our columns must carry the values we report
+        from contract_oracle import dense_cosines
+        d = dense_cosines(f, w, None, normalize, K)
+        assert_within_budget(d.gather(1, cols), bv, tv, dtype, name="topk columns")
+
+
+@requires_interp
+def test_topk_ties_prefer_lower_column():
+    f = torch.ones(3, 16)
+    w = torch.ones(40, 16)  # every cosine equal
+    vals, cols = _ops().topk(f, w, torch.tensor([-1, 0, 5]), 4, True, 1)
+    assert cols.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4], [0, 1, 2, 3]]
+    assert torch.allclose(vals, torch.full_like(vals, 4.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# registered ops: schema, fake kernels, autograd registration
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_interp
+def test_opcheck_margin_lse():
+    _ops()
+    p = _problem(5, 20, 16, 2, bias=True, index=True, hard=True)
+    args = (p["f"].float().requires_grad_(), p["w"].float().requires_grad_(),
+            p["scale"].float().requires_grad_(), p["bias"].float().requires_grad_(), p["tcol"],
+            p["cidx"], p["tau"].float(), p["t"].float(), True, 2)
+    torch.library.opcheck(torch.ops.marginops.margin_lse_triton.default, args)
+    plain = (args[0], args[1], args[2], None, p["tcol"].clamp(max=19), None, None, None, False, 1)
+    torch.library.opcheck(torch.ops.marginops.margin_lse_triton.default, plain)
+
+
+@requires_interp
+def test_opcheck_backward_and_topk():
+    _ops()
+    p = _problem(5, 20, 16, 1, bias=True)
+    f, w, s, b = p["f"].float(), p["w"].float(), p["scale"].float(), p["bias"].float()
+    lse, _ = torch.ops.marginops.margin_lse_triton(f, w, s, b, p["tcol"], None, None, None,
+                                                    True, 1)
+    torch.library.opcheck(torch.ops.marginops.margin_lse_triton_backward.default,
+                          (torch.randn(5), torch.randn(5), lse, f, w, s, b, p["tcol"], None,
+                           None, None, True, 1))
+    torch.library.opcheck(torch.ops.marginops.topk_triton.default, (f, w, p["tcol"], 3, True, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# every family through backend="triton", against the independent reference
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_interp
+def test_every_family_through_triton():
+    from test_families import FAMILIES, batch, compare, make
+
+    B, D, C = 5, 8, 20
+    for name in FAMILIES:
+        truth_module = make(name, D, C, "torch")
+        x, y = batch(B, D, C)
+        (lt, gt), _ = compare(name, truth_module, x, y)
+        ours = make(name, D, C, "triton", dtype=torch.float32)
+        (l32, g32), (lb, gb) = compare(name, ours, x.float(), y)
+        assert_within_budget(l32, lb, lt, torch.float32, name=f"{name} loss")
+        for i, (a, b, t) in enumerate(zip(g32, gb, gt)):
+            assert_within_budget(a, b, t, torch.float32, name=f"{name} grad {i}")
