@@ -54,4 +54,45 @@ column. It has no autograd: callers recompute the k values differentiably from t
 Registered op names (``torch.ops.marginops.*``): ``margin_lse_torch`` / ``margin_lse_torch_backward``
 (this package's Python), ``margin_lse`` / ``margin_lse_backward`` / ``topk`` (C++: CPU and CUDA
 dispatch keys), ``margin_lse_triton`` / ``margin_lse_triton_backward`` / ``topk_triton``.
+Every backward op takes ``(grad_lse, grad_dot, lse_neg, <the forward's inputs>)``.
 """
+
+from collections.abc import Callable
+
+import torch
+
+
+def register_core_autograd(forward_op, backward_op: Callable) -> None:
+    """Attach the one autograd formula of the core op to a backend's registered forward op.
+
+    ``backward_op(grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col,
+    class_index, hard_tau, hard_t, normalize_weight, subcenters)`` is the backend's registered
+    backward op (so torch.compile sees it as one node). Forward inputs and the saved lse_neg are
+    all it needs: the backward recomputes the tiles instead of storing B×C.
+    """
+
+    def setup_context(ctx, inputs, output):
+        (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+         normalize_weight, subcenters) = inputs
+        ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau,
+                              hard_t, output[0])
+        ctx.normalize_weight = normalize_weight
+        ctx.subcenters = subcenters
+
+    def backward(ctx, grad_lse, grad_dot):
+        (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+         lse_neg) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if not any(needs[:4]):
+            return (None,) * 10
+        grad_lse = torch.zeros_like(lse_neg) if grad_lse is None else grad_lse.contiguous()
+        grad_dot = torch.zeros_like(lse_neg) if grad_dot is None else grad_dot.contiguous()
+        grads = backward_op(grad_lse, grad_dot, lse_neg, features, weight, scale, bias,
+                            target_col, class_index, hard_tau, hard_t, ctx.normalize_weight,
+                            ctx.subcenters)
+        grads = [g if need else None for g, need in zip(grads, needs[:4])]
+        if bias is None:
+            grads[3] = None
+        return (*grads, None, None, None, None, None, None)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

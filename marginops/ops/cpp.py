@@ -22,6 +22,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import register_core_autograd
+
 NAMES = ("cpp", "cuda")
 
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .` in the marginops checkout"
@@ -80,36 +82,6 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _setup_context(ctx, inputs, output):
-    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-     normalize_weight, subcenters) = inputs
-    lse_neg, _ = output
-    ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau,
-                          hard_t, lse_neg)
-    ctx.normalize_weight = normalize_weight
-    ctx.subcenters = subcenters
-
-
-def _backward(ctx, grad_lse, grad_dot):
-    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-     lse_neg) = ctx.saved_tensors
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse_neg)
-    if grad_dot is None:
-        grad_dot = torch.zeros_like(lse_neg)
-    needs = ctx.needs_input_grad
-    if not any(needs[:4]):
-        return (None,) * 10
-    grad_f, grad_w, grad_scale, grad_bias = torch.ops.marginops.margin_lse_backward(
-        grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, class_index,
-        hard_tau, hard_t, ctx.normalize_weight, ctx.subcenters)
-    return (grad_f if needs[0] else None,
-            grad_w if needs[1] else None,
-            grad_scale if needs[2] else None,
-            grad_bias if (bias is not None and needs[3]) else None,
-            None, None, None, None, None, None)
-
-
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("marginops::margin_lse")
@@ -135,8 +107,7 @@ if _LOAD_ERROR is None:
         return (features.new_empty((batch, k), dtype=_acc(features.dtype)),
                 features.new_empty((batch, k), dtype=torch.long))
 
-    torch.library.register_autograd("marginops::margin_lse", _backward,
-                                    setup_context=_setup_context)
+    register_core_autograd("marginops::margin_lse", torch.ops.marginops.margin_lse_backward)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import register_core_autograd
+
 NAMES = ("torch",)
 
 # Elements of one B×(chunk·K) tile. 1M fp32 = 4 MB: large enough for an efficient GEMM, small
@@ -113,10 +115,10 @@ def _(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
 
 # ---------------------------------------------------------------- backward op
 @torch.library.custom_op("marginops::margin_lse_torch_backward", mutates_args=())
-def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, features: Tensor, weight: Tensor,
-                           scale: Tensor, bias: Tensor | None, target_col: Tensor,
+def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, features: Tensor,
+                           weight: Tensor, scale: Tensor, bias: Tensor | None, target_col: Tensor,
                            class_index: Tensor | None, hard_tau: Tensor | None,
-                           hard_t: Tensor | None, lse_neg: Tensor, normalize_weight: bool,
+                           hard_t: Tensor | None, normalize_weight: bool,
                            subcenters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     K = subcenters
     acc = acc_dtype(features.dtype)
@@ -156,34 +158,15 @@ def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, features: Tensor,
 
 
 @margin_lse_backward_op.register_fake
-def _(grad_lse, grad_dot, features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-      lse_neg, normalize_weight, subcenters):
+def _(grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, class_index, hard_tau,
+      hard_t, normalize_weight, subcenters):
     grad_bias = torch.empty_like(bias) if bias is not None else scale.new_empty(0)
     return (torch.empty_like(features), torch.empty_like(weight), torch.empty_like(scale),
             grad_bias)
 
 
 # ---------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
-    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-     normalize_weight, subcenters) = inputs
-    ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                          output[0])
-    ctx.normalize_weight = normalize_weight
-    ctx.subcenters = subcenters
-
-
-def _backward(ctx, grad_lse, grad_dot):
-    features, weight, scale, bias, target_col, class_index, hard_tau, hard_t, lse_neg = (
-        ctx.saved_tensors)
-    grad_f, grad_w, grad_scale, grad_bias = margin_lse_backward_op(
-        grad_lse.contiguous(), grad_dot.contiguous(), features, weight, scale, bias, target_col,
-        class_index, hard_tau, hard_t, lse_neg, ctx.normalize_weight, ctx.subcenters)
-    return (grad_f, grad_w, grad_scale, grad_bias if bias is not None else None,
-            None, None, None, None, None, None)
-
-
-margin_lse_op.register_autograd(_backward, setup_context=_setup_context)
+register_core_autograd(margin_lse_op, margin_lse_backward_op)
 
 
 def margin_lse(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..ops import register_core_autograd
 from . import configs
 
 NEG_INF: float = float("-inf")
@@ -674,26 +675,4 @@ def _(grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, cl
 # =============================================================================================
 
 
-def _setup_context(ctx, inputs, output):
-    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-     normalize_weight, subcenters) = inputs
-    ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau,
-                          hard_t, output[0])
-    ctx.normalize_weight = normalize_weight
-    ctx.subcenters = subcenters
-
-
-def _backward_autograd(ctx, grad_lse, grad_dot):
-    (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-     lse_neg) = ctx.saved_tensors
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse_neg)
-    if grad_dot is None:
-        grad_dot = torch.zeros_like(lse_neg)
-    gf, gw, gs, gb = torch.ops.marginops.margin_lse_triton_backward(
-        grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, class_index,
-        hard_tau, hard_t, ctx.normalize_weight, ctx.subcenters)
-    return gf, gw, gs, (gb if bias is not None else None), None, None, None, None, None, None
-
-
-margin_lse_triton.register_autograd(_backward_autograd, setup_context=_setup_context)
+register_core_autograd(margin_lse_triton, margin_lse_triton_backward)
