@@ -32,7 +32,7 @@ from ._validation import (
     check_labels,
     check_margin,
 )
-from .core import MarginLSE, margin_lse, topk_dot
+from .core import BACKENDS, MarginLSE, margin_lse, topk_dot
 from .functional import normalize_rows, reduce_rows, scale_times, softmax_rows
 
 # State buffers have shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d
@@ -64,7 +64,7 @@ class MarginSoftmaxLoss(nn.Module):
         if int(subcenters) < 1:
             raise ValueError(f"subcenters={subcenters} must be a positive int.")
         check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("backend", backend, ("auto", "torch", "cpp", "cuda", "triton"))
+        check_choice("backend", backend, ("auto", *BACKENDS))
         if isinstance(scale, float | int) and not scale > 0:
             raise ValueError(f"scale={scale} must be positive.")
         self.embedding_size = int(embedding_size)
@@ -167,8 +167,9 @@ class MarginSoftmaxLoss(nn.Module):
             w = F.normalize(w, dim=1, eps=1e-12)
         cos = (x_hat @ w.t()).view(x_hat.shape[0], -1, self.subcenters).amax(dim=2)
         scale = self._row_scale(norms)
-        logits = cos * (scale[:, None].to(cos.dtype) if isinstance(scale, Tensor) and scale.dim()
-                        else scale)
+        if isinstance(scale, Tensor) and scale.dim() == 1:  # per-row scale (‖x‖ families)
+            scale = scale[:, None]
+        logits = scale_times(scale, cos)
         return logits + self.bias.to(cos.dtype) if self.bias is not None else logits
 
     @torch.no_grad()

@@ -330,6 +330,9 @@ def test_predict_and_logits():
     assert torch.equal(m.predict(x, k=3), logits.topk(3, dim=1).indices)
     c = make("crystal", 8, 30, "torch")
     assert torch.equal(c.predict(x, k=2), c.logits(x).topk(2, dim=1).indices)
+    sphere = make("sphereface", 8, 30, "torch")  # per-row scale ‖x‖: logits are x·ŵ
+    w_hat = torch.nn.functional.normalize(sphere.weight, dim=1)
+    assert_tight(sphere.logits(x), x @ w_hat.t())
 
 
 def test_functional_api_matches_modules():
