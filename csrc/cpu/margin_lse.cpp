@@ -210,6 +210,18 @@ struct Workspace {
   // Views sized for a chunk of nc columns (the last chunk may be narrower).
   Tensor W_view(int64_t rows) { return Wc.narrow(0, 0, rows); }
   Tensor T_view(int64_t B, int64_t cols) { return tile.narrow(0, 0, B * cols).view({B, cols}); }
+  // Load columns [n0, n0 + nc) (normalised rows, their norms, their bias) and return the
+  // B × nc·K tile of dots F·Ŵ_cᵀ: the one GEMM every pass (forward, backward, top-k) starts with.
+  template <typename w_t>
+  Tensor chunk_dots(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, int64_t n0,
+                    int64_t nc) {
+    const int64_t B = Facc.size(0), ncK = nc * P.K;
+    load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
+               sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
+    Tensor T = T_view(B, ncK);
+    at::mm_out(T, Facc, W_view(ncK).t());
+    return T;
+  }
 };
 
 // ================================================================================================
@@ -239,10 +251,7 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
       acc_t* S = gs.data() + g * B;
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t n0 = ch * nc_max, nc = std::min(nc_max, N - n0), ncK = nc * K;
-        load_chunk(P, W, n0, nc, ws.Wc.template data_ptr<acc_t>(), ws.inv.template data_ptr<acc_t>(),
-                   ws.sumsq.template data_ptr<acc_t>(), ws.bias_c.template data_ptr<acc_t>());
-        Tensor T = ws.T_view(B, ncK);
-        at::mm_out(T, Facc, ws.W_view(ncK).t());
+        Tensor T = ws.chunk_dots(P, W, Facc, n0, nc);
         acc_t* tp = T.data_ptr<acc_t>();
         const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
         for (int64_t i = 0; i < B; ++i) {
@@ -304,10 +313,7 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
         const acc_t* inv = ws.inv.template data_ptr<acc_t>();
         const acc_t* ssq = ws.sumsq.template data_ptr<acc_t>();
         const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
-        load_chunk(P, W, n0, nc, Wc, ws.inv.template data_ptr<acc_t>(),
-                   ws.sumsq.template data_ptr<acc_t>(), ws.bias_c.template data_ptr<acc_t>());
-        Tensor T = ws.T_view(B, ncK);
-        at::mm_out(T, Facc, ws.W_view(ncK).t());  // recompute the dots
+        Tensor T = ws.chunk_dots(P, W, Facc, n0, nc);  // recompute the dots
         acc_t* tp = T.data_ptr<acc_t>();
         std::fill(gb_chunk.begin(), gb_chunk.begin() + nc, acc_t(0));
         acc_t* gbc = gb_chunk.data();
@@ -409,10 +415,7 @@ void topk_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const 
       Workspace<acc_t> ws(B, D, K, nc_max, opt);
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t n0 = ch * nc_max, nc = std::min(nc_max, N - n0), ncK = nc * K;
-        load_chunk(P, W, n0, nc, ws.Wc.template data_ptr<acc_t>(), ws.inv.template data_ptr<acc_t>(),
-                   ws.sumsq.template data_ptr<acc_t>(), ws.bias_c.template data_ptr<acc_t>());
-        Tensor T = ws.T_view(B, ncK);
-        at::mm_out(T, Facc, ws.W_view(ncK).t());
+        Tensor T = ws.chunk_dots(P, W, Facc, n0, nc);
         acc_t* tp = T.data_ptr<acc_t>();
         for (int64_t i = 0; i < B; ++i) {
           acc_t* row = tp + i * ncK;
