@@ -6,9 +6,9 @@ already in the environment.
 The C++ extension ``marginops._C`` registers the ``torch.ops.marginops.{margin_lse,
 margin_lse_backward, topk}`` kernels:
 
-* always: the CPU kernels (csrc/ops.cpp + csrc/cpu/*.cpp), OpenMP, -O3;
+* always: the CPU kernels (marginops/csrc/ops.cpp + cpu/*.cpp), OpenMP, -O3;
 * when torch is a CUDA build and a CUDA toolkit is found (or ``MARGINOPS_FORCE_CUDA=1``): the CUDA
-  kernels too (csrc/cuda/*.cu, sm_80 and sm_90), as a CUDAExtension;
+  kernels too (marginops/csrc/cuda/*.cu, sm_80 and sm_90), as a CUDAExtension;
 * ``MARGINOPS_NO_EXT=1`` skips the extension (pure-Python install; the torch/triton backends work).
 """
 
@@ -35,8 +35,8 @@ def _extensions():
 
     rel = lambda pattern: sorted(  # noqa: E731 - paths relative to setup.py, as setuptools wants
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
-    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    sources = rel("marginops/csrc/ops.cpp") + rel("marginops/csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "marginops", "csrc", "include")]
     # -fno-trapping-math lets GCC vectorise the epilogue's selects (torch itself builds with it);
     # IEEE results are unchanged, only FP traps (never enabled by torch) are assumed off.
     # -g0: Python's default CFLAGS add -g, which triples compile time of the torch headers.
@@ -55,7 +55,7 @@ def _extensions():
         ]
         ext = CUDAExtension(
             name="marginops._C",
-            sources=sources + rel("csrc/cuda/*.cu"),
+            sources=sources + rel("marginops/csrc/cuda/*.cu"),
             include_dirs=include_dirs,
             define_macros=[("MARGINOPS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},

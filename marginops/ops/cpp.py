@@ -1,6 +1,6 @@
 """Backends "cpp" (CPU) and "cuda" (CUDA): the compiled extension ``marginops._C``.
 
-``marginops._C`` (csrc/) registers ``torch.ops.marginops.margin_lse``, ``margin_lse_backward`` and
+``marginops._C`` (marginops/csrc/) registers ``torch.ops.marginops.margin_lse``, ``margin_lse_backward`` and
 ``topk`` with CPU kernels, and with CUDA kernels when it was built against a CUDA torch. Same op
 names, different dispatch keys: "cpp" is the CPU kernel, "cuda" the CUDA kernel.
 
