@@ -333,7 +333,7 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU, aot: bool = Tr
         "_fwd_kernel", "fwd", grid, cfg, tc_flops=2 * pad * tc_mult, unit=unit,
         alu_flops=EPILOGUE_FWD * B * C + 2 * rt * C * D, exps=B * C,
         l2=rt * W + ct * Fb + 3 * s * B * 4, hbm=w_passes * W + Fb + 3 * s * B * 4,
-        note=f"{cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {s} splits; W read by {rt} row tiles"))
+        note=f"{cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {s} splits; W read once per row tile ({rt})"))
     mcfg = configs.default("merge", var)
     out.append(kernel("_merge_kernel", "merge", _cdiv(B, mcfg.block_b), mcfg, exps=s * B,
                       l2=3 * s * B * 4 + 2 * B * 4, hbm=3 * s * B * 4 + 2 * B * 4))

@@ -261,7 +261,8 @@ def main(argv=None) -> int:
     deadline = t_start + budget if budget else None
     tasks, decided = build_tasks(plan, args.mem_cap, mem_total)
 
-    print(f"marginops bench_fused{(' --preset ' + plan.name) if plan.name else ''} on {device}")
+    what = {"": "", "quick": " --quick"}.get(plan.name, f" --preset {plan.name}")
+    print(f"marginops bench_fused{what} on {device}")
     print(f"machine  {info['machine']}  (host {info['hostname']}, {info['cpu_model']}, "
           f"{info['cores']} cores, {info['threads']} torch threads"
           + (f", GPU {info['gpu']}" if info["gpu"] else "") + ")")
@@ -296,10 +297,11 @@ def main(argv=None) -> int:
           f"{info['torch']}, triton {info['triton']}, marginops {info['marginops']}, "
           f"pytorch-metric-learning {info['pml']}, {info['threads']} torch threads; {timestamp}; "
           f"{elapsed:.0f} s; load average {load_start} at the start, {loadavg()} at the end.\n\n"
-          "forward+backward; median over the reps with [p20, p80]; × = speed-up (their median / "
-          "ours); / GEMMs = time ÷ the 3 bare GEMMs of the same shapes run in the same process; "
-          "peak = resident growth during the step in a fresh process, (extra) = beyond the "
-          "inputs' gradients.\n\n" + table + "\n")
+          "forward+backward; median over the reps with [p20, p80]; speedup = their median ÷ "
+          "this provider's (higher is better); time ÷ bare GEMMs = this median ÷ the 3 bare "
+          "GEMMs of the same shapes run in the same process (lower is better); peak = resident "
+          "growth during the step in a fresh process, (extra) = beyond the inputs' gradients "
+          "(lower is better).\n\n" + table + "\n")
     with open(os.path.join(out_dir, f"bench{suffix}.md"), "w") as fh:
         fh.write(md)
     plots = [] if args.no_plots else plot(rows, out_dir, suffix)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .common import Plan, fmt_count
+from .providers import LABELS
 
 # provider id -> the model's backend
 MODELLED = {"triton": "triton", "cuda": "cuda", "reference": "naive"}
@@ -58,7 +59,7 @@ def model_report(plan: Plan, rows: list[dict], device: str, requested_gpu: str |
             ratio = f"{ms / (seconds * 1e3):.2f}" if ms and device == "cuda" else ""
             shown = f"{ms:.4g}" if ms and device == "cuda" else "not measured (no GPU)" \
                 if device != "cuda" else "not measured"
-            out.append(f"| {label} | {provider} | {seconds * 1e3:.4g} | {fraction:.3f} | {shown} "
+            out.append(f"| {label} | {LABELS[provider]} | {seconds * 1e3:.4g} | {fraction:.3f} | {shown} "
                        f"| {ratio} |")
         details.append(f"### {label}\n\n" + perfmodel.report(case.B, case.C, case.D, case.dtype,
                                                               gpu))
