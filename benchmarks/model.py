@@ -358,7 +358,7 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU, aot: bool = Tr
     out.append(kernel(
         "_bwd_df_kernel", "bwd_df", grid_f, dcfg, tc_flops=4 * pad * tc_mult, unit=unit,
         alu_flops=EPILOGUE_BWD * B * C, exps=B * C,
-        l2=2 * rt_f * W + ct_f * Fb + rt_f * C * 4 + df_rmw + s_f * B * 4,
+        l2=2 * rt_f * W + ct_f * Fb + 2 * rt_f * C * 4 + df_rmw + s_f * B * 4,
         hbm=_cdiv(rt_f, slots) * W + Fb + C * 4 + 2 * s_f * B * D * 4 + s_f * B * 4,
         reuse_set=min(grid_f, slots) * dcfg.block_b * D * 4 + Fb,
         note=f"{dcfg.block_b}×{dcfg.block_n}×{dcfg.block_d}, {s_f} splits; recompute + dd·W, "
@@ -376,7 +376,7 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU, aot: bool = Tr
     out.append(kernel(
         "_bwd_dw_kernel", "bwd_dw", nt, wcfg, tc_flops=4 * pad * tc_mult, unit=unit,
         alu_flops=EPILOGUE_BWD * B * C + 6 * C * D, exps=B * C,
-        l2=rt_w * W + 2 * nt * Fb + g_rmw + epilogue,
+        l2=rt_w * W + 2 * nt * Fb + rt_w * C * 4 + g_rmw + epilogue,
         hbm=W + Fb + gacc_hbm + (W if e != 4 else 0),
         reuse_set=min(nt, slots) * wcfg.block_n * D * (4 + e) + Fb,
         note=f"{wcfg.block_b}×{wcfg.block_n}×{wcfg.block_d}; recompute + ddᵀ·F, G accumulated "
@@ -531,6 +531,8 @@ def report(B: int, C: int, D: int, dtype: str, gpu: str, backend: str = "auto",
              f"{g.l2_bw / 1e12:.1f} TB/s (assumed), L2 {g.l2_bytes / 2**20:.0f} MB, {g.sms} SMs "
              f"— {g.source}",
              "", table(launches), ""]
+    if not aot and used == "triton":
+        _note("--no-aot: register/shared figures are the constants FALLBACK_FIGURES (Triton 3.9)")
     lines += [f"note: {n}" for n in _NOTES]
     lines.append(f"useful work 8·B·C·D = {8 * B * C * D / 1e12:.2f} TFLOP")
     lines.append(f"predicted: {seconds * 1e3:.3f} ms, {fraction:.3f} of peak")

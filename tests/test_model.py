@@ -43,15 +43,17 @@ def test_triton_bf16_counts_by_hand():
     assert fwd.exps == B * C
     df = la["_bwd_df_kernel"]
     assert df.tc_flops == 4 * 128 * 1024 * 64 == 33_554_432
-    # W twice per row tile (recompute, dd·W), F per column tile, 1/‖W‖ per row tile, the fp32
-    # dF chunk read and written per column tile, grad_scale partials
-    assert df.l2 == 2 * 2 * W + 8 * Fb + 2 * C * 4 + 8 * B * D * 4 * 2 + 2 * B * 4 == 1_188_864
+    # W twice per row tile (recompute, dd·W), F per column tile, 1/‖W‖ twice per row tile, the
+    # fp32 dF chunk read and written per column tile, grad_scale partials
+    assert df.l2 == (2 * 2 * W + 8 * Fb + 2 * 2 * C * 4 + 8 * B * D * 4 * 2
+                     + 2 * B * 4) == 1_197_056
     dw = la["_bwd_dw_kernel"]
     assert dw.grid == 8
     assert dw.tc_flops == 33_554_432
-    # W per row tile (2), F twice per class tile (8), fp32 G read+written per row tile, epilogue:
-    # W and G twice, grad_W once
-    assert dw.l2 == 2 * W + 2 * 8 * Fb + 2 * C * D * 8 + (3 * W + 2 * C * D * 4) == 2_490_368
+    # W and 1/‖W‖ per row tile (2), F twice per class tile (8), fp32 G read + written per row
+    # tile; epilogue: W and G twice, grad_W once
+    assert dw.l2 == (2 * W + 2 * C * 4 + 2 * 8 * Fb + 2 * C * D * 8
+                     + (3 * W + 2 * C * D * 4)) == 2_498_560
     # compulsory: W, F, the fp32 accumulator read (zeros) and written back, grad_W in bf16
     assert dw.hbm == W + Fb + C * D * 8 + W == 802_816
     gemm_flops = sum(x.tc_flops for x in la.values())
