@@ -208,8 +208,9 @@ def parse_args(argv=None):
                    help="providers run at memory-only sizes (CPU default: reference,"
                         "reference_compiled,auto; auto = the fused default backend)")
     p.add_argument("--compile", choices=["auto", "base", "all", "none"], default="auto",
-                   help="where reference_compiled runs: base = the classes axis (default), "
-                        "all, none")
+                   help="where naive + torch.compile (id reference_compiled) runs: base = the "
+                        "classes axis of the default sweep, or every case given by the case "
+                        "flags (default); all; none")
     p.add_argument("--compile-static", action="store_true",
                    help="torch.compile(dynamic=False) instead of one dynamic-shape graph")
     p.add_argument("--mem-cap", type=float, default=0.6,
