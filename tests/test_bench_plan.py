@@ -51,6 +51,17 @@ def test_million_classes_preset():
         _plan("--preset", "issue3")
 
 
+def test_gpu_estimates_fit_a_time_budget():
+    """The time-budget check must not skip every GPU task: a step of B=4096, C=1M, D=512 is
+    estimated at GPU speed (16.8 TFLOP at 20 TFLOP/s: under a second), not at the CPU's 20 GFLOP/s
+    (840 s)."""
+    plan = _plan("--classes", "1m", "--batch", "4096", "--dim", "512", "--dtype", "bfloat16",
+                 "--providers", "reference,reference_compiled,gemm", device="cuda")
+    tasks, decided = planning.build_tasks(plan, mem_cap=0.6, mem_total=2**40)
+    assert not decided and tasks[0].providers == ["reference", "reference_compiled", "gemm"]
+    assert all(t.est_s < 120 for t in tasks), [(t.label, t.est_s) for t in tasks]
+
+
 def _row(provider: str, status: str) -> dict:
     return {"mode": "forward+backward", "family": "arcface", "dtype": "float32", "B": 64,
             "C": 10_000, "D": 128, "provider": provider, "status": status}

@@ -26,6 +26,13 @@ PRESETS = {
 }
 
 
+# Assumed speed of one step (FLOP/s counting 8·B·C·D) for the first estimates; the driver rescales
+# them by the measured/estimated ratio of the finished tasks. Conservative: the CPU figures are
+# this project's 2-core machine (bf16 half as fast as fp32 there), the GPU ones a few % of peak.
+STEP_FLOPS = {("cpu", True): 20e9, ("cpu", False): 10e9,
+              ("cuda", True): 5e12, ("cuda", False): 20e12}
+
+
 def _case_flags_given(args) -> bool:
     return any(getattr(args, k) for k in ("classes", "batch", "dim", "dtypes", "families"))
 
@@ -139,7 +146,7 @@ class Task:
     providers: list[str]
     memory_for: str | None
     reps: int
-    est_s: float = 1.0   # estimated seconds at 20 GFLOP/s: progress weight and budget check
+    est_s: float = 1.0   # estimated seconds (see STEP_FLOPS): progress weight and budget check
     priority: int = 0    # run order: lower first (see build_tasks)
 
     @property
@@ -179,7 +186,7 @@ def build_tasks(plan: Plan, mem_cap: float, mem_total: int
                 runnable.append(p)
             else:
                 decided[(case, p)] = reason
-        step_s = 8 * case.B * case.C * case.D / 20e9 * (2 if case.dtype != "float32" else 1)
+        step_s = 8 * case.B * case.C * case.D / STEP_FLOPS[(case.device, case.dtype == "float32")]
         allowed_mem = None if plan.memory_for_case is None else plan.memory_for_case.get(case, [])
         if not case.memory_only and runnable:
             memory_for = "reference_compiled" if "reference_compiled" in runnable else None
