@@ -101,7 +101,8 @@ def margin_lse_op(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor 
                        normalize_weight, subcenters):
         # online log-sum-exp: log(e^a + e^b) merges the running value with this chunk's
         lse_neg = torch.logaddexp(lse_neg, torch.logsumexp(t.z, dim=1))
-        dot_y = dot_y + (t.d * t.is_target).sum(dim=1)
+        # where, not d · is_target: a NaN elsewhere in the row must not leak into dot_y (NaN · 0)
+        dot_y = dot_y + torch.where(t.is_target, t.d, 0.0).sum(dim=1)
     return lse_neg, dot_y
 
 
@@ -128,8 +129,9 @@ def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, 
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     grad_scale = torch.zeros_like(scale)
     grad_bias = torch.zeros_like(bias) if bias is not None else scale.new_zeros(0)
-    # rows whose lse_neg is -inf have no negatives: every p is 0 there
-    finite_lse = torch.where(torch.isfinite(lse_neg), lse_neg, torch.zeros_like(lse_neg))
+    # rows whose lse_neg is -inf have no negatives: every p is 0 there (shift by 0 instead of
+    # -inf, which would give exp(-inf + inf) = NaN). NaN and +inf stay: NaN in, NaN out.
+    finite_lse = lse_neg.masked_fill(lse_neg == float("-inf"), 0.0)
     for _, t in _tiles(f, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
                         normalize_weight, K):
         # dL/dz_in = grad_lse_i · softmax over the negatives (0 at the target: z = -inf there)
@@ -190,7 +192,11 @@ def topk_op(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int,
         cols = torch.arange(n0, n0 + t.d.shape[1], device=f.device).expand(B, -1)
         val = torch.cat([best_val, t.d.masked_fill(t.is_target, float("-inf"))], dim=1)
         col = torch.cat([best_col, cols], dim=1)
-        best_val, pick = torch.topk(val, min(k, val.shape[1]), dim=1)
+        # A stable descending sort is the contract's order: NaN first (torch ranks it above +inf),
+        # ties by the lower column (the running list holds lower columns than this chunk, and both
+        # are in column order). torch.topk does not promise which of equal values it returns.
+        best_val, pick = torch.sort(val, dim=1, descending=True, stable=True)
+        best_val, pick = best_val[:, :k].contiguous(), pick[:, :k]
         best_col = col.gather(1, pick)
     return best_val, best_col
 

@@ -1,0 +1,190 @@
+"""Numerics under bad data (issue 10, items 1, 2, 8, 9).
+
+* NaN in, NaN out (DESIGN §8; contract in marginops/ops/__init__.py): NaN or ±inf in the weight,
+  a NaN bias, scale or feature gives a NaN lse_neg — and NaN gradients — on every CPU backend, in
+  the rows it touches, while the other rows still match the dense oracle. Checked at the backend
+  level (contract inputs, no validation in the way) with chunks small enough that the NaN must
+  survive the per-chunk max, the chunk merges and the thread-group merges.
+* top-k NaN policy: NaN ranks above +inf, ties by the lower column, identical on torch and cpp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from contract_oracle import dense_cosines, margin_lse_dense
+from tolerance import assert_tight
+
+import marginops
+from marginops.ops import cpp, torch_chunked
+
+NAN, INF = float("nan"), float("inf")
+CPP_REASON = cpp.availability("cpp", torch.device("cpu"))
+BACKEND_PARAMS = [pytest.param(torch_chunked, id="torch"),
+                  pytest.param(cpp, id="cpp", marks=pytest.mark.skipif(
+                      CPP_REASON is not None, reason=f"C++ backend: {CPP_REASON}"))]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """16-column chunks in the C++ kernel: C = 37 spans three chunks and both thread groups."""
+    monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+
+
+def make_case(kind: str, col: int, B: int = 6, C: int = 37, D: int = 24, dtype=torch.float32):
+    """Contract inputs with one non-finite entry; rows 0 and 1 target column ``col`` (so the
+    poisoned column is masked there), the others target elsewhere or nothing."""
+    g = torch.Generator().manual_seed(7)
+    f = torch.randn(B, D, generator=g, dtype=torch.float64)
+    f = f / f.norm(dim=1, keepdim=True)
+    normalize = kind not in ("nan_bias", "nan_among_masked")
+    w = torch.randn(C, D, generator=g, dtype=torch.float64) * (1.0 if normalize else 0.3)
+    scale = torch.empty(B, dtype=torch.float64).uniform_(8.0, 64.0, generator=g)
+    bias = torch.randn(C, generator=g, dtype=torch.float64) * 0.5 if not normalize else None
+    target = torch.tensor([col, col, 3, (col + 7) % C, -1, 0][:B])
+    if kind == "nan_weight":
+        w[col, 2] = NAN
+    elif kind == "inf_weight":
+        w[col, 2] = INF
+    elif kind == "neg_inf_weight":
+        w[col, 2] = -INF
+    elif kind == "nan_bias":
+        bias[col] = NAN
+    elif kind == "nan_among_masked":  # every other logit is -inf: the NaN is the chunk's only value
+        bias.fill_(-INF)
+        bias[col] = NAN
+    elif kind == "nan_scale":
+        scale[3] = NAN
+    elif kind == "nan_features":
+        f[2, 5] = NAN
+    else:
+        raise AssertionError(kind)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return dict(features=f.to(dtype), weight=w.to(dtype), scale=scale.to(acc),
+                bias=None if bias is None else bias.to(acc), target_col=target, class_index=None,
+                hard_tau=None, hard_t=None, normalize_weight=normalize, subcenters=1)
+
+
+KINDS = ("nan_weight", "inf_weight", "neg_inf_weight", "nan_bias", "nan_among_masked", "nan_scale",
+         "nan_features")
+
+
+def _with_grads(fn, case):
+    leaves = {k: case[k].detach().clone().requires_grad_(True)
+              for k in ("features", "weight", "scale") if case[k] is not None}
+    lse, dot = fn(**{**case, **leaves})
+    g = torch.Generator().manual_seed(1)
+    gl = torch.rand(lse.shape, generator=g, dtype=torch.float64).to(lse) + 0.5
+    gd = torch.rand(dot.shape, generator=g, dtype=torch.float64).to(dot) + 0.5
+    grads = torch.autograd.grad((lse, dot), list(leaves.values()), (gl, gd))
+    return lse.detach(), dot.detach(), dict(zip(leaves, grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("col", [5, 36])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_nan_in_nan_out(backend, kind, col, dtype, small_chunks):
+    case = make_case(kind, col, dtype=dtype)
+    lse, dot, grads = _with_grads(backend.margin_lse, case)
+    with torch.no_grad():
+        want_lse, _ = margin_lse_dense(**case)
+        # dot_y = d at the target only (the oracle's d · onehot would leak NaN · 0 into every row)
+        d = dense_cosines(case["features"], case["weight"], None, case["normalize_weight"], 1)
+        tc = case["target_col"]
+        want_dot = torch.where(tc >= 0, d.gather(1, tc.clamp_min(0)[:, None])[:, 0], 0.0)
+    # NaN exactly where the dense oracle (plain PyTorch) has it, never a finite stand-in
+    assert torch.equal(torch.isnan(lse), torch.isnan(want_lse)), (lse, want_lse)
+    assert torch.equal(torch.isnan(dot), torch.isnan(want_dot)), (dot, want_dot)
+    assert torch.isnan(lse).any() or torch.isnan(dot).any(), "the case must poison some row"
+    ok = ~torch.isnan(want_lse)
+    assert_tight(lse[ok], want_lse[ok], rtol=1e-5 if dtype == torch.float32 else 1e-9,
+                 atol=1e-5 if dtype == torch.float32 else 1e-9, name="finite rows")
+    # rows whose lse is NaN get NaN feature gradients (grad_lse is finite here, so only the
+    # kernel's own exp can carry it)
+    bad = torch.isnan(lse)
+    assert not torch.isfinite(grads["features"][bad]).all(dim=1).any(), grads["features"]
+    if bad.any():
+        assert not torch.isfinite(grads["weight"]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("value", [NAN, INF])
+def test_module_loss_is_nan_with_a_bad_weight(backend, value):
+    """The issue's repro: a NaN/inf class row must not give a finite (healthy-looking) loss."""
+    if backend == "cpp" and CPP_REASON is not None:
+        pytest.skip(f"C++ backend: {CPP_REASON}")
+    torch.manual_seed(0)
+    m = marginops.ArcFaceLoss(8, 6, backend=backend)
+    with torch.no_grad():
+        m.weight[5, 0] = value
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    loss = m(x, torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert math.isnan(loss.item())
+    assert torch.isnan(x.grad).any() and torch.isnan(m.weight.grad).any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_functional_nan_scale_gives_nan(backend):
+    if backend == "cpp" and CPP_REASON is not None:
+        pytest.skip(f"C++ backend: {CPP_REASON}")
+    g = torch.Generator().manual_seed(3)
+    f = torch.nn.functional.normalize(torch.randn(4, 8, generator=g))
+    w = torch.randn(6, 8, generator=g)
+    lse, _ = marginops.core.margin_lse(f, w, torch.tensor([0, 1, 2, 3]), NAN, backend=backend)
+    assert torch.isnan(lse).all(), lse
+
+
+# ------------------------------------------------------------------------------------ top-k NaN
+
+def _topk_case(nan_rows, C=37, B=5, D=16):
+    g = torch.Generator().manual_seed(11)
+    f = torch.nn.functional.normalize(torch.randn(B, D, generator=g))
+    w = torch.randn(C, D, generator=g)
+    for r in nan_rows:
+        w[r, 1] = NAN
+    return f, w
+
+
+def _expected_topk(f, w, exclude, k):
+    """The contract's order by a plain sort over (NaN first, value descending, column ascending)."""
+    d = (f.double() @ torch.nn.functional.normalize(w.double()).t())
+    out = []
+    for i in range(d.shape[0]):
+        keys = [(0 if math.isnan(v) else 1, -v if not math.isnan(v) else 0.0, j)
+                for j, v in enumerate(d[i].tolist()) if j != exclude[i]]
+        out.append([j for _, _, j in sorted(keys)[:k]])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("k", [3, 36])
+@pytest.mark.parametrize("nan_rows", [(20,), (30, 4)], ids=["one", "two"])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_topk_nan_ranks_first_ties_by_column(backend, nan_rows, k, small_chunks):
+    """k = 36 = every column but the excluded one: cpp used to leave an empty slot (column 2^63-1)
+    because NaN beat nothing, and topk_dot then raised IndexError."""
+    f, w = _topk_case(nan_rows)
+    exclude = torch.tensor([0, 4, 36, 20, -1])
+    vals, cols = backend.topk(f, w, exclude, k, True, 1)
+    want = _expected_topk(f, w, exclude.tolist(), k)
+    assert torch.equal(cols, want), (cols, want)
+    for i in range(f.shape[0]):
+        expected_nans = [r for r in sorted(nan_rows) if r != exclude[i]]
+        assert cols[i, :len(expected_nans)].tolist() == expected_nans[:k]
+        assert torch.isnan(vals[i, :len(expected_nans)]).all()
+        assert not torch.isnan(vals[i, len(expected_nans):]).any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_topk_dot_with_a_nan_row_all_columns(backend):
+    if backend == "cpp" and CPP_REASON is not None:
+        pytest.skip(f"C++ backend: {CPP_REASON}")
+    f, w = _topk_case((3,), C=6, B=4, D=8)
+    labels = torch.tensor([0, 1, 2, 3])
+    vals, classes = marginops.core.topk_dot(f, w, 5, exclude=labels, backend=backend)
+    want = _expected_topk(f, w, labels.tolist(), 5)
+    assert torch.equal(classes, want)
+    assert torch.isnan(vals[:3, 0]).all() and not torch.isnan(vals[3]).any()
