@@ -3,11 +3,18 @@
 Portable (any device torch runs on) and memory-saving: it never holds B×C, only one B×chunk tile
 at a time, in forward and in backward (which recomputes the tile). The math is the contract in
 ``marginops/ops/__init__.py``; this file reads top-down: tile → forward op → backward op → autograd.
+
+Autocast is switched off inside every op: the backward recomputes the forward's tiles and must get
+the same logits, but it runs outside the user's autocast region, so a forward GEMM in bf16 would
+not match the saved lse_neg (the softmax would not sum to one). All tile math is in the acc dtype
+(fp32, fp64 for fp64), as in the C++ backend, whatever the autocast state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -28,6 +35,20 @@ def availability(backend: str, device: torch.device) -> str | None:
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(op: Callable) -> Callable:
+    """Run ``op`` with autocast off on its first argument's device (see the module docstring)."""
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        device = args[0].device.type
+        off = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+               else contextlib.nullcontext())
+        with off:
+            return op(*args, **kwargs)
+
+    return run
 
 
 class Tile(NamedTuple):
@@ -89,6 +110,7 @@ def _tiles(f: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, target
 
 # ---------------------------------------------------------------- forward op
 @torch.library.custom_op("marginops::margin_lse_torch", mutates_args=())
+@_autocast_off
 def margin_lse_op(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
                   target_col: Tensor, class_index: Tensor | None, hard_tau: Tensor | None,
                   hard_t: Tensor | None, normalize_weight: bool,
@@ -116,6 +138,7 @@ def _(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
 
 # ---------------------------------------------------------------- backward op
 @torch.library.custom_op("marginops::margin_lse_torch_backward", mutates_args=())
+@_autocast_off
 def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, features: Tensor,
                            weight: Tensor, scale: Tensor, bias: Tensor | None, target_col: Tensor,
                            class_index: Tensor | None, hard_tau: Tensor | None,
@@ -179,6 +202,7 @@ def margin_lse(features, weight, scale, bias, target_col, class_index, hard_tau,
 
 # ---------------------------------------------------------------- top-k (no autograd)
 @torch.library.custom_op("marginops::topk_torch", mutates_args=())
+@_autocast_off
 def topk_op(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int,
             normalize_weight: bool, subcenters: int) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(features.dtype)
