@@ -22,11 +22,18 @@ def normalize_rows(embeddings: Tensor) -> tuple[Tensor, Tensor]:
 
     The norm is taken in fp32 even for half inputs; x̂ goes back to the input dtype so that GPU
     kernels run half-precision GEMMs (they accumulate in fp32).
+
+    An all-zero row has no direction: x̂ = 0 (as F.normalize gives) but its gradient is 0, not
+    F.normalize's g/1e-12, which is ±inf once cast back to fp16 and makes a GradScaler skip every
+    step. Equivalent PyTorch: ``F.normalize(x, eps=1e-12)`` with the zero rows' gradient zeroed.
     """
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x = embeddings.to(acc)
     norms = x.norm(dim=1)
-    return (x / norms.clamp_min(1e-12)[:, None]).to(embeddings.dtype), norms
+    # x / inf = 0 on zero rows, with no gradient through the constant; other rows (NaN ones too)
+    # are divided exactly as before.
+    denom = torch.where(norms == 0, float("inf"), norms.clamp_min(1e-12))
+    return (x / denom[:, None]).to(embeddings.dtype), norms
 
 
 def softmax_rows(lse_neg: Tensor, target_logit: Tensor) -> Tensor:

@@ -240,3 +240,45 @@ def test_autocast_softmax_of_the_backward_sums_to_one(backend):
     (gb,) = torch.autograd.grad((lse, dot), (bias,), (grad_lse, torch.zeros(B)))
     assert lse.dtype == torch.float32
     torch.testing.assert_close(gb.sum(), grad_lse.sum(), rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------ zero embeddings
+
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.float32], ids=["fp16W", "fp32W"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_all_zero_fp16_embedding_row_has_finite_gradients(backend, weight_dtype):
+    """An all-zero fp16 row (a dead backbone output) used to get ±inf gradients (1/1e-12 cast to
+    fp16) in every family; a GradScaler then skips every step. Now its gradient is exactly 0
+    (test_normalize_rows_zero_row checks that the other rows' gradients are unchanged)."""
+    if backend == "cpp" and CPP_REASON is not None:
+        pytest.skip(f"C++ backend: {CPP_REASON}")
+    from test_families import FAMILIES, make
+
+    for name in FAMILIES:
+        m = make(name, 8, 6, backend, dtype=weight_dtype)
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(4, 8, generator=g)
+        x[1] = 0.0
+        x = x.half().requires_grad_(True)
+        loss = m(x, torch.tensor([0, 1, 2, 3]))
+        loss.backward()
+        assert torch.isfinite(loss), name
+        assert torch.isfinite(x.grad).all(), f"{name}: {x.grad}"
+        assert (x.grad[1] == 0).all(), name
+        assert torch.isfinite(m.weight.grad).all(), name
+
+
+def test_normalize_rows_zero_row():
+    from marginops.functional import normalize_rows
+
+    x = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0], [NAN, 1.0, 0.0]],
+                     dtype=torch.float64, requires_grad=True)
+    x_hat, norms = normalize_rows(x)
+    want = torch.nn.functional.normalize(x.detach(), eps=1e-12)
+    assert torch.equal(x_hat[:2].detach(), want[:2]) and torch.isnan(x_hat[2]).all()
+    assert torch.equal(norms[:2].detach(), torch.tensor([0.0, 5.0], dtype=torch.float64))
+    (gx,) = torch.autograd.grad(x_hat[:2].sum() + norms[:2].sum(), x)
+    assert torch.equal(gx[0], torch.zeros(3, dtype=torch.float64))
+    ref = x.detach()[1:2].clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(torch.nn.functional.normalize(ref).sum() + ref.norm(), ref)
+    assert_tight(gx[1], gr[0])
