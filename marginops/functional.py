@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import margins
@@ -37,8 +36,15 @@ def normalize_rows(embeddings: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def softmax_rows(lse_neg: Tensor, target_logit: Tensor) -> Tensor:
-    """Per-row cross-entropy logsumexp(z) − z_y = softplus(lse_neg − z_y); exact, no p_y − 1."""
-    return F.softplus(lse_neg - target_logit)
+    """Per-row cross-entropy logsumexp(z) − z_y = softplus(lse_neg − z_y); exact, no p_y − 1.
+
+    softplus(x) = log(1 + eˣ) as logaddexp(x, 0) = max(x, 0) + log1p(e^−|x|): correctly rounded
+    at every x (F.softplus returns x itself above its threshold 20, off by e⁻ˣ), 0 at x = −inf
+    (a row without negatives), and its gradient exp(x − softplus(x)) is sigmoid(x) to rounding,
+    including 1/2 at x = 0. Shapes: (B,), (B,) → (B,).
+    """
+    x = lse_neg - target_logit
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:

@@ -282,3 +282,39 @@ def test_normalize_rows_zero_row():
     ref = x.detach()[1:2].clone().requires_grad_(True)
     (gr,) = torch.autograd.grad(torch.nn.functional.normalize(ref).sum() + ref.norm(), ref)
     assert_tight(gx[1], gr[0])
+
+
+# ------------------------------------------------------------------------------ exact softplus
+
+def _softplus_and_sigmoid_exact(x: float) -> tuple[float, float]:
+    """log(1 + eˣ) and 1/(1 + e⁻ˣ) to 50 digits, rounded to fp64."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 50
+    ex = Decimal(x).exp()
+    return float((1 + ex).ln()), float(ex / (1 + ex))
+
+
+@pytest.mark.parametrize("x", [25.0, 40.0, 20.5, 3.0, 0.0, -7.0, -40.0, -745.0])
+def test_softmax_rows_is_exact_in_fp64(x):
+    """F.softplus returned x unchanged above 20: at x = 25 that is off by e⁻²⁵ = 1.4e-11 (about
+    4000 ulp). Now value and gradient (sigmoid) are correct to an ulp of fp64."""
+    from marginops.functional import softmax_rows
+
+    lse = torch.tensor([x + 1.5], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1.5], dtype=torch.float64)
+    value = softmax_rows(lse, target)
+    (grad,) = torch.autograd.grad(value.sum(), lse)
+    want_value, want_grad = _softplus_and_sigmoid_exact(x)
+    assert value.item() == pytest.approx(want_value, rel=4e-16, abs=1e-320)
+    assert grad.item() == pytest.approx(want_grad, rel=4e-15, abs=1e-320)
+
+
+def test_softmax_rows_without_negatives_is_zero():
+    from marginops.functional import softmax_rows
+
+    lse = torch.tensor([-INF, -INF], dtype=torch.float64, requires_grad=True)
+    value = softmax_rows(lse, torch.tensor([0.3, -2.0], dtype=torch.float64))
+    (grad,) = torch.autograd.grad(value.sum(), lse)
+    assert torch.equal(value.detach(), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(grad, torch.zeros(2, dtype=torch.float64))
