@@ -3,11 +3,18 @@
 Portable (any device torch runs on) and memory-saving: it never holds B×C, only one B×chunk tile
 at a time, in forward and in backward (which recomputes the tile). The math is the contract in
 ``marginops/ops/__init__.py``; this file reads top-down: tile → forward op → backward op → autograd.
+
+Autocast is switched off inside every op: the backward recomputes the forward's tiles and must get
+the same logits, but it runs outside the user's autocast region, so a forward GEMM in bf16 would
+not match the saved lse_neg (the softmax would not sum to one). All tile math is in the acc dtype
+(fp32, fp64 for fp64), as in the C++ backend, whatever the autocast state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -28,6 +35,20 @@ def availability(backend: str, device: torch.device) -> str | None:
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(op: Callable) -> Callable:
+    """Run ``op`` with autocast off on its first argument's device (see the module docstring)."""
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        device = args[0].device.type
+        off = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+               else contextlib.nullcontext())
+        with off:
+            return op(*args, **kwargs)
+
+    return run
 
 
 class Tile(NamedTuple):
@@ -89,6 +110,7 @@ def _tiles(f: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, target
 
 # ---------------------------------------------------------------- forward op
 @torch.library.custom_op("marginops::margin_lse_torch", mutates_args=())
+@_autocast_off
 def margin_lse_op(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
                   target_col: Tensor, class_index: Tensor | None, hard_tau: Tensor | None,
                   hard_t: Tensor | None, normalize_weight: bool,
@@ -101,7 +123,8 @@ def margin_lse_op(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor 
                        normalize_weight, subcenters):
         # online log-sum-exp: log(e^a + e^b) merges the running value with this chunk's
         lse_neg = torch.logaddexp(lse_neg, torch.logsumexp(t.z, dim=1))
-        dot_y = dot_y + (t.d * t.is_target).sum(dim=1)
+        # where, not d · is_target: a NaN elsewhere in the row must not leak into dot_y (NaN · 0)
+        dot_y = dot_y + torch.where(t.is_target, t.d, 0.0).sum(dim=1)
     return lse_neg, dot_y
 
 
@@ -115,6 +138,7 @@ def _(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
 
 # ---------------------------------------------------------------- backward op
 @torch.library.custom_op("marginops::margin_lse_torch_backward", mutates_args=())
+@_autocast_off
 def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, features: Tensor,
                            weight: Tensor, scale: Tensor, bias: Tensor | None, target_col: Tensor,
                            class_index: Tensor | None, hard_tau: Tensor | None,
@@ -128,8 +152,9 @@ def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, 
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     grad_scale = torch.zeros_like(scale)
     grad_bias = torch.zeros_like(bias) if bias is not None else scale.new_zeros(0)
-    # rows whose lse_neg is -inf have no negatives: every p is 0 there
-    finite_lse = torch.where(torch.isfinite(lse_neg), lse_neg, torch.zeros_like(lse_neg))
+    # rows whose lse_neg is -inf have no negatives: every p is 0 there (shift by 0 instead of
+    # -inf, which would give exp(-inf + inf) = NaN). NaN and +inf stay: NaN in, NaN out.
+    finite_lse = lse_neg.masked_fill(lse_neg == float("-inf"), 0.0)
     for _, t in _tiles(f, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
                         normalize_weight, K):
         # dL/dz_in = grad_lse_i · softmax over the negatives (0 at the target: z = -inf there)
@@ -177,6 +202,7 @@ def margin_lse(features, weight, scale, bias, target_col, class_index, hard_tau,
 
 # ---------------------------------------------------------------- top-k (no autograd)
 @torch.library.custom_op("marginops::topk_torch", mutates_args=())
+@_autocast_off
 def topk_op(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int,
             normalize_weight: bool, subcenters: int) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(features.dtype)
@@ -190,7 +216,11 @@ def topk_op(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int,
         cols = torch.arange(n0, n0 + t.d.shape[1], device=f.device).expand(B, -1)
         val = torch.cat([best_val, t.d.masked_fill(t.is_target, float("-inf"))], dim=1)
         col = torch.cat([best_col, cols], dim=1)
-        best_val, pick = torch.topk(val, min(k, val.shape[1]), dim=1)
+        # A stable descending sort is the contract's order: NaN first (torch ranks it above +inf),
+        # ties by the lower column (the running list holds lower columns than this chunk, and both
+        # are in column order). torch.topk does not promise which of equal values it returns.
+        best_val, pick = torch.sort(val, dim=1, descending=True, stable=True)
+        best_val, pick = best_val[:, :k].contiguous(), pick[:, :k]
         best_col = col.gather(1, pick)
     return best_val, best_col
 
