@@ -36,6 +36,19 @@ TORCH_LIBRARY(marginops, m) {
       "Tensor weight, Tensor scale, Tensor? bias, Tensor target_col, Tensor? class_index, "
       "Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, int subcenters) "
       "-> (Tensor grad_features, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
+  // CPU only: margin_lse that also returns the B × N·K dots d_ir (before the sub-center max), and
+  // the backward that reads them instead of recomputing them (3 GEMMs instead of 4). Used by
+  // marginops/ops/cpp.py when the dots fit its keep budget.
+  m.def(
+      "margin_lse_keep(Tensor features, Tensor weight, Tensor scale, Tensor? bias, "
+      "Tensor target_col, Tensor? class_index, Tensor? hard_tau, Tensor? hard_t, "
+      "bool normalize_weight, int subcenters) -> (Tensor lse_neg, Tensor dot_y, Tensor dots)");
+  m.def(
+      "margin_lse_backward_kept(Tensor grad_lse, Tensor grad_dot, Tensor lse_neg, Tensor dots, "
+      "Tensor features, Tensor weight, Tensor scale, Tensor? bias, Tensor target_col, "
+      "Tensor? class_index, Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, "
+      "int subcenters) "
+      "-> (Tensor grad_features, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
   // k largest d_in per row over n ≠ exclude_col_i; values descending, ties → lower column.
   m.def(
       "topk(Tensor features, Tensor weight, Tensor exclude_col, int k, bool normalize_weight, "

@@ -71,32 +71,39 @@ from collections.abc import Callable
 import torch
 
 
-def register_core_autograd(forward_op, backward_op: Callable) -> None:
+def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False) -> None:
     """Attach the one autograd formula of the core op to a backend's registered forward op.
 
     ``backward_op(grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col,
     class_index, hard_tau, hard_t, normalize_weight, subcenters)`` is the backend's registered
     backward op (so torch.compile sees it as one node). Forward inputs and the saved lse_neg are
     all it needs: the backward recomputes the tiles instead of storing B×C.
+
+    ``kept=True``: the forward op returns a third, non-differentiable output (tiles it kept, e.g.
+    the cpp backend's dots when they fit its budget), saved and passed to ``backward_op`` right
+    after ``lse_neg``.
     """
 
     def setup_context(ctx, inputs, output):
         (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
          normalize_weight, subcenters) = inputs
+        extra = (output[2],) if kept else ()
+        if kept:
+            ctx.mark_non_differentiable(output[2])
         ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau,
-                              hard_t, output[0])
+                              hard_t, output[0], *extra)
         ctx.normalize_weight = normalize_weight
         ctx.subcenters = subcenters
 
-    def backward(ctx, grad_lse, grad_dot):
+    def backward(ctx, grad_lse, grad_dot, *_grad_kept):
         (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-         lse_neg) = ctx.saved_tensors
+         lse_neg, *extra) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if not any(needs[:4]):
             return (None,) * 10
         grad_lse = torch.zeros_like(lse_neg) if grad_lse is None else grad_lse.contiguous()
         grad_dot = torch.zeros_like(lse_neg) if grad_dot is None else grad_dot.contiguous()
-        grads = backward_op(grad_lse, grad_dot, lse_neg, features, weight, scale, bias,
+        grads = backward_op(grad_lse, grad_dot, lse_neg, *extra, features, weight, scale, bias,
                             target_col, class_index, hard_tau, hard_t, ctx.normalize_weight,
                             ctx.subcenters)
         grads = [g if need else None for g, need in zip(grads, needs[:4])]

@@ -109,6 +109,23 @@ if _LOAD_ERROR is None:
 
     register_core_autograd("marginops::margin_lse", torch.ops.marginops.margin_lse_backward)
 
+    @torch.library.register_fake("marginops::margin_lse_keep")
+    def _margin_lse_keep_fake(features, weight, scale, bias, target_col, class_index, hard_tau,
+                              hard_t, normalize_weight, subcenters):
+        lse_neg, dot_y = _margin_lse_fake(features, weight, scale, bias, target_col, class_index,
+                                          hard_tau, hard_t, normalize_weight, subcenters)
+        columns = (class_index.shape[0] * subcenters if class_index is not None
+                   else weight.shape[0])
+        dots = features.new_empty((features.shape[0], columns), dtype=_acc(features.dtype))
+        return lse_neg, dot_y, dots
+
+    @torch.library.register_fake("marginops::margin_lse_backward_kept")
+    def _margin_lse_backward_kept_fake(grad_lse, grad_dot, lse_neg, dots, *rest):
+        return _margin_lse_backward_fake(grad_lse, grad_dot, lse_neg, *rest)
+
+    register_core_autograd("marginops::margin_lse_keep",
+                           torch.ops.marginops.margin_lse_backward_kept, kept=True)
+
 
 # ------------------------------------------------------------------------------------------------
 # The interface marginops.core calls
@@ -119,15 +136,58 @@ def _require_loaded() -> None:
         raise RuntimeError(f"marginops C++ backend unavailable: {_LOAD_ERROR}")
 
 
+# The CPU kernel's keep budget: when the forward's dots d_ir (B × N·K in the acc dtype, N the
+# iterated classes, K sub-centers) fit in this many bytes, the forward keeps them and the backward
+# reads them instead of recomputing them (3 GEMMs instead of 4). Above it, nothing of size B·C is
+# held: extra memory is at most this budget whatever B and C. 32 MiB: the L3 cache of one
+# AMD EPYC CCD or of a large Intel Xeon socket's share, where a kept tile is read back from
+# faster than it is recomputed; B = 64 × C = 100K fp32 (25.6 MB) fits.
+DEFAULT_KEEP_BUDGET = 32 << 20
+_keep_budget = DEFAULT_KEEP_BUDGET
+
+
+def set_keep_budget(nbytes: int) -> int:
+    """Set the cpp backend's keep budget in bytes (0: always recompute); returns the old value.
+
+    Read at each call (never at import). Equivalent in math to recomputing: the backward reads
+    the exact dots the forward computed.
+    """
+    global _keep_budget
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"marginops: set_keep_budget(nbytes) takes an int >= 0 bytes, got "
+                         f"{nbytes!r}; 0 turns keeping off")
+    old, _keep_budget = _keep_budget, nbytes
+    return old
+
+
+def _keeps(features: Tensor, weight: Tensor, class_index: Tensor | None, subcenters: int) -> bool:
+    """Whether margin_lse takes the keep path: CPU, a gradient will be asked, dots fit the budget."""
+    if features.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if not (features.requires_grad or weight.requires_grad):
+        return False
+    columns = class_index.shape[0] * subcenters if class_index is not None else weight.shape[0]
+    itemsize = 8 if features.dtype == torch.float64 else 4
+    return features.shape[0] * columns * itemsize <= _keep_budget
+
+
 def margin_lse(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
                target_col: Tensor, class_index: Tensor | None, hard_tau: Tensor | None,
                hard_t: Tensor | None, normalize_weight: bool,
                subcenters: int) -> tuple[Tensor, Tensor]:
-    """(lse_neg, dot_y), differentiable w.r.t. features, weight, scale and bias."""
+    """(lse_neg, dot_y), differentiable w.r.t. features, weight, scale and bias.
+
+    On CPU, when the B × N·K dots fit the keep budget (``set_keep_budget``, default 32 MiB) and a
+    gradient can be asked for, ``margin_lse_keep`` keeps them for its backward; else nothing of size
+    B·C is kept and the backward recomputes them.
+    """
     _require_loaded()
-    lse_neg, dot_y = torch.ops.marginops.margin_lse(
-        features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-        bool(normalize_weight), int(subcenters))
+    args = (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+            bool(normalize_weight), int(subcenters))
+    if _keeps(features, weight, class_index, int(subcenters)):
+        lse_neg, dot_y, _dots = torch.ops.marginops.margin_lse_keep(*args)
+        return lse_neg, dot_y
+    lse_neg, dot_y = torch.ops.marginops.margin_lse(*args)
     return lse_neg, dot_y
 
 

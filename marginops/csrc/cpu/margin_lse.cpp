@@ -23,9 +23,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "epilogue.h"
+#include "gemm_bf16.h"
 
 namespace marginops {
 namespace cpu {
@@ -65,10 +68,12 @@ inline int64_t pick_chunk(int64_t B, int64_t K, int64_t N, int64_t acc_size, int
   }
   int64_t nc = budget / std::max<int64_t>(1, B * K * acc_size);
   nc = std::clamp<int64_t>(nc / 16 * 16, 16, 2048);
-  // Enough chunks to keep every thread busy.
-  int64_t per_thread = (N + nthreads - 1) / std::max<int64_t>(1, nthreads);
-  per_thread = (per_thread + 15) / 16 * 16;
-  nc = std::min(nc, std::max<int64_t>(per_thread, 16));
+  // A whole number of chunks per thread, all about the same width: with 2 threads, 5 chunks of
+  // 2048 columns would leave one thread 3 chunks and the other 2 (B = 64, C = 10K).
+  const int64_t T = std::max<int64_t>(1, nthreads);
+  int64_t nchunks = (std::max<int64_t>(N, 1) + nc - 1) / nc;
+  nchunks = (nchunks + T - 1) / T * T;
+  nc = bf16::round_up((N + nchunks - 1) / nchunks, 16);
   return std::max<int64_t>(1, std::min(nc, std::max<int64_t>(N, 1)));
 }
 
@@ -77,6 +82,64 @@ inline void group_range(int64_t g, int64_t ngroups, int64_t nchunks, int64_t* c0
   *c0 = nchunks * g / ngroups;
   *c1 = nchunks * (g + 1) / ngroups;
 }
+
+// Hot loops are compiled in AVX-512 / AVX2 / baseline clones picked at load time (GCC function
+// multi-versioning), so one binary runs everywhere and uses the wide units where they exist.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MO_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MO_CPU_CLONES
+#define MO_ALWAYS_INLINE inline
+#endif
+
+// Per weight row (D values), the loops of the load and of the normalisation Jacobian, one overload
+// per (acc, weight) dtype pair so that each gets its clones:
+//   load_row: dst = float(src), returns Σ dst² (or 0 when !norms);  scale_row: dst *= iv
+//   dot_row: Σ a·b;  grad_row: dst (+)= w_t((g − ŵ·proj)·iv)
+#define MO_DEFINE_WEIGHT_ROWS(A, W)                                                              \
+  MO_CPU_CLONES A load_row(const W* src, A* dst, int64_t D, bool norms) {                        \
+    A ss = 0;                                                                                    \
+    if (norms) {                                                                                 \
+      _Pragma("omp simd reduction(+ : ss)") for (int64_t e = 0; e < D; ++e) {                    \
+        const A v = static_cast<A>(src[e]);                                                      \
+        dst[e] = v;                                                                              \
+        ss += v * v;                                                                             \
+      }                                                                                          \
+    } else {                                                                                     \
+      for (int64_t e = 0; e < D; ++e) dst[e] = static_cast<A>(src[e]);                           \
+    }                                                                                            \
+    return ss;                                                                                   \
+  }                                                                                              \
+  MO_CPU_CLONES void grad_row(const A* g, const A* what, A proj, A iv, W* dst, int64_t D,        \
+                              bool accumulate) {                                                 \
+    if (accumulate) {                                                                            \
+      for (int64_t e = 0; e < D; ++e)                                                            \
+        dst[e] = static_cast<W>(static_cast<A>(dst[e]) +                                         \
+                                epi::normalize_backward(g[e], what[e], proj, iv));               \
+    } else {                                                                                     \
+      for (int64_t e = 0; e < D; ++e)                                                            \
+        dst[e] = static_cast<W>(epi::normalize_backward(g[e], what[e], proj, iv));               \
+    }                                                                                            \
+  }
+MO_DEFINE_WEIGHT_ROWS(float, float)
+MO_DEFINE_WEIGHT_ROWS(float, at::BFloat16)
+MO_DEFINE_WEIGHT_ROWS(float, at::Half)
+MO_DEFINE_WEIGHT_ROWS(double, double)
+#undef MO_DEFINE_WEIGHT_ROWS
+
+#define MO_DEFINE_ACC_ROWS(A)                                                                    \
+  MO_CPU_CLONES void scale_row(A* dst, int64_t D, A iv) {                                        \
+    for (int64_t e = 0; e < D; ++e) dst[e] *= iv;                                                \
+  }                                                                                              \
+  MO_CPU_CLONES A dot_row(const A* a, const A* b, int64_t D) {                                   \
+    A sum = 0;                                                                                   \
+    _Pragma("omp simd reduction(+ : sum)") for (int64_t e = 0; e < D; ++e) sum += a[e] * b[e];   \
+    return sum;                                                                                  \
+  }
+MO_DEFINE_ACC_ROWS(float)
+MO_DEFINE_ACC_ROWS(double)
+#undef MO_DEFINE_ACC_ROWS
 
 // Load columns [n0, n0 + nc) : their K weight rows each, converted to acc and normalised, into
 // Wc (nc·K × D). inv[r] = 1/wn, sumsq[r] = ‖W_r‖², bias_c[j] = bias of column j (0 without bias).
@@ -90,18 +153,12 @@ void load_chunk(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc, a
     for (int64_t k = 0; k < K; ++k) {
       const w_t* src = W + (c * K + k) * D;
       acc_t* dst = Wc + (j * K + k) * D;
-      acc_t ss = 0;
-      for (int64_t e = 0; e < D; ++e) {
-        const acc_t v = static_cast<acc_t>(src[e]);
-        dst[e] = v;
-        ss += v * v;
-      }
+      // plain linear CE (no normalisation): a conversion only, the norms are never used
+      const acc_t ss = load_row(src, dst, D, P.normalize);
       const acc_t iv = epi::inv_norm(ss, P.normalize);
       inv[j * K + k] = iv;
       sumsq[j * K + k] = ss;
-      if (P.normalize) {
-        for (int64_t e = 0; e < D; ++e) dst[e] *= iv;
-      }
+      if (P.normalize) scale_row(dst, D, iv);
     }
   }
 }
@@ -124,13 +181,6 @@ inline void subcenter_reduce(acc_t* row, int64_t nc, int64_t K) {
 // binary runs everywhere and uses the wide units where they exist.
 // ------------------------------------------------------------------------------------------------
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define MO_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define MO_CPU_CLONES
-#define MO_ALWAYS_INLINE inline
-#endif
 
 // Forward: d → z = s·d' + b in place, −inf at the target column tl; returns max_j z, or NaN if
 // any z is NaN (NaN in, NaN out). A vectorised max reduction may drop NaN (maxps returns its second
@@ -203,30 +253,109 @@ MO_DEFINE_ROW_KERNELS(float)
 MO_DEFINE_ROW_KERNELS(double)
 #undef MO_DEFINE_ROW_KERNELS
 
+// The features as bf16 operands, when the bf16 GEMM path is on (bf16 features and a CPU with
+// AVX512-BF16; see use_half_gemm): built once per call, shared read-only by the threads.
+//   Fb  B × Dp row-major (Dp = D rounded up to even, zero pad): A of the logits GEMM F·Ŵcᵀ
+//   Fp  F pair-packed as the B operand of G = DDᵀ·F (N = D, K = B)
+struct HalfFeatures {
+  bool on = false;
+  int64_t Dp = 0;
+  Tensor Fb, Fp;
+  HalfFeatures() = default;
+  HalfFeatures(const Tensor& features) : on(true) {
+    const int64_t B = features.size(0), D = features.size(1);
+    Dp = bf16::round_up(D, 2);
+    const auto opt = features.options().dtype(at::kBFloat16);
+    Tensor Fh = features.scalar_type() == at::kBFloat16 ? features : features.to(at::kBFloat16);
+    Fh = Fh.contiguous();
+    const auto* src = Fh.data_ptr<at::BFloat16>();
+    Fb = at::empty({B, Dp}, opt);
+    bf16::convert_rows(src, B, D, D, Fb.data_ptr<at::BFloat16>());
+    Fp = at::empty({bf16::round_up(B, 2) * bf16::round_up(D, 16)}, opt);
+    bf16::pack_cols(src, D, B, D, Fp.data_ptr<at::BFloat16>());
+  }
+};
+
 // Scratch of one group (one thread).
 template <typename acc_t>
 struct Workspace {
   Tensor Wc, tile, inv, sumsq, bias_c;
-  Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt)
+  Tensor Wrows, Wnt, Wnn, DDb, DDt;  // bf16 path only: Ŵc in bf16 (rows, and packed both ways),
+                                     // the DD tile in bf16 (rows, and transposed)
+  const HalfFeatures* half;
+  Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
+            const HalfFeatures* half_ = nullptr)
       : Wc(at::empty({nc * K, D}, opt)),
         tile(at::empty({B * nc * K}, opt)),
         inv(at::empty({nc * K}, opt)),
         sumsq(at::empty({nc * K}, opt)),
-        bias_c(at::empty({nc}, opt)) {}
+        bias_c(at::empty({nc}, opt)),
+        half(half_ && half_->on ? half_ : nullptr) {
+    if (half) {
+      using bf16::round_up;
+      const auto ho = opt.dtype(at::kBFloat16);
+      const int64_t R = nc * K;
+      Wrows = at::empty({R * round_up(D, 2)}, ho);
+      Wnt = at::empty({round_up(D, 2) * round_up(R, 16)}, ho);
+      Wnn = at::empty({round_up(R, 2) * round_up(D, 16)}, ho);
+      DDb = at::empty({B * round_up(R, 2)}, ho);
+      DDt = at::empty({R * round_up(B, 2)}, ho);
+    }
+  }
   // Views sized for a chunk of nc columns (the last chunk may be narrower).
   Tensor W_view(int64_t rows) { return Wc.narrow(0, 0, rows); }
   Tensor T_view(int64_t B, int64_t cols) { return tile.narrow(0, 0, B * cols).view({B, cols}); }
-  // Load columns [n0, n0 + nc) (normalised rows, their norms, their bias) and return the
-  // B × nc·K tile of dots F·Ŵ_cᵀ: the one GEMM every pass (forward, backward, top-k) starts with.
+  // Load columns [n0, n0 + nc): normalised rows, their norms, their bias.
+  template <typename w_t>
+  void load(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
+    load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
+               sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
+  }
+  // Load columns [n0, n0 + nc) and return the B × nc·K tile of dots F·Ŵ_cᵀ: the one GEMM every
+  // pass (forward, backward, top-k) starts with. bf16 path: Ŵc rounded to bf16 once per chunk
+  // and per pass (like the naive bf16 loss's normalised weight), bf16 products, fp32 sums/tile.
   template <typename w_t>
   Tensor chunk_dots(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, int64_t n0,
                     int64_t nc) {
     const int64_t B = Facc.size(0), ncK = nc * P.K;
-    load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
-               sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
+    load(P, W, n0, nc);
     Tensor T = T_view(B, ncK);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (half) {
+        auto* wnt = Wnt.template data_ptr<at::BFloat16>();
+        bf16::pack_rows_f32(Wc.template data_ptr<float>(), ncK, P.D, P.D,
+                            Wrows.template data_ptr<at::BFloat16>(), wnt);
+        bf16::gemm(B, ncK, half->Dp / 2, half->Fb.template data_ptr<at::BFloat16>(), half->Dp,
+                   wnt, T.data_ptr<float>(), ncK, false);
+        return T;
+      }
+    }
     at::mm_out(T, Facc, W_view(ncK).t());
     return T;
+  }
+  // Backward GEMMs of a chunk, from the DD tile T (B × ncK):  ∂F += DD·Ŵc,  G = DDᵀ·F.
+  void chunk_grads(const Tensor& T, const Tensor& Facc, Tensor& gF, Tensor& Gv) {
+    const int64_t B = T.size(0), ncK = T.size(1), D = Wc.size(1);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (half) {
+        // DD rounded to bf16, as in the naive bf16 loss's logit gradient; fp32 sums and outputs.
+        using bf16::round_up;
+        const float* tp = T.data_ptr<float>();
+        auto* ddb = DDb.template data_ptr<at::BFloat16>();
+        auto* ddt = DDt.template data_ptr<at::BFloat16>();
+        auto* wnn = Wnn.template data_ptr<at::BFloat16>();
+        const int64_t Rp = round_up(ncK, 2), Bp = round_up(B, 2);
+        bf16::convert_rows_f32(tp, B, ncK, ncK, ddb);
+        bf16::pack_cols_f32(Wc.template data_ptr<float>(), D, ncK, D, wnn);
+        bf16::gemm(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
+        bf16::transpose_pad(ddb, ncK, B, Rp, ddt);
+        bf16::gemm(ncK, D, Bp / 2, ddt, Bp, half->Fp.template data_ptr<at::BFloat16>(),
+                   Gv.data_ptr<float>(), D, false);
+        return;
+      }
+    }
+    gF.addmm_(T, W_view(ncK));
+    at::mm_out(Gv, T.t(), Facc);
   }
 };
 
@@ -234,9 +363,11 @@ struct Workspace {
 // Forward
 // ================================================================================================
 
+// keep (optional, B × N·K): receives the raw dots of every chunk, for a backward that does not
+// recompute them (margin_lse_keep).
 template <typename acc_t, typename w_t>
 void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc_t* lse_out,
-                  acc_t* dot_out) {
+                  acc_t* dot_out, const HalfFeatures& half, acc_t* keep) {
   const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
   const int64_t nthreads = at::get_num_threads();
   const int64_t nc_max = pick_chunk(B, K, N, sizeof(acc_t), nthreads);
@@ -252,7 +383,7 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
       int64_t c0, c1;
       group_range(g, ngroups, nchunks, &c0, &c1);
       if (c0 == c1) continue;
-      Workspace<acc_t> ws(B, D, K, nc_max, opt);
+      Workspace<acc_t> ws(B, D, K, nc_max, opt, &half);
       acc_t* M = gm.data() + g * B;
       acc_t* S = gs.data() + g * B;
       for (int64_t ch = c0; ch < c1; ++ch) {
@@ -262,6 +393,7 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
         const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
         for (int64_t i = 0; i < B; ++i) {
           acc_t* row = tp + i * ncK;
+          if (keep) std::memcpy(keep + i * N * K + n0 * K, row, sizeof(acc_t) * ncK);
           subcenter_reduce(row, nc, K);
           const int64_t tl = P.target[i] - n0;
           if (tl >= 0 && tl < nc) dot_out[i] = row[tl];  // exactly one chunk holds the target
@@ -287,10 +419,13 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
 // Backward
 // ================================================================================================
 
+// kept (optional, B × N·K): the forward's dots (margin_lse_keep); the chunk's tile is copied from
+// it instead of recomputed — 3 GEMMs instead of 4, the same epilogue on the same values.
 template <typename acc_t, typename w_t>
 void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const acc_t* grad_lse,
                    const acc_t* grad_dot, const acc_t* lse_neg, Tensor& gF_out, w_t* gW,
-                   acc_t* gscale_out, acc_t* gbias, bool accumulate_rows) {
+                   acc_t* gscale_out, acc_t* gbias, bool accumulate_rows, const HalfFeatures& half,
+                   const acc_t* kept) {
   const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
   const int64_t nthreads = accumulate_rows ? 1 : at::get_num_threads();
   const int64_t nc_max = pick_chunk(B, K, N, sizeof(acc_t), nthreads);
@@ -308,7 +443,7 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
       int64_t c0, c1;
       group_range(g, ngroups, nchunks, &c0, &c1);
       if (c0 == c1) continue;
-      Workspace<acc_t> ws(B, D, K, nc_max, opt);
+      Workspace<acc_t> ws(B, D, K, nc_max, opt, &half);
       Tensor G = at::empty({nc_max * K, D}, opt);   // ∂L/∂Ŵ of the chunk
       std::vector<acc_t> gb_chunk(nc_max), dbuf(nc_max);
       std::vector<int64_t> abuf(nc_max);
@@ -319,7 +454,16 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
         const acc_t* inv = ws.inv.template data_ptr<acc_t>();
         const acc_t* ssq = ws.sumsq.template data_ptr<acc_t>();
         const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
-        Tensor T = ws.chunk_dots(P, W, Facc, n0, nc);  // recompute the dots
+        Tensor T;
+        if (kept) {
+          ws.load(P, W, n0, nc);
+          T = ws.T_view(B, ncK);
+          for (int64_t i = 0; i < B; ++i)
+            std::memcpy(T.data_ptr<acc_t>() + i * ncK, kept + i * N * K + n0 * K,
+                        sizeof(acc_t) * ncK);
+        } else {
+          T = ws.chunk_dots(P, W, Facc, n0, nc);  // recompute the dots
+        }
         acc_t* tp = T.data_ptr<acc_t>();
         std::fill(gb_chunk.begin(), gb_chunk.begin() + nc, acc_t(0));
         acc_t* gbc = gb_chunk.data();
@@ -350,10 +494,8 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
         }
 
         // ∂F += DD · Ŵc ;  G = DDᵀ · F
-        const Tensor Wv = ws.W_view(ncK);
-        gF[g].addmm_(T, Wv);
         Tensor Gv = G.narrow(0, 0, ncK);
-        at::mm_out(Gv, T.t(), Facc);
+        ws.chunk_grads(T, Facc, gF[g], Gv);
         const acc_t* gp = Gv.data_ptr<acc_t>();
 
         // Normalisation Jacobian per weight row, written to the rows this chunk owns.
@@ -364,21 +506,9 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
             const int64_t r = j * K + k;
             const acc_t* grow = gp + r * D;
             const acc_t* what = Wc + r * D;
-            acc_t proj = 0;
-            if (epi::norm_projects(ssq[r], P.normalize)) {
-#pragma omp simd reduction(+ : proj)
-              for (int64_t e = 0; e < D; ++e) proj += what[e] * grow[e];
-            }
-            const acc_t iv = inv[r];
-            w_t* dst = gW + (c * K + k) * D;
-            if (accumulate_rows) {
-              for (int64_t e = 0; e < D; ++e)
-                dst[e] = static_cast<w_t>(static_cast<acc_t>(dst[e]) +
-                                          epi::normalize_backward(grow[e], what[e], proj, iv));
-            } else {
-              for (int64_t e = 0; e < D; ++e)
-                dst[e] = static_cast<w_t>(epi::normalize_backward(grow[e], what[e], proj, iv));
-            }
+            const acc_t proj =
+                epi::norm_projects(ssq[r], P.normalize) ? dot_row(what, grow, D) : acc_t(0);
+            grad_row(grow, what, proj, inv[r], gW + (c * K + k) * D, D, accumulate_rows);
           }
         }
       }
@@ -547,6 +677,44 @@ void dispatch_types(at::ScalarType acc, at::ScalarType wt, Fn&& f) {
   }
 }
 
+// The bf16 GEMM path: bf16 features (the weight may be bf16 or fp32 master weights, converted
+// per chunk) on a CPU with AVX512-BF16. fp16 keeps the fp32 GEMMs: no fp16 units on these CPUs.
+// MARGINOPS_CPU_BF16_GEMM=0 turns it off (a benchmarking and testing knob, read per call).
+inline bool use_half_gemm(const Tensor& features) {
+  if (features.scalar_type() != at::kBFloat16 || !bf16::available()) return false;
+  const char* env = std::getenv("MARGINOPS_CPU_BF16_GEMM");
+  return !(env && env[0] == '0');
+}
+
+// Forward of margin_lse and margin_lse_keep; keep: also return the B × N·K dots.
+std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Tensor& weight,
+                                               const Tensor& scale,
+                                               const std::optional<Tensor>& bias,
+                                               const Tensor& target_col,
+                                               const std::optional<Tensor>& class_index,
+                                               const std::optional<Tensor>& hard_tau,
+                                               const std::optional<Tensor>& hard_t,
+                                               bool normalize_weight, int64_t subcenters,
+                                               bool keep) {
+  Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
+  const auto acc = in.F.scalar_type();
+  const int64_t B = in.F.size(0);
+  Tensor lse = at::empty({B}, in.F.options());
+  Tensor dot = at::zeros({B}, in.F.options());
+  Tensor dots;
+  const HalfFeatures half = use_half_gemm(features) ? HalfFeatures(features) : HalfFeatures();
+  dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
+    using acc_t = decltype(acc0);
+    using w_t = decltype(w0);
+    auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
+                                 in.t, normalize_weight, subcenters);
+    dots = at::empty({keep ? B : 0, keep ? P.N * P.K : 0}, in.F.options());
+    forward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, lse.data_ptr<acc_t>(),
+                             dot.data_ptr<acc_t>(), half, keep ? dots.data_ptr<acc_t>() : nullptr);
+  });
+  return {lse, dot, dots};
+}
+
 std::tuple<Tensor, Tensor> margin_lse_cpu(const Tensor& features, const Tensor& weight,
                                           const Tensor& scale, const std::optional<Tensor>& bias,
                                           const Tensor& target_col,
@@ -554,28 +722,27 @@ std::tuple<Tensor, Tensor> margin_lse_cpu(const Tensor& features, const Tensor& 
                                           const std::optional<Tensor>& hard_tau,
                                           const std::optional<Tensor>& hard_t,
                                           bool normalize_weight, int64_t subcenters) {
-  Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
-  const auto acc = in.F.scalar_type();
-  const int64_t B = in.F.size(0);
-  Tensor lse = at::empty({B}, in.F.options());
-  Tensor dot = at::zeros({B}, in.F.options());
-  dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
-    using acc_t = decltype(acc0);
-    using w_t = decltype(w0);
-    auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
-                                 in.t, normalize_weight, subcenters);
-    forward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, lse.data_ptr<acc_t>(),
-                             dot.data_ptr<acc_t>());
-  });
+  auto [lse, dot, dots] = forward_cpu(features, weight, scale, bias, target_col, class_index,
+                                      hard_tau, hard_t, normalize_weight, subcenters, false);
   return {lse, dot};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cpu(
-    const Tensor& grad_lse, const Tensor& grad_dot, const Tensor& lse_neg, const Tensor& features,
-    const Tensor& weight, const Tensor& scale, const std::optional<Tensor>& bias,
-    const Tensor& target_col, const std::optional<Tensor>& class_index,
-    const std::optional<Tensor>& hard_tau, const std::optional<Tensor>& hard_t,
-    bool normalize_weight, int64_t subcenters) {
+std::tuple<Tensor, Tensor, Tensor> margin_lse_keep_cpu(
+    const Tensor& features, const Tensor& weight, const Tensor& scale,
+    const std::optional<Tensor>& bias, const Tensor& target_col,
+    const std::optional<Tensor>& class_index, const std::optional<Tensor>& hard_tau,
+    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters) {
+  return forward_cpu(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+                     normalize_weight, subcenters, true);
+}
+
+// Backward of both; kept: the forward's dots (B × N·K) or nullopt to recompute them.
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
+    const Tensor& grad_lse, const Tensor& grad_dot, const Tensor& lse_neg,
+    const std::optional<Tensor>& kept, const Tensor& features, const Tensor& weight,
+    const Tensor& scale, const std::optional<Tensor>& bias, const Tensor& target_col,
+    const std::optional<Tensor>& class_index, const std::optional<Tensor>& hard_tau,
+    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters) {
   Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
   const auto acc = in.F.scalar_type();
   const int64_t B = in.F.size(0);
@@ -583,6 +750,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cpu(
   Tensor ln = lse_neg.detach().to(acc).contiguous();
   TORCH_CHECK(gl.numel() == B && gd.numel() == B && ln.numel() == B,
               "marginops: grad_lse, grad_dot and lse_neg must be (B,)");
+  Tensor kd;
+  if (kept.has_value()) {
+    kd = kept->detach().to(acc).contiguous();
+    const int64_t NK = (in.class_index.has_value() ? in.class_index->numel()
+                                                   : in.W.size(0) / std::max<int64_t>(1, subcenters)) *
+                       subcenters;
+    TORCH_CHECK(kd.dim() == 2 && kd.size(0) == B && kd.size(1) == NK,
+                "marginops: margin_lse_backward_kept: dots must be the (B, N·K) tensor that "
+                "margin_lse_keep returned for these inputs");
+  }
   // Rows never iterated (class_index) keep exactly zero; a repeated class in class_index is
   // accumulated, which needs the chunks to run one after another.
   const bool dup = in.class_index.has_value() && has_duplicates(*in.class_index);
@@ -590,6 +767,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cpu(
   Tensor gS = at::empty({B}, in.F.options());
   Tensor gBias = in.bias.has_value() ? at::zeros_like(*in.bias) : at::empty({0}, in.F.options());
   Tensor gF;
+  const HalfFeatures half = use_half_gemm(features) ? HalfFeatures(features) : HalfFeatures();
   dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
     using acc_t = decltype(acc0);
     using w_t = decltype(w0);
@@ -598,9 +776,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cpu(
     backward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, gl.data_ptr<acc_t>(),
                               gd.data_ptr<acc_t>(), ln.data_ptr<acc_t>(), gF, gW.data_ptr<w_t>(),
                               gS.data_ptr<acc_t>(),
-                              in.bias.has_value() ? gBias.data_ptr<acc_t>() : nullptr, dup);
+                              in.bias.has_value() ? gBias.data_ptr<acc_t>() : nullptr, dup, half,
+                              kd.defined() ? kd.data_ptr<acc_t>() : nullptr);
   });
   return {gF.to(features.scalar_type()), gW, gS, gBias};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cpu(
+    const Tensor& grad_lse, const Tensor& grad_dot, const Tensor& lse_neg, const Tensor& features,
+    const Tensor& weight, const Tensor& scale, const std::optional<Tensor>& bias,
+    const Tensor& target_col, const std::optional<Tensor>& class_index,
+    const std::optional<Tensor>& hard_tau, const std::optional<Tensor>& hard_t,
+    bool normalize_weight, int64_t subcenters) {
+  return backward_cpu(grad_lse, grad_dot, lse_neg, std::nullopt, features, weight, scale, bias,
+                      target_col, class_index, hard_tau, hard_t, normalize_weight, subcenters);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_kept_cpu(
+    const Tensor& grad_lse, const Tensor& grad_dot, const Tensor& lse_neg, const Tensor& dots,
+    const Tensor& features, const Tensor& weight, const Tensor& scale,
+    const std::optional<Tensor>& bias, const Tensor& target_col,
+    const std::optional<Tensor>& class_index, const std::optional<Tensor>& hard_tau,
+    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters) {
+  return backward_cpu(grad_lse, grad_dot, lse_neg, dots, features, weight, scale, bias,
+                      target_col, class_index, hard_tau, hard_t, normalize_weight, subcenters);
 }
 
 std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight,
@@ -632,6 +831,8 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight
 TORCH_LIBRARY_IMPL(marginops, CPU, m) {
   m.impl("margin_lse", &margin_lse_cpu);
   m.impl("margin_lse_backward", &margin_lse_backward_cpu);
+  m.impl("margin_lse_keep", &margin_lse_keep_cpu);
+  m.impl("margin_lse_backward_kept", &margin_lse_backward_kept_cpu);
   m.impl("topk", &topk_cpu);
 }
 
