@@ -1,0 +1,234 @@
+"""The cpp backend's fast paths (issue 13): bf16 GEMMs on the matrix units, kept dots.
+
+* bf16 path — bf16 features on a CPU with AVX512-BF16: every GEMM multiplies bf16 operands with
+  fp32 sums into an fp32 tile. Error budget: within 2× the same-precision naive PyTorch error
+  versus fp64 truth (tests/tolerance.py), on odd shapes (D, B odd; C not a multiple of 16;
+  sub-centers, class_index, bias, hard negatives). ``MARGINOPS_CPU_BF16_GEMM=0`` switches the
+  path off, which shows the path is really taken (bf16 rounding of the weight changes the dots).
+* keep path — when the B × N·K dots fit ``cpp.set_keep_budget`` (default 32 MiB) the forward keeps
+  them and the backward reads them: the same outputs and gradients as recomputing, bit for bit;
+  the budget boundary is exact, and above it nothing of size B·C is saved for the backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from contract_oracle import margin_lse_dense
+from test_cpp_op import ARGS, as_fp64, make_case, run
+from tolerance import assert_within_budget
+
+from marginops.ops import cpp
+
+_REASON = cpp.availability("cpp", torch.device("cpu"))
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ backend: {_REASON}")
+
+
+def _cpu_has_bf16_units() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in fh)
+    except OSError:
+        return False
+
+
+needs_bf16_units = pytest.mark.skipif(not _cpu_has_bf16_units(),
+                                      reason="the bf16 GEMM path needs AVX512-BF16")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+
+
+@pytest.fixture
+def keep_budget():
+    """Restores the keep budget after the test."""
+    old = cpp.set_keep_budget(cpp.DEFAULT_KEEP_BUDGET)
+    yield cpp.set_keep_budget
+    cpp.set_keep_budget(old)
+
+
+def ours(**kw):
+    return cpp.margin_lse(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 GEMMs
+# ------------------------------------------------------------------------------------------------
+
+BF16_CASES = [  # B, D, C, options
+    (6, 13, 45, dict(K=2, bias=True, hard=True, class_index=True)),
+    (7, 128, 100, dict()),
+    (64, 33, 257, dict(bias=True)),
+    (5, 17, 31, dict(K=3, normalize=False)),
+]
+
+
+@needs_bf16_units
+@pytest.mark.parametrize("chunks", ["default", "small"])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=["bf16_w", "fp32_w"])
+@pytest.mark.parametrize("B,D,C,opts", BF16_CASES)
+def test_bf16_gemm_path_within_budget(B, D, C, opts, wdtype, chunks, monkeypatch):
+    if chunks == "small":
+        monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+    case = make_case(B, D, C, dtype=torch.bfloat16, wdtype=wdtype, scale=(16.0, 64.0), **opts)
+    got, base, truth = run(ours, case), run(margin_lse_dense, case), run(margin_lse_dense,
+                                                                         as_fp64(case))
+    for k in truth:
+        assert got[k].dtype == base[k].dtype, k
+        assert_within_budget(got[k], base[k], truth[k], torch.bfloat16, name=k)
+    # The path is really taken: with it off, the weight is not rounded to bf16 and dot_y moves
+    # (a bf16 weight that is not normalised is exact either way).
+    if wdtype == torch.float32 or opts.get("normalize", True):
+        monkeypatch.setenv("MARGINOPS_CPU_BF16_GEMM", "0")
+        off = run(ours, case)
+        assert not torch.equal(off["dot_y"], got["dot_y"])
+
+
+@needs_bf16_units
+@pytest.mark.parametrize("kind", ["nan_weight", "inf_weight", "nan_features"])
+def test_bf16_gemm_path_nan_in_nan_out(kind, small_chunks):
+    case = make_case(6, 19, 40, dtype=torch.bfloat16, wdtype=torch.float32, no_target_rows=False,
+                     seed=3)
+    f, w = case["features"].clone(), case["weight"].clone()
+    if kind == "nan_weight":
+        w[7, 4] = float("nan")        # class 7: a non-target column of every row
+    elif kind == "inf_weight":
+        w[7, 4] = float("inf")        # ‖W_7‖ = inf: ŵ_7 = inf/inf = NaN, as in PyTorch
+    else:
+        f[2, 5] = float("nan")
+    case["features"], case["weight"] = f, w
+    got = run(ours, case)
+    want_lse, _ = margin_lse_dense(**case)
+    assert torch.equal(torch.isnan(got["lse_neg"]), torch.isnan(want_lse))
+    assert torch.isnan(got["lse_neg"]).any()
+    bad = torch.isnan(got["lse_neg"])
+    assert not torch.isfinite(got["grad_features"][bad].float()).all(dim=1).any()
+    assert not torch.isfinite(got["grad_weight"]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Kept dots
+# ------------------------------------------------------------------------------------------------
+
+def _saved_bytes(case):
+    """Bytes of every tensor autograd saves that is neither an input nor differentiable (the
+    inputs' clones and the lse_neg output require grad; the kept dots do not)."""
+    inputs = {id(v) for v in case.values() if isinstance(v, torch.Tensor)}
+    sizes = []
+
+    def pack(t):
+        if id(t) not in inputs and not t.requires_grad:
+            sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run(ours, case)
+    return sizes, out
+
+
+KEEP_CASES = [
+    (6, 13, 45, dict(K=2, bias=True, hard=True, class_index=True), torch.float64),
+    (9, 31, 100, dict(bias=True), torch.float32),
+    (7, 20, 33, dict(K=3, normalize=False), torch.float32),
+    (8, 24, 50, dict(hard=True), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("chunks", ["default", "small"])
+@pytest.mark.parametrize("B,D,C,opts,dtype", KEEP_CASES)
+def test_keep_path_equals_recompute_bit_for_bit(B, D, C, opts, dtype, chunks, keep_budget,
+                                                monkeypatch):
+    if chunks == "small":
+        monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+    case = make_case(B, D, C, dtype=dtype, scale=(8.0, 32.0), **opts)
+    keep_budget(1 << 30)
+    kept_sizes, kept = _saved_bytes(case)
+    keep_budget(0)
+    rec_sizes, recomputed = _saved_bytes(case)
+    N = case["class_index"].numel() if case["class_index"] is not None else C
+    acc_size = 8 if dtype == torch.float64 else 4
+    assert B * N * case["subcenters"] * acc_size in kept_sizes   # the dots were kept
+    assert max(rec_sizes, default=0) < B * N * case["subcenters"] * acc_size
+    for k in recomputed:
+        assert torch.equal(kept[k], recomputed[k]), k
+
+
+def test_keep_budget_boundary_and_memory(keep_budget):
+    """Kept iff B·N·K·acc bytes <= budget; above it, saved extras are B-sized whatever C is."""
+    B, D, C = 8, 16, 64
+    case = make_case(B, D, C, dtype=torch.float32)
+    dots = B * C * 4
+    keep_budget(dots)
+    sizes, _ = _saved_bytes(case)
+    assert dots in sizes
+    keep_budget(dots - 1)
+    sizes, _ = _saved_bytes(case)
+    assert max(sizes, default=0) <= B * 4   # lse_neg only: nothing grows with B·C
+    keep_budget(1 << 20)
+    for C_big in (40_000, 80_000):   # B·C·4 = 1.3 MB, 2.6 MB > 1 MiB
+        sizes, _ = _saved_bytes(make_case(B, D, C_big, dtype=torch.float32))
+        assert max(sizes, default=0) <= B * 4
+
+
+def test_keep_path_not_taken_without_grad(keep_budget):
+    case = make_case(4, 8, 20, dtype=torch.float32)
+    with torch.no_grad():
+        lse, dot = ours(**case)
+    want = torch.ops.marginops.margin_lse(*(case[k] for k in ARGS))
+    assert torch.equal(lse, want[0]) and torch.equal(dot, want[1])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "32M"])
+def test_set_keep_budget_rejects_bad_values(bad, keep_budget):
+    with pytest.raises(ValueError, match="set_keep_budget"):
+        cpp.set_keep_budget(bad)
+    assert cpp.set_keep_budget(cpp.DEFAULT_KEEP_BUDGET) == cpp.DEFAULT_KEEP_BUDGET  # unchanged
+
+
+def test_opcheck_keep_ops():
+    samples = [
+        make_case(4, 13, 20, dtype=torch.float64),
+        make_case(5, 7, 9, K=2, dtype=torch.float64, bias=True, hard=True, class_index=True,
+                  seed=2),
+        make_case(2, 5, 6, dtype=torch.bfloat16, wdtype=torch.float32, bias=True, seed=4),
+    ]
+    for i, case in enumerate(samples):
+        args = tuple(case[k] for k in ARGS)
+        if i % 2 == 0:
+            args = tuple(a.clone().requires_grad_(True) if k in ("features", "weight", "scale")
+                         else a for k, a in zip(ARGS, args))
+        torch.library.opcheck(torch.ops.marginops.margin_lse_keep.default, args)
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        lse, _, dots = torch.ops.marginops.margin_lse_keep(*plain)
+        g = torch.Generator().manual_seed(0)
+        gl = torch.randn(lse.shape, generator=g).to(lse)
+        gd = torch.randn(lse.shape, generator=g).to(lse)
+        torch.library.opcheck(torch.ops.marginops.margin_lse_backward_kept.default,
+                              (gl, gd, lse, dots, *plain))
+
+
+def test_backward_kept_rejects_wrong_dots():
+    case = make_case(4, 8, 20, dtype=torch.float32)
+    args = tuple(case[k] for k in ARGS)
+    lse, _, dots = torch.ops.marginops.margin_lse_keep(*args)
+    with pytest.raises(RuntimeError, match="dots must be the"):
+        torch.ops.marginops.margin_lse_backward_kept(lse, lse, lse, dots[:, :-1], *args)
+
+
+def test_torch_compile_through_keep_path(keep_budget):
+    case = make_case(6, 13, 50, dtype=torch.float32, bias=True)
+
+    def loss_fn(f, w, s, b, tc):
+        lse, dot = cpp.margin_lse(f, w, s, b, tc, None, None, None, True, 1)
+        return torch.nn.functional.softplus(lse - s * dot).mean()
+
+    def grads(fn):
+        leaves = [case[k].clone().requires_grad_(True) for k in ("features", "weight", "bias")]
+        loss = fn(leaves[0], leaves[1], case["scale"], leaves[2], case["target_col"])
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(grads(compiled), grads(loss_fn)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
