@@ -180,25 +180,15 @@ inline void pack_rows_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf
     for (int64_t p = 0; p < P; ++p) std::fill(d32 + p * Np + N, d32 + (p + 1) * Np, 0u);
 }
 
-// transpose_pad: A (M × K) given transposed, as K bf16 rows of M values at stride lds → M rows
-// of Kp = round_up(K, 2) (zero pad): dst[i·Kp + k] = src[k·lds + i].
-inline void transpose_pad(const bf16_t* src, int64_t M, int64_t K, int64_t lds, bf16_t* dst) {
-  const int64_t Kp = round_up(K, 2);
-  const auto* s16 = reinterpret_cast<const uint16_t*>(src);
-  auto* d16 = reinterpret_cast<uint16_t*>(dst);
-  transpose(s16, K, M, lds, d16, Kp);
-  if (Kp != K)
-    for (int64_t i = 0; i < M; ++i) d16[i * Kp + K] = 0;
-}
-
 // ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
 #if MO_HAVE_BF16_GEMM
-// One MR × (16·NQ) block of C. A32: row pointers as k-pairs (uint32); B32: pair-packed, at the
-// block's first column; mask[q]: valid columns of vector q.
+// One MR × (16·NQ) block of C. A32: the k-pairs of A as uint32, pair (r, p) at A32[r·sr + p·sp]
+// (row-major A: sr = lda/2, sp = 1; pair-major A: sr = 1, sp = its row stride); B32: pair-packed,
+// at the block's first column; mask[q]: valid columns of vector q.
 template <int MR, int NQ>
-MO_BF16_TARGET void block(int64_t P, const uint32_t* A32, int64_t lda32, const uint32_t* B32,
+MO_BF16_TARGET void block(int64_t P, const uint32_t* A32, int64_t sr, int64_t sp, const uint32_t* B32,
                           int64_t Np, float* C, int64_t ldc, const __mmask16* mask, bool acc) {
   __m512 c[MR][NQ];
 #pragma GCC unroll 8
@@ -212,7 +202,7 @@ MO_BF16_TARGET void block(int64_t P, const uint32_t* A32, int64_t lda32, const u
     for (int q = 0; q < NQ; ++q) b[q] = _mm512_loadu_si512(B32 + p * Np + 16 * q);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512i a = _mm512_set1_epi32(static_cast<int>(A32[r * lda32 + p]));
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(A32[r * sr + p * sp]));
 #pragma GCC unroll 4
       for (int q = 0; q < NQ; ++q)
         c[r][q] = _mm512_dpbf16_ps(c[r][q], (__m512bh)a, (__m512bh)b[q]);
@@ -225,27 +215,26 @@ MO_BF16_TARGET void block(int64_t P, const uint32_t* A32, int64_t lda32, const u
 }
 
 template <int MR>
-void block_nq(int nq, int64_t P, const uint32_t* A32, int64_t lda32, const uint32_t* B32,
+void block_nq(int nq, int64_t P, const uint32_t* A32, int64_t sr, int64_t sp, const uint32_t* B32,
               int64_t Np, float* C, int64_t ldc, const __mmask16* mask, bool acc) {
   switch (nq) {
-    case 4: return block<MR, 4>(P, A32, lda32, B32, Np, C, ldc, mask, acc);
-    case 3: return block<MR, 3>(P, A32, lda32, B32, Np, C, ldc, mask, acc);
-    case 2: return block<MR, 2>(P, A32, lda32, B32, Np, C, ldc, mask, acc);
-    default: return block<MR, 1>(P, A32, lda32, B32, Np, C, ldc, mask, acc);
+    case 4: return block<MR, 4>(P, A32, sr, sp, B32, Np, C, ldc, mask, acc);
+    case 3: return block<MR, 3>(P, A32, sr, sp, B32, Np, C, ldc, mask, acc);
+    case 2: return block<MR, 2>(P, A32, sr, sp, B32, Np, C, ldc, mask, acc);
+    default: return block<MR, 1>(P, A32, sr, sp, B32, Np, C, ldc, mask, acc);
   }
 }
 #endif
 
-// C[M × N] (fp32, row stride ldc) = A · Bᵀ, or += when accumulate. A: M rows of bf16 at stride lda
-// (even), K = 2·P values each (zero-padded); Bp: pair-packed N × K (Np = round_up(N, 16)).
-inline void gemm(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t lda, const bf16_t* Bp,
-                 float* C, int64_t ldc, bool accumulate) {
+// C[M × N] (fp32, row stride ldc) = A · Bᵀ, or += when accumulate; K = 2·P (zero-padded).
+// A: its k-pair (r, p) at A32[r·sr + p·sp] (see gemm / gemm_pair_major); Bp: pair-packed N × K.
+inline void gemm_strided(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t sr, int64_t sp,
+                         const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
 #if MO_HAVE_BF16_GEMM
   constexpr int MR = 6, NQ = 4;
   const int64_t Np = round_up(N, 16);
   const auto* A32 = reinterpret_cast<const uint32_t*>(A);
   const auto* B32 = reinterpret_cast<const uint32_t*>(Bp);
-  const int64_t lda32 = lda / 2;
   for (int64_t n0 = 0; n0 < N; n0 += 16 * NQ) {
     const int64_t ncols = std::min<int64_t>(16 * NQ, N - n0);
     const int nq = static_cast<int>((ncols + 15) / 16);
@@ -255,22 +244,36 @@ inline void gemm(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t lda, 
       mask[q] = static_cast<__mmask16>(v == 16 ? 0xFFFF : ((1u << v) - 1u));
     }
     for (int64_t i0 = 0; i0 < M; i0 += MR) {
-      const uint32_t* a = A32 + i0 * lda32;
+      const uint32_t* a = A32 + i0 * sr;
       const uint32_t* b = B32 + n0;
       float* c = C + i0 * ldc + n0;
       switch (std::min<int64_t>(MR, M - i0)) {
-        case 6: block_nq<6>(nq, P, a, lda32, b, Np, c, ldc, mask, accumulate); break;
-        case 5: block_nq<5>(nq, P, a, lda32, b, Np, c, ldc, mask, accumulate); break;
-        case 4: block_nq<4>(nq, P, a, lda32, b, Np, c, ldc, mask, accumulate); break;
-        case 3: block_nq<3>(nq, P, a, lda32, b, Np, c, ldc, mask, accumulate); break;
-        case 2: block_nq<2>(nq, P, a, lda32, b, Np, c, ldc, mask, accumulate); break;
-        default: block_nq<1>(nq, P, a, lda32, b, Np, c, ldc, mask, accumulate); break;
+        case 6: block_nq<6>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
+        case 5: block_nq<5>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
+        case 4: block_nq<4>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
+        case 3: block_nq<3>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
+        case 2: block_nq<2>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
+        default: block_nq<1>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
       }
     }
   }
 #else
-  (void)M, (void)N, (void)P, (void)A, (void)lda, (void)Bp, (void)C, (void)ldc, (void)accumulate;
+  (void)M, (void)N, (void)P, (void)A, (void)sr, (void)sp, (void)Bp, (void)C, (void)ldc;
+  (void)accumulate;
 #endif
+}
+
+// A: M rows of bf16 at stride lda (even).
+inline void gemm(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t lda, const bf16_t* Bp,
+                 float* C, int64_t ldc, bool accumulate) {
+  gemm_strided(M, N, P, A, lda / 2, 1, Bp, C, ldc, accumulate);
+}
+
+// A pair-major: pair p of row r at A32[p·ldp + r], i.e. A given as Aᵀ pair-packed by pack_cols
+// (ldp = round_up(M, 16)); saves transposing A when it is the transpose of a row-major tile.
+inline void gemm_pair_major(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t ldp,
+                            const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
+  gemm_strided(M, N, P, A, 1, ldp, Bp, C, ldc, accumulate);
 }
 
 }  // namespace bf16

@@ -281,7 +281,7 @@ template <typename acc_t>
 struct Workspace {
   Tensor Wc, tile, inv, sumsq, bias_c;
   Tensor Wrows, Wnt, Wnn, DDb, DDt;  // bf16 path only: Ŵc in bf16 (rows, and packed both ways),
-                                     // the DD tile in bf16 (rows, and transposed)
+                                     // the DD tile in bf16 (rows, and DDᵀ pair-major)
   const HalfFeatures* half;
   Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
             const HalfFeatures* half_ = nullptr)
@@ -299,7 +299,7 @@ struct Workspace {
       Wnt = at::empty({round_up(D, 2) * round_up(R, 16)}, ho);
       Wnn = at::empty({round_up(R, 2) * round_up(D, 16)}, ho);
       DDb = at::empty({B * round_up(R, 2)}, ho);
-      DDt = at::empty({R * round_up(B, 2)}, ho);
+      DDt = at::empty({round_up(B, 2) * round_up(R, 16)}, ho);
     }
   }
   // Views sized for a chunk of nc columns (the last chunk may be narrower).
@@ -348,9 +348,10 @@ struct Workspace {
         bf16::convert_rows_f32(tp, B, ncK, ncK, ddb);
         bf16::pack_cols_f32(Wc.template data_ptr<float>(), D, ncK, D, wnn);
         bf16::gemm(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
-        bf16::transpose_pad(ddb, ncK, B, Rp, ddt);
-        bf16::gemm(ncK, D, Bp / 2, ddt, Bp, half->Fp.template data_ptr<at::BFloat16>(),
-                   Gv.data_ptr<float>(), D, false);
+        bf16::pack_cols_f32(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
+        bf16::gemm_pair_major(ncK, D, Bp / 2, ddt, bf16::round_up(ncK, 16),
+                              half->Fp.template data_ptr<at::BFloat16>(), Gv.data_ptr<float>(), D,
+                              false);
         return;
       }
     }
