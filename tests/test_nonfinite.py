@@ -142,6 +142,18 @@ def test_module_loss_is_nan_with_a_bad_weight(backend, value):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_crystal_nan_bias_of_a_non_target_class_gives_nan(backend):
+    if backend == "cpp" and CPP_REASON is not None:
+        pytest.skip(f"C++ backend: {CPP_REASON}")
+    torch.manual_seed(0)
+    m = marginops.CrystalLoss(8, 6, backend=backend)
+    with torch.no_grad():
+        m.bias[5] = NAN  # no label is 5: only lse_neg can carry it
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    assert math.isnan(m(x, torch.tensor([0, 1, 2, 3])).item())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_functional_nan_scale_gives_nan(backend):
     if backend == "cpp" and CPP_REASON is not None:
         pytest.skip(f"C++ backend: {CPP_REASON}")
