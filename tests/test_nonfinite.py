@@ -39,8 +39,10 @@ BACKEND_PARAMS = [pytest.param(torch_chunked, id="torch"),
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """16-column chunks in the C++ kernel: C = 37 spans three chunks and both thread groups."""
+    """16-column chunks in the C++ kernel (C = 37 spans three chunks and both thread groups) and
+    in the torch backend at B = 5 (so its running top-k list meets several chunks)."""
     monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+    monkeypatch.setattr(torch_chunked, "TILE_ELEMENTS", 5 * 16)
 
 
 def make_case(kind: str, col: int, B: int = 6, C: int = 37, D: int = 24, dtype=torch.float32):
@@ -175,9 +177,9 @@ def _topk_case(nan_rows, C=37, B=5, D=16):
     return f, w
 
 
-def _expected_topk(f, w, exclude, k):
+def _expected_topk(f, w, exclude, k, normalize=True):
     """The contract's order by a plain sort over (NaN first, value descending, column ascending)."""
-    d = (f.double() @ torch.nn.functional.normalize(w.double()).t())
+    d = f.double() @ (torch.nn.functional.normalize(w.double()) if normalize else w.double()).t()
     out = []
     for i in range(d.shape[0]):
         keys = [(0 if math.isnan(v) else 1, -v if not math.isnan(v) else 0.0, j)
@@ -206,6 +208,24 @@ def check_topk_nan(backend, nan_rows, k):
         assert cols[i, :len(expected_nans)].tolist() == expected_nans[:k]
         assert torch.isnan(vals[i, :len(expected_nans)]).all()
         assert not torch.isnan(vals[i, len(expected_nans):]).any()
+
+
+@pytest.mark.parametrize("k", [1, 4, 9, 36])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_topk_exact_ties_by_lower_column(backend, k, small_chunks):
+    """Exactly equal values (integer features and weights, no normalisation: every dot product is
+    exact in any summation order) across chunk boundaries, a NaN row among them: lower column
+    first, on the chunk boundary of the running list too."""
+    g = torch.Generator().manual_seed(2)
+    f = torch.randint(-2, 3, (5, 8), generator=g).float()
+    w = torch.randint(-2, 3, (37, 8), generator=g).float()
+    w[[7, 15, 16, 30, 31, 36]] = w[2].clone()  # a class repeated in every chunk
+    w[[9, 25]] = w[4].clone()
+    w[20, 3] = NAN
+    exclude = torch.tensor([15, -1, 2, 36, 0])
+    vals, cols = backend.topk(f, w, exclude, k, False, 1)
+    assert torch.equal(cols, _expected_topk(f, w, exclude.tolist(), k, normalize=False))
+    assert torch.equal(torch.isnan(vals[:, 0]), exclude != 20) and vals.shape == (5, k)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
