@@ -126,6 +126,26 @@ def check_nan_in_nan_out(backend, kind, col, dtype):
         assert not torch.isfinite(grads["weight"]).all()
 
 
+@pytest.mark.parametrize("nan_k", [0, 1, 2])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_nan_in_one_subcenter(backend, nan_k, small_chunks):
+    """The sub-center max keeps NaN wherever it sits among the K rows (a plain > drops it unless
+    it is the first)."""
+    g = torch.Generator().manual_seed(9)
+    B, C, K, D = 4, 37, 3, 16
+    f = torch.nn.functional.normalize(torch.randn(B, D, generator=g))
+    w = torch.randn(C * K, D, generator=g)
+    w[20 * K + nan_k, 4] = NAN
+    case = dict(features=f, weight=w, scale=torch.full((B,), 30.0), bias=None,
+                target_col=torch.tensor([20, 3, -1, 36]), class_index=None, hard_tau=None,
+                hard_t=None, normalize_weight=True, subcenters=K)
+    lse, dot = backend.margin_lse(**case)
+    want_lse, _ = margin_lse_dense(**case)
+    assert torch.equal(torch.isnan(lse), torch.tensor([False, True, True, True]))
+    assert torch.equal(torch.isnan(dot), torch.tensor([True, False, False, False]))
+    torch.testing.assert_close(lse[0], want_lse[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_module_loss_is_nan_with_a_bad_weight(backend, value):
