@@ -201,6 +201,31 @@ def margin_lse(features, weight, scale, bias, target_col, class_index, hard_tau,
 
 
 # ---------------------------------------------------------------- top-k (no autograd)
+def _top_k_by_value_then_column(val: Tensor, col: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best (B, n) entries per row in the contract's order: value descending with NaN
+    first (as torch.topk ranks it), ties by the lower column. Equal values must appear in ``val``
+    in column order (true of the running list followed by the next chunk).
+
+    torch.topk finds the k-th value exactly but does not say which of several equal values it
+    keeps, so the set is chosen by a second topk over distinct integer keys: every entry strictly
+    better than the k-th value first, then the entries equal to it, lowest position first. Cheaper
+    than a stable sort of the whole chunk (measured 9× slower than topk); no host sync.
+    """
+    n = val.shape[1]
+    kth = torch.topk(val, k, dim=1).values[:, -1:]
+    nan, kth_nan = torch.isnan(val), torch.isnan(kth)
+    better = ~kth_nan & ((val > kth) | nan)                # NaN beats every number
+    equal = torch.where(kth_nan, nan, val == kth)          # NaN ties with NaN
+    key_dtype = torch.int32 if 2 * n < 2**31 else torch.int64
+    rank = torch.arange(n, 0, -1, dtype=key_dtype, device=val.device)  # lower position: higher
+    key = torch.where(better, rank + n, torch.where(equal, rank, 0))
+    pick = torch.topk(key, k, dim=1).indices                # distinct keys: no tie left to break
+    vals, cols = val.gather(1, pick), col.gather(1, pick)
+    # by value, descending; the stable sort keeps the lower column first among equal values
+    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
+    return vals, cols.gather(1, order)
+
+
 @torch.library.custom_op("marginops::topk_torch", mutates_args=())
 @_autocast_off
 def topk_op(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int,
@@ -216,12 +241,7 @@ def topk_op(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int,
         cols = torch.arange(n0, n0 + t.d.shape[1], device=f.device).expand(B, -1)
         val = torch.cat([best_val, t.d.masked_fill(t.is_target, float("-inf"))], dim=1)
         col = torch.cat([best_col, cols], dim=1)
-        # A stable descending sort is the contract's order: NaN first (torch ranks it above +inf),
-        # ties by the lower column (the running list holds lower columns than this chunk, and both
-        # are in column order). torch.topk does not promise which of equal values it returns.
-        best_val, pick = torch.sort(val, dim=1, descending=True, stable=True)
-        best_val, pick = best_val[:, :k].contiguous(), pick[:, :k]
-        best_col = col.gather(1, pick)
+        best_val, best_col = _top_k_by_value_then_column(val, col, min(k, val.shape[1]))
     return best_val, best_col
 
 

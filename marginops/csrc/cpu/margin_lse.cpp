@@ -191,7 +191,7 @@ template <typename acc_t>
 MO_ALWAYS_INLINE acc_t row_logits_impl(acc_t* row, int64_t nc, int64_t tl, acc_t s, acc_t tau,
                                        acc_t t, bool hard, const acc_t* bc) {
   acc_t m = epi::neg_inf<acc_t>();
-  int64_t nans = 0;
+  int nans = 0;  // int, not int64: same lane width as float, so the loop stays one vector width
 #pragma omp simd reduction(max : m) reduction(+ : nans)
   for (int64_t j = 0; j < nc; ++j) {
     const acc_t d = row[j];
