@@ -283,6 +283,8 @@ struct Workspace {
   Tensor Wrows, Wnt, Wnn, DDb, DDt;  // bf16 path only: Ŵc in bf16 (rows, and packed both ways),
                                      // the DD tile in bf16 (rows, and DDᵀ pair-major)
   const HalfFeatures* half;
+  Tensor Wall;       // in-place mode (see read_in_place): the whole weight, and this chunk's row
+  int64_t row0 = 0;
   Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
             const HalfFeatures* half_ = nullptr)
       : Wc(at::empty({nc * K, D}, opt)),
@@ -302,12 +304,32 @@ struct Workspace {
       DDt = at::empty({round_up(B, 2) * round_up(R, 16)}, ho);
     }
   }
+  // Plain linear weights (no normalisation, no class_index, weight already in the acc dtype):
+  // the chunk's rows are read where they are, with no copy (plain cross-entropy).
+  template <typename w_t>
+  void read_in_place(const Problem<acc_t>& P, const w_t* W, const at::TensorOptions& opt) {
+    if constexpr (std::is_same_v<w_t, acc_t>) {
+      if (!P.normalize && !P.class_index)
+        Wall = at::from_blob(const_cast<acc_t*>(W), {P.N * P.K, P.D}, opt);
+    }
+  }
+  bool in_place() const { return Wall.defined(); }
   // Views sized for a chunk of nc columns (the last chunk may be narrower).
-  Tensor W_view(int64_t rows) { return Wc.narrow(0, 0, rows); }
+  Tensor W_view(int64_t rows) {
+    return in_place() ? Wall.narrow(0, row0, rows) : Wc.narrow(0, 0, rows);
+  }
   Tensor T_view(int64_t B, int64_t cols) { return tile.narrow(0, 0, B * cols).view({B, cols}); }
   // Load columns [n0, n0 + nc): normalised rows, their norms, their bias.
   template <typename w_t>
   void load(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
+    if (in_place()) {  // wn = 1, no projection: only the bias to gather
+      row0 = n0 * P.K;
+      inv.fill_(1);
+      sumsq.zero_();
+      acc_t* bc = bias_c.template data_ptr<acc_t>();
+      for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[n0 + j] : acc_t(0);
+      return;
+    }
     load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
                sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
   }
@@ -323,7 +345,7 @@ struct Workspace {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (half) {
         auto* wnt = Wnt.template data_ptr<at::BFloat16>();
-        bf16::pack_rows_f32(Wc.template data_ptr<float>(), ncK, P.D, P.D,
+        bf16::pack_rows_f32(W_view(ncK).template data_ptr<float>(), ncK, P.D, P.D,
                             Wrows.template data_ptr<at::BFloat16>(), wnt);
         bf16::gemm(B, ncK, half->Dp / 2, half->Fb.template data_ptr<at::BFloat16>(), half->Dp,
                    wnt, T.data_ptr<float>(), ncK, false);
@@ -336,6 +358,7 @@ struct Workspace {
   // Backward GEMMs of a chunk, from the DD tile T (B × ncK):  ∂F += DD·Ŵc,  G = DDᵀ·F.
   void chunk_grads(const Tensor& T, const Tensor& Facc, Tensor& gF, Tensor& Gv) {
     const int64_t B = T.size(0), ncK = T.size(1), D = Wc.size(1);
+    const Tensor Wv = W_view(ncK);
     if constexpr (std::is_same_v<acc_t, float>) {
       if (half) {
         // DD rounded to bf16, as in the naive bf16 loss's logit gradient; fp32 sums and outputs.
@@ -346,7 +369,7 @@ struct Workspace {
         auto* wnn = Wnn.template data_ptr<at::BFloat16>();
         const int64_t Rp = round_up(ncK, 2), Bp = round_up(B, 2);
         bf16::convert_rows_f32(tp, B, ncK, ncK, ddb);
-        bf16::pack_cols_f32(Wc.template data_ptr<float>(), D, ncK, D, wnn);
+        bf16::pack_cols_f32(Wv.template data_ptr<float>(), D, ncK, D, wnn);
         bf16::gemm(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
         bf16::pack_cols_f32(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
         bf16::gemm_pair_major(ncK, D, Bp / 2, ddt, bf16::round_up(ncK, 16),
@@ -355,7 +378,7 @@ struct Workspace {
         return;
       }
     }
-    gF.addmm_(T, W_view(ncK));
+    gF.addmm_(T, Wv);
     at::mm_out(Gv, T.t(), Facc);
   }
 };
@@ -385,6 +408,7 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
       group_range(g, ngroups, nchunks, &c0, &c1);
       if (c0 == c1) continue;
       Workspace<acc_t> ws(B, D, K, nc_max, opt, &half);
+      ws.read_in_place(P, W, opt);
       acc_t* M = gm.data() + g * B;
       acc_t* S = gs.data() + g * B;
       for (int64_t ch = c0; ch < c1; ++ch) {
@@ -420,8 +444,8 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
 // Backward
 // ================================================================================================
 
-// kept (optional, B × N·K): the forward's dots (margin_lse_keep); the chunk's tile is copied from
-// it instead of recomputed — 3 GEMMs instead of 4, the same epilogue on the same values.
+// kept (optional, B × N·K): the forward's dots (margin_lse_keep), read by the epilogue instead
+// of recomputed — 3 GEMMs instead of 4, the same epilogue on the same values.
 template <typename acc_t, typename w_t>
 void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const acc_t* grad_lse,
                    const acc_t* grad_dot, const acc_t* lse_neg, Tensor& gF_out, w_t* gW,
@@ -445,40 +469,41 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
       group_range(g, ngroups, nchunks, &c0, &c1);
       if (c0 == c1) continue;
       Workspace<acc_t> ws(B, D, K, nc_max, opt, &half);
+      ws.read_in_place(P, W, opt);
+      // In-place weights: G is the weight gradient itself (wn = 1), written straight into gW.
+      const bool g_in_place = ws.in_place() && !accumulate_rows;
       Tensor G = at::empty({nc_max * K, D}, opt);   // ∂L/∂Ŵ of the chunk
       std::vector<acc_t> gb_chunk(nc_max), dbuf(nc_max);
       std::vector<int64_t> abuf(nc_max);
       acc_t* gs = gsc.data() + g * B;
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t n0 = ch * nc_max, nc = std::min(nc_max, N - n0), ncK = nc * K;
-        acc_t* Wc = ws.Wc.template data_ptr<acc_t>();
         const acc_t* inv = ws.inv.template data_ptr<acc_t>();
         const acc_t* ssq = ws.sumsq.template data_ptr<acc_t>();
         const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
         Tensor T;
-        if (kept) {
+        if (kept) {  // the dots are read from `kept` below; T only receives DD
           ws.load(P, W, n0, nc);
           T = ws.T_view(B, ncK);
-          for (int64_t i = 0; i < B; ++i)
-            std::memcpy(T.data_ptr<acc_t>() + i * ncK, kept + i * N * K + n0 * K,
-                        sizeof(acc_t) * ncK);
         } else {
           T = ws.chunk_dots(P, W, Facc, n0, nc);  // recompute the dots
         }
         acc_t* tp = T.data_ptr<acc_t>();
+        const acc_t* Wc = ws.W_view(ncK).template data_ptr<acc_t>();
         std::fill(gb_chunk.begin(), gb_chunk.begin() + nc, acc_t(0));
         acc_t* gbc = gb_chunk.data();
 
-        // Epilogue: T row → DD row in place.
+        // Epilogue: dots row (T's, or the kept one) → DD row of T.
         //   g  = grad_lse · exp(z − lse_neg) off target;  dd = g · s · ∂d'/∂d (+ grad_dot at target)
         for (int64_t i = 0; i < B; ++i) {
           acc_t* row = tp + i * ncK;
+          const acc_t* src = kept ? kept + (i * N + n0) * K : row;
           const acc_t* d;
           if (K == 1) {
-            d = row;  // dd overwrites d element by element
+            d = src;  // without kept, dd overwrites d element by element
           } else {
             for (int64_t j = 0; j < nc; ++j)
-              dbuf[j] = epi::subcenter_max(row + j * K, K, &abuf[j]);
+              dbuf[j] = epi::subcenter_max(src + j * K, K, &abuf[j]);
             std::fill(row, row + ncK, acc_t(0));
             d = dbuf.data();
           }
@@ -495,7 +520,9 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
         }
 
         // ∂F += DD · Ŵc ;  G = DDᵀ · F
-        Tensor Gv = G.narrow(0, 0, ncK);
+        Tensor Gv = g_in_place ? at::from_blob(reinterpret_cast<acc_t*>(gW) + n0 * K * D,
+                                               {ncK, D}, opt)
+                               : G.narrow(0, 0, ncK);
         ws.chunk_grads(T, Facc, gF[g], Gv);
         const acc_t* gp = Gv.data_ptr<acc_t>();
 
@@ -503,7 +530,7 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
         for (int64_t j = 0; j < nc; ++j) {
           const int64_t c = P.class_of(n0 + j);
           if (gbias) gbias[c] = accumulate_rows ? gbias[c] + gbc[j] : gbc[j];
-          for (int64_t k = 0; k < K; ++k) {
+          for (int64_t k = 0; k < K && !g_in_place; ++k) {
             const int64_t r = j * K + k;
             const acc_t* grow = gp + r * D;
             const acc_t* what = Wc + r * D;
