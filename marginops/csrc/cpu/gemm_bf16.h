@@ -122,17 +122,18 @@ MO_BF16_TARGET inline void cvt_row(const float* s, int64_t n, bf16_t* d) {
 }
 
 // Two rows of n floats → n pairs (s0[j], s1[j]) as uint32 words (s1 null: zeros).
+// 16 floats (valid lanes m) → 16 bf16 → zero-extended to 16 uint32 words.
+MO_BF16_TARGET inline __m512i widen_bf16(__mmask16 m, const float* s) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s));
+  return _mm512_maskz_cvtepu16_epi32(0xFFFF, h);
+}
+
 MO_BF16_TARGET inline void interleave_rows(const float* s0, const float* s1, int64_t n,
                                            uint32_t* d) {
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
-    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s0 + k)));
-    __m512i v = lo;
-    if (s1) {
-      const __m512i hi =
-          _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s1 + k)));
-      v = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-    }
+    __m512i v = widen_bf16(m, s0 + k);
+    if (s1) v = _mm512_or_si512(v, _mm512_maskz_slli_epi32(0xFFFF, widen_bf16(m, s1 + k), 16));
     _mm512_mask_storeu_epi32(d + k, m, v);
   }
 }

@@ -1,21 +1,27 @@
-// CPU kernels of the marginops core op: margin_lse, margin_lse_backward, topk.
+// CPU kernels of the marginops core op: margin_lse (+ margin_lse_keep), margin_lse_backward
+// (+ margin_lse_backward_kept), topk. Building blocks (buffers, chunk GEMMs, row loops): tiles.h.
 //
 // Structure (the same in all three): stream over the class columns in chunks of `nc` columns.
 // For each chunk
 //   1. load   — read the chunk's weight rows (indirectly through class_index when given), convert
-//               to the acc dtype and normalise them into a small nc·K × D buffer Ŵc;
-//   2. GEMM   — T = F · Ŵcᵀ (B × nc·K) with ATen's BLAS GEMM (MKL / OpenBLAS);
+//               to the acc dtype and normalise them into a small nc·K × D buffer Ŵc (plain linear
+//               weights already in the acc dtype are read in place);
+//   2. GEMM   — T = F · Ŵcᵀ (B × nc·K): fp32/fp64 with ATen's BLAS GEMM (MKL / OpenBLAS); bf16
+//               features on the AVX512-BF16 units with fp32 sums into an fp32 tile (gemm_bf16.h);
 //   3. epilogue — one tight loop per row over T, in place: sub-center max, target mask, hard-negative
 //               modulation, scale, bias, then max and Σexp (forward), or the softmax gradient dd
 //               (backward), using the shared math of csrc/include/epilogue.h.
 // The backward then does ∂F += DD · Ŵc and G = DDᵀ · F (two more GEMMs) and applies the
-// normalisation Jacobian to G row by row; each chunk owns its weight rows, so no atomics.
+// normalisation Jacobian to G row by row; each chunk owns its weight rows, so no atomics. When the
+// forward kept the dots (margin_lse_keep: B × N·K within the Python side's keep budget), the
+// backward reads them instead of recomputing them: 3 GEMMs instead of 4.
 //
 // Parallelism: the chunks are split into `ngroups` contiguous ranges (one per thread); each group
 // keeps its own partial results (running max/Σexp per row, or ∂F and ∂scale accumulators) that are
 // merged in group order at the end, so results are deterministic for a given thread count. Inside a
 // group the GEMMs run single-threaded on a tile that fits in cache. Memory is bounded by
-// ngroups × (B·nc·K + nc·K·D + B·D) acc elements: nothing grows with B·C.
+// ngroups × (B·nc·K + nc·K·D + B·D) acc elements (+ the kept dots, bounded by the keep budget):
+// nothing else grows with B·C.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,364 +30,12 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
-#include "epilogue.h"
-#include "gemm_bf16.h"
+#include "tiles.h"
 
 namespace marginops {
 namespace cpu {
-
-using at::Tensor;
-namespace epi = marginops::epi;
-
-// ------------------------------------------------------------------------------------------------
-// Problem description shared by the three ops
-// ------------------------------------------------------------------------------------------------
-
-template <typename acc_t>
-struct Problem {
-  int64_t B = 0, D = 0, K = 1, N = 0;   // rows, embedding dim, sub-centers, iterated columns
-  const acc_t* F = nullptr;              // B × D features in acc dtype
-  const int64_t* class_index = nullptr;  // N class ids, or null: column n is class n
-  const int64_t* target = nullptr;       // B target columns (−1: none)
-  const acc_t* scale = nullptr;          // B
-  const acc_t* bias = nullptr;           // C_local (by class) or null
-  const acc_t* tau = nullptr;            // B or null
-  acc_t t = 0;                           // CurricularFace t
-  bool hard = false;
-  bool normalize = true;
-
-  int64_t class_of(int64_t n) const { return class_index ? class_index[n] : n; }
-};
-
-// Columns per chunk. The B × nc·K tile should stay in the per-core L2 cache while the epilogue
-// runs over it, yet be large enough for an efficient GEMM. MARGINOPS_CPU_TILE_KB overrides the
-// tile budget (a benchmarking knob, not a behaviour switch: results do not depend on it beyond
-// rounding).
-inline int64_t pick_chunk(int64_t B, int64_t K, int64_t N, int64_t acc_size, int64_t nthreads) {
-  int64_t budget = 1024 * 1024;  // bytes of tile
-  if (const char* env = std::getenv("MARGINOPS_CPU_TILE_KB")) {
-    int64_t kb = std::atoll(env);
-    if (kb > 0) budget = kb * 1024;
-  }
-  int64_t nc = budget / std::max<int64_t>(1, B * K * acc_size);
-  nc = std::clamp<int64_t>(nc / 16 * 16, 16, 2048);
-  // A whole number of chunks per thread, all about the same width: with 2 threads, 5 chunks of
-  // 2048 columns would leave one thread 3 chunks and the other 2 (B = 64, C = 10K).
-  const int64_t T = std::max<int64_t>(1, nthreads);
-  int64_t nchunks = (std::max<int64_t>(N, 1) + nc - 1) / nc;
-  nchunks = (nchunks + T - 1) / T * T;
-  nc = bf16::round_up((N + nchunks - 1) / nchunks, 16);
-  return std::max<int64_t>(1, std::min(nc, std::max<int64_t>(N, 1)));
-}
-
-// Contiguous range of chunks owned by group g of ngroups.
-inline void group_range(int64_t g, int64_t ngroups, int64_t nchunks, int64_t* c0, int64_t* c1) {
-  *c0 = nchunks * g / ngroups;
-  *c1 = nchunks * (g + 1) / ngroups;
-}
-
-// Hot loops are compiled in AVX-512 / AVX2 / baseline clones picked at load time (GCC function
-// multi-versioning), so one binary runs everywhere and uses the wide units where they exist.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define MO_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define MO_CPU_CLONES
-#define MO_ALWAYS_INLINE inline
-#endif
-
-// Per weight row (D values), the loops of the load and of the normalisation Jacobian, one overload
-// per (acc, weight) dtype pair so that each gets its clones:
-//   load_row: dst = float(src), returns Σ dst² (or 0 when !norms);  scale_row: dst *= iv
-//   dot_row: Σ a·b;  grad_row: dst (+)= w_t((g − ŵ·proj)·iv)
-#define MO_DEFINE_WEIGHT_ROWS(A, W)                                                              \
-  MO_CPU_CLONES A load_row(const W* src, A* dst, int64_t D, bool norms) {                        \
-    A ss = 0;                                                                                    \
-    if (norms) {                                                                                 \
-      _Pragma("omp simd reduction(+ : ss)") for (int64_t e = 0; e < D; ++e) {                    \
-        const A v = static_cast<A>(src[e]);                                                      \
-        dst[e] = v;                                                                              \
-        ss += v * v;                                                                             \
-      }                                                                                          \
-    } else {                                                                                     \
-      for (int64_t e = 0; e < D; ++e) dst[e] = static_cast<A>(src[e]);                           \
-    }                                                                                            \
-    return ss;                                                                                   \
-  }                                                                                              \
-  MO_CPU_CLONES void grad_row(const A* g, const A* what, A proj, A iv, W* dst, int64_t D,        \
-                              bool accumulate) {                                                 \
-    if (accumulate) {                                                                            \
-      for (int64_t e = 0; e < D; ++e)                                                            \
-        dst[e] = static_cast<W>(static_cast<A>(dst[e]) +                                         \
-                                epi::normalize_backward(g[e], what[e], proj, iv));               \
-    } else {                                                                                     \
-      for (int64_t e = 0; e < D; ++e)                                                            \
-        dst[e] = static_cast<W>(epi::normalize_backward(g[e], what[e], proj, iv));               \
-    }                                                                                            \
-  }
-MO_DEFINE_WEIGHT_ROWS(float, float)
-MO_DEFINE_WEIGHT_ROWS(float, at::BFloat16)
-MO_DEFINE_WEIGHT_ROWS(float, at::Half)
-MO_DEFINE_WEIGHT_ROWS(double, double)
-#undef MO_DEFINE_WEIGHT_ROWS
-
-#define MO_DEFINE_ACC_ROWS(A)                                                                    \
-  MO_CPU_CLONES void scale_row(A* dst, int64_t D, A iv) {                                        \
-    for (int64_t e = 0; e < D; ++e) dst[e] *= iv;                                                \
-  }                                                                                              \
-  MO_CPU_CLONES A dot_row(const A* a, const A* b, int64_t D) {                                   \
-    A sum = 0;                                                                                   \
-    _Pragma("omp simd reduction(+ : sum)") for (int64_t e = 0; e < D; ++e) sum += a[e] * b[e];   \
-    return sum;                                                                                  \
-  }
-MO_DEFINE_ACC_ROWS(float)
-MO_DEFINE_ACC_ROWS(double)
-#undef MO_DEFINE_ACC_ROWS
-
-// Load columns [n0, n0 + nc) : their K weight rows each, converted to acc and normalised, into
-// Wc (nc·K × D). inv[r] = 1/wn, sumsq[r] = ‖W_r‖², bias_c[j] = bias of column j (0 without bias).
-template <typename acc_t, typename w_t>
-void load_chunk(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc, acc_t* Wc,
-                acc_t* inv, acc_t* sumsq, acc_t* bias_c) {
-  const int64_t D = P.D, K = P.K;
-  for (int64_t j = 0; j < nc; ++j) {
-    const int64_t c = P.class_of(n0 + j);
-    bias_c[j] = P.bias ? P.bias[c] : acc_t(0);
-    for (int64_t k = 0; k < K; ++k) {
-      const w_t* src = W + (c * K + k) * D;
-      acc_t* dst = Wc + (j * K + k) * D;
-      // plain linear CE (no normalisation): a conversion only, the norms are never used
-      const acc_t ss = load_row(src, dst, D, P.normalize);
-      const acc_t iv = epi::inv_norm(ss, P.normalize);
-      inv[j * K + k] = iv;
-      sumsq[j * K + k] = ss;
-      if (P.normalize) scale_row(dst, D, iv);
-    }
-  }
-}
-
-// In place: row of nc·K dots → nc sub-center maxima (forward and topk; the backward also needs
-// the argmax and keeps it separately). Writing position j never overtakes reading position j·K.
-template <typename acc_t>
-inline void subcenter_reduce(acc_t* row, int64_t nc, int64_t K) {
-  if (K == 1) return;
-  for (int64_t j = 0; j < nc; ++j) {
-    int64_t a;
-    row[j] = epi::subcenter_max(row + j * K, K, &a);
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Row epilogues: the hot loops. Written as plain loops over one tile row that GCC vectorises
-// (-fno-trapping-math lets it if-convert the selects; exp_acc is branch-free), and compiled in
-// AVX-512 / AVX2 / baseline clones picked at load time (GCC function multi-versioning), so one
-// binary runs everywhere and uses the wide units where they exist.
-// ------------------------------------------------------------------------------------------------
-
-
-// Forward: d → z = s·d' + b in place, −inf at the target column tl; returns max_j z, or NaN if
-// any z is NaN (NaN in, NaN out). A vectorised max reduction may drop NaN (maxps returns its second
-// operand), so NaNs are counted separately — one compare and one add per element, beside an
-// exp polynomial of ~20 operations in the next pass — and the returned max is poisoned at the end;
-// a NaN max then makes every exp(z − m) NaN, and lse_merge / lse_finalize keep it.
-template <typename acc_t>
-MO_ALWAYS_INLINE acc_t row_logits_impl(acc_t* row, int64_t nc, int64_t tl, acc_t s, acc_t tau,
-                                       acc_t t, bool hard, const acc_t* bc) {
-  acc_t m = epi::neg_inf<acc_t>();
-  int nans = 0;  // int, not int64: same lane width as float, so the loop stays one vector width
-#pragma omp simd reduction(max : m) reduction(+ : nans)
-  for (int64_t j = 0; j < nc; ++j) {
-    const acc_t d = row[j];
-    const bool h = epi::is_hard(d, tau, hard);
-    acc_t z = epi::logit(epi::modulate(d, t, h), s, bc[j]);
-    z = j == tl ? epi::neg_inf<acc_t>() : z;
-    row[j] = z;
-    m = m > z ? m : z;
-    nans += z != z;
-  }
-  return nans ? std::numeric_limits<acc_t>::quiet_NaN() : m;
-}
-
-// Forward: Σ_j exp(z_j − m).
-template <typename acc_t>
-MO_ALWAYS_INLINE acc_t row_sum_exp_impl(const acc_t* row, int64_t nc, acc_t m) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < nc; ++j) sum += epi::exp_acc(row[j] - m);
-  return sum;
-}
-
-// Backward: from d (sub-center maxima) to dd, written to out (may be d itself):
-//   g_j = grad_lse · exp(z_j − lse_neg) for j ≠ tl, 0 at tl;   gbias_j += g_j
-//   dd_j = g_j · s · ∂d'/∂d;   returns Σ_j g_j · d'_j (this row's ∂scale)
-// The target's grad_dot is added by the caller.
-template <typename acc_t>
-MO_ALWAYS_INLINE acc_t row_dd_impl(const acc_t* d, acc_t* out, int64_t nc, int64_t tl, acc_t s,
-                                   acc_t tau, acc_t t, bool hard, const acc_t* bc, acc_t lse,
-                                   acc_t gl, acc_t* gbc) {
-  acc_t gsum = 0;
-#pragma omp simd reduction(+ : gsum)
-  for (int64_t j = 0; j < nc; ++j) {
-    const acc_t dj = d[j];
-    const bool h = epi::is_hard(dj, tau, hard);
-    const acc_t dm = epi::modulate(dj, t, h);
-    acc_t p = epi::softmax_grad(epi::logit(dm, s, bc[j]), lse, gl);
-    p = j == tl ? acc_t(0) : p;
-    gsum += p * dm;
-    gbc[j] += p;
-    out[j] = p * s * epi::modulate_grad(dj, t, h);
-  }
-  return gsum;
-}
-
-#define MO_DEFINE_ROW_KERNELS(T)                                                                 \
-  MO_CPU_CLONES T row_logits(T* row, int64_t nc, int64_t tl, T s, T tau, T t, bool hard,         \
-                             const T* bc) {                                                      \
-    return row_logits_impl<T>(row, nc, tl, s, tau, t, hard, bc);                                 \
-  }                                                                                              \
-  MO_CPU_CLONES T row_sum_exp(const T* row, int64_t nc, T m) {                                   \
-    return row_sum_exp_impl<T>(row, nc, m);                                                      \
-  }                                                                                              \
-  MO_CPU_CLONES T row_dd(const T* d, T* out, int64_t nc, int64_t tl, T s, T tau, T t, bool hard, \
-                         const T* bc, T lse, T gl, T* gbc) {                                     \
-    return row_dd_impl<T>(d, out, nc, tl, s, tau, t, hard, bc, lse, gl, gbc);                    \
-  }
-MO_DEFINE_ROW_KERNELS(float)
-MO_DEFINE_ROW_KERNELS(double)
-#undef MO_DEFINE_ROW_KERNELS
-
-// The features as bf16 operands, when the bf16 GEMM path is on (bf16 features and a CPU with
-// AVX512-BF16; see use_half_gemm): built once per call, shared read-only by the threads.
-//   Fb  B × Dp row-major (Dp = D rounded up to even, zero pad): A of the logits GEMM F·Ŵcᵀ
-//   Fp  F pair-packed as the B operand of G = DDᵀ·F (N = D, K = B)
-struct HalfFeatures {
-  bool on = false;
-  int64_t Dp = 0;
-  Tensor Fb, Fp;
-  HalfFeatures() = default;
-  HalfFeatures(const Tensor& features) : on(true) {
-    const int64_t B = features.size(0), D = features.size(1);
-    Dp = bf16::round_up(D, 2);
-    const auto opt = features.options().dtype(at::kBFloat16);
-    Tensor Fh = features.scalar_type() == at::kBFloat16 ? features : features.to(at::kBFloat16);
-    Fh = Fh.contiguous();
-    const auto* src = Fh.data_ptr<at::BFloat16>();
-    Fb = at::empty({B, Dp}, opt);
-    bf16::convert_rows(src, B, D, D, Fb.data_ptr<at::BFloat16>());
-    Fp = at::empty({bf16::round_up(B, 2) * bf16::round_up(D, 16)}, opt);
-    bf16::pack_cols(src, D, B, D, Fp.data_ptr<at::BFloat16>());
-  }
-};
-
-// Scratch of one group (one thread).
-template <typename acc_t>
-struct Workspace {
-  Tensor Wc, tile, inv, sumsq, bias_c;
-  Tensor Wrows, Wnt, Wnn, DDb, DDt;  // bf16 path only: Ŵc in bf16 (rows, and packed both ways),
-                                     // the DD tile in bf16 (rows, and DDᵀ pair-major)
-  const HalfFeatures* half;
-  Tensor Wall;       // in-place mode (see read_in_place): the whole weight, and this chunk's row
-  int64_t row0 = 0;
-  Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
-            const HalfFeatures* half_ = nullptr)
-      : Wc(at::empty({nc * K, D}, opt)),
-        tile(at::empty({B * nc * K}, opt)),
-        inv(at::empty({nc * K}, opt)),
-        sumsq(at::empty({nc * K}, opt)),
-        bias_c(at::empty({nc}, opt)),
-        half(half_ && half_->on ? half_ : nullptr) {
-    if (half) {
-      using bf16::round_up;
-      const auto ho = opt.dtype(at::kBFloat16);
-      const int64_t R = nc * K;
-      Wrows = at::empty({R * round_up(D, 2)}, ho);
-      Wnt = at::empty({round_up(D, 2) * round_up(R, 16)}, ho);
-      Wnn = at::empty({round_up(R, 2) * round_up(D, 16)}, ho);
-      DDb = at::empty({B * round_up(R, 2)}, ho);
-      DDt = at::empty({round_up(B, 2) * round_up(R, 16)}, ho);
-    }
-  }
-  // Plain linear weights (no normalisation, no class_index, weight already in the acc dtype):
-  // the chunk's rows are read where they are, with no copy (plain cross-entropy).
-  template <typename w_t>
-  void read_in_place(const Problem<acc_t>& P, const w_t* W, const at::TensorOptions& opt) {
-    if constexpr (std::is_same_v<w_t, acc_t>) {
-      if (!P.normalize && !P.class_index)
-        Wall = at::from_blob(const_cast<acc_t*>(W), {P.N * P.K, P.D}, opt);
-    }
-  }
-  bool in_place() const { return Wall.defined(); }
-  // Views sized for a chunk of nc columns (the last chunk may be narrower).
-  Tensor W_view(int64_t rows) {
-    return in_place() ? Wall.narrow(0, row0, rows) : Wc.narrow(0, 0, rows);
-  }
-  Tensor T_view(int64_t B, int64_t cols) { return tile.narrow(0, 0, B * cols).view({B, cols}); }
-  // Load columns [n0, n0 + nc): normalised rows, their norms, their bias.
-  template <typename w_t>
-  void load(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
-    if (in_place()) {  // wn = 1, no projection: only the bias to gather
-      row0 = n0 * P.K;
-      inv.fill_(1);
-      sumsq.zero_();
-      acc_t* bc = bias_c.template data_ptr<acc_t>();
-      for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[n0 + j] : acc_t(0);
-      return;
-    }
-    load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
-               sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
-  }
-  // Load columns [n0, n0 + nc) and return the B × nc·K tile of dots F·Ŵ_cᵀ: the one GEMM every
-  // pass (forward, backward, top-k) starts with. bf16 path: Ŵc rounded to bf16 once per chunk
-  // and per pass (like the naive bf16 loss's normalised weight), bf16 products, fp32 sums/tile.
-  template <typename w_t>
-  Tensor chunk_dots(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, int64_t n0,
-                    int64_t nc) {
-    const int64_t B = Facc.size(0), ncK = nc * P.K;
-    load(P, W, n0, nc);
-    Tensor T = T_view(B, ncK);
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (half) {
-        auto* wnt = Wnt.template data_ptr<at::BFloat16>();
-        bf16::pack_rows_f32(W_view(ncK).template data_ptr<float>(), ncK, P.D, P.D,
-                            Wrows.template data_ptr<at::BFloat16>(), wnt);
-        bf16::gemm(B, ncK, half->Dp / 2, half->Fb.template data_ptr<at::BFloat16>(), half->Dp,
-                   wnt, T.data_ptr<float>(), ncK, false);
-        return T;
-      }
-    }
-    at::mm_out(T, Facc, W_view(ncK).t());
-    return T;
-  }
-  // Backward GEMMs of a chunk, from the DD tile T (B × ncK):  ∂F += DD·Ŵc,  G = DDᵀ·F.
-  void chunk_grads(const Tensor& T, const Tensor& Facc, Tensor& gF, Tensor& Gv) {
-    const int64_t B = T.size(0), ncK = T.size(1), D = Wc.size(1);
-    const Tensor Wv = W_view(ncK);
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (half) {
-        // DD rounded to bf16, as in the naive bf16 loss's logit gradient; fp32 sums and outputs.
-        using bf16::round_up;
-        const float* tp = T.data_ptr<float>();
-        auto* ddb = DDb.template data_ptr<at::BFloat16>();
-        auto* ddt = DDt.template data_ptr<at::BFloat16>();
-        auto* wnn = Wnn.template data_ptr<at::BFloat16>();
-        const int64_t Rp = round_up(ncK, 2), Bp = round_up(B, 2);
-        bf16::convert_rows_f32(tp, B, ncK, ncK, ddb);
-        bf16::pack_cols_f32(Wv.template data_ptr<float>(), D, ncK, D, wnn);
-        bf16::gemm(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
-        bf16::pack_cols_f32(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
-        bf16::gemm_pair_major(ncK, D, Bp / 2, ddt, bf16::round_up(ncK, 16),
-                              half->Fp.template data_ptr<at::BFloat16>(), Gv.data_ptr<float>(), D,
-                              false);
-        return;
-      }
-    }
-    gF.addmm_(T, Wv);
-    at::mm_out(Gv, T.t(), Facc);
-  }
-};
 
 // ================================================================================================
 // Forward
