@@ -232,3 +232,12 @@ def test_torch_compile_through_keep_path(keep_budget):
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for a, b in zip(grads(compiled), grads(loss_fn)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    traced = []
+
+    def capture(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    grads(torch.compile(loss_fn, fullgraph=True, backend=capture))
+    assert "marginops.margin_lse_keep" in traced   # the keep path is what gets traced
