@@ -9,6 +9,12 @@ This file adds what the pytorch/extension-cpp recipe puts in Python: fake (meta)
 itself the registered ``margin_lse_backward`` op. The math is the contract of
 ``marginops/ops/__init__.py``.
 
+On CPU, ``margin_lse`` keeps the forward's B × N·K dots for the backward when they fit the keep
+budget (``set_keep_budget(nbytes)``, default ``DEFAULT_KEEP_BUDGET`` = 32 MiB; 0 = always
+recompute): 3 GEMMs instead of 4, the same results bit for bit; above the budget nothing of size
+B·C is kept. bf16 features run their GEMMs on the AVX512-BF16 units when the CPU has them (fp32
+sums and tiles); ``MARGINOPS_CPU_BF16_GEMM=0`` turns that off (a benchmarking knob).
+
 Importing never fails: if ``marginops._C`` is missing or was built for another torch, a warning
 says so once and ``availability`` reports the backend unusable (``backend="auto"`` then falls
 back to the torch backend).
