@@ -137,7 +137,51 @@ MO_BF16_TARGET inline void interleave_rows(const float* s0, const float* s1, int
     _mm512_mask_storeu_epi32(d + k, m, v);
   }
 }
+
+// 16 × 16 block of 32-bit words, d[c·ldd + r] = s[r·lds + c]: 32-bit then 64-bit interleaves
+// give, in 128-bit lane L of u[4i + k], column 4L + k of rows 4i..4i+3; a 4 × 4 transpose of lanes
+// (shuffle_i32x4) then gathers each column's 16 rows.
+MO_BF16_TARGET inline void transpose16x16(const uint32_t* s, int64_t lds, uint32_t* d,
+                                          int64_t ldd) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(s + i * lds);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_maskz_unpacklo_epi32(0xFFFF, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_maskz_unpackhi_epi32(0xFFFF, r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_maskz_unpacklo_epi64(0xFF, t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_maskz_unpackhi_epi64(0xFF, t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_maskz_unpacklo_epi64(0xFF, t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_maskz_unpackhi_epi64(0xFF, t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i x0 = _mm512_maskz_shuffle_i32x4(0xFFFF, r[k], r[4 + k], 0x44);
+    const __m512i x1 = _mm512_maskz_shuffle_i32x4(0xFFFF, r[k], r[4 + k], 0xEE);
+    const __m512i y0 = _mm512_maskz_shuffle_i32x4(0xFFFF, r[8 + k], r[12 + k], 0x44);
+    const __m512i y1 = _mm512_maskz_shuffle_i32x4(0xFFFF, r[8 + k], r[12 + k], 0xEE);
+    _mm512_storeu_si512(d + (0 + k) * ldd, _mm512_maskz_shuffle_i32x4(0xFFFF, x0, y0, 0x88));
+    _mm512_storeu_si512(d + (4 + k) * ldd, _mm512_maskz_shuffle_i32x4(0xFFFF, x0, y0, 0xDD));
+    _mm512_storeu_si512(d + (8 + k) * ldd, _mm512_maskz_shuffle_i32x4(0xFFFF, x1, y1, 0x88));
+    _mm512_storeu_si512(d + (12 + k) * ldd, _mm512_maskz_shuffle_i32x4(0xFFFF, x1, y1, 0xDD));
+  }
+}
 #endif
+
+// transpose() of 32-bit words with whole 16 × 16 blocks in vector registers.
+inline void transpose32(const uint32_t* src, int64_t R, int64_t Cn, int64_t lds, uint32_t* dst,
+                        int64_t ldd) {
+#if MO_HAVE_BF16_GEMM
+  const int64_t R16 = R / 16 * 16, C16 = Cn / 16 * 16;
+  for (int64_t r0 = 0; r0 < R16; r0 += 16)
+    for (int64_t c0 = 0; c0 < C16; c0 += 16)
+      transpose16x16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+  if (C16 < Cn) transpose(src + C16, R, Cn - C16, lds, dst + C16 * ldd, ldd);
+  if (R16 < R) transpose(src + R16 * lds, R - R16, C16, lds, dst + R16, ldd);
+#else
+  transpose(src, R, Cn, lds, dst, ldd);
+#endif
+}
 
 // fp32 → bf16 operands, fast (the bf16 path only runs where MO_HAVE_BF16_GEMM and available()).
 // convert_rows_f32: A rows (M × K at stride ld) → bf16 rows of Kp.
@@ -176,7 +220,7 @@ inline void pack_rows_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf
   const int64_t Np = round_up(N, 16), P = round_up(K, 2) / 2;
   convert_rows_f32(src, N, K, ld, rows);
   auto* d32 = reinterpret_cast<uint32_t*>(dst);
-  transpose(reinterpret_cast<const uint32_t*>(rows), N, P, P, d32, Np);
+  transpose32(reinterpret_cast<const uint32_t*>(rows), N, P, P, d32, Np);
   if (Np != N)
     for (int64_t p = 0; p < P; ++p) std::fill(d32 + p * Np + N, d32 + (p + 1) * Np, 0u);
 }
