@@ -118,6 +118,16 @@ def test_margins_are_degrees_and_the_module_is_the_family():
     assert arc.weight.shape == (C, D) and arc.weight.data_ptr() == arc.W.data_ptr()
 
 
+def test_the_family_reads_w_in_place():
+    """W (D, C) is stored column-major, so the family's view W.T is the contiguous (C, D) matrix
+    the op streams over: no per-step copy, also after .to(dtype); W.grad keeps W's layout."""
+    loss = pml.SubCenterArcFaceLoss(num_classes=C, embedding_size=D, sub_centers=2).to(F64)
+    assert loss.W.shape == (D, 2 * C) and loss.weight.is_contiguous()
+    emb, labels = data()
+    loss(emb, labels).backward()
+    assert loss.W.grad.stride() == loss.W.stride() and loss.W.grad.t().is_contiguous()
+
+
 def test_weight_init_func_is_applied():
     ours = pml.CosFaceLoss(C, D, weight_init_func=lambda w: torch.nn.init.constant_(w, 0.5))
     assert torch.all(ours.W == 0.5)

@@ -20,10 +20,12 @@ op, same validation); only the conventions PML users rely on change:
 - ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` and
   ``get_logits(embeddings)`` (scale · cosine, no margin).
 
-Cost of the (D, C) layout: the core op streams over contiguous class rows, so each forward makes
-one contiguous (C, D) copy of ``W.T`` (and the backward one transposed copy of its gradient): 2·C·D
-elements moved per step, the size of W itself, never B×C. marginops' own modules store (C, D) and
-copy nothing.
+The (D, C) layout costs nothing: the core op streams over contiguous class rows, and ``W`` is
+stored column-major (strides (1, D)), i.e. as the contiguous (C, D) matrix marginops uses, so
+``W.T`` is read and its gradient written without a copy (``W.grad`` has W's strides). A W that was
+made row-major (e.g. replaced by the user with a plain (D, C) tensor) still works, at the price
+of one (C, D) copy per forward and per backward. Saving and loading state dicts is unaffected
+(values, not strides, are copied).
 
 What has no equivalent raises, naming it: miners' ``indices_tuple``, ``ref_emb``/``ref_labels``,
 reducers other than PML's default ``MeanReducer``, ``distance`` objects, weight/embedding
@@ -89,10 +91,9 @@ class _PMLClassifier:
         return self.W.t()
 
     def _adopt_pml_weight(self, weight_init_func) -> None:
-        family_weight = self._parameters.pop("weight")
-        self.W = nn.Parameter(torch.empty(family_weight.shape[1], family_weight.shape[0],
-                                          device=family_weight.device,
-                                          dtype=family_weight.dtype))
+        # W is (D, C·K) but laid out as the transpose of a contiguous (C·K, D) matrix: the family's
+        # view W.T is then contiguous, so the op reads it (and writes its gradient) in place.
+        self.W = nn.Parameter(torch.empty_like(self._parameters.pop("weight")).t())
         self.weight_init_func = weight_init_func
         self.reset_parameters()
 
@@ -100,12 +101,12 @@ class _PMLClassifier:
         """N(0, 1), PML's default (``torch.nn.init.normal_``), or ``weight_init_func(W)``."""
         if "W" not in self._parameters:  # called by the family's __init__, before W exists
             return
-        init = self.weight_init_func
-        if init is None:
-            nn.init.normal_(self.W)
-        else:
-            with torch.no_grad():
-                init(self.W)
+        # Drawn into a row-major (D, C) tensor, as PML's W, so that a seeded init gives PML's
+        # values (W's own memory is column-major), then copied into W.
+        values = torch.empty(self.W.shape, device=self.W.device, dtype=self.W.dtype)
+        with torch.no_grad():
+            (self.weight_init_func or nn.init.normal_)(values)
+            self.W.copy_(values)
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None,
                 indices_tuple=None, ref_emb: Tensor | None = None,
