@@ -58,9 +58,9 @@ compute on the concatenated batch, and the same scale the classifier shard gets.
 batch, so it agrees without extra communication as long as its inputs are global: CurricularFace's
 target-cosine pre-pass (``_target_cosine``) gathers the target rows this rank owns and
 sum-all-reduces, so t and the hard-negative threshold use the global target cosines; AdaFace's
-norm statistics are computed from the global batch; ElasticFace draws its per-row margins from a
-generator whose seed is the same on every rank (``seed=None`` is replaced by a seed broadcast from
-the group's first rank). SphereFace's iteration counter and MagFace need nothing.
+norm statistics are computed from the global batch; ElasticFace draws its per-row margins from
+(seed, step) counters that are the same on every rank (``seed=None`` is replaced by a seed
+broadcast from the group's first rank). SphereFace's iteration counter and MagFace need nothing.
 
 **Partial FC** (``sample_rate < 1``, training mode only; eval uses every class). Per step and per
 rank, as insightface ``partial_fc_v2``: keep the local classes present in the global batch, fill up
@@ -510,6 +510,7 @@ class ShardedMarginLoss(nn.Module):
                                       self.sample_rate, int(sample_seed))
         if isinstance(family, _ElasticMixin) and family.seed is None:
             family.seed = _agreed_seed(process_group)  # margins must agree across ranks
+            family.draw_state[0] = family.seed
         self.family = family
 
     # ---- conveniences

@@ -17,6 +17,7 @@ The class side goes through two methods, ``_class_side`` and ``_target_cosine``,
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,22 @@ class MarginSoftmaxLoss(nn.Module):
                                                self.embedding_size, **factory))
         self.bias = nn.Parameter(torch.zeros(self.num_classes, **factory)) if bias else None
         self.reset_parameters()
+
+    def __init_subclass__(cls, **kwargs):
+        # torch.compile caches graphs per code object, and dynamo's recompile_limit (8) counts
+        # the entries of one code object: if every family ran the base class's forward, compiling
+        # more than 8 families (or configurations) in one process would silently fall back to
+        # eager, or fail under fullgraph=True. So each subclass gets its own copy of the forward
+        # it inherits (same code, distinct code object).
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            inherited = cls.forward
+            forward = types.FunctionType(inherited.__code__.replace(), inherited.__globals__,
+                                         "forward", inherited.__defaults__, inherited.__closure__)
+            forward.__kwdefaults__ = inherited.__kwdefaults__
+            forward.__doc__, forward.__annotations__ = inherited.__doc__, inherited.__annotations__
+            forward.__qualname__ = f"{cls.__qualname__}.forward"
+            cls.forward = forward
 
     def reset_parameters(self) -> None:
         """N(0, 0.01) like insightface (the rows are normalised, so only directions matter)."""
@@ -393,7 +410,9 @@ class CurricularFaceLoss(MarginSoftmaxLoss):
             ema_update_(self.t, cos_y, valid, self.momentum)
         tau = margins.curricular_threshold(cos_y, self.margin)
         tau = torch.where(valid, tau, torch.full_like(tau, float("inf")))  # ignored: no mining
-        return tau, self.t
+        # A snapshot: the op saves t for its backward, and the next forward (gradient
+        # accumulation, multi-crop) updates the buffer in place before that backward runs.
+        return tau, self.t.clone()
 
     def _target_logit(self, cos_y, scale, norms, labels, valid):
         return scale_times(scale, margins.arcface(cos_y, self.margin, angle_policy="fallback"))
@@ -464,28 +483,32 @@ class MagFaceLoss(MarginSoftmaxLoss):
 
 
 class _ElasticMixin:
-    """Per-row margins m_i ~ N(m, σ), redrawn every training step from a seedable generator;
-    ``plus=True`` gives the larger margins to the harder rows (lower target cosine). In eval
-    mode the margin is m itself."""
+    """Per-row margins m_i ~ N(m, σ), redrawn every training step; ``plus=True`` gives the larger
+    margins to the harder rows (lower target cosine). In eval mode the margin is m itself.
+
+    The draws are counter-based (``margins.counter_normal``): step n's margins are a function of
+    (seed, n) only, held in the buffer ``draw_state = [seed, n]``. So the same seed gives the
+    same margins, a checkpoint resumes the same sequence, several forwards before one backward
+    each get their own step, and torch.compile traces the draw (no torch.Generator). ``seed=None``
+    draws the seed from torch's global RNG at construction (``torch.manual_seed`` fixes it)."""
 
     def _set_elastic(self, margin: float, std: float, plus: bool, seed: int | None) -> None:
         check_margin("margin", margin)
         if not std >= 0:
             raise ValueError(f"std={std} must be non-negative.")
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2 ** 63):
+            raise ValueError(f"seed={seed!r} must be None or an int in [0, 2**63).")
         self.margin, self.std, self.plus, self.seed = float(margin), float(std), plus, seed
-        self._generator: torch.Generator | None = None
+        first = int(torch.randint(0, 2 ** 62, (1,))) if seed is None else seed
+        self.register_buffer("draw_state", torch.tensor([first, 0], dtype=torch.long))
 
     def _row_margins(self, cos_y: Tensor, valid: Tensor) -> Tensor | float:
         if not self.training:
             return self.margin
-        if self._generator is None or self._generator.device != cos_y.device:
-            self._generator = torch.Generator(device=cos_y.device)
-            if self.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(self.seed)
-        draws = torch.normal(self.margin, self.std, size=cos_y.shape, generator=self._generator,
-                             device=cos_y.device, dtype=cos_y.dtype)
+        z = margins.counter_normal(self.draw_state[0], self.draw_state[1], cos_y.shape[0],
+                                   dtype=cos_y.dtype, device=cos_y.device)
+        self.draw_state[1:] += 1
+        draws = self.margin + self.std * z
         if self.plus:  # easiest row (highest cosine) gets the smallest margin
             order = torch.argsort(cos_y.detach(), descending=True)
             draws = torch.empty_like(draws).scatter_(0, order, torch.sort(draws).values)
@@ -648,20 +671,31 @@ class UncertaintyMarginLoss(_AngularMixin, MarginSoftmaxLoss):
             rows = rows + self.push_weight * npt_rows(x_hat, self.weight, labels, 1,
                                                       self.push_delta, self.backend)
         if self.proxy_weight:
-            rows = rows + self.proxy_weight * proxy_separation(self.weight, labels[valid],
+            rows = rows + self.proxy_weight * proxy_separation(self.weight, labels, valid,
                                                                self.proxy_margin).to(rows.dtype)
         return rows
 
 
-def proxy_separation(weight: Tensor, labels: Tensor, margin: float = 0.0) -> Tensor:
-    """Mean over ordered pairs of distinct classes in ``labels`` of max(0, ŵ_a·ŵ_b − margin)."""
-    classes = torch.unique(labels)
-    if classes.numel() < 2:
-        return weight.new_zeros(())
-    w = F.normalize(weight[classes], dim=1, eps=1e-12)
-    sim = F.relu(w @ w.t() - margin)
-    n = classes.numel()
-    return (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+def proxy_separation(weight: Tensor, labels: Tensor, valid: Tensor, margin: float = 0.0) -> Tensor:
+    """Mean over ordered pairs of distinct classes among the valid rows' labels of
+    max(0, ŵ_a·ŵ_b − margin) (0 with fewer than two classes). Equivalent PyTorch::
+
+        classes = torch.unique(labels[valid]); n = len(classes)
+        sim = F.relu(ŵ[classes] @ ŵ[classes].T - margin)
+        (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+
+    Computed over row pairs instead, with no data-dependent shape (no unique, no host sync, so
+    torch.compile keeps one graph): row i weighs 1/count(y_i), so each class counts once.
+    """
+    same = (labels[:, None] == labels[None, :]) & valid[:, None] & valid[None, :]
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    weights = 1 / same.sum(dim=1).clamp_min(1).to(acc)
+    weights = torch.where(valid, weights, torch.zeros_like(weights))
+    n = weights.sum()  # the number of distinct classes (up to rounding: compared with 1.5)
+    w = F.normalize(weight[labels.clamp_min(0)].to(acc), dim=1, eps=1e-12)
+    sim = F.relu(w @ w.t() - margin).masked_fill(same | ~valid[:, None] | ~valid[None, :], 0)
+    total = weights @ sim @ weights
+    return torch.where(n > 1.5, total / (n * (n - 1)).clamp_min(1), torch.zeros_like(total))
 
 
 LH2FaceLoss = UncertaintyMarginLoss

@@ -167,15 +167,15 @@ SPECS = {
     "elastic_arc_seeded": (
         mo.ElasticArcFaceLoss, {"seed": 123}, {}, 3.0,
         lambda x, w, y, p, b, a, c: ref.elastic_arcface_loss(x, w, y, margins=ref.elastic_margins(
-            _c_y(x, w, y), 0.5, 0.05, generator=c["gen"])), None),
+            _c_y(x, w, y), 0.5, 0.05, *b["draw_state"].tolist())), None),
     "elastic_arc_unseeded": (  # seed=None: the ranks must agree on one
         mo.ElasticArcFaceLoss, {}, {}, 3.0,
         lambda x, w, y, p, b, a, c: ref.elastic_arcface_loss(x, w, y, margins=ref.elastic_margins(
-            _c_y(x, w, y), 0.5, 0.05, generator=c["gen"])), None),
+            _c_y(x, w, y), 0.5, 0.05, *b["draw_state"].tolist())), None),
     "elastic_cos_plus": (
         mo.ElasticCosFaceLoss, {"plus": True, "seed": 7}, {}, 3.0,
         lambda x, w, y, p, b, a, c: ref.elastic_cosface_loss(x, w, y, margins=ref.elastic_margins(
-            _c_y(x, w, y), 0.35, 0.02, generator=c["gen"], plus=True)), None),
+            _c_y(x, w, y), 0.35, 0.02, *b["draw_state"].tolist(), plus=True)), None),
     "subcenter_arcface": (
         mo.SubCenterArcFaceLoss, {"subcenters": 3}, {}, 3.0,
         lambda x, w, y, p, b, a, c: ref.subcenter_arcface_loss(x, w, y, subcenters=3), None),
@@ -200,9 +200,9 @@ def family_case(name: str, C: int):
         oracle.load_state_dict({**oracle.state_dict(), **m.full_state_dict()})
         seed = getattr(m.family, "seed", None)
         chk.true("seed agrees on every rank", len(set(gather_obj(seed))) == 1)
-        if seed is not None:
-            oracle.seed = seed
-        ctx = {"gen": torch.Generator().manual_seed(seed) if seed is not None else None}
+        if seed is not None:  # the oracle loaded the same draw_state = [seed, step]
+            chk.true("draw_state holds the seed", oracle.draw_state[0].item() == seed)
+        ctx = {}
         for step, mode in enumerate(("first_shard", "random")):
             X = torch.randn(world * B, D, generator=g, dtype=F64) * emb_scale
             y = labels_for(mode, world, C, g)
