@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,49 @@ class MarginSoftmaxLoss(nn.Module):
         cos = torch.einsum("bd,bkd->bk", x_hat.to(acc), rows).amax(dim=1)
         return torch.where(labels >= 0, cos, torch.zeros_like(cos))
 
+    # ---- norm-aware families: the unit-norm warning
+    _norm_aware = False        # True where the loss depends on ‖x‖ (accepts norms=)
+    _unit_norm_probe = None    # None: not checked yet; (host flag, CUDA event): pending; "done"
+
+    def _watch_unit_norms(self, norms: Tensor) -> None:
+        """Warn once per module if every embedding of the first eager call has norm 1 ± 1e-3: the
+        features were normalised already, so the norm-dependent margin or scale no longer adapts
+        (pass the backbone's norms with ``norms=``).
+
+        Sync-free by construction: the flag is computed on the device, then read on the host only
+        once it is there. On CPU that is at once (a CPU tensor is read through NumPy: no device,
+        nothing dispatched, nothing to wait for). On CUDA the flag goes to pinned memory with a
+        non-blocking copy and an event; later calls poll ``event.query()``, which never blocks,
+        and warn when it has landed. Not checked under torch.compile, during CUDA graph capture,
+        or on other devices (reading them would sync)."""
+        probe = self._unit_norm_probe
+        if probe == "done" or torch.compiler.is_compiling():
+            return
+        if probe is None:
+            device = norms.device
+            if norms.numel() == 0 or device.type not in ("cpu", "cuda") or (
+                    device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                return
+            flag = ((norms.detach() - 1).abs() <= 1e-3).all()
+            event = None
+            if device.type == "cuda":
+                host = torch.empty((), dtype=torch.bool, pin_memory=True)
+                host.copy_(flag, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                flag = host
+            self._unit_norm_probe = probe = (flag, event)
+        flag, event = probe
+        if event is not None and not event.query():
+            return  # not on the host yet: look again on the next call
+        self._unit_norm_probe = "done"
+        if bool(flag.numpy()):
+            warnings.warn(
+                f"{type(self).__name__}: every embedding has norm 1 (within 1e-3), but this "
+                "family's margin/scale depends on the embedding norm. If your backbone returns "
+                "normalised features and their norms separately, pass them: "
+                "loss_fn(features, labels, norms=norms).", UserWarning, stacklevel=3)
+
     # ---- the pipeline
     def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> None:
         if isinstance(embeddings, Tensor) and self.weight.device != embeddings.device:
@@ -157,10 +201,39 @@ class MarginSoftmaxLoss(nn.Module):
         check_embeddings(embeddings, self.embedding_size)
         check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """embeddings (B, D) raw, labels (B,) int64 with -1 = ignore → loss (scalar, or (B,))."""
+    def _check_norms(self, norms: Tensor | None, embeddings: Tensor) -> None:
+        if norms is None:
+            return
+        if not self._norm_aware:
+            raise TypeError(f"{type(self).__name__} does not use embedding norms: drop norms=. "
+                            "(norms= is for the norm-aware families: AdaFace, MagFace, SphereFace, "
+                            "UncertaintyMargin.)")
+        batch = embeddings.shape[0]
+        if not isinstance(norms, Tensor) or norms.shape != (batch,) or not norms.is_floating_point():
+            got = (f"{norms.dtype} of shape {tuple(norms.shape)}" if isinstance(norms, Tensor)
+                   else type(norms).__name__)
+            raise TypeError(f"norms must be a float tensor of shape ({batch},) (one ‖x‖ per "
+                            f"embedding row), got {got}.")
+        if norms.device != embeddings.device:
+            raise ValueError(f"norms is on {norms.device} but embeddings are on "
+                             f"{embeddings.device}; move norms to {str(embeddings.device)!r}.")
+
+    def forward(self, embeddings: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
+        """embeddings (B, D) raw, labels (B,) int64 with -1 = ignore → loss (scalar, or (B,)).
+
+        norms: (B,) ‖x‖ for the norm-aware families (AdaFace, MagFace, SphereFace,
+        UncertaintyMargin) when the backbone returns normalised features and their norms
+        separately (AdaFace's convention); the embeddings' own norms otherwise. Differentiable.
+        """
         self._check_inputs(embeddings, labels)
-        x_hat, norms = normalize_rows(embeddings)
+        self._check_norms(norms, embeddings)
+        x_hat, own_norms = normalize_rows(embeddings)
+        if norms is None:
+            norms = own_norms
+            if self._norm_aware:
+                self._watch_unit_norms(norms)
+        else:
+            norms = norms.to(own_norms.dtype)
         valid = labels >= 0
         scale = self._row_scale(norms)
         hard_negative = self._hard_negative(x_hat, labels, valid)
@@ -359,6 +432,8 @@ class SphereFaceLoss(MarginSoftmaxLoss):
     The iteration counter is a buffer advanced by every training-mode call.
     """
 
+    _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
+
     def __init__(self, embedding_size: int, num_classes: int, *, margin: int = 4,
                  anneal: bool = True, lambda_base: float = 1000.0, lambda_gamma: float = 0.12,
                  lambda_power: float = 1.0, lambda_min: float = 5.0, **kwargs):
@@ -428,6 +503,8 @@ class AdaFaceLoss(MarginSoftmaxLoss):
     changes |c| > 0.999).
     """
 
+    _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
+
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.4, h: float = 0.333, t_alpha: float = 0.01, eps: float = 1e-3,
                  **kwargs):
@@ -453,6 +530,8 @@ class MagFaceLoss(MarginSoftmaxLoss):
     detached), m(a) linear from l_m to u_m; loss += λ_g·(1/a + a/u_a²) per row. Easy margin by
     default (``angle_policy="easy"``), as the authors' code.
     """
+
+    _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8,
@@ -639,6 +718,8 @@ class UncertaintyMarginLoss(_AngularMixin, MarginSoftmaxLoss):
       distinct classes in the batch of max(0, ŵ_a·ŵ_b − ``proxy_margin``) (added to every row, so
       it enters the mean once).
     """
+
+    _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
 
     def __init__(self, embedding_size: int, num_classes: int, *, margin: float = 0.35,
                  margin_max: float = 0.8, momentum: float = 0.01, init_norm_mean: float = 20.0,
