@@ -404,7 +404,9 @@ class CombinedMarginLoss(_AngularMixin, MarginSoftmaxLoss):
     """Combined margin (ArcFace paper, insightface's m1, m2, m3): target s·(cos(m1·θ_y + m2) − m3).
 
     Defaults (m1, m2, m3) = (1, 0.5, 0) = ArcFace; the paper's combined settings are (1, 0.3, 0.2)
-    and (0.9, 0.4, 0.15). ``angle_policy``/``grad_mode`` as ArcFace.
+    and (0.9, 0.4, 0.15). ``angle_policy``/``grad_mode`` as ArcFace. All three margins always
+    apply, as in the ArcFace paper and insightface's MXNet graph; insightface's arcface_torch
+    ``CombinedMarginLoss`` differs: it ignores m1 and m2 whenever m3 > 0 (plain CosFace).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
@@ -499,6 +501,8 @@ class AdaFaceLoss(MarginSoftmaxLoss):
     ẑ = clip(h·(n − μ)/(σ + ε), −1, 1) with n = clip(‖x‖, 0.001, 100) detached; target
     s·(cos(clip(θ_y − m·ẑ, ε, π−ε)) − (m + m·ẑ)), others s·cos θ_j. μ and σ are EMA buffers
     (start 20 and 100) of the batch's norm mean/std, updated before use in training mode.
+    ``forward(features, labels, norms=norms)`` takes the norms separately (the authors' backbone
+    returns normalised features and norms); unit-norm embeddings without it warn once.
     Deviation: the authors also clamp the non-target cosines to [−1+ε, 1−ε]; we do not (it only
     changes |c| > 0.999).
     """
@@ -528,7 +532,8 @@ class AdaFaceLoss(MarginSoftmaxLoss):
 class MagFaceLoss(MarginSoftmaxLoss):
     """MagFace (arXiv 2103.06627): target s·cos(θ_y + m(a)), a = clamp(‖x‖, l_a, u_a) (not
     detached), m(a) linear from l_m to u_m; loss += λ_g·(1/a + a/u_a²) per row. Easy margin by
-    default (``angle_policy="easy"``), as the authors' code.
+    default (``angle_policy="easy"``), as the authors' code. ``forward(..., norms=)`` as AdaFace
+    (differentiable: the magnitude is trained through it).
     """
 
     _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
@@ -672,6 +677,8 @@ class NPTLoss(MarginSoftmaxLoss):
     """NPT-Loss (arXiv 2103.03503): a hinge on the k nearest negative proxies, no softmax.
 
         L_i = 2r²·Σ_{j ∈ top-k non-target} max(0, c_ij − c_iy + δ),   δ = Δ/(2r²) = 0.5, r = 1
+
+    2r² is the paper's factor; the authors' code multiplies by 2r (the same at their r = 1).
 
     The negatives come from the fused top-k (target masked with −inf, so a batch whose negatives
     are all below 0 still picks a negative); gradient reaches only those k proxies and the target.

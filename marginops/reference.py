@@ -457,7 +457,8 @@ def subcenter_arcface_loss(embeddings, weight, labels, *, subcenters=3, scale=64
 # --------------------------------------------------------------------------- NPT-Loss
 
 def npt_loss(embeddings, weight, labels, *, k=1, delta=0.5, r=1.0, reduction="mean"):
-    """NPT-Loss (arXiv 2103.03503): L_i = 2r²·Σ_{j ∈ top-k non-target} max(0, c_ij − c_iy + δ).
+    """NPT-Loss (arXiv 2103.03503): L_i = 2r²·Σ_{j ∈ top-k non-target} max(0, c_ij − c_iy + δ)
+    (the paper's 2r²; the authors' code uses 2r, equal at their r = 1).
 
     The target is masked with −inf before top-k (the authors mask with 0, which selects the target
     when every negative is below 0). Gradient reaches only the k selected classes and the target.

@@ -573,6 +573,28 @@ def case_inconsistent_inputs(rank, world):
     chk.done()
 
 
+def case_unequal_batch_without_check(rank, world):
+    """check_consistency=False skips the full check, yet unequal shapes must still fail on every
+    rank, fast (gloo used to terminate one rank and hang the others past the group timeout)."""
+    chk = Checks()
+    C, last = 11, world - 1
+    m = ShardedMarginLoss(mo.ArcFaceLoss, D, C, backend="torch", check_consistency=False).to(F64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, D, generator=g, dtype=F64)
+    y = torch.randint(0, C, (B,), generator=g)
+    expect_error(chk, "batch size", lambda: m(x[:B - 1] if rank == last else x,
+                                              y[:B - 1] if rank == last else y),
+                 contains=("batch size differs", f"rank {last}: {B - 1}"))
+    expect_error(chk, "width", lambda: m(torch.randn(B, D + (rank == 0), dtype=F64), y),
+                 contains=("embedding width differs",))
+    expect_error(chk, "predict batch size", lambda: m.predict(x[:B - 1] if rank == 0 else x),
+                 contains=("batch size differs",))
+    loss = m(x, y)  # the group is still in step
+    losses = gather_obj(float(loss))
+    chk.true("healthy afterwards", len(set(losses)) == 1, str(losses))
+    chk.done()
+
+
 def case_unsupported(rank, world):
     chk = Checks()
     for cls in (mo.NPTLoss, mo.UncertaintyMarginLoss):
@@ -601,6 +623,7 @@ CASES = {
     "checkpoint_other_world_size": case_checkpoint_other_world_size,
     "predict": case_predict,
     "inconsistent_inputs_fail_fast_on_every_rank": case_inconsistent_inputs,
+    "unequal_batch_without_check_fails_on_every_rank": case_unequal_batch_without_check,
     "unsupported_raise_clearly": case_unsupported,
 }
 
