@@ -165,8 +165,10 @@ class MarginSoftmaxLoss(nn.Module):
         non-blocking copy and an event; later calls poll ``event.query()``, which never blocks,
         and warn when it has landed. Not checked under torch.compile, during CUDA graph capture,
         or on other devices (reading them would sync)."""
+        if torch.compiler.is_compiling():  # first: dynamo must not trace (or guard on) the probe
+            return
         probe = self._unit_norm_probe
-        if probe == "done" or torch.compiler.is_compiling():
+        if probe == "done":
             return
         if probe is None:
             device = norms.device

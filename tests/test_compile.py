@@ -103,3 +103,23 @@ def test_formerly_breaking_families_compile_with_inductor(monkeypatch, tmp_path)
 def test_sphereface_training_step_compiles_like_eager(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     check_compiles_like_eager("sphereface", "torch", "aot_eager")
+
+
+@pytest.mark.slow
+def test_norms_argument_compiles_fullgraph(monkeypatch, tmp_path):
+    """``norms=`` (AdaFace's convention) traces too; the unit-norm check stays out of the graph."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    eager = mo.MagFaceLoss(D, C, backend="torch").double().train()
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend="aot_eager")
+    x, y = batches()[0]
+    features = x / x.norm(dim=1, keepdim=True)
+    norms = 10 + x.norm(dim=1)
+    out = []
+    for module in (eager, compiled):
+        n = norms.clone().requires_grad_()
+        loss = module(features, y, norms=n)
+        loss.backward()
+        out.append((loss.detach(), n.grad))
+    assert_tight(out[1][0], out[0][0], name="loss")
+    assert_tight(out[1][1], out[0][1], name="grad norms")
