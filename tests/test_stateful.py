@@ -108,3 +108,23 @@ def test_elastic_state_dict_resumes_the_same_draws(name):
     assert_tight(resumed(x2, y2), m(x2, y2), name="loss after resume")
     unseeded = [STATEFUL[name][0](D, C, seed=None).draw_state[0].item() for _ in range(2)]
     assert unseeded[0] != unseeded[1]  # seed=None draws a seed from torch's global RNG
+
+
+def test_counter_normal_matches_numpy_reference_and_is_standard_normal():
+    """The int64-tensor hash (split 16-bit products) against NumPy's uint32 wrap-around, over
+    seeds spanning 63 bits and steps past 2³²; and the draws look like N(0, 1)."""
+    from marginops import margins
+    from marginops import reference as ref
+    for seed in (0, 3, 2 ** 32 + 7, 2 ** 63 - 1):
+        for step in (0, 1, 2 ** 32 + 5):
+            got = margins.counter_normal(torch.tensor(seed), torch.tensor(step), 33,
+                                         dtype=torch.float64, device=torch.device("cpu"))
+            assert_tight(got, torch.from_numpy(ref.counter_normal(seed, step, 33)),
+                         rtol=1e-12, atol=1e-12, name=f"seed {seed} step {step}")
+    z = margins.counter_normal(torch.tensor(1), torch.tensor(0), 100_000, dtype=torch.float64,
+                               device=torch.device("cpu"))
+    nxt = margins.counter_normal(torch.tensor(1), torch.tensor(1), 100_000, dtype=torch.float64,
+                                 device=torch.device("cpu"))
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02  # ~6σ at n = 1e5
+    assert abs(torch.corrcoef(torch.stack([z, nxt]))[0, 1].item()) < 0.02  # steps independent
+    assert z.abs().max() < 6  # 24-bit uniforms: |z| ≤ √(−2 ln 2⁻²⁵) ≈ 5.9
