@@ -58,9 +58,9 @@ compute on the concatenated batch, and the same scale the classifier shard gets.
 batch, so it agrees without extra communication as long as its inputs are global: CurricularFace's
 target-cosine pre-pass (``_target_cosine``) gathers the target rows this rank owns and
 sum-all-reduces, so t and the hard-negative threshold use the global target cosines; AdaFace's
-norm statistics are computed from the global batch; ElasticFace draws its per-row margins from a
-generator whose seed is the same on every rank (``seed=None`` is replaced by a seed broadcast from
-the group's first rank). SphereFace's iteration counter and MagFace need nothing.
+norm statistics are computed from the global batch; ElasticFace draws its per-row margins from
+(seed, step) counters that are the same on every rank (``seed=None`` is replaced by a seed
+broadcast from the group's first rank). SphereFace's iteration counter and MagFace need nothing.
 
 **Partial FC** (``sample_rate < 1``, training mode only; eval uses every class). Per step and per
 rank, as insightface ``partial_fc_v2``: keep the local classes present in the global batch, fill up
@@ -412,7 +412,9 @@ class ShardedMarginLoss(nn.Module):
             ``"world_size"`` (default) undoes DDP's gradient averaging; 1.0 gives the plain
             gradient.
         check_consistency: all-gather a few integers per forward to fail fast on inconsistent
-            inputs (recommended; the only cost is one small collective).
+            inputs (recommended; the only cost is one small collective and a host read of it).
+            False still all-gathers (batch size, width, dtype) so that unequal shapes fail on
+            every rank rather than abort or hang the group (on NCCL by a device-side assert).
         **family_kwargs: the family's own arguments (scale, margin, reduction, backend, subcenters,
             device, dtype, ...), identical on every rank.
 
@@ -510,6 +512,7 @@ class ShardedMarginLoss(nn.Module):
                                       self.sample_rate, int(sample_seed))
         if isinstance(family, _ElasticMixin) and family.seed is None:
             family.seed = _agreed_seed(process_group)  # margins must agree across ranks
+            family.draw_state[0] = family.seed
         self.family = family
 
     # ---- conveniences
@@ -605,11 +608,42 @@ class ShardedMarginLoss(nn.Module):
                 f"rank; every rank must call {what} with the same batch size, embedding width, "
                 f"dtype and grad/training mode):\n" + "\n".join(problems)) from err
 
+    def _check_shapes(self, embeddings: Tensor, what: str = "forward") -> None:
+        """With ``check_consistency=False``: still exchange (B, D, dtype) in one tiny all-gather.
+        The embedding all-gather needs equal shapes on every rank, and gloo answers unequal
+        ones with a C++ terminate on one rank and a hang on the others; this makes that step
+        fail on every rank instead. On a CPU (gloo) group the table is read on the host (a CPU
+        tensor: no device sync) and raises InconsistentInputsError; on an NCCL group it is a
+        device-side assert (no host sync; the step fails with a CUDA error on every rank)."""
+        if not (isinstance(embeddings, Tensor) and embeddings.dim() == 2):
+            return  # the family's own validation names the problem
+        meta = torch.tensor([*embeddings.shape, _DTYPE_CODES.get(embeddings.dtype, 0)],
+                            dtype=torch.long, device=_meta_device(self.process_group))
+        table = _all_gather_rows(meta[None], self.process_group, self.world_size)
+        if table.device.type != "cpu":
+            torch._assert_async((table == table[0]).all(),
+                                f"ShardedMarginLoss.{what}: batch size, embedding width or dtype "
+                                "differs across ranks")
+            return
+        rows = table.numpy()
+        problems = [f"  {name} differs: " + ", ".join(f"rank {r}: {v}"
+                                                      for r, v in enumerate(rows[:, j]))
+                    for j, name in enumerate(("batch size", "embedding width", "embedding dtype"))
+                    if (rows[:, j] != rows[0, j]).any()]
+        if problems:
+            raise InconsistentInputsError(
+                f"ShardedMarginLoss.{what}: the ranks' inputs are inconsistent (raised on every "
+                f"rank, check_consistency=False checks only these shapes; every rank must call "
+                f"{what} with the same batch size, embedding width and dtype):\n"
+                + "\n".join(problems))
+
     # ---- the loss
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """This rank's (B, D) embeddings and (B,) labels → loss of the global batch (every rank)."""
         if self.check_consistency:
             self._check_step(embeddings, labels)
+        else:
+            self._check_shapes(embeddings)
         group, world = self.process_group, self.world_size
         x = _GatherRows.apply(embeddings, group, self.rank, world, self.embedding_grad_scale)
         y = _all_gather_rows(labels.long(), group, world)
@@ -626,6 +660,8 @@ class ShardedMarginLoss(nn.Module):
                                                      device=embeddings.device)
                              if isinstance(embeddings, Tensor) and embeddings.dim() == 2
                              else embeddings, "predict")
+        else:
+            self._check_shapes(embeddings, "predict")
         group, world, fam = self.process_group, self.world_size, self.family
         x_hat, norms = normalize_rows(_all_gather_rows(embeddings, group, world))
         k_local = min(k, fam.local_classes)

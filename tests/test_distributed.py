@@ -167,15 +167,15 @@ SPECS = {
     "elastic_arc_seeded": (
         mo.ElasticArcFaceLoss, {"seed": 123}, {}, 3.0,
         lambda x, w, y, p, b, a, c: ref.elastic_arcface_loss(x, w, y, margins=ref.elastic_margins(
-            _c_y(x, w, y), 0.5, 0.05, generator=c["gen"])), None),
+            _c_y(x, w, y), 0.5, 0.05, *b["draw_state"].tolist())), None),
     "elastic_arc_unseeded": (  # seed=None: the ranks must agree on one
         mo.ElasticArcFaceLoss, {}, {}, 3.0,
         lambda x, w, y, p, b, a, c: ref.elastic_arcface_loss(x, w, y, margins=ref.elastic_margins(
-            _c_y(x, w, y), 0.5, 0.05, generator=c["gen"])), None),
+            _c_y(x, w, y), 0.5, 0.05, *b["draw_state"].tolist())), None),
     "elastic_cos_plus": (
         mo.ElasticCosFaceLoss, {"plus": True, "seed": 7}, {}, 3.0,
         lambda x, w, y, p, b, a, c: ref.elastic_cosface_loss(x, w, y, margins=ref.elastic_margins(
-            _c_y(x, w, y), 0.35, 0.02, generator=c["gen"], plus=True)), None),
+            _c_y(x, w, y), 0.35, 0.02, *b["draw_state"].tolist(), plus=True)), None),
     "subcenter_arcface": (
         mo.SubCenterArcFaceLoss, {"subcenters": 3}, {}, 3.0,
         lambda x, w, y, p, b, a, c: ref.subcenter_arcface_loss(x, w, y, subcenters=3), None),
@@ -200,9 +200,9 @@ def family_case(name: str, C: int):
         oracle.load_state_dict({**oracle.state_dict(), **m.full_state_dict()})
         seed = getattr(m.family, "seed", None)
         chk.true("seed agrees on every rank", len(set(gather_obj(seed))) == 1)
-        if seed is not None:
-            oracle.seed = seed
-        ctx = {"gen": torch.Generator().manual_seed(seed) if seed is not None else None}
+        if seed is not None:  # the oracle loaded the same draw_state = [seed, step]
+            chk.true("draw_state holds the seed", oracle.draw_state[0].item() == seed)
+        ctx = {}
         for step, mode in enumerate(("first_shard", "random")):
             X = torch.randn(world * B, D, generator=g, dtype=F64) * emb_scale
             y = labels_for(mode, world, C, g)
@@ -573,6 +573,28 @@ def case_inconsistent_inputs(rank, world):
     chk.done()
 
 
+def case_unequal_batch_without_check(rank, world):
+    """check_consistency=False skips the full check, yet unequal shapes must still fail on every
+    rank, fast (gloo used to terminate one rank and hang the others past the group timeout)."""
+    chk = Checks()
+    C, last = 11, world - 1
+    m = ShardedMarginLoss(mo.ArcFaceLoss, D, C, backend="torch", check_consistency=False).to(F64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, D, generator=g, dtype=F64)
+    y = torch.randint(0, C, (B,), generator=g)
+    expect_error(chk, "batch size", lambda: m(x[:B - 1] if rank == last else x,
+                                              y[:B - 1] if rank == last else y),
+                 contains=("batch size differs", f"rank {last}: {B - 1}"))
+    expect_error(chk, "width", lambda: m(torch.randn(B, D + (rank == 0), dtype=F64), y),
+                 contains=("embedding width differs",))
+    expect_error(chk, "predict batch size", lambda: m.predict(x[:B - 1] if rank == 0 else x),
+                 contains=("batch size differs",))
+    loss = m(x, y)  # the group is still in step
+    losses = gather_obj(float(loss))
+    chk.true("healthy afterwards", len(set(losses)) == 1, str(losses))
+    chk.done()
+
+
 def case_unsupported(rank, world):
     chk = Checks()
     for cls in (mo.NPTLoss, mo.UncertaintyMarginLoss):
@@ -601,6 +623,7 @@ CASES = {
     "checkpoint_other_world_size": case_checkpoint_other_world_size,
     "predict": case_predict,
     "inconsistent_inputs_fail_fast_on_every_rank": case_inconsistent_inputs,
+    "unequal_batch_without_check_fails_on_every_rank": case_unequal_batch_without_check,
     "unsupported_raise_clearly": case_unsupported,
 }
 
