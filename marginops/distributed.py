@@ -571,9 +571,11 @@ class ShardedMarginLoss(nn.Module):
     def _check_step(self, embeddings, labels, what: str = "forward") -> None:
         err: Exception | None = None
         try:
-            check_embeddings(embeddings, self.embedding_size)
-            check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device)
-        except (TypeError, ValueError) as e:
+            validate = self.family.validate
+            check_embeddings(embeddings, self.embedding_size, validate=validate)
+            check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device,
+                         validate=validate)
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: a CPU device assert
             err = e
         is_tensor = isinstance(embeddings, Tensor)
         shape = tuple(embeddings.shape) if is_tensor else ()
