@@ -37,7 +37,8 @@ from marginops.core import backend_status
 from marginops.distributed import ShardedMarginLoss
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-aten = torch.ops.aten
+# numpy warns on log(0) inside the interpreter even where tl.where discards the result
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
 # Ops that copy a value to the host or have an output shape that depends on values.
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static",
@@ -229,4 +230,5 @@ def test_triton_backend_in_interpreter_subprocess():
                        capture_output=True, text=True)
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
-    assert "13 passed, 1 xfailed" in tail, tail
+    passed = f"{len(FAMILIES) - len(KNOWN_SYNCS)} passed"  # every family ran in the child
+    assert passed in tail and (not KNOWN_SYNCS or f"{len(KNOWN_SYNCS)} xfailed" in tail), tail
