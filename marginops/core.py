@@ -211,9 +211,11 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
         if not isinstance(bias, Tensor) or bias.shape != (num_local,):
             got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
             raise ValueError(f"bias must have shape ({num_local},), got {got}.")
-        if not bias.dtype.is_floating_point or bias.device != features.device:
-            raise TypeError(f"bias must be a floating tensor on {features.device}, got "
-                            f"{bias.dtype} on {bias.device}.")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}.")
+        if bias.device != features.device:
+            raise ValueError(f"bias is on {bias.device} but features are on {features.device}; "
+                             "move it.")
         bias = bias.to(acc)
     hard_tau = hard_t = None
     if hard_negative is not None:

@@ -251,7 +251,9 @@ class CrystalLoss(MarginSoftmaxLoss):
     def __init__(self, embedding_size: int, num_classes: int, *, alpha: float | None = None,
                  target_prob: float = 0.9, learnable_alpha: bool = False, bias: bool = True,
                  **kwargs):
-        if alpha is None:
+        if alpha is not None:
+            check_real("alpha", alpha, low=0.0, low_open=True)
+        else:
             if not 0 < target_prob < 1 or num_classes < 3:
                 raise ValueError("alpha=None needs 0 < target_prob < 1 and num_classes >= 3; or "
                                  "pass alpha explicitly.")
@@ -365,7 +367,7 @@ class SphereFaceLoss(MarginSoftmaxLoss):
     def __init__(self, embedding_size: int, num_classes: int, *, margin: int = 4,
                  anneal: bool = True, lambda_base: float = 1000.0, lambda_gamma: float = 0.12,
                  lambda_power: float = 1.0, lambda_min: float = 5.0, **kwargs):
-        if int(margin) != margin or margin < 1:
+        if check_int("margin", margin) < 1:
             raise ValueError(f"margin={margin!r}: SphereFace's margin is a positive integer "
                              "multiplier of the angle (default 4).")
         super().__init__(embedding_size, num_classes, scale=1.0, **kwargs)
@@ -495,8 +497,7 @@ class _ElasticMixin:
 
     def _set_elastic(self, margin: float, std: float, plus: bool, seed: int | None) -> None:
         check_margin("margin", margin)
-        if not std >= 0:
-            raise ValueError(f"std={std} must be non-negative.")
+        check_real("std", std, low=0.0)
         self.margin, self.std, self.plus, self.seed = float(margin), float(std), plus, seed
         self._generator: torch.Generator | None = None
 

@@ -54,6 +54,14 @@ def module(cls=mo.ArcFaceLoss, weight=None, labels=None, dtype=torch.float32, **
     return m(x, y if labels is None else labels)
 
 
+def _crystal_short_bias():
+    torch.manual_seed(0)
+    m = mo.CrystalLoss(D, C, backend="torch")
+    m.bias = nn.Parameter(torch.zeros(3))
+    x, _, y = data()
+    return m(x, y)
+
+
 def functional(fn=MF.arcface_loss, weight=None, **kw):
     x, w, y = data()
     return fn(x, w if weight is None else weight, y, backend="torch", **kw)
@@ -124,6 +132,12 @@ CASES = {
                                     ValueError, "weight has 3 rows but must have 6"),
     "NPT: weight with 3 rows": (lambda: module(mo.NPTLoss, weight=torch.randn(3, D)), ValueError,
                                 "weight has 3 rows but must have 6"),
+    "Crystal: bias with 3 entries": (
+        _crystal_short_bias, ValueError,
+        r"bias must be a floating \(6,\) tensor"),
+    "core: bias on meta": (lambda: core(bias=torch.zeros(C, device=META)), ValueError,
+                           "bias is on meta"),
+    "Crystal alpha='11'": (lambda: mo.CrystalLoss(D, C, alpha="11"), TypeError, "alpha='11'"),
     "SubCenter: weight with 6 rows": (
         lambda: module(mo.SubCenterArcFaceLoss, weight=torch.randn(C, D)), ValueError,
         r"must have 18 \(num_classes=6 × subcenters=3\)"),
