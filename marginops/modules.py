@@ -31,10 +31,15 @@ from ._validation import (
     REDUCTIONS,
     check_choice,
     check_embeddings,
+    check_int,
     check_labels,
     check_margin,
+    check_real,
+    check_scale,
+    check_validate,
+    check_weight,
 )
-from .core import BACKENDS, MarginLSE, margin_lse, topk_dot
+from .core import BACKENDS, MarginLSE, margin_lse, resolve_backend, topk_dot
 from .functional import normalize_rows, reduce_rows, scale_times, softmax_rows
 
 # State buffers have shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d
@@ -53,22 +58,24 @@ class MarginSoftmaxLoss(nn.Module):
         subcenters: K rows per class.
         normalize_weight: False keeps raw weight rows (Crystal loss).
         bias: add a learnable per-class bias (Crystal loss).
+        validate: "device" (default) checks label values with device-side asserts and makes no
+            host synchronisation (NaN/inf embeddings give a NaN loss); "full" checks on the host
+            and lists the bad values, NaN/inf included (debugging; two syncs per call).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  reduction: str = "mean", backend: str = "auto", subcenters: int = 1,
-                 normalize_weight: bool = True, bias: bool = False,
+                 normalize_weight: bool = True, bias: bool = False, validate: str = "device",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        if int(embedding_size) < 1 or int(num_classes) < 1:
-            raise ValueError(f"embedding_size={embedding_size} and num_classes={num_classes} must "
-                             "be positive.")
-        if int(subcenters) < 1:
-            raise ValueError(f"subcenters={subcenters} must be a positive int.")
+        check_int("embedding_size", embedding_size)
+        check_int("num_classes", num_classes)
+        check_int("subcenters", subcenters)
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("backend", backend, ("auto", *BACKENDS))
-        if isinstance(scale, float | int) and not scale > 0:
-            raise ValueError(f"scale={scale} must be positive.")
+        check_validate(validate)
+        check_scale("scale", scale)
+        self.validate = validate
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.subcenters = int(subcenters)
@@ -137,7 +144,7 @@ class MarginSoftmaxLoss(nn.Module):
         return margin_lse(x_hat, self.weight, labels, scale, self.bias,
                           normalize_weight=self.normalize_weight, class_range=self._class_range(),
                           hard_negative=hard_negative, subcenters=self.subcenters,
-                          backend=self.backend)
+                          backend=self.backend, validate=self.validate)
 
     @torch.no_grad()
     def _target_cosine(self, x_hat: Tensor, labels: Tensor) -> Tensor:
@@ -197,11 +204,23 @@ class MarginSoftmaxLoss(nn.Module):
 
     # ---- the pipeline
     def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Every check of a call, before any state moves: metadata (raises at once), the backend,
+        then label values (device-side assert, or host-side with validate="full")."""
         if isinstance(embeddings, Tensor) and self.weight.device != embeddings.device:
             raise ValueError(f"the loss's weight is on {self.weight.device} but embeddings are on "
                              f"{embeddings.device}; call loss_fn.to({str(embeddings.device)!r}).")
-        check_embeddings(embeddings, self.embedding_size)
-        check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device)
+        check_embeddings(embeddings, self.embedding_size, validate=self.validate)
+        k = self.subcenters
+        check_weight(self.weight, embeddings, rows=self.local_classes * k,
+                     rows_hint=f" (num_classes={self.local_classes} × subcenters={k})")
+        bias = getattr(self, "shard_bias", None) if self.bias is None else self.bias
+        if bias is not None and (bias.shape != (self.local_classes,)
+                                 or not bias.dtype.is_floating_point):
+            raise ValueError(f"bias must be a floating ({self.local_classes},) tensor (one per "
+                             f"class), got {bias.dtype} of shape {tuple(bias.shape)}.")
+        resolve_backend(self.backend, embeddings.device, embeddings.dtype)
+        check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device,
+                     validate=self.validate)
 
     def _check_norms(self, norms: Tensor | None, embeddings: Tensor) -> None:
         if norms is None:
@@ -268,6 +287,8 @@ class MarginSoftmaxLoss(nn.Module):
     def predict(self, embeddings: Tensor, k: int = 1) -> Tensor:
         """(B, k) most likely classes. Without a bias the ranking is by cosine, so it streams
         through the fused top-k and never forms the logits."""
+        if check_int("k", k) > self.num_classes:
+            raise ValueError(f"k={k} must be between 1 and num_classes={self.num_classes}.")
         if self.bias is not None:
             return self.logits(embeddings).topk(k, dim=1).indices
         check_embeddings(embeddings, self.embedding_size)
@@ -322,7 +343,9 @@ class CrystalLoss(MarginSoftmaxLoss):
     def __init__(self, embedding_size: int, num_classes: int, *, alpha: float | None = None,
                  target_prob: float = 0.9, learnable_alpha: bool = False, bias: bool = True,
                  **kwargs):
-        if alpha is None:
+        if alpha is not None:
+            check_real("alpha", alpha, low=0.0, low_open=True)
+        else:
             if not 0 < target_prob < 1 or num_classes < 3:
                 raise ValueError("alpha=None needs 0 < target_prob < 1 and num_classes >= 3; or "
                                  "pass alpha explicitly.")
@@ -359,9 +382,8 @@ class CosFaceLoss(MarginSoftmaxLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.35, **kwargs):
+        check_margin("margin", margin)  # a cosine offset, but 35 is still degrees-like
         super().__init__(embedding_size, num_classes, scale=scale, **kwargs)
-        if not (isinstance(margin, float | int) and math.isfinite(margin)):
-            raise ValueError(f"margin={margin!r} must be a finite float.")
         self.margin = float(margin)
 
     def _target_logit(self, cos_y, scale, norms, labels, valid):
@@ -441,7 +463,7 @@ class SphereFaceLoss(MarginSoftmaxLoss):
     def __init__(self, embedding_size: int, num_classes: int, *, margin: int = 4,
                  anneal: bool = True, lambda_base: float = 1000.0, lambda_gamma: float = 0.12,
                  lambda_power: float = 1.0, lambda_min: float = 5.0, **kwargs):
-        if int(margin) != margin or margin < 1:
+        if check_int("margin", margin) < 1:
             raise ValueError(f"margin={margin!r}: SphereFace's margin is a positive integer "
                              "multiplier of the angle (default 4).")
         super().__init__(embedding_size, num_classes, scale=1.0, **kwargs)
@@ -478,6 +500,7 @@ class CurricularFaceLoss(MarginSoftmaxLoss):
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.5, momentum: float = 0.01, **kwargs):
         check_margin("margin", margin)
+        check_real("momentum", momentum, low=0.0, high=1.0)
         super().__init__(embedding_size, num_classes, scale=scale, **kwargs)
         self.margin = float(margin)
         self.momentum = float(momentum)
@@ -515,6 +538,7 @@ class AdaFaceLoss(MarginSoftmaxLoss):
                  margin: float = 0.4, h: float = 0.333, t_alpha: float = 0.01, eps: float = 1e-3,
                  **kwargs):
         check_margin("margin", margin)
+        check_real("t_alpha", t_alpha, low=0.0, high=1.0)
         super().__init__(embedding_size, num_classes, scale=scale, **kwargs)
         self.margin, self.h, self.t_alpha, self.eps = float(margin), float(h), float(t_alpha), eps
         self.register_buffer("batch_mean", torch.full((1,), 20.0))
@@ -548,6 +572,9 @@ class MagFaceLoss(MarginSoftmaxLoss):
         check_margin("u_m", u_m)
         if not 0 < l_a < u_a:
             raise ValueError(f"need 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}.")
+        if not l_m <= u_m:
+            raise ValueError(f"need l_m <= u_m (the margin grows with the magnitude), got "
+                             f"l_m={l_m}, u_m={u_m}.")
         super().__init__(embedding_size, num_classes, scale=scale, **kwargs)
         check_choice("angle_policy", angle_policy, ANGLE_POLICIES)
         check_choice("grad_mode", grad_mode, GRAD_MODES)
@@ -580,8 +607,7 @@ class _ElasticMixin:
 
     def _set_elastic(self, margin: float, std: float, plus: bool, seed: int | None) -> None:
         check_margin("margin", margin)
-        if not std >= 0:
-            raise ValueError(f"std={std} must be non-negative.")
+        check_real("std", std, low=0.0)
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2 ** 63):
             raise ValueError(f"seed={seed!r} must be None or an int in [0, 2**63).")
         self.margin, self.std, self.plus, self.seed = float(margin), float(std), plus, seed
@@ -689,7 +715,7 @@ class NPTLoss(MarginSoftmaxLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, *, k: int = 1, delta: float = 0.5,
                  r: float = 1.0, **kwargs):
-        if not 1 <= k < num_classes:
+        if not 1 <= check_int("k", k) < check_int("num_classes", num_classes):
             raise ValueError(f"k={k} must be in [1, num_classes - 1 = {num_classes - 1}].")
         super().__init__(embedding_size, num_classes, scale=1.0, **kwargs)
         self.k, self.delta, self.r = int(k), float(delta), float(r)
@@ -737,6 +763,11 @@ class UncertaintyMarginLoss(_AngularMixin, MarginSoftmaxLoss):
                  angle_policy: str = "fallback", grad_mode: str = "exact", **kwargs):
         check_margin("margin", margin)
         check_margin("margin_max", margin_max)
+        check_real("momentum", momentum, low=0.0, high=1.0)
+        check_real("init_norm_mean", init_norm_mean, low=0.0, low_open=True)
+        if push_weight and check_int("num_classes", num_classes) < 2:
+            raise ValueError(f"num_classes={num_classes}: the push term needs a non-target class "
+                             "(num_classes >= 2), or pass push_weight=0.")
         super().__init__(embedding_size, num_classes, scale=1.0, **kwargs)
         self._set_angular(angle_policy, grad_mode)
         self.margin, self.margin_max, self.momentum = float(margin), float(margin_max), momentum
