@@ -82,7 +82,7 @@ def test_norms_argument_equals_raw_embeddings(name):
 def test_norms_argument_is_validated():
     features, norms, labels = data()
     with pytest.raises(TypeError, match="does not use embedding norms"):
-        mo.ArcFaceLoss(D, C)(features, labels, norms=norms)
+        mo.ArcFaceLoss(D, C).double()(features, labels, norms=norms)
     m = make("adaface")
     with pytest.raises(TypeError, match=r"norms must be a float tensor of shape \(6,\)"):
         m(features, labels, norms=norms[:3])

@@ -65,10 +65,7 @@ FAMILIES = {
 UNSHARDABLE = {"NPTLoss", "UncertaintyMarginLoss"}
 # Syncs owned by other work in progress: strict xfail, so the test fails (XPASS) the day the sync
 # is gone and this entry must be removed. Never add an entry to make a new sync pass.
-KNOWN_SYNCS = {
-    "UncertaintyMarginLoss": "proxy_separation: torch.unique(labels[valid]) and a data-dependent "
-                             "branch on its size (issue 10 item 10, the state engineer's)",
-}
+KNOWN_SYNCS: dict[str, str] = {}  # family -> why it still syncs (strict xfail); none today
 
 
 def _families():
