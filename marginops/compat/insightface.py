@@ -25,7 +25,8 @@ arcface_torch's (read from its ``losses.py`` and ``partial_fc_v2.py``):
   per rank, so arcface_torch checkpoints (``softmax_fc_gpu_{rank}.pt``) load both ways; the
   embeddings are all-gathered and their gradient is multiplied by the world size (to undo DDP's
   averaging); with ``sample_rate < 1`` each step keeps the local classes present in the global
-  batch plus random others up to int(sample_rate·n) (only the positives if they are more).
+  batch plus random others up to min(n, max(int(sample_rate·n), global batch)) (arcface_torch:
+  max(int(sample_rate·n), #positives), the same in real configurations; ours needs no host sync).
 - The loss is the mean over ALL gathered rows of −log(max(p_y, 1e-30)): a row's reported loss is
   at most 69.08 (the gradient is not clamped) and a row labelled −1 counts 69.08 in the mean.
 
