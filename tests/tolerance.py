@@ -90,7 +90,8 @@ def routing_gap(cos_k, y, *, target_switches=(), hard_margin=None, hard_tau=None
     if hard_tau is not None:
         gaps.append((cos - hard_tau.double()[:, None]).abs()[~target & has_y[:, None]])
     if topk is not None:
-        n = min(topk + 1, cos.shape[1] - 1)
-        ranked = cos.masked_fill(target, float("-inf")).topk(n, dim=1).values
-        gaps.append((ranked[:, :-1] - ranked[:, 1:]).flatten())
+        ranked = cos.masked_fill(target, float("-inf")).topk(min(topk + 1, cos.shape[1]),
+                                                               dim=1).values
+        step = (ranked[:, :-1] - ranked[:, 1:]).flatten()
+        gaps.append(step.nan_to_num(nan=float("inf")))  # −inf − (−inf): past the last column
     return torch.cat(gaps).min().item()
