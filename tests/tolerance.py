@@ -69,7 +69,8 @@ def routing_gap(cos_k, y, *, target_switches=(), hard_margin=None, hard_tau=None
 
     - K > 1: best minus second-best sub-center cosine of every (row, class);
     - ``target_switches``: cosines where ψ(c_y) changes branch, e.g. ``-cos(m)`` for "fallback";
-    - ``hard_margin`` m or ``hard_tau`` (B,): |c_ij − τ_i| for j ≠ y, τ_i = cos(θ_y + m) or given;
+    - ``hard_margin`` m or ``hard_tau`` (B,): |c_ij − τ_i| for j ≠ y, τ_i = cos(θ_y + m) (rows
+      with a target) or given (every row);
     - ``topk`` k: gaps between the k + 1 largest non-target class cosines of every row (the
       set and its order).
     """
@@ -84,11 +85,11 @@ def routing_gap(cos_k, y, *, target_switches=(), hard_margin=None, hard_tau=None
     c_y = cos[target]
     for switch in target_switches:
         gaps.append((c_y - switch).abs())
-    if hard_margin is not None:
-        hard_tau = torch.zeros_like(cos[:, 0])
+    if hard_margin is not None:  # τ from the target: rows without one have no hard negatives
+        hard_tau = torch.full_like(cos[:, 0], float("inf"))
         hard_tau[has_y] = torch.cos(torch.acos(c_y.clamp(-1, 1)) + hard_margin)
-    if hard_tau is not None:
-        gaps.append((cos - hard_tau.double()[:, None]).abs()[~target & has_y[:, None]])
+    if hard_tau is not None:  # a given τ applies to every row (the contract: target elsewhere)
+        gaps.append((cos - hard_tau.double()[:, None]).abs()[~target])
     if topk is not None:
         ranked = cos.masked_fill(target, float("-inf")).topk(min(topk + 1, cos.shape[1]),
                                                                dim=1).values
