@@ -52,8 +52,8 @@ MIN_GAP = 1e-3
 
 
 def cosines(x, w, subcenters: int = 1, normalize_weight: bool = True) -> torch.Tensor:
-    """(B, C, K) fp64 cosines x̂·ŵ (x·ŵ unnormalised-x callers pass unit rows; with
-    ``normalize_weight=False``, x̂·w) of ``x`` (B, D) with ``w`` (C·K, D)."""
+    """(B, C, K) fp64 cosines x̂·ŵ of ``x`` (B, D) with ``w`` (C·K, D); x̂·w with
+    ``normalize_weight=False``. Equivalent: ``(normalize(x) @ normalize(w).T).view(B, -1, K)``."""
     x = torch.nn.functional.normalize(x.detach().double(), dim=1)
     w = w.detach().double()
     if normalize_weight:
