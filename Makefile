@@ -23,7 +23,7 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(EXT_SOURCES)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install setuptools wheel ninja numpy
-	$(PY) -m pip install triton pytest pytest-benchmark pytorch-metric-learning scikit-learn \
+	$(PY) -m pip install triton pytest pytest-benchmark pytest-random-order pytorch-metric-learning scikit-learn \
 		matplotlib tqdm ruff
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -m marginops.info
