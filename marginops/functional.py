@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import margins
@@ -32,16 +31,30 @@ def normalize_rows(embeddings: Tensor) -> tuple[Tensor, Tensor]:
 
     The norm is taken in fp32 even for half inputs; x̂ goes back to the input dtype so that GPU
     kernels run half-precision GEMMs (they accumulate in fp32).
+
+    An all-zero row has no direction: x̂ = 0 (as F.normalize gives) but its gradient is 0, not
+    F.normalize's g/1e-12, which is ±inf once cast back to fp16 and makes a GradScaler skip every
+    step. Equivalent PyTorch: ``F.normalize(x, eps=1e-12)`` with the zero rows' gradient zeroed.
     """
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x = embeddings.to(acc)
     norms = x.norm(dim=1)
-    return (x / norms.clamp_min(1e-12)[:, None]).to(embeddings.dtype), norms
+    # x / inf = 0 on zero rows, with no gradient through the constant; other rows (NaN ones too)
+    # are divided exactly as before.
+    denom = torch.where(norms == 0, float("inf"), norms.clamp_min(1e-12))
+    return (x / denom[:, None]).to(embeddings.dtype), norms
 
 
 def softmax_rows(lse_neg: Tensor, target_logit: Tensor) -> Tensor:
-    """Per-row cross-entropy logsumexp(z) − z_y = softplus(lse_neg − z_y); exact, no p_y − 1."""
-    return F.softplus(lse_neg - target_logit)
+    """Per-row cross-entropy logsumexp(z) − z_y = softplus(lse_neg − z_y); exact, no p_y − 1.
+
+    softplus(x) = log(1 + eˣ) as logaddexp(x, 0) = max(x, 0) + log1p(e^−|x|): correctly rounded
+    at every x (F.softplus returns x itself above its threshold 20, off by e⁻ˣ), 0 at x = −inf
+    (a row without negatives), and its gradient exp(x − softplus(x)) is sigmoid(x) to rounding,
+    including 1/2 at x = 0. Shapes: (B,), (B,) → (B,).
+    """
+    x = lse_neg - target_logit
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:

@@ -535,6 +535,31 @@ def case_fp32_auto_backend(rank, world, seed=3):
     chk.done()
 
 
+# ----------------------------------------------------------------------------- NaN across ranks
+
+def case_nan_survives_rank_merge(rank, world):
+    """NaN in one rank's weight shard gives a NaN loss on every rank (issue 10 item 1): the
+    log-sum-exp merge's max all-reduce may drop NaN, so its sum all-reduce must carry it."""
+    chk = Checks()
+    for backend in ("torch", "auto"):
+        for owner in (0, world - 1):
+            m = ShardedMarginLoss(mo.ArcFaceLoss, D, 11, backend=backend).train()
+            if rank == owner:
+                with torch.no_grad():
+                    m.weight[0, 0] = float("nan")
+            g = torch.Generator().manual_seed(5)
+            X = torch.randn(world * B, D, generator=g)
+            # no row's label is the NaN class: only the non-target logits (lse_neg) carry the NaN
+            nan_class = shard_range(11, world, owner)[0]
+            y = labels_for("random", world, 11, g)
+            y = torch.where(y == nan_class, (nan_class + 1) % 11, y)
+            res = sharded_step(m, X, y, rank)
+            tag = f"{backend}, NaN on rank {owner}"
+            chk.true(f"{tag}: loss is NaN", bool(torch.isnan(res["loss"])), str(res["loss"]))
+            chk.true(f"{tag}: embedding grad not finite", not bool(torch.isfinite(res["gx"]).all()))
+    chk.done()
+
+
 # ----------------------------------------------------------------------------- failures
 
 def expect_error(chk, name, fn, exc=InconsistentInputsError, contains=()):
@@ -678,6 +703,7 @@ CASES = {
     "ddp_grad_scaling": case_ddp_grad_scaling,
     "checkpoint_other_world_size": case_checkpoint_other_world_size,
     "predict": case_predict,
+    "nan_survives_rank_merge": case_nan_survives_rank_merge,
     "inconsistent_inputs_fail_fast_on_every_rank": case_inconsistent_inputs,
     "unequal_batch_without_check_fails_on_every_rank": case_unequal_batch_without_check,
     "inconsistent_inputs_device_path": case_inconsistent_inputs_device_path,

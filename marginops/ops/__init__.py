@@ -30,6 +30,13 @@ Math (acc dtype throughout; never exponentiate in half precision):
 
 Outputs ``(lse_neg, dot_y)``, both (B,) in acc dtype.
 
+NaN in, NaN out (DESIGN §8): a NaN z_in at any non-target column makes lse_neg_i NaN, and a NaN
+d at the target makes dot_y_i NaN, on every backend — max and exp must not drop NaN. NaN features,
+scale or bias, and a NaN or ±inf entry in a normalised weight row (ŵ = inf/inf = NaN) all give a
+NaN z; the sub-center max keeps a NaN (like torch.amax). A +inf z gives a non-finite lse_neg
+(+inf or NaN, by backend); a -inf z is an ordinary logit that contributes exp(-inf) = 0. The
+backward follows the formulas below, so NaN flows on into the gradients of the rows it touched.
+
 Backward, given grad_lse (B,), grad_dot (B,), and the saved lse_neg:
 
     g_in        = grad_lse_i · exp(z_in - lse_neg_i)       for n != target_col_i, else 0
@@ -48,7 +55,9 @@ is an empty tensor when bias is None. No gradient flows to target_col, class_ind
 topk: ``topk(features, weight, exclude_col, k, normalize_weight, subcenters)`` returns
 ``(values (B, k) acc dtype, columns (B, k) int64)``: the k largest d_in per row over columns
 n != exclude_col_i (exclude_col = -1 excludes nothing), values descending; ties broken by the lower
-column. It has no autograd: callers recompute the k values differentiably from the columns
+column. NaN ranks as the largest value (above +inf), like ``torch.topk``, and NaN vs NaN is a tie
+(lower column first): a NaN weight row that is not excluded comes first in every row, never
+dropped. It has no autograd: callers recompute the k values differentiably from the columns
 (B·k·D work, see ``marginops.core.topk_dot``).
 
 Registered op names (``torch.ops.marginops.*``): ``margin_lse_torch`` / ``margin_lse_torch_backward``

@@ -132,12 +132,17 @@ inline void subcenter_reduce(acc_t* row, int64_t nc, int64_t K) {
 #define MO_ALWAYS_INLINE inline
 #endif
 
-// Forward: d → z = s·d' + b in place, −inf at the target column tl; returns max_j z.
+// Forward: d → z = s·d' + b in place, −inf at the target column tl; returns max_j z, or NaN if
+// any z is NaN (NaN in, NaN out). A vectorised max reduction may drop NaN (maxps returns its second
+// operand), so NaNs are counted separately — one compare and one add per element, beside an
+// exp polynomial of ~20 operations in the next pass — and the returned max is poisoned at the end;
+// a NaN max then makes every exp(z − m) NaN, and lse_merge / lse_finalize keep it.
 template <typename acc_t>
 MO_ALWAYS_INLINE acc_t row_logits_impl(acc_t* row, int64_t nc, int64_t tl, acc_t s, acc_t tau,
                                        acc_t t, bool hard, const acc_t* bc) {
   acc_t m = epi::neg_inf<acc_t>();
-#pragma omp simd reduction(max : m)
+  int nans = 0;  // int, not int64: same lane width as float, so the loop stays one vector width
+#pragma omp simd reduction(max : m) reduction(+ : nans)
   for (int64_t j = 0; j < nc; ++j) {
     const acc_t d = row[j];
     const bool h = epi::is_hard(d, tau, hard);
@@ -145,8 +150,9 @@ MO_ALWAYS_INLINE acc_t row_logits_impl(acc_t* row, int64_t nc, int64_t tl, acc_t
     z = j == tl ? epi::neg_inf<acc_t>() : z;
     row[j] = z;
     m = m > z ? m : z;
+    nans += z != z;
   }
-  return m;
+  return nans ? std::numeric_limits<acc_t>::quiet_NaN() : m;
 }
 
 // Forward: Σ_j exp(z_j − m).

@@ -39,7 +39,8 @@ MO_HD T neg_inf() {
 // On the host, float uses a Cephes-style polynomial written with plain arithmetic and integer bit
 // manipulation only, so GCC vectorises loops that call it (libm's expf would stop vectorisation).
 // Relative error ≲ 2 ulp over the range used here (x ≤ 0 up to rounding); x < -87.3 → exactly 0,
-// so masked (−inf) entries contribute nothing. On the device, expf (full precision) is used.
+// so masked (−inf) entries contribute nothing; NaN → NaN (NaN in, NaN out: a NaN logit must poison
+// the sum, never vanish from it). On the device, expf (full precision) is used.
 // Double always uses exp(), which keeps fp64 gradcheck exact.
 // ---------------------------------------------------------------------------------------------
 MO_HD float exp_acc(float x) {
@@ -47,8 +48,10 @@ MO_HD float exp_acc(float x) {
   return expf(x);
 #else
   const float lo = -87.33654f, hi = 88.0f;
-  const bool underflow = !(x >= lo);  // also true for NaN-free −inf
-  float xc = x < lo ? lo : (x > hi ? hi : x);
+  // in_range is false for x < lo (−inf included) and for NaN; NaN is clamped to lo here so that the
+  // float → int conversion below stays defined, and restored at the end (one compare, one select).
+  const bool in_range = x >= lo;
+  float xc = in_range ? (x > hi ? hi : x) : lo;
   // k = round(x / ln2) with the 1.5·2^23 magic constant (no floor/rint call, vectorisable).
   const float magic = 12582912.0f;
   float t = xc * 1.44269504088896341f + magic;
@@ -69,7 +72,7 @@ MO_HD float exp_acc(float x) {
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(float));
   float y = p * two_k;
-  return underflow ? 0.0f : y;
+  return in_range ? y : (x < lo ? 0.0f : x);  // underflow → 0, NaN → NaN
 #endif
 }
 
@@ -101,10 +104,12 @@ MO_HD void lse_merge(T& m, T& s, T m2, T s2) {
   }
 }
 
-// lse from a partial; −inf when the set was empty (no non-target column).
+// lse from a partial; −inf when the set was empty (no non-target column). A NaN partial (s or m
+// NaN: a NaN logit was seen) finalises to NaN — written as s == 0, not s > 0, so NaN is not
+// mistaken for the empty set. lse_merge keeps NaN in s: every branch adds or scales it.
 template <typename T>
 MO_HD T lse_finalize(T m, T s) {
-  return s > T(0) ? m + log_acc(s) : neg_inf<T>();
+  return s == T(0) ? neg_inf<T>() : m + log_acc(s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,14 +147,15 @@ MO_HD T softmax_grad(T z, T lse_neg, T grad_lse) {
 
 // ---------------------------------------------------------------------------------------------
 // Sub-center max: class column n owns rows n·K .. n·K+K−1 of the tile; its value is the max, and
-// the gradient flows to the first row attaining it (argmax).
+// the gradient flows to the first row attaining it (argmax). NaN wins, like torch.max: the first
+// NaN row is the max and its argmax.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 MO_HD T subcenter_max(const T* row, int64_t K, int64_t* argk) {
   T best = row[0];
   int64_t a = 0;
   for (int64_t k = 1; k < K; ++k) {
-    if (row[k] > best) {
+    if (row[k] > best || (row[k] != row[k] && best == best)) {
       best = row[k];
       a = k;
     }
@@ -184,10 +190,14 @@ MO_HD T normalize_backward(T g, T w_hat, T proj, T inv) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Top-k order: larger value first, ties broken by the lower column.
+// Top-k order: larger value first, NaN above every number (+inf included) as in torch.topk, ties
+// (NaN vs NaN included) broken by the lower column. A total order, so a merge of partial lists
+// gives the same answer whatever the split.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 MO_HD bool topk_better(T v1, int64_t c1, T v2, int64_t c2) {
+  const bool n1 = v1 != v1, n2 = v2 != v2;
+  if (n1 || n2) return n1 && (!n2 || c1 < c2);
   return v1 > v2 || (v1 == v2 && c1 < c2);
 }
 
