@@ -182,8 +182,13 @@ def test_functional_nan_scale_gives_nan(backend):
     g = torch.Generator().manual_seed(3)
     f = torch.nn.functional.normalize(torch.randn(4, 8, generator=g))
     w = torch.randn(6, 8, generator=g)
-    lse, _ = marginops.core.margin_lse(f, w, torch.tensor([0, 1, 2, 3]), NAN, backend=backend)
+    labels = torch.tensor([0, 1, 2, 3])
+    # A NaN scale tensor (e.g. a learnable scale that diverged) propagates...
+    lse, _ = marginops.core.margin_lse(f, w, labels, torch.tensor(NAN), backend=backend)
     assert torch.isnan(lse).all(), lse
+    # ...while a NaN Python number is a configuration error, named at once (issue 10 item 7).
+    with pytest.raises(ValueError, match="scale"):
+        marginops.core.margin_lse(f, w, labels, NAN, backend=backend)
 
 
 # ------------------------------------------------------------------------------------ top-k NaN
