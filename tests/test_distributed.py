@@ -668,7 +668,7 @@ def case_unsupported(rank, world):
 def case_inconsistent_inputs_device_path(rank, world):
     """The NCCL path of the consistency check (the gathered table compared by a device assert,
     no host read), forced on gloo: still raises on every rank, none hangs."""
-    import marginops.distributed as md
+    import marginops.distributed.sharded as md  # where ShardedMarginLoss looks it up
 
     chk = Checks()
     C, last = 11, world - 1

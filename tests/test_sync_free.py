@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import marginops as mo
-import marginops.distributed
+import marginops.distributed.sharded
 from marginops.core import backend_status
 from marginops.distributed import ShardedMarginLoss
 
@@ -45,7 +45,7 @@ SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_sta
             "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
             "unique_dim_consecutive", "bincount", "repeat_interleave", "_assert_scalar"}
 
-# name -> (class, constructor kwargs); one entry per family in marginops/modules.py
+# name -> (class, constructor kwargs); one entry per family in marginops/modules/
 FAMILIES = {
     "NormFaceLoss": (mo.NormFaceLoss, {"learnable_scale": True}),
     "CrystalLoss": (mo.CrystalLoss, {"learnable_alpha": True}),
@@ -205,7 +205,7 @@ def test_sharded_forward_backward_is_sync_free(one_gloo_rank, monkeypatch, famil
     gloo path, whose table is CPU memory: its one ``tolist`` per step is a read, not a device
     sync, and the only hit allowed."""
     if consistency == "device":
-        monkeypatch.setattr(marginops.distributed, "_reads_on_host", lambda device: False)
+        monkeypatch.setattr(marginops.distributed.sharded, "_reads_on_host", lambda device: False)
     cls, kwargs = FAMILIES[family]
     torch.manual_seed(0)
     module = ShardedMarginLoss(cls, D, C, sample_rate=sample_rate, sample_seed=0, init_seed=0,

@@ -1,112 +1,14 @@
-"""Model parallelism and Partial FC for every softmax family, on ``torch.distributed``.
-
-When the classifier outgrows one device, the classes are sharded across the ranks of a process
-group (NCCL on GPUs, gloo on CPU) and every rank holds only its slice of ``weight``::
-
-    loss_fn = ShardedMarginLoss(ArcFaceLoss, embedding_size=512, num_classes=10_000_000,
-                                sample_rate=0.2)            # any MarginSoftmaxLoss family
-    loss = loss_fn(local_embeddings, local_labels)           # same scalar on every rank
-    loss.backward()
-
-Design
-======
-
-**Shards.** Rank r of R owns classes [start, start + n) with the Partial-FC split (insightface
-``partial_fc_v2``): n = C//R + (r < C % R), start = (C//R)·r + min(r, C % R) (:func:`shard_range`).
-The family module (``ShardedMarginLoss.family``, an instance of a subclass of the family made by
-:func:`sharded_family_class`) holds a ``weight`` of n·K rows (row = local class·K + k) and, for
-families with a bias (Crystal loss), a ``shard_bias`` of n entries. ``num_classes`` stays global.
-The full weight is never allocated: the family is built on the meta device, then only the shard
-is materialised and initialised with the family's own ``reset_parameters`` (under a per-rank seed,
-so the shards differ; fan-based inits such as Crystal's Xavier see the shard's fan-out).
-
-**Forward.** ``ShardedMarginLoss.forward(embeddings, labels)`` takes this rank's rows only:
-
-1. a cheap metadata all-gather checks that every rank passes consistent inputs (see below);
-2. embeddings are all-gathered (differentiable) and labels all-gathered, giving the global batch
-   of R·B rows, in rank order; then the family's ordinary pipeline runs on the global batch;
-3. its class side calls the core op with ``class_range=(start, n)`` (and ``class_index`` when
-   sampling) and merges the two B-vectors across ranks: ``lse_neg`` by a log-sum-exp all-reduce
-   (max all-reduce, then sum of exp all-reduce) and ``dot_y`` by a sum all-reduce;
-4. the target logit, margins, reduction — everything B-sized — are computed identically on every
-   rank, so every rank returns the same loss over the global batch (``reduction="none"`` gives the
-   global (R·B,) rows).
-
-**Where gradients are summed across ranks.** Every rank differentiates the same replicated
-objective, so a replicated tensor (x̂, the target logit, norms, a learnable scale) already has its
-full gradient on every rank *except* for the part that flows through the rank-local core op. The
-cross-rank sum is therefore placed exactly there: the normalised embeddings and a differentiable
-scale enter the local core op through an identity whose backward sums the per-rank contributions
-(a reduce-scatter for the embedding rows — each rank only needs its own rows — an all-reduce for
-the scale). The merges need no communication in backward: d lse_global / d lse_r =
-exp(lse_r − lse_global) and d dot_global / d dot_r = 1 are local, and the embedding all-gather's
-backward just keeps this rank's rows. (Summing at the all-gather instead, as insightface does,
-is equivalent only when nothing replicated lies on the path — here it would count the
-norm-dependent terms of MagFace/SphereFace/… R times.) Weight and bias gradients stay local.
-Consequence: **every rank must call forward and backward on the same loss**, in the same order,
-as with any collective code; do not reduce the "none" rows differently on different ranks.
-
-**DDP on the backbone.** DDP averages the backbone's gradients over ranks. With the defaults the
-embedding gradient handed back to the backbone is multiplied by the world size
-(``embedding_grad_scale="world_size"``, as insightface does), so that after DDP's averaging the
-backbone gradient equals the gradient of the global-batch loss — exactly what one process would
-compute on the concatenated batch, and the same scale the classifier shard gets. Pass
-``embedding_grad_scale=1.0`` when nothing averages afterwards (no DDP, or a sum all-reduce); then
-``embeddings.grad`` is the plain gradient of the returned loss. Both are tested.
-
-**Stateful families.** The state lives in replicated buffers and every rank sees the same global
-batch, so it agrees without extra communication as long as its inputs are global: CurricularFace's
-target-cosine pre-pass (``_target_cosine``) gathers the target rows this rank owns and
-sum-all-reduces, so t and the hard-negative threshold use the global target cosines; AdaFace's
-norm statistics are computed from the global batch; ElasticFace draws its per-row margins from
-(seed, step) counters that are the same on every rank (``seed=None`` is replaced by a seed
-broadcast from the group's first rank). SphereFace's iteration counter and MagFace need nothing.
-
-**Partial FC** (``sample_rate < 1``, training mode only; eval uses every class). Per step and per
-rank, as insightface ``partial_fc_v2``: keep the local classes present in the global batch, fill up
-with random others (a seedable per-rank generator: ``sample_seed``) to min(n, max(int(sample_rate·n),
-global batch)) classes: insightface's int(sample_rate·n) whenever that covers the global batch; the
-size never depends on label values, so sampling makes no host sync. The sorted local ids go to the
-core op as
-``class_index`` (``family.last_class_index`` keeps them); it reads only those rows and writes
-gradient only to them. Unsampled rows get exactly zero gradient — but standard optimizers still
-move them: SGD momentum keeps applying the old velocity and weight decay keeps shrinking them
-(Adam too, and its zero-gradient steps also decay its moments). That is what insightface's
-``partial_fc_v2`` does (one SGD, momentum 0.9, weight decay, over the whole shard); with normalised
-weights weight decay only changes row norms, i.e. the effective step size of those rows. To freeze
-unsampled rows exactly (insightface's original ``partial_fc``), give the weight its own optimizer
-without momentum/weight decay, or restore the rows not in ``last_class_index`` after the step.
-
-**Checkpoints.** ``state_dict()`` stays the per-rank shard (it must not hide collectives: the
-common ``if rank == 0: torch.save(m.state_dict())`` would hang). ``full_state_dict()`` gathers
-one full (num_classes·K, D) weight (and (num_classes,) bias) on every rank, or on the first only,
-in the key layout of the single-process family, so it loads into a plain ``ArcFaceLoss`` etc.;
-``load_full_state_dict()`` takes such a dict (from any world size, also a single-process module's
-``state_dict()``) and keeps this rank's slice — ``torch.load(path, mmap=True)`` avoids reading
-the whole weight into memory on every rank.
-
-**Inconsistent inputs fail fast, on every rank.** Construction all-gathers the configuration
-(family, sizes, hyper-parameters, dtype, sample rate); every forward all-gathers a few integers
-(input validity, batch size, width, dtype, grad mode, training mode, call count). Any mismatch —
-different batch sizes (all-gather needs equal sizes; uneven batches are not supported), a
-different num_classes or margin, an invalid label on one rank — raises
-:class:`InconsistentInputsError` on every rank, naming the ranks and values, instead of leaving the
-others blocked in a collective. Collectives use the loss's process group (``process_group``); a
-separate group from the backbone's DDP is fine.
-
-**Not supported in sharded mode** (NotImplementedError): NPT-Loss and the vMF
-``UncertaintyMarginLoss`` (their top-k negatives and proxy terms read the whole weight), the
-family's ``logits()`` (B×C), and sub-center ``dominant_subcenters``/``clean_mask`` (gather the
-weight with ``full_state_dict()`` into a single-process module). ``ShardedMarginLoss.predict``
-does work sharded.
+"""The user-facing module, :class:`ShardedMarginLoss`: it builds a family on this rank's class
+shard, checks at construction and on every step that the ranks' configurations and inputs agree
+(raising :class:`InconsistentInputsError` on every rank), runs the forward on the all-gathered
+batch, predicts across the shards, and gathers or loads full checkpoints. Also
+:func:`shard_range`, the Partial-FC split of the classes. The design: :mod:`marginops.distributed`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -114,12 +16,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import assert_values, check_embeddings, check_labels
-from .core import MarginLSE, margin_lse, topk_dot
-from .functional import normalize_rows
-from .modules import MarginSoftmaxLoss, NPTLoss, UncertaintyMarginLoss, _ElasticMixin
-
-__all__ = ["InconsistentInputsError", "ShardedMarginLoss", "shard_range", "sharded_family_class"]
+from .._validation import assert_values, check_embeddings, check_labels
+from ..core import topk_dot
+from ..functional import normalize_rows
+from ..modules import MarginSoftmaxLoss, NPTLoss, UncertaintyMarginLoss, _ElasticMixin
+from .collectives import (
+    _DTYPE_CODES,
+    _agreed_seed,
+    _all_gather_rows,
+    _first_rank,
+    _GatherRows,
+    _meta_device,
+    _rank_seed,
+    _reads_on_host,
+)
+from .family import _ShardContext, sharded_family_class
 
 
 class InconsistentInputsError(ValueError):
@@ -131,283 +42,6 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     base, extra = divmod(int(num_classes), int(world_size))
     return base * rank + min(rank, extra), base + int(rank < extra)
 
-
-# ------------------------------------------------------------------------- collective helpers
-
-_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(
-    dist, "all_gather_into_tensor", None)
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(
-    dist, "reduce_scatter_tensor", None)
-_REDUCE_SCATTER_WORKS: dict[str, bool] = {}
-_HALF = (torch.float16, torch.bfloat16)
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-
-
-def _all_gather_rows(t: Tensor, group, world: int) -> Tensor:
-    """Concatenate equal-shaped tensors of every rank along dim 0 (rank order)."""
-    t = t.contiguous()
-    out = t.new_empty((world * t.shape[0],) + tuple(t.shape[1:]))
-    _all_gather_single(out, t, group=group)
-    return out
-
-
-def _first_rank(group) -> int:
-    """Global rank of the group's first member (src/dst of broadcast and gather)."""
-    return dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
-
-
-def _meta_device(group) -> torch.device:
-    """Where small bookkeeping tensors live: CPU unless the group is NCCL-only."""
-    backend = str(dist.get_backend(group)).lower()
-    if "gloo" in backend or "nccl" not in backend:
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def _reads_on_host(device: torch.device) -> bool:
-    """Bookkeeping on ``device`` can be read without a device sync (CPU memory, e.g. gloo)."""
-    return device.type == "cpu"
-
-
-def _agreed_seed(group) -> int:
-    """A random seed drawn on the group's first rank, known to every rank."""
-    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.long).to(_meta_device(group))
-    dist.broadcast(seed, src=_first_rank(group), group=group)
-    return int(seed.item())
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    return (int(seed) + 0x9E3779B97F4A7C15 * (rank + 1)) % (2 ** 63)
-
-
-# ------------------------------------------------------------------------- autograd pieces
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather of the embeddings. Backward keeps this rank's rows of the (already complete,
-    see _ShardEntry) global gradient, times ``grad_scale`` (world size, to undo DDP averaging)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group, rank: int, world: int, grad_scale: float) -> Tensor:
-        ctx.rank, ctx.rows, ctx.grad_scale = rank, x.shape[0], grad_scale
-        return _all_gather_rows(x, group, world)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        mine = grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-        return mine * ctx.grad_scale, None, None, None, None
-
-
-class _ShardEntry(torch.autograd.Function):
-    """Identity on a replicated tensor entering the rank-local core op. Backward sums the ranks'
-    contributions: reduce-scatter over the R equal row blocks (``rows=True``: each rank needs
-    only its own rows; the others are left 0 and are discarded by _GatherRows) or all-reduce."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group, rank: int, world: int, rows: bool) -> Tensor:
-        ctx.group, ctx.rank, ctx.world, ctx.rows = group, rank, world, rows
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        dtype = grad.dtype
-        g = (grad.float() if dtype in _HALF else grad).contiguous()  # never sum in half precision
-        if ctx.rows and ctx.world > 1 and _reduce_scatter_single is not None:
-            block = g.shape[0] // ctx.world
-            part = g.new_empty((block,) + tuple(g.shape[1:]))
-            key = str(dist.get_backend(ctx.group))
-            if _REDUCE_SCATTER_WORKS.get(key, True):
-                try:
-                    _reduce_scatter_single(part, g, group=ctx.group)
-                    _REDUCE_SCATTER_WORKS[key] = True
-                except (RuntimeError, NotImplementedError) as err:
-                    text = str(err).lower()
-                    if not any(w in text for w in ("support", "not implemented")):
-                        raise  # a real failure (timeout, peer gone), not a missing collective
-                    _REDUCE_SCATTER_WORKS[key] = False  # backend without reduce-scatter
-            if _REDUCE_SCATTER_WORKS[key]:
-                out = torch.zeros_like(g)
-                out[ctx.rank * block:(ctx.rank + 1) * block] = part
-                return out.to(dtype), None, None, None, None
-        out = g.clone()
-        dist.all_reduce(out, group=ctx.group)
-        return out.to(dtype), None, None, None, None
-
-
-class _LogSumExpAcrossRanks(torch.autograd.Function):
-    """lse_global = log Σ_r exp(lse_r) per row (−inf stays −inf). Backward, local:
-    d lse_global / d lse_r = exp(lse_r − lse_global)."""
-
-    @staticmethod
-    def forward(ctx, lse: Tensor, group) -> Tensor:
-        top = lse.detach().clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        finite = torch.isfinite(top)
-        shift = torch.where(finite, top, torch.zeros_like(top))
-        total = torch.exp(lse.detach() - shift)  # exp(−inf) = 0 for rows without local negatives
-        dist.all_reduce(total, group=group)
-        out = torch.where(finite, shift + torch.log(total), top)
-        ctx.save_for_backward(lse, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        lse, out = ctx.saved_tensors
-        weight = torch.exp(lse - out)
-        weight = torch.where(torch.isfinite(out) & torch.isfinite(lse), weight,
-                             torch.zeros_like(weight))
-        return grad * weight, None
-
-
-class _SumAcrossRanks(torch.autograd.Function):
-    """Sum all-reduce; backward is the identity (every rank differentiates the same objective)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        out = x.detach().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-# ------------------------------------------------------------------------- the sharded family
-
-@dataclass
-class _ShardContext:
-    group: Any
-    rank: int
-    world: int
-    sample_rate: float
-    sample_seed: int
-    generator: torch.Generator | None = field(default=None, repr=False)
-
-    def sampling_generator(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(_rank_seed(self.sample_seed, self.rank))
-        return self.generator
-
-
-class _ShardedFamily:
-    """Mixed in front of a family class: the class side of the pipeline on a class shard. The
-    instance attributes ``_shard`` (a _ShardContext), ``class_start``, ``local_classes`` and
-    ``shard_bias`` are set by ShardedMarginLoss."""
-
-    _shard: _ShardContext
-    last_class_index: Tensor | None = None
-
-    def _class_range(self) -> tuple[int, int]:
-        return (self.class_start, self.local_classes)
-
-    def _owned(self, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(mine, local): rows whose label this shard owns, and labels − class_start."""
-        local = labels - self.class_start
-        return (labels >= 0) & (local >= 0) & (local < self.local_classes), local
-
-    def _class_side(self, x_hat: Tensor, labels: Tensor, scale, hard_negative) -> MarginLSE:
-        ctx = self._shard
-        x_in = _ShardEntry.apply(x_hat, ctx.group, ctx.rank, ctx.world, True)
-        if isinstance(scale, Tensor) and scale.requires_grad:
-            scale = _ShardEntry.apply(scale, ctx.group, ctx.rank, ctx.world, False)
-        class_index = None
-        if self.training and ctx.sample_rate < 1:
-            class_index = self._sample_classes(labels)
-        self.last_class_index = class_index
-        lse_neg, dot_y = margin_lse(x_in, self.weight, labels, scale, self.shard_bias,
-                                    normalize_weight=self.normalize_weight,
-                                    class_range=self._class_range(), class_index=class_index,
-                                    hard_negative=hard_negative, subcenters=self.subcenters,
-                                    backend=self.backend)
-        return MarginLSE(_LogSumExpAcrossRanks.apply(lse_neg, ctx.group),
-                         _SumAcrossRanks.apply(dot_y, ctx.group))
-
-    @torch.no_grad()
-    def _target_cosine(self, x_hat: Tensor, labels: Tensor) -> Tensor:
-        """Global c_iy: this shard's target rows (0 elsewhere), sum-all-reduced."""
-        acc = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
-        mine, local = self._owned(labels)
-        rows = self.weight.view(self.local_classes, self.subcenters, -1)[
-            local.clamp(0, self.local_classes - 1)].to(acc)
-        if self.normalize_weight:
-            rows = F.normalize(rows, dim=-1, eps=1e-12)
-        cos = torch.einsum("bd,bkd->bk", x_hat.to(acc), rows).amax(dim=1)
-        cos = torch.where(mine, cos, torch.zeros_like(cos))
-        dist.all_reduce(cos, group=self._shard.group)
-        return cos
-
-    def _target_logit(self, cos_y, scale, norms, labels, valid):
-        target = super()._target_logit(cos_y, scale, norms, labels, valid)
-        if self.shard_bias is None:
-            return target
-        mine, local = self._owned(labels)
-        b = self.shard_bias.to(target.dtype)[local.clamp(0, self.local_classes - 1)]
-        b = torch.where(mine, b, torch.zeros_like(b))
-        return target + _SumAcrossRanks.apply(b, self._shard.group)
-
-    @torch.no_grad()
-    def _sample_classes(self, labels: Tensor) -> Tensor:
-        """Partial FC (insightface partial_fc_v2): sorted local class ids to iterate — every local
-        class present in the global batch, filled up with random others.
-
-        The size is fixed on the host, min(n, max(int(rate·n), B_global)), so sampling reads no
-        label value (no host sync, CUDA-graph capturable): B_global bounds the positives, so they
-        always fit. It equals insightface's size whenever int(rate·n) ≥ B_global (real
-        configurations); insightface keeps just the positives when they exceed int(rate·n), a
-        size only known after a sync.
-        """
-        ctx = self._shard
-        n = self.local_classes
-        mine, local = self._owned(labels)
-        num_sample = min(n, max(int(ctx.sample_rate * n), labels.shape[0]))
-        device = self.weight.device
-        perm = torch.rand(n, generator=ctx.sampling_generator(device), device=device)
-        # positives rank first (2.0 > any draw); rows of other shards write a spare slot n
-        perm = torch.cat([perm, perm.new_zeros(1)]).index_fill_(
-            0, torch.where(mine, local, torch.full_like(local, n)), 2.0)[:n]
-        return torch.topk(perm, k=num_sample).indices.sort().values
-
-    # ---- what does not shard
-    def _not_sharded(self, name: str, hint: str = ""):
-        hint = hint or ("Gather the weight with ShardedMarginLoss.full_state_dict() and load it "
-                        "into a single-process module.")
-        raise NotImplementedError(
-            f"{type(self).__name__}.{name}() is not available on a class shard (this rank holds "
-            f"classes [{self.class_start}, {self.class_start + self.local_classes}) of "
-            f"{self.num_classes}). {hint}")
-
-    def logits(self, embeddings: Tensor) -> Tensor:
-        self._not_sharded("logits", "It would materialise B×C; use ShardedMarginLoss.predict(), "
-                          "or full_state_dict() into a single-process module.")
-
-    def predict(self, embeddings: Tensor, k: int = 1) -> Tensor:
-        self._not_sharded("predict", "Use ShardedMarginLoss.predict(), which merges the shards.")
-
-
-_NOT_SHARDED_EXTRAS = ("dominant_subcenters", "clean_mask")
-
-
-def _refuse(name: str):
-    def method(self, *args, **kwargs):
-        self._not_sharded(name)
-    method.__name__ = name
-    return method
-
-
-@functools.cache
-def sharded_family_class(family_cls: type) -> type:
-    """The subclass of ``family_cls`` that ShardedMarginLoss instantiates (cached per family)."""
-    namespace: dict[str, Any] = {"__module__": __name__,
-                                 "__doc__": f"{family_cls.__name__} on a class shard "
-                                            "(built by marginops.distributed.ShardedMarginLoss)."}
-    for name in _NOT_SHARDED_EXTRAS:
-        if hasattr(family_cls, name):
-            namespace[name] = _refuse(name)
-    return type(f"Sharded{family_cls.__name__}", (_ShardedFamily, family_cls), namespace)
-
-
-# ------------------------------------------------------------------------- the user-facing module
 
 class ShardedMarginLoss(nn.Module):
     """A margin-softmax family with its classes sharded over a process group (Partial FC).
@@ -438,7 +72,7 @@ class ShardedMarginLoss(nn.Module):
 
     ``forward(embeddings, labels)`` takes this rank's (B, D) embeddings and (B,) labels (global
     class ids, −1 = ignore; B equal on every rank) and returns the loss of the global batch, the
-    same on every rank. See the module docstring for the design.
+    same on every rank. See the ``marginops.distributed`` docstring for the design.
     """
 
     def __init__(self, family_cls: type, embedding_size: int, num_classes: int, *,
