@@ -84,6 +84,14 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def wants_cuda_kernels() -> bool:
+    """The automatic choice: CUDA kernels iff torch has CUDA, a toolkit is found, and their build
+    has not failed before for this config (then the CPU kernels are built alone)."""
+    if cuda_unavailable_reason() is not None:
+        return False
+    return not (build_dir(build_config(True)) / "FAILED").exists()
+
+
 def _sources_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in CSRC.rglob("*") if p.is_file() and p.suffix in (".cpp", ".cu", ".h")):
@@ -180,8 +188,9 @@ def _compile(config: dict, verbose: bool) -> Path:
     print(f"marginops: compiling the C++ extension ({what}) for torch {config['torch']} into "
           f"{directory} — once per torch version (`python -m marginops.build` does it ahead of time)",
           file=sys.stderr, flush=True)
-    (directory / "FAILED").unlink(missing_ok=True)
-    (directory / "lock").unlink(missing_ok=True)  # torch's baton, stale if a build was killed
+    for leftover in ("FAILED", "build.json", library_path(directory).name,
+                     "lock"):  # torch's own lock file: stale if a build was killed (we hold .lock)
+        (directory / leftover).unlink(missing_ok=True)
     sources = [CSRC / "ops.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
     if cuda:
         sources += sorted((CSRC / "cuda").glob("*.cu"))
@@ -237,9 +246,7 @@ def load(cuda: bool | None = None, verbose: bool = False) -> Path:
                           f"{torch.__version__} into {cache_root()}. Delete it (`make clean`).",
                           RuntimeWarning, stacklevel=2)
         if cuda is None:
-            want_cuda = cuda_unavailable_reason() is None
-            if want_cuda and (build_dir(build_config(True)) / "FAILED").exists():
-                want_cuda = False  # recorded failure: go straight to the CPU kernels
+            want_cuda = wants_cuda_kernels()
         else:
             want_cuda = cuda
             if cuda and cuda_unavailable_reason() is not None:

@@ -141,6 +141,24 @@ def test_cache_key_follows_torch_sources_and_kernels(tmp_path, monkeypatch):
     assert build.build_dir(build.build_config(False)) != cpu      # a missing header
 
 
+def test_cuda_kernels_only_with_cuda_torch_and_toolkit(tmp_path, monkeypatch):
+    """CPU torch + nvcc, and CUDA torch without a toolkit, build the CPU kernels only."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("MARGINOPS_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    cases = {(None, "/usr/local/cuda"): False, ("13.0", None): False, ("13.0", "/usr/local/cuda"): True}
+    for (torch_cuda, cuda_home), expected in cases.items():
+        monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
+        assert build.wants_cuda_kernels() is expected, (torch_cuda, cuda_home)
+        assert (build.cuda_unavailable_reason() is None) is expected
+    failed = build.build_dir(build.build_config(True))
+    failed.mkdir(parents=True)
+    (failed / "FAILED").write_text("nvcc: cusparse.h: No such file")
+    assert build.wants_cuda_kernels() is False     # a recorded failure: CPU kernels, no retry
+
+
 def test_binary_recorded_for_another_torch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MARGINOPS_CACHE", str(tmp_path))
     config = build.build_config(False)
