@@ -6,9 +6,10 @@ torch backend with one warning, a stale in-place ``marginops/_C*.so`` is ignored
 
 Slow (still in CI): in fresh venvs holding only ``torch==<this torch>``, the literal
 ``pip install -e .`` on a copy of the checkout, then three processes at once running a loss on
-``cpp`` with an empty cache (one compiles, all succeed); and an sdist built here installed with
-``pip install <sdist>`` in another venv. The venvs are hard-linked copies of one fresh venv (torch
-is installed once); pip's cache is the user's, so nothing is downloaded twice.
+``cpp`` with an empty cache (one compiles, all succeed), then ``pip install --no-build-isolation
+.``; and an sdist built here, unpacked, installed with the literal ``pip install .`` in another
+venv. The venvs are hard-linked copies of one fresh venv (torch is installed once); pip's cache is
+the user's, so nothing is downloaded twice.
 """
 
 from __future__ import annotations
@@ -327,13 +328,23 @@ def test_pip_install_editable_in_fresh_venv(torch_venv, shared_cache, tmp_path):
         assert Path(r["library"]).is_relative_to(shared_cache)
     assert len({r["library"] for r, _ in results}) == 1
 
+    # --no-build-isolation keeps working (non-editable, over the editable install): a cache hit.
+    _run([str(python), "-m", "pip", "install", "--no-build-isolation", "."], cwd=src, env=_env())
+    r, err = _loss_result(_run_loss(python, shared_cache, tmp_path))
+    assert "site-packages" in r["marginops"] and "compiling" not in err
+    assert r["library"] == results[0][0]["library"]
+
 
 @pytest.mark.slow
 def test_sdist_installs_in_fresh_venv_and_runs_cpp(torch_venv, shared_cache, tmp_path):
+    """An sdist built here, unpacked, and the literal ``pip install .`` in it (a fresh venv)."""
     sdist = _build_sdist(tmp_path / "dist")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    (src,) = (tmp_path / "unpacked").iterdir()
     python = _fresh_venv(torch_venv, tmp_path / "venv")
     before = _freeze(python)
-    pip = _run([str(python), "-m", "pip", "install", str(sdist)], cwd=tmp_path, env=_env(), timeout=600)
+    pip = _run([str(python), "-m", "pip", "install", "."], cwd=src, env=_env(), timeout=600)
     _assert_installed_without_torch(pip, before, _freeze(python))
 
     r, _ = _loss_result(_run_loss(python, shared_cache, tmp_path))
