@@ -282,8 +282,8 @@ def _fresh_venv(base: Path, dest: Path) -> Path:
 
 
 def _freeze(python: Path) -> dict[str, str]:
-    lines = _run([str(python), "-m", "pip", "freeze", "--all"], env=_env()).stdout.splitlines()
-    return dict(line.split("==", 1) for line in lines if "==" in line)
+    out = _run([str(python), "-m", "pip", "list", "--format=json"], env=_env()).stdout
+    return {p["name"].lower(): p["version"] for p in json.loads(out)}
 
 
 def _assert_installed_without_torch(pip: subprocess.CompletedProcess, before: dict, after: dict):
