@@ -138,11 +138,11 @@ def library_path(directory: Path) -> Path:
     return directory / f"{NAME}{suffix}"
 
 
-def cached_library(config: dict) -> Path | None:
+def cached_library(config: dict, warn: bool = True) -> Path | None:
     """The binary for ``config`` if it is built and its build.json matches ``config``, else None.
 
-    A build.json that disagrees (a hand-copied or corrupted cache) is refused with a warning naming
-    both torch versions; the caller then rebuilds in place."""
+    A build.json that disagrees (a hand-copied or corrupted cache) is refused, with a warning
+    naming both torch versions if ``warn``; the caller then rebuilds in place."""
     directory = build_dir(config)
     lib, manifest = library_path(directory), directory / "build.json"
     if not lib.exists() or not manifest.exists():
@@ -152,6 +152,8 @@ def cached_library(config: dict) -> Path | None:
     except (OSError, ValueError):
         recorded = None
     if recorded != config:
+        if not warn:
+            return None
         built_for = recorded.get("torch", "?") if isinstance(recorded, dict) else "?"
         warnings.warn(f"marginops: not loading {lib}: it was built for torch {built_for} with another "
                       f"configuration than the running torch {config['torch']} needs; rebuilding it.",
@@ -267,12 +269,15 @@ def load(cuda: bool | None = None, verbose: bool = False) -> Path:
 
 def _load_variant(cuda: bool, verbose: bool) -> Path:
     config = build_config(cuda)
-    lib = cached_library(config)
+    lib = cached_library(config, warn=False)  # lock-free: a prebuilt read-only cache works
     if lib is None:
-        with _exclusive(build_dir(config)):
-            lib = cached_library(config)  # another process may have built it while we waited
-            if lib is None:
-                lib = _compile(config, verbose)
+        try:
+            with _exclusive(build_dir(config)):
+                # another process may have built it while we waited for the lock
+                lib = cached_library(config) or _compile(config, verbose)
+        except OSError as err:
+            raise BuildError(f"cannot write the extension cache ({err}); set MARGINOPS_CACHE to a "
+                             "writable folder") from err
     try:
         torch.ops.load_library(str(lib))
     except OSError as err:
