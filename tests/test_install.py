@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -286,11 +287,36 @@ def _freeze(python: Path) -> dict[str, str]:
     return {p["name"].lower(): p["version"] for p in json.loads(out)}
 
 
-def _assert_installed_without_torch(pip: subprocess.CompletedProcess, before: dict, after: dict):
-    downloads = [line for line in (pip.stdout + pip.stderr).splitlines()
-                 if line.lstrip().startswith(("Collecting", "Downloading", "Processing", "Using cached"))
-                 and ("torch" in line.lower() or "nvidia" in line.lower())]
-    assert not downloads, downloads
+_FETCH = re.compile(r"(Collecting|Downloading|Processing|Using cached|Obtaining)\s+(\S+)")
+
+
+def torch_fetches(pip_log: str) -> list[str]:
+    """What pip fetched of torch or nvidia wheels, in its own process or in the isolated build
+    environment's (``PIP_LOG`` is inherited by that pip, which appends to the same file)."""
+    return [m.group(0) for m in _FETCH.finditer(pip_log)
+            if re.match(r"(.*/)?(torch|nvidia)[-_=<>!~]", m.group(2).lower() + "-")]
+
+
+def test_torch_fetches_sees_the_build_environment():
+    """The old build (torch in [build-system] requires) logged exactly this, in the build env."""
+    log = ("2026-11-30T06:02:05,352   Processing /opt/pypi-more/files/torch-2.14.1-cp311-cp311-"
+           "manylinux_2_28_x86_64.whl\n  Collecting nvidia-cublas==13.1 (from torch)\n"
+           "Requirement already satisfied: torch>=2.10 in /venv\nCollecting sympy (from torch>=2.10)\n"
+           "Processing /opt/pypi/files/torchvision-0.29.1.whl\n")
+    assert torch_fetches(log) == [
+        "Processing /opt/pypi-more/files/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "Collecting nvidia-cublas==13.1"]
+
+
+def _pip_install(python: Path, args: list[str], cwd: Path, log: Path) -> str:
+    """``pip install <args>`` as typed; pip's full log (build environment included) returned."""
+    _run([str(python), "-m", "pip", "install", *args], cwd=cwd, env=_env(PIP_LOG=str(log)), timeout=600)
+    return log.read_text()
+
+
+def _assert_installed_without_torch(pip_log: str, before: dict, after: dict):
+    assert "Installing build dependencies" in pip_log or "Building" in pip_log
+    assert not torch_fetches(pip_log), torch_fetches(pip_log)
     assert after["torch"] == before["torch"]
     assert set(after) - set(before) <= {"marginops", "ninja", "numpy"}, set(after) - set(before)
     assert "marginops" in after
@@ -316,8 +342,8 @@ def test_pip_install_editable_in_fresh_venv(torch_venv, shared_cache, tmp_path):
     python = _fresh_venv(torch_venv, tmp_path / "venv")
     src = _copy_checkout(tmp_path / "marginops-checkout")
     before = _freeze(python)
-    pip = _run([str(python), "-m", "pip", "install", "-e", "."], cwd=src, env=_env(), timeout=600)
-    _assert_installed_without_torch(pip, before, _freeze(python))
+    pip_log = _pip_install(python, ["-e", "."], src, tmp_path / "pip.log")
+    _assert_installed_without_torch(pip_log, before, _freeze(python))
 
     procs = [_run_loss(python, shared_cache, tmp_path) for _ in range(3)]
     results = [_loss_result(p) for p in procs]
@@ -344,8 +370,8 @@ def test_sdist_installs_in_fresh_venv_and_runs_cpp(torch_venv, shared_cache, tmp
     (src,) = (tmp_path / "unpacked").iterdir()
     python = _fresh_venv(torch_venv, tmp_path / "venv")
     before = _freeze(python)
-    pip = _run([str(python), "-m", "pip", "install", "."], cwd=src, env=_env(), timeout=600)
-    _assert_installed_without_torch(pip, before, _freeze(python))
+    pip_log = _pip_install(python, ["."], src, tmp_path / "pip.log")
+    _assert_installed_without_torch(pip_log, before, _freeze(python))
 
     r, _ = _loss_result(_run_loss(python, shared_cache, tmp_path))
     assert r["marginops"].startswith(str(tmp_path / "venv")) and "site-packages" in r["marginops"]
