@@ -107,6 +107,20 @@ def test_sdist_ships_every_source_and_the_license(tmp_path):
         assert field in metadata, f"{field!r} not in PKG-INFO"
 
 
+def test_wheel_is_pure_python_and_ships_the_sources(tmp_path):
+    """One wheel for every torch: no binary bound to the torch it was built with (issue 9)."""
+    import zipfile
+
+    src = _copy_checkout(tmp_path / "src")
+    hook = f"import setuptools.build_meta as b; print(b.build_wheel({str(tmp_path)!r}))"
+    name = _run([sys.executable, "-c", hook], cwd=src, env=_env()).stdout.strip().splitlines()[-1]
+    assert name.endswith("-py3-none-any.whl"), name
+    names = set(zipfile.ZipFile(tmp_path / name).namelist())
+    wanted = {p for p in _checkout_files() if p.startswith("marginops/")}
+    assert wanted <= names, f"missing from the wheel: {sorted(wanted - names)}"
+    assert not [n for n in names if n.endswith((".so", ".pyd", ".o"))]
+
+
 # ------------------------------------------------------------------------------------------------
 # The loader: cache key, refusal of another torch's binary, lazy and failing builds
 # ------------------------------------------------------------------------------------------------
