@@ -10,9 +10,10 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 STAMP       := $(VENV)/.marginops-installed
+DOCS_STAMP  := $(VENV)/.marginops-docs-installed
 EXT_SOURCES := $(shell find marginops/csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup bench test lint cuda-check clean
+.PHONY: setup bench test lint cuda-check clean docs browser
 
 setup: $(STAMP)
 
@@ -34,7 +35,7 @@ bench: setup
 
 # CI runs exactly this. The CUDA extension build (no GPU needed) comes first so that pytest's
 # summary is the last thing printed.
-test: setup
+test: setup $(DOCS_STAMP) browser
 	bash scripts/build_cuda_extension.sh
 	$(PY) -m ruff check marginops tests benchmarks examples
 	$(PY) -m pytest -q tests
@@ -42,8 +43,26 @@ test: setup
 cuda-check:
 	bash scripts/build_cuda_extension.sh
 
+# The API reference site (mkdocs + mkdocstrings, docs/requirements.txt) into build/site. --strict:
+# any warning, broken internal link or anchor fails the build. Open build/site/index.html.
+$(DOCS_STAMP): $(STAMP) docs/requirements.txt
+	$(PY) -m pip install -r docs/requirements.txt
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d build/site
+
+# tests/test_docs.py opens the site in headless Chromium. Installed on Debian when run as root;
+# nothing happens when it is already there (the test skips, saying why, when it is absent).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+	    || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; \
+	  else echo "chromium not found (not root on Debian): tests/test_docs.py skips its browser checks"; fi; }
+
 # The compiled extensions live in the user cache (python -m marginops.info shows where); they are
 # keyed by torch version and sources, so stale ones are never loaded: delete that folder to reclaim
 # the space. marginops/_C*.so are left by in-place builds of older versions.
 clean:
-	rm -rf build dist *.egg-info marginops/_C*.so $(STAMP)
+	rm -rf build dist *.egg-info marginops/_C*.so $(STAMP) $(DOCS_STAMP)

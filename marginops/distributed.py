@@ -58,14 +58,16 @@ compute on the concatenated batch, and the same scale the classifier shard gets.
 batch, so it agrees without extra communication as long as its inputs are global: CurricularFace's
 target-cosine pre-pass (``_target_cosine``) gathers the target rows this rank owns and
 sum-all-reduces, so t and the hard-negative threshold use the global target cosines; AdaFace's
-norm statistics are computed from the global batch; ElasticFace draws its per-row margins from a
-generator whose seed is the same on every rank (``seed=None`` is replaced by a seed broadcast from
-the group's first rank). SphereFace's iteration counter and MagFace need nothing.
+norm statistics are computed from the global batch; ElasticFace draws its per-row margins from
+(seed, step) counters that are the same on every rank (``seed=None`` is replaced by a seed
+broadcast from the group's first rank). SphereFace's iteration counter and MagFace need nothing.
 
 **Partial FC** (``sample_rate < 1``, training mode only; eval uses every class). Per step and per
 rank, as insightface ``partial_fc_v2``: keep the local classes present in the global batch, fill up
-to int(sample_rate·n) with random others (a seedable per-rank generator: ``sample_seed``); if the
-positives already exceed that, keep just the positives. The sorted local ids go to the core op as
+with random others (a seedable per-rank generator: ``sample_seed``) to min(n, max(int(sample_rate·n),
+global batch)) classes: insightface's int(sample_rate·n) whenever that covers the global batch; the
+size never depends on label values, so sampling makes no host sync. The sorted local ids go to the
+core op as
 ``class_index`` (``family.last_class_index`` keeps them); it reads only those rows and writes
 gradient only to them. Unsampled rows get exactly zero gradient — but standard optimizers still
 move them: SGD momentum keeps applying the old velocity and weight decay keeps shrinking them
@@ -112,7 +114,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_embeddings, check_labels
+from ._validation import assert_values, check_embeddings, check_labels
 from .core import MarginLSE, margin_lse, topk_dot
 from .functional import normalize_rows
 from .modules import MarginSoftmaxLoss, NPTLoss, UncertaintyMarginLoss, _ElasticMixin
@@ -160,6 +162,11 @@ def _meta_device(group) -> torch.device:
     if "gloo" in backend or "nccl" not in backend:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def _reads_on_host(device: torch.device) -> bool:
+    """Bookkeeping on ``device`` can be read without a device sync (CPU memory, e.g. gloo)."""
+    return device.type == "cpu"
 
 
 def _agreed_seed(group) -> int:
@@ -341,17 +348,24 @@ class _ShardedFamily:
 
     @torch.no_grad()
     def _sample_classes(self, labels: Tensor) -> Tensor:
-        """Partial FC (insightface partial_fc_v2): sorted local class ids to iterate."""
+        """Partial FC (insightface partial_fc_v2): sorted local class ids to iterate — every local
+        class present in the global batch, filled up with random others.
+
+        The size is fixed on the host, min(n, max(int(rate·n), B_global)), so sampling reads no
+        label value (no host sync, CUDA-graph capturable): B_global bounds the positives, so they
+        always fit. It equals insightface's size whenever int(rate·n) ≥ B_global (real
+        configurations); insightface keeps just the positives when they exceed int(rate·n), a
+        size only known after a sync.
+        """
         ctx = self._shard
         n = self.local_classes
         mine, local = self._owned(labels)
-        positive = torch.unique(local[mine])  # sorted
-        num_sample = int(ctx.sample_rate * n)
-        if positive.numel() >= num_sample:
-            return positive
+        num_sample = min(n, max(int(ctx.sample_rate * n), labels.shape[0]))
         device = self.weight.device
         perm = torch.rand(n, generator=ctx.sampling_generator(device), device=device)
-        perm[positive] = 2.0
+        # positives rank first (2.0 > any draw); rows of other shards write a spare slot n
+        perm = torch.cat([perm, perm.new_zeros(1)]).index_fill_(
+            0, torch.where(mine, local, torch.full_like(local, n)), 2.0)[:n]
         return torch.topk(perm, k=num_sample).indices.sort().values
 
     # ---- what does not shard
@@ -412,7 +426,13 @@ class ShardedMarginLoss(nn.Module):
             ``"world_size"`` (default) undoes DDP's gradient averaging; 1.0 gives the plain
             gradient.
         check_consistency: all-gather a few integers per forward to fail fast on inconsistent
-            inputs (recommended; the only cost is one small collective).
+            inputs (recommended; the only cost is one small collective). With a gloo group the
+            gathered integers are compared on the host (CPU memory, no device sync) and every rank
+            raises InconsistentInputsError naming rank and field; with an NCCL group they are
+            compared by a device-side assert (no host sync), unless the family was built with
+            ``validate="full"``, which reads them on the host for the detailed message.
+            False still all-gathers (batch size, width, dtype) so that unequal shapes fail on
+            every rank rather than abort or hang the group.
         **family_kwargs: the family's own arguments (scale, margin, reduction, backend, subcenters,
             device, dtype, ...), identical on every rank.
 
@@ -510,6 +530,7 @@ class ShardedMarginLoss(nn.Module):
                                       self.sample_rate, int(sample_seed))
         if isinstance(family, _ElasticMixin) and family.seed is None:
             family.seed = _agreed_seed(process_group)  # margins must agree across ranks
+            family.draw_state[0] = family.seed
         self.family = family
 
     # ---- conveniences
@@ -571,9 +592,11 @@ class ShardedMarginLoss(nn.Module):
     def _check_step(self, embeddings, labels, what: str = "forward") -> None:
         err: Exception | None = None
         try:
-            check_embeddings(embeddings, self.embedding_size)
-            check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device)
-        except (TypeError, ValueError) as e:
+            validate = self.family.validate
+            check_embeddings(embeddings, self.embedding_size, validate=validate)
+            check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device,
+                         validate=validate)
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: a CPU device assert
             err = e
         is_tensor = isinstance(embeddings, Tensor)
         shape = tuple(embeddings.shape) if is_tensor else ()
@@ -585,7 +608,18 @@ class ShardedMarginLoss(nn.Module):
             int(self.training), self._calls], dtype=torch.long,
             device=_meta_device(self.process_group))
         self._calls += 1
-        table = _all_gather_rows(meta[None], self.process_group, self.world_size).tolist()
+        table = _all_gather_rows(meta[None], self.process_group, self.world_size)
+        if not _reads_on_host(table.device) and self.family.validate != "full":
+            # The table is on the GPU (NCCL): reading it would sync. Compare it on the device;
+            # the rank whose own inputs were bad raises its message, the others a device assert.
+            assert_values(table == table[:1], (
+                f"ShardedMarginLoss.{what}: the ranks' inputs are inconsistent (batch size, "
+                "embedding width or dtype, grad/training mode or call count differ, or a rank was "
+                "given invalid inputs); validate='full' names the rank and the field."))
+            if err is not None:
+                raise err
+            return
+        table = table.tolist()  # CPU memory (gloo): a read, no device sync
         problems = []
         if not all(row[0] for row in table):
             messages: list[Any] = [None] * self.world_size
@@ -605,11 +639,42 @@ class ShardedMarginLoss(nn.Module):
                 f"rank; every rank must call {what} with the same batch size, embedding width, "
                 f"dtype and grad/training mode):\n" + "\n".join(problems)) from err
 
+    def _check_shapes(self, embeddings: Tensor, what: str = "forward") -> None:
+        """With ``check_consistency=False``: still exchange (B, D, dtype) in one tiny all-gather.
+        The embedding all-gather needs equal shapes on every rank, and gloo answers unequal
+        ones with a C++ terminate on one rank and a hang on the others; this makes that step
+        fail on every rank instead. On a CPU (gloo) group the table is read on the host (a CPU
+        tensor: no device sync) and raises InconsistentInputsError; on an NCCL group it is a
+        device-side assert (no host sync; the step fails with a CUDA error on every rank)."""
+        if not (isinstance(embeddings, Tensor) and embeddings.dim() == 2):
+            return  # the family's own validation names the problem
+        meta = torch.tensor([*embeddings.shape, _DTYPE_CODES.get(embeddings.dtype, 0)],
+                            dtype=torch.long, device=_meta_device(self.process_group))
+        table = _all_gather_rows(meta[None], self.process_group, self.world_size)
+        if table.device.type != "cpu":
+            torch._assert_async((table == table[0]).all(),
+                                f"ShardedMarginLoss.{what}: batch size, embedding width or dtype "
+                                "differs across ranks")
+            return
+        rows = table.numpy()
+        problems = [f"  {name} differs: " + ", ".join(f"rank {r}: {v}"
+                                                      for r, v in enumerate(rows[:, j]))
+                    for j, name in enumerate(("batch size", "embedding width", "embedding dtype"))
+                    if (rows[:, j] != rows[0, j]).any()]
+        if problems:
+            raise InconsistentInputsError(
+                f"ShardedMarginLoss.{what}: the ranks' inputs are inconsistent (raised on every "
+                f"rank, check_consistency=False checks only these shapes; every rank must call "
+                f"{what} with the same batch size, embedding width and dtype):\n"
+                + "\n".join(problems))
+
     # ---- the loss
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """This rank's (B, D) embeddings and (B,) labels → loss of the global batch (every rank)."""
         if self.check_consistency:
             self._check_step(embeddings, labels)
+        else:
+            self._check_shapes(embeddings)
         group, world = self.process_group, self.world_size
         x = _GatherRows.apply(embeddings, group, self.rank, world, self.embedding_grad_scale)
         y = _all_gather_rows(labels.long(), group, world)
@@ -626,6 +691,8 @@ class ShardedMarginLoss(nn.Module):
                                                      device=embeddings.device)
                              if isinstance(embeddings, Tensor) and embeddings.dim() == 2
                              else embeddings, "predict")
+        else:
+            self._check_shapes(embeddings, "predict")
         group, world, fam = self.process_group, self.world_size, self.family
         x_hat, norms = normalize_rows(_all_gather_rows(embeddings, group, world))
         k_local = min(k, fam.local_classes)

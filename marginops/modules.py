@@ -17,6 +17,8 @@ The class side goes through two methods, ``_class_side`` and ``_target_cosine``,
 from __future__ import annotations
 
 import math
+import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +31,15 @@ from ._validation import (
     REDUCTIONS,
     check_choice,
     check_embeddings,
+    check_int,
     check_labels,
     check_margin,
+    check_real,
+    check_scale,
+    check_validate,
+    check_weight,
 )
-from .core import BACKENDS, MarginLSE, margin_lse, topk_dot
+from .core import BACKENDS, MarginLSE, margin_lse, resolve_backend, topk_dot
 from .functional import normalize_rows, reduce_rows, scale_times, softmax_rows
 
 # State buffers have shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d
@@ -51,22 +58,24 @@ class MarginSoftmaxLoss(nn.Module):
         subcenters: K rows per class.
         normalize_weight: False keeps raw weight rows (Crystal loss).
         bias: add a learnable per-class bias (Crystal loss).
+        validate: "device" (default) checks label values with device-side asserts and makes no
+            host synchronisation (NaN/inf embeddings give a NaN loss); "full" checks on the host
+            and lists the bad values, NaN/inf included (debugging; two syncs per call).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  reduction: str = "mean", backend: str = "auto", subcenters: int = 1,
-                 normalize_weight: bool = True, bias: bool = False,
+                 normalize_weight: bool = True, bias: bool = False, validate: str = "device",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        if int(embedding_size) < 1 or int(num_classes) < 1:
-            raise ValueError(f"embedding_size={embedding_size} and num_classes={num_classes} must "
-                             "be positive.")
-        if int(subcenters) < 1:
-            raise ValueError(f"subcenters={subcenters} must be a positive int.")
+        check_int("embedding_size", embedding_size)
+        check_int("num_classes", num_classes)
+        check_int("subcenters", subcenters)
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("backend", backend, ("auto", *BACKENDS))
-        if isinstance(scale, float | int) and not scale > 0:
-            raise ValueError(f"scale={scale} must be positive.")
+        check_validate(validate)
+        check_scale("scale", scale)
+        self.validate = validate
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.subcenters = int(subcenters)
@@ -83,6 +92,22 @@ class MarginSoftmaxLoss(nn.Module):
                                                self.embedding_size, **factory))
         self.bias = nn.Parameter(torch.zeros(self.num_classes, **factory)) if bias else None
         self.reset_parameters()
+
+    def __init_subclass__(cls, **kwargs):
+        # torch.compile caches graphs per code object, and dynamo's recompile_limit (8) counts
+        # the entries of one code object: if every family ran the base class's forward, compiling
+        # more than 8 families (or configurations) in one process would silently fall back to
+        # eager, or fail under fullgraph=True. So each subclass gets its own copy of the forward
+        # it inherits (same code, distinct code object).
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            inherited = cls.forward
+            forward = types.FunctionType(inherited.__code__.replace(), inherited.__globals__,
+                                         "forward", inherited.__defaults__, inherited.__closure__)
+            forward.__kwdefaults__ = inherited.__kwdefaults__
+            forward.__doc__, forward.__annotations__ = inherited.__doc__, inherited.__annotations__
+            forward.__qualname__ = f"{cls.__qualname__}.forward"
+            cls.forward = forward
 
     def reset_parameters(self) -> None:
         """N(0, 0.01) like insightface (the rows are normalised, so only directions matter)."""
@@ -119,7 +144,7 @@ class MarginSoftmaxLoss(nn.Module):
         return margin_lse(x_hat, self.weight, labels, scale, self.bias,
                           normalize_weight=self.normalize_weight, class_range=self._class_range(),
                           hard_negative=hard_negative, subcenters=self.subcenters,
-                          backend=self.backend)
+                          backend=self.backend, validate=self.validate)
 
     @torch.no_grad()
     def _target_cosine(self, x_hat: Tensor, labels: Tensor) -> Tensor:
@@ -132,18 +157,104 @@ class MarginSoftmaxLoss(nn.Module):
         cos = torch.einsum("bd,bkd->bk", x_hat.to(acc), rows).amax(dim=1)
         return torch.where(labels >= 0, cos, torch.zeros_like(cos))
 
+    # ---- norm-aware families: the unit-norm warning
+    _norm_aware = False        # True where the loss depends on ‖x‖ (accepts norms=)
+    _unit_norm_probe = None    # None: not checked yet; (host flag, CUDA event): pending; "done"
+
+    def _watch_unit_norms(self, norms: Tensor) -> None:
+        """Warn once per module if every embedding of the first eager call has norm 1 ± 1e-3: the
+        features were normalised already, so the norm-dependent margin or scale no longer adapts
+        (pass the backbone's norms with ``norms=``).
+
+        Sync-free by construction: the flag is computed on the device, then read on the host only
+        once it is there. On CPU that is at once (a CPU tensor is read through NumPy: no device,
+        nothing dispatched, nothing to wait for). On CUDA the flag goes to pinned memory with a
+        non-blocking copy and an event; later calls poll ``event.query()``, which never blocks,
+        and warn when it has landed. Not checked under torch.compile, during CUDA graph capture,
+        or on other devices (reading them would sync)."""
+        if torch.compiler.is_compiling():  # first: dynamo must not trace (or guard on) the probe
+            return
+        probe = self._unit_norm_probe
+        if probe == "done":
+            return
+        if probe is None:
+            device = norms.device
+            if norms.numel() == 0 or device.type not in ("cpu", "cuda") or (
+                    device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                return
+            flag = ((norms.detach() - 1).abs() <= 1e-3).all()
+            event = None
+            if device.type == "cuda":
+                host = torch.empty((), dtype=torch.bool, pin_memory=True)
+                host.copy_(flag, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                flag = host
+            self._unit_norm_probe = probe = (flag, event)
+        flag, event = probe
+        if event is not None and not event.query():
+            return  # not on the host yet: look again on the next call
+        self._unit_norm_probe = "done"
+        if bool(flag.numpy()):
+            warnings.warn(
+                f"{type(self).__name__}: every embedding has norm 1 (within 1e-3), but this "
+                "family's margin/scale depends on the embedding norm. If your backbone returns "
+                "normalised features and their norms separately, pass them: "
+                "loss_fn(features, labels, norms=norms).", UserWarning, stacklevel=3)
+
     # ---- the pipeline
     def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Every check of a call, before any state moves: metadata (raises at once), the backend,
+        then label values (device-side assert, or host-side with validate="full")."""
         if isinstance(embeddings, Tensor) and self.weight.device != embeddings.device:
             raise ValueError(f"the loss's weight is on {self.weight.device} but embeddings are on "
                              f"{embeddings.device}; call loss_fn.to({str(embeddings.device)!r}).")
-        check_embeddings(embeddings, self.embedding_size)
-        check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device)
+        check_embeddings(embeddings, self.embedding_size, validate=self.validate)
+        k = self.subcenters
+        check_weight(self.weight, embeddings, rows=self.local_classes * k,
+                     rows_hint=f" (num_classes={self.local_classes} × subcenters={k})")
+        bias = getattr(self, "shard_bias", None) if self.bias is None else self.bias
+        if bias is not None and (bias.shape != (self.local_classes,)
+                                 or not bias.dtype.is_floating_point):
+            raise ValueError(f"bias must be a floating ({self.local_classes},) tensor (one per "
+                             f"class), got {bias.dtype} of shape {tuple(bias.shape)}.")
+        resolve_backend(self.backend, embeddings.device, embeddings.dtype)
+        check_labels(labels, embeddings.shape[0], self.num_classes, embeddings.device,
+                     validate=self.validate)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """embeddings (B, D) raw, labels (B,) int64 with -1 = ignore → loss (scalar, or (B,))."""
+    def _check_norms(self, norms: Tensor | None, embeddings: Tensor) -> None:
+        if norms is None:
+            return
+        if not self._norm_aware:
+            raise TypeError(f"{type(self).__name__} does not use embedding norms: drop norms=. "
+                            "(norms= is for the norm-aware families: AdaFace, MagFace, SphereFace, "
+                            "UncertaintyMargin.)")
+        batch = embeddings.shape[0]
+        if not isinstance(norms, Tensor) or norms.shape != (batch,) or not norms.is_floating_point():
+            got = (f"{norms.dtype} of shape {tuple(norms.shape)}" if isinstance(norms, Tensor)
+                   else type(norms).__name__)
+            raise TypeError(f"norms must be a float tensor of shape ({batch},) (one ‖x‖ per "
+                            f"embedding row), got {got}.")
+        if norms.device != embeddings.device:
+            raise ValueError(f"norms is on {norms.device} but embeddings are on "
+                             f"{embeddings.device}; move norms to {str(embeddings.device)!r}.")
+
+    def forward(self, embeddings: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
+        """embeddings (B, D) raw, labels (B,) int64 with -1 = ignore → loss (scalar, or (B,)).
+
+        norms: (B,) ‖x‖ for the norm-aware families (AdaFace, MagFace, SphereFace,
+        UncertaintyMargin) when the backbone returns normalised features and their norms
+        separately (AdaFace's convention); the embeddings' own norms otherwise. Differentiable.
+        """
         self._check_inputs(embeddings, labels)
-        x_hat, norms = normalize_rows(embeddings)
+        self._check_norms(norms, embeddings)
+        x_hat, own_norms = normalize_rows(embeddings)
+        if norms is None:
+            norms = own_norms
+            if self._norm_aware:
+                self._watch_unit_norms(norms)
+        else:
+            norms = norms.to(own_norms.dtype)
         valid = labels >= 0
         scale = self._row_scale(norms)
         hard_negative = self._hard_negative(x_hat, labels, valid)
@@ -176,6 +287,8 @@ class MarginSoftmaxLoss(nn.Module):
     def predict(self, embeddings: Tensor, k: int = 1) -> Tensor:
         """(B, k) most likely classes. Without a bias the ranking is by cosine, so it streams
         through the fused top-k and never forms the logits."""
+        if check_int("k", k) > self.num_classes:
+            raise ValueError(f"k={k} must be between 1 and num_classes={self.num_classes}.")
         if self.bias is not None:
             return self.logits(embeddings).topk(k, dim=1).indices
         check_embeddings(embeddings, self.embedding_size)
@@ -230,7 +343,9 @@ class CrystalLoss(MarginSoftmaxLoss):
     def __init__(self, embedding_size: int, num_classes: int, *, alpha: float | None = None,
                  target_prob: float = 0.9, learnable_alpha: bool = False, bias: bool = True,
                  **kwargs):
-        if alpha is None:
+        if alpha is not None:
+            check_real("alpha", alpha, low=0.0, low_open=True)
+        else:
             if not 0 < target_prob < 1 or num_classes < 3:
                 raise ValueError("alpha=None needs 0 < target_prob < 1 and num_classes >= 3; or "
                                  "pass alpha explicitly.")
@@ -267,9 +382,8 @@ class CosFaceLoss(MarginSoftmaxLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.35, **kwargs):
+        check_margin("margin", margin)  # a cosine offset, but 35 is still degrees-like
         super().__init__(embedding_size, num_classes, scale=scale, **kwargs)
-        if not (isinstance(margin, float | int) and math.isfinite(margin)):
-            raise ValueError(f"margin={margin!r} must be a finite float.")
         self.margin = float(margin)
 
     def _target_logit(self, cos_y, scale, norms, labels, valid):
@@ -314,7 +428,9 @@ class CombinedMarginLoss(_AngularMixin, MarginSoftmaxLoss):
     """Combined margin (ArcFace paper, insightface's m1, m2, m3): target s·(cos(m1·θ_y + m2) − m3).
 
     Defaults (m1, m2, m3) = (1, 0.5, 0) = ArcFace; the paper's combined settings are (1, 0.3, 0.2)
-    and (0.9, 0.4, 0.15). ``angle_policy``/``grad_mode`` as ArcFace.
+    and (0.9, 0.4, 0.15). ``angle_policy``/``grad_mode`` as ArcFace. All three margins always
+    apply, as in the ArcFace paper and insightface's MXNet graph; insightface's arcface_torch
+    ``CombinedMarginLoss`` differs: it ignores m1 and m2 whenever m3 > 0 (plain CosFace).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
@@ -342,10 +458,12 @@ class SphereFaceLoss(MarginSoftmaxLoss):
     The iteration counter is a buffer advanced by every training-mode call.
     """
 
+    _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
+
     def __init__(self, embedding_size: int, num_classes: int, *, margin: int = 4,
                  anneal: bool = True, lambda_base: float = 1000.0, lambda_gamma: float = 0.12,
                  lambda_power: float = 1.0, lambda_min: float = 5.0, **kwargs):
-        if int(margin) != margin or margin < 1:
+        if check_int("margin", margin) < 1:
             raise ValueError(f"margin={margin!r}: SphereFace's margin is a positive integer "
                              "multiplier of the angle (default 4).")
         super().__init__(embedding_size, num_classes, scale=1.0, **kwargs)
@@ -382,6 +500,7 @@ class CurricularFaceLoss(MarginSoftmaxLoss):
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.5, momentum: float = 0.01, **kwargs):
         check_margin("margin", margin)
+        check_real("momentum", momentum, low=0.0, high=1.0)
         super().__init__(embedding_size, num_classes, scale=scale, **kwargs)
         self.margin = float(margin)
         self.momentum = float(momentum)
@@ -393,7 +512,9 @@ class CurricularFaceLoss(MarginSoftmaxLoss):
             ema_update_(self.t, cos_y, valid, self.momentum)
         tau = margins.curricular_threshold(cos_y, self.margin)
         tau = torch.where(valid, tau, torch.full_like(tau, float("inf")))  # ignored: no mining
-        return tau, self.t
+        # A snapshot: the op saves t for its backward, and the next forward (gradient
+        # accumulation, multi-crop) updates the buffer in place before that backward runs.
+        return tau, self.t.clone()
 
     def _target_logit(self, cos_y, scale, norms, labels, valid):
         return scale_times(scale, margins.arcface(cos_y, self.margin, angle_policy="fallback"))
@@ -405,14 +526,19 @@ class AdaFaceLoss(MarginSoftmaxLoss):
     ẑ = clip(h·(n − μ)/(σ + ε), −1, 1) with n = clip(‖x‖, 0.001, 100) detached; target
     s·(cos(clip(θ_y − m·ẑ, ε, π−ε)) − (m + m·ẑ)), others s·cos θ_j. μ and σ are EMA buffers
     (start 20 and 100) of the batch's norm mean/std, updated before use in training mode.
+    ``forward(features, labels, norms=norms)`` takes the norms separately (the authors' backbone
+    returns normalised features and norms); unit-norm embeddings without it warn once.
     Deviation: the authors also clamp the non-target cosines to [−1+ε, 1−ε]; we do not (it only
     changes |c| > 0.999).
     """
+
+    _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  margin: float = 0.4, h: float = 0.333, t_alpha: float = 0.01, eps: float = 1e-3,
                  **kwargs):
         check_margin("margin", margin)
+        check_real("t_alpha", t_alpha, low=0.0, high=1.0)
         super().__init__(embedding_size, num_classes, scale=scale, **kwargs)
         self.margin, self.h, self.t_alpha, self.eps = float(margin), float(h), float(t_alpha), eps
         self.register_buffer("batch_mean", torch.full((1,), 20.0))
@@ -432,8 +558,11 @@ class AdaFaceLoss(MarginSoftmaxLoss):
 class MagFaceLoss(MarginSoftmaxLoss):
     """MagFace (arXiv 2103.06627): target s·cos(θ_y + m(a)), a = clamp(‖x‖, l_a, u_a) (not
     detached), m(a) linear from l_m to u_m; loss += λ_g·(1/a + a/u_a²) per row. Easy margin by
-    default (``angle_policy="easy"``), as the authors' code.
+    default (``angle_policy="easy"``), as the authors' code. ``forward(..., norms=)`` as AdaFace
+    (differentiable: the magnitude is trained through it).
     """
+
+    _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8,
@@ -443,6 +572,9 @@ class MagFaceLoss(MarginSoftmaxLoss):
         check_margin("u_m", u_m)
         if not 0 < l_a < u_a:
             raise ValueError(f"need 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}.")
+        if not l_m <= u_m:
+            raise ValueError(f"need l_m <= u_m (the margin grows with the magnitude), got "
+                             f"l_m={l_m}, u_m={u_m}.")
         super().__init__(embedding_size, num_classes, scale=scale, **kwargs)
         check_choice("angle_policy", angle_policy, ANGLE_POLICIES)
         check_choice("grad_mode", grad_mode, GRAD_MODES)
@@ -464,28 +596,31 @@ class MagFaceLoss(MarginSoftmaxLoss):
 
 
 class _ElasticMixin:
-    """Per-row margins m_i ~ N(m, σ), redrawn every training step from a seedable generator;
-    ``plus=True`` gives the larger margins to the harder rows (lower target cosine). In eval
-    mode the margin is m itself."""
+    """Per-row margins m_i ~ N(m, σ), redrawn every training step; ``plus=True`` gives the larger
+    margins to the harder rows (lower target cosine). In eval mode the margin is m itself.
+
+    The draws are counter-based (``margins.counter_normal``): step n's margins are a function of
+    (seed, n) only, held in the buffer ``draw_state = [seed, n]``. So the same seed gives the
+    same margins, a checkpoint resumes the same sequence, several forwards before one backward
+    each get their own step, and torch.compile traces the draw (no torch.Generator). ``seed=None``
+    draws the seed from torch's global RNG at construction (``torch.manual_seed`` fixes it)."""
 
     def _set_elastic(self, margin: float, std: float, plus: bool, seed: int | None) -> None:
         check_margin("margin", margin)
-        if not std >= 0:
-            raise ValueError(f"std={std} must be non-negative.")
+        check_real("std", std, low=0.0)
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2 ** 63):
+            raise ValueError(f"seed={seed!r} must be None or an int in [0, 2**63).")
         self.margin, self.std, self.plus, self.seed = float(margin), float(std), plus, seed
-        self._generator: torch.Generator | None = None
+        first = int(torch.randint(0, 2 ** 62, (1,))) if seed is None else seed
+        self.register_buffer("draw_state", torch.tensor([first, 0], dtype=torch.long))
 
     def _row_margins(self, cos_y: Tensor, valid: Tensor) -> Tensor | float:
         if not self.training:
             return self.margin
-        if self._generator is None or self._generator.device != cos_y.device:
-            self._generator = torch.Generator(device=cos_y.device)
-            if self.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(self.seed)
-        draws = torch.normal(self.margin, self.std, size=cos_y.shape, generator=self._generator,
-                             device=cos_y.device, dtype=cos_y.dtype)
+        z = margins.counter_normal(self.draw_state[0], self.draw_state[1], cos_y.shape[0],
+                                   dtype=cos_y.dtype, device=cos_y.device)
+        self.draw_state[1:] += 1
+        draws = self.margin + self.std * z
         if self.plus:  # easiest row (highest cosine) gets the smallest margin
             order = torch.argsort(cos_y.detach(), descending=True)
             draws = torch.empty_like(draws).scatter_(0, order, torch.sort(draws).values)
@@ -571,6 +706,8 @@ class NPTLoss(MarginSoftmaxLoss):
 
         L_i = 2r²·Σ_{j ∈ top-k non-target} max(0, c_ij − c_iy + δ),   δ = Δ/(2r²) = 0.5, r = 1
 
+    2r² is the paper's factor; the authors' code multiplies by 2r (the same at their r = 1).
+
     The negatives come from the fused top-k (target masked with −inf, so a batch whose negatives
     are all below 0 still picks a negative); gradient reaches only those k proxies and the target.
     ``logits`` are the plain cosines.
@@ -578,7 +715,7 @@ class NPTLoss(MarginSoftmaxLoss):
 
     def __init__(self, embedding_size: int, num_classes: int, *, k: int = 1, delta: float = 0.5,
                  r: float = 1.0, **kwargs):
-        if not 1 <= k < num_classes:
+        if not 1 <= check_int("k", k) < check_int("num_classes", num_classes):
             raise ValueError(f"k={k} must be in [1, num_classes - 1 = {num_classes - 1}].")
         super().__init__(embedding_size, num_classes, scale=1.0, **kwargs)
         self.k, self.delta, self.r = int(k), float(delta), float(r)
@@ -617,6 +754,8 @@ class UncertaintyMarginLoss(_AngularMixin, MarginSoftmaxLoss):
       it enters the mean once).
     """
 
+    _norm_aware = True  # accepts norms=; warns once on unit-norm embeddings
+
     def __init__(self, embedding_size: int, num_classes: int, *, margin: float = 0.35,
                  margin_max: float = 0.8, momentum: float = 0.01, init_norm_mean: float = 20.0,
                  pull_weight: float = 1.0, push_weight: float = 1.0, push_delta: float = 0.5,
@@ -624,6 +763,11 @@ class UncertaintyMarginLoss(_AngularMixin, MarginSoftmaxLoss):
                  angle_policy: str = "fallback", grad_mode: str = "exact", **kwargs):
         check_margin("margin", margin)
         check_margin("margin_max", margin_max)
+        check_real("momentum", momentum, low=0.0, high=1.0)
+        check_real("init_norm_mean", init_norm_mean, low=0.0, low_open=True)
+        if push_weight and check_int("num_classes", num_classes) < 2:
+            raise ValueError(f"num_classes={num_classes}: the push term needs a non-target class "
+                             "(num_classes >= 2), or pass push_weight=0.")
         super().__init__(embedding_size, num_classes, scale=1.0, **kwargs)
         self._set_angular(angle_policy, grad_mode)
         self.margin, self.margin_max, self.momentum = float(margin), float(margin_max), momentum
@@ -648,20 +792,31 @@ class UncertaintyMarginLoss(_AngularMixin, MarginSoftmaxLoss):
             rows = rows + self.push_weight * npt_rows(x_hat, self.weight, labels, 1,
                                                       self.push_delta, self.backend)
         if self.proxy_weight:
-            rows = rows + self.proxy_weight * proxy_separation(self.weight, labels[valid],
+            rows = rows + self.proxy_weight * proxy_separation(self.weight, labels, valid,
                                                                self.proxy_margin).to(rows.dtype)
         return rows
 
 
-def proxy_separation(weight: Tensor, labels: Tensor, margin: float = 0.0) -> Tensor:
-    """Mean over ordered pairs of distinct classes in ``labels`` of max(0, ŵ_a·ŵ_b − margin)."""
-    classes = torch.unique(labels)
-    if classes.numel() < 2:
-        return weight.new_zeros(())
-    w = F.normalize(weight[classes], dim=1, eps=1e-12)
-    sim = F.relu(w @ w.t() - margin)
-    n = classes.numel()
-    return (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+def proxy_separation(weight: Tensor, labels: Tensor, valid: Tensor, margin: float = 0.0) -> Tensor:
+    """Mean over ordered pairs of distinct classes among the valid rows' labels of
+    max(0, ŵ_a·ŵ_b − margin) (0 with fewer than two classes). Equivalent PyTorch::
+
+        classes = torch.unique(labels[valid]); n = len(classes)
+        sim = F.relu(ŵ[classes] @ ŵ[classes].T - margin)
+        (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+
+    Computed over row pairs instead, with no data-dependent shape (no unique, no host sync, so
+    torch.compile keeps one graph): row i weighs 1/count(y_i), so each class counts once.
+    """
+    same = (labels[:, None] == labels[None, :]) & valid[:, None] & valid[None, :]
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    weights = 1 / same.sum(dim=1).clamp_min(1).to(acc)
+    weights = torch.where(valid, weights, torch.zeros_like(weights))
+    n = weights.sum()  # the number of distinct classes (up to rounding: compared with 1.5)
+    w = F.normalize(weight[labels.clamp_min(0)].to(acc), dim=1, eps=1e-12)
+    sim = F.relu(w @ w.t() - margin).masked_fill(same | ~valid[:, None] | ~valid[None, :], 0)
+    total = weights @ sim @ weights
+    return torch.where(n > 1.5, total / (n * (n - 1)).clamp_min(1), torch.zeros_like(total))
 
 
 LH2FaceLoss = UncertaintyMarginLoss

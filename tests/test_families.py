@@ -271,14 +271,15 @@ def test_elastic_margins_seeded_and_match_reference(name, plus):
     D, C, B = 8, 6, 12
     x, y = batch(B, D, C, ignore=())
     m = make(name, D, C, "torch", plus=plus).train()
+    assert m.draw_state.tolist() == [3, 0]
     loss = m(x, y)
-    gen = torch.Generator().manual_seed(3)
     c_y = ref._target(ref._cosines(x, m.weight.detach()), y)
-    draws = ref.elastic_margins(c_y, m.margin, m.std, gen, plus=plus)
     fn = ref.elastic_arcface_loss if name == "elastic_arc" else ref.elastic_cosface_loss
-    assert_tight(loss, fn(x, m.weight, y, margins=draws))
-    second = m(x, y)  # fresh draws each step
-    assert not torch.equal(loss, second)
+    for step, out in enumerate((loss, m(x, y))):  # fresh draws each step
+        draws = ref.elastic_margins(c_y, m.margin, m.std, seed=3, step=step, plus=plus)
+        assert_tight(out, fn(x, m.weight, y, margins=draws))
+    assert m.draw_state.tolist() == [3, 2]
+    assert not torch.equal(loss, m(x, y))
     m2 = make(name, D, C, "torch", plus=plus).train()
     assert_tight(m2(x, y), loss)  # same seed, same draws
 

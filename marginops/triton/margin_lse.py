@@ -47,7 +47,8 @@ here is the simpler, measurable baseline; the forward stays a pure reduction.
 
 dtypes: features fp32 / fp16 / bf16; weight any of those (fp32 master weights with half features are
 read as they are and converted tile by tile, as autocast would). fp64 is refused (the torch and
-C++ backends serve fp64). fp32 dots use IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``.
+C++ backends serve fp64). fp32 dots use "tf32x3" (three TF32 tensor-core products, about fp32
+accuracy; not IEEE fp32), or plain TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set.
 ``class_index`` entries must be distinct (Partial-FC samples are): two programs would otherwise own
 the same weight rows.
 """

@@ -1,0 +1,66 @@
+"""``bench_fused.py --model``: the roofline model (benchmarks/model.py) of every case of the plan,
+beside the measured forward+backward medians when the case ran on a GPU.
+
+The model is of the ArcFace step (weight normalisation on); CosFace and NormFace run the same
+kernels, plain CE (``ce``) skips the O(C·D) normalisation, which the model then slightly overcounts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import Plan, fmt_count
+from .providers import LABELS
+
+# provider id -> the model's backend
+MODELLED = {"triton": "triton", "cuda": "cuda", "reference": "naive"}
+
+
+def gpu_key(device: str, requested: str | None) -> tuple[str, str]:
+    """(model GPU key, how it was chosen)."""
+    import model as perfmodel
+
+    if requested:
+        key = requested.lower()
+        if key not in perfmodel.GPUS:
+            raise SystemExit(f"--model-gpu {requested!r}: choose one of "
+                             f"{', '.join(sorted(perfmodel.GPUS))}")
+        return key, "--model-gpu"
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        for key in ("h200", "h100", "a100"):
+            if key in name.lower():
+                return key, f"the GPU present ({name})"
+        return "h100", f"h100 constants: no model of the GPU present ({name})"
+    return "h100", "no GPU here: H100 assumed (--model-gpu to change)"
+
+
+def model_report(plan: Plan, rows: list[dict], device: str, requested_gpu: str | None) -> str:
+    import model as perfmodel
+
+    gpu, why = gpu_key(device, requested_gpu)
+    measured = {(r["family"], r["B"], r["C"], r["D"], r["dtype"], r["provider"]): r.get("median_ms")
+                for r in rows if r["mode"] == "forward+backward" and r["status"] == "ok"}
+    out = [f"## Roofline model ({perfmodel.GPUS[gpu].name}: {why}), forward+backward", "",
+           "| case | provider | predicted ms | fraction of peak (model) | measured ms "
+           "| measured ÷ predicted (1 = as modelled; higher = slower than modelled) |",
+           "|---|---|---|---|---|---|"]
+    details = []
+    for case in plan.cases:
+        if case.dtype not in perfmodel.ELT:
+            continue
+        label = f"{case.family} {case.dtype} B={case.B} C={fmt_count(case.C)} D={case.D}"
+        for provider, backend in MODELLED.items():
+            if provider not in plan.providers:
+                continue
+            _, launches, seconds, fraction = perfmodel.model(case.B, case.C, case.D, case.dtype,
+                                                             gpu, backend)
+            ms = measured.get((case.family, case.B, case.C, case.D, case.dtype, provider))
+            ratio = f"{ms / (seconds * 1e3):.2f}" if ms and device == "cuda" else ""
+            shown = f"{ms:.4g}" if ms and device == "cuda" else "not measured (no GPU)" \
+                if device != "cuda" else "not measured"
+            out.append(f"| {label} | {LABELS[provider]} | {seconds * 1e3:.4g} | {fraction:.3f} | {shown} "
+                       f"| {ratio} |")
+        details.append(f"### {label}\n\n" + perfmodel.report(case.B, case.C, case.D, case.dtype,
+                                                              gpu))
+    return "\n".join(out) + "\n\n" + "\n\n".join(details)
