@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 import threading
@@ -181,6 +182,21 @@ def _exclusive(directory: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for the duration of the build (torch reads them), then restore."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _compile(config: dict, verbose: bool) -> Path:
     from torch.utils import cpp_extension
 
@@ -196,25 +212,24 @@ def _compile(config: dict, verbose: bool) -> Path:
     sources = [CSRC / "ops.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
     if cuda:
         sources += sorted((CSRC / "cuda").glob("*.cu"))
-    env_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if cuda:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = config["cuda_arch"]
+    env = {"TORCH_CUDA_ARCH_LIST": config["cuda_arch"]} if cuda else {}
+    if shutil.which("ninja") is None:  # our `ninja` dependency, when its venv's bin/ is not on PATH
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            env["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
-        cpp_extension.load(
-            name=NAME, sources=[str(s) for s in sources], build_directory=str(directory),
-            extra_include_paths=[str(CSRC / "include")],
-            extra_cflags=CXX_FLAGS + (["-DMARGINOPS_WITH_CUDA=1"] if cuda else []),
-            extra_cuda_cflags=NVCC_FLAGS + ["-DMARGINOPS_WITH_CUDA=1"] if cuda else None,
-            extra_ldflags=LD_FLAGS, with_cuda=cuda, is_python_module=False, verbose=verbose)
+        with _environ(env):
+            cpp_extension.load(
+                name=NAME, sources=[str(s) for s in sources], build_directory=str(directory),
+                extra_include_paths=[str(CSRC / "include")],
+                extra_cflags=CXX_FLAGS + (["-DMARGINOPS_WITH_CUDA=1"] if cuda else []),
+                extra_cuda_cflags=NVCC_FLAGS + ["-DMARGINOPS_WITH_CUDA=1"] if cuda else None,
+                extra_ldflags=LD_FLAGS, with_cuda=cuda, is_python_module=False, verbose=verbose)
     except Exception as err:
         (directory / "FAILED").write_text(str(err))
         raise BuildError(f"compiling the marginops extension ({what}) for torch {config['torch']} "
                          f"failed in {directory}: {str(err).strip()[-2000:]}") from err
-    finally:
-        if cuda and env_arch is None:
-            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-        elif cuda:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = env_arch
     (directory / "build.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     return library_path(directory)
 

@@ -6,10 +6,10 @@ torch backend with one warning, a stale in-place ``marginops/_C*.so`` is ignored
 
 Slow (still in CI): in fresh venvs holding only ``torch==<this torch>``, the literal
 ``pip install -e .`` on a copy of the checkout, then three processes at once running a loss on
-``cpp`` with an empty cache (one compiles, all succeed), then ``pip install --no-build-isolation
-.``; and an sdist built here, unpacked, installed with the literal ``pip install .`` in another
-venv. The venvs are hard-linked copies of one fresh venv (torch is installed once); pip's cache is
-the user's, so nothing is downloaded twice.
+``cpp`` with an empty cache and no ninja on PATH (one compiles, all succeed), then
+``pip install --no-build-isolation .``; and an sdist built here, unpacked, installed with the
+literal ``pip install .`` in another venv. The venvs are hard-linked copies of one fresh venv
+(torch is installed once); pip's cache is the user's, so nothing is downloaded twice.
 """
 
 from __future__ import annotations
@@ -336,9 +336,19 @@ def _assert_installed_without_torch(pip_log: str, before: dict, after: dict):
     assert "marginops" in after
 
 
-def _run_loss(python: Path, cache: Path, cwd: Path) -> subprocess.Popen:
+def _compiler_only_path(dest: Path) -> str:
+    """A PATH with the C++ toolchain and no ninja: a user who runs the venv's python without
+    activating the venv, on a machine without a system ninja (our `ninja` dependency must do)."""
+    dest.mkdir()
+    for tool in ("c++", "g++", "gcc", "cc", "as", "ld"):
+        if shutil.which(tool):
+            (dest / tool).symlink_to(os.path.realpath(shutil.which(tool)))
+    return str(dest)
+
+
+def _run_loss(python: Path, cache: Path, cwd: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen([str(python), "-c", RUN_LOSS], cwd=cwd, text=True, env=_env(
-        MARGINOPS_CACHE=str(cache)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        MARGINOPS_CACHE=str(cache), **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _loss_result(proc: subprocess.Popen) -> tuple[dict, str]:
@@ -359,7 +369,8 @@ def test_pip_install_editable_in_fresh_venv(torch_venv, shared_cache, tmp_path):
     pip_log = _pip_install(python, ["-e", "."], src, tmp_path / "pip.log")
     _assert_installed_without_torch(pip_log, before, _freeze(python))
 
-    procs = [_run_loss(python, shared_cache, tmp_path) for _ in range(3)]
+    path = _compiler_only_path(tmp_path / "toolchain")
+    procs = [_run_loss(python, shared_cache, tmp_path, PATH=path) for _ in range(3)]
     results = [_loss_result(p) for p in procs]
     assert sum("marginops: compiling the C++ extension" in err for _, err in results) == 1
     for r, _ in results:
