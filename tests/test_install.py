@@ -258,6 +258,20 @@ def test_stale_inplace_binary_is_ignored_with_a_warning(tmp_path):
     assert str(fake) in caught and torch.__version__ in caught and "make clean" in caught
 
 
+def test_build_ahead_of_time_and_info():
+    """``python -m marginops.build`` (user cache, prebuilt by `make setup`) and ``marginops.info``."""
+    env = _env(PYTHONPATH=str(ROOT))
+    cli = [sys.executable, "-m", "marginops.build"]
+    out = _run(cli + ["--cpu"], cwd=ROOT, env=env).stdout
+    assert f"CPU kernels for torch {torch.__version__}: " in out and str(build.cache_root()) in out
+    info = _run([sys.executable, "-m", "marginops.info"], cwd=ROOT, env=env).stdout
+    assert f"cache     {build.cache_root()}" in info and "CPU kernels, built for this torch" in info
+    assert any(line.split() == ["cpp", "available"] for line in info.splitlines())
+    if torch.version.cuda is None:   # asking for CUDA kernels from a CPU torch: a clear refusal
+        proc = _run(cli + ["--cuda"], cwd=ROOT, env=env, check=False)
+        assert proc.returncode == 1 and "CPU-only build" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # Fresh venvs: the literal install commands
 # ------------------------------------------------------------------------------------------------
