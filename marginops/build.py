@@ -311,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         "Compile marginops' C++ (and CUDA) extension for the running torch into the cache, "
         "so that first use does not wait for it."))
     kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--cuda", action="store_true", help="require the CUDA kernels (no GPU needed)")
+    kind.add_argument("--cuda", action="store_true", help="require the CUDA kernels (no GPU needed); "
+                      "MARGINOPS_FORCE_CUDA=1 in the environment means the same")
     kind.add_argument("--cpu", action="store_true", help="build the CPU kernels only")
     parser.add_argument("--arch", help='CUDA architectures, e.g. "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST)')
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
     args = parser.parse_args(argv)
     if args.arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = args.arch
+    if not args.cpu and os.environ.get("MARGINOPS_FORCE_CUDA", "").strip().lower() in ("1", "true", "yes"):
+        args.cuda = True
     try:
         path = load(cuda=True if args.cuda else False if args.cpu else None, verbose=args.verbose)
     except BuildError as err:

@@ -270,6 +270,8 @@ def test_build_ahead_of_time_and_info():
     if torch.version.cuda is None:   # asking for CUDA kernels from a CPU torch: a clear refusal
         proc = _run(cli + ["--cuda"], cwd=ROOT, env=env, check=False)
         assert proc.returncode == 1 and "CPU-only build" in proc.stderr
+        forced = _run(cli, cwd=ROOT, env=dict(env, MARGINOPS_FORCE_CUDA="1"), check=False)
+        assert forced.returncode == 1 and "CPU-only build" in forced.stderr
 
 
 # ------------------------------------------------------------------------------------------------
