@@ -20,12 +20,13 @@ setup: $(STAMP)
 $(VENV)/bin/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-$(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(EXT_SOURCES)
+# marginops installs as pure Python (`pip install -e .`, no torch in the build environment); its
+# C++ extension is compiled against the venv's torch into the user cache (~/.cache/marginops, or
+# $$MARGINOPS_CACHE) by `python -m marginops.build`, ahead of time so that no test waits for it.
+$(STAMP): $(VENV)/bin/python pyproject.toml $(EXT_SOURCES)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install setuptools wheel ninja numpy
-	$(PY) -m pip install triton pytest pytest-benchmark pytest-random-order pytorch-metric-learning scikit-learn \
-		matplotlib tqdm ruff
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -e ".[test,bench,examples]"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m marginops.build
 	$(PY) -m marginops.info
 	@touch $(STAMP)
 
@@ -60,5 +61,8 @@ browser:
 	    || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; \
 	  else echo "chromium not found (not root on Debian): tests/test_docs.py skips its browser checks"; fi; }
 
+# The compiled extensions live in the user cache (python -m marginops.info shows where); they are
+# keyed by torch version and sources, so stale ones are never loaded: delete that folder to reclaim
+# the space. marginops/_C*.so are left by in-place builds of older versions.
 clean:
-	rm -rf build *.egg-info marginops/_C*.so $(STAMP)
+	rm -rf build dist *.egg-info marginops/_C*.so $(STAMP) $(DOCS_STAMP)
