@@ -14,6 +14,8 @@ Low-level inputs are already validated and normalised by ``marginops.core``:
                          row's target, or -1 when the target is not in this shard / row ignored
     class_index  (N,)    int64 or None: iterate only these classes (Partial FC); column n is class
                          class_index[n]. None means column n is class n, N = C_local.
+                         Entries may repeat: each column is a logit of its own, and the gradients
+                         of columns naming the same class accumulate (grad_W, grad_bias sums).
     hard_tau     (B,)    acc dtype or None (CurricularFace threshold; +inf disables a row)
     hard_t       ()      acc dtype 0-d tensor or None (CurricularFace t); given iff hard_tau is
     normalize_weight bool; subcenters int K >= 1
@@ -48,7 +50,10 @@ is an empty tensor when bias is None. No gradient flows to target_col, class_ind
 topk: ``topk(features, weight, exclude_col, k, normalize_weight, subcenters)`` returns
 ``(values (B, k) acc dtype, columns (B, k) int64)``: the k largest d_in per row over columns
 n != exclude_col_i (exclude_col = -1 excludes nothing), values descending; ties broken by the lower
-column. It has no autograd: callers recompute the k values differentiably from the columns
+column. With fewer than k such columns (k = N and exclude_col_i in range), the excluded column
+fills the last slot with value -inf: the result is the top k of the row with d_{i, exclude_col_i}
+replaced by -inf, on every backend.
+It has no autograd: callers recompute the k values differentiably from the columns
 (B·k·D work, see ``marginops.core.topk_dot``).
 
 Registered op names (``torch.ops.marginops.*``): ``margin_lse_torch`` / ``margin_lse_torch_backward``

@@ -23,10 +23,10 @@ scale, bias, online max / sum-exp). Each program writes three BLOCK_B vectors (m
 (splits × B) buffer; ``_merge_kernel`` combines the splits. Nothing B×C-sized is ever stored.
 
 Backward: logits are recomputed, never stored.
-  * ``_bwd_df_kernel`` (row tiles × class splits): dd_in (see contract) times 1/wn of the argmax
-    row, then dF_i += Σ_n dd_in W_{r*}; each split accumulates into its own slice of an
-    fp32 (splits × B × D) buffer that torch sums afterwards (deterministic, no atomics). It also
-    produces grad_scale_i = Σ_n g_in d'_in per split.
+  * ``_bwd_df_kernel`` (row tiles × class splits): dd_in (see contract), then
+    dF_i += Σ_n dd_in ŵ_{r*} with ŵ = W/wn of the argmax row; each split accumulates into its
+    own slice of an fp32 (splits × B × D) buffer that torch sums afterwards (deterministic, no
+    atomics). It also produces grad_scale_i = Σ_n g_in d'_in per split.
   * ``_bwd_dw_kernel`` (one program per class tile, looping over the whole batch): G_r = Σ_i dd_in f_i
     for the rows r that are an argmax, grad_bias, and — in the epilogue, once G_r is complete —
     the normalisation Jacobian grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r. A class tile belongs to one
@@ -47,13 +47,17 @@ here is the simpler, measurable baseline; the forward stays a pure reduction.
 
 dtypes: features fp32 / fp16 / bf16; weight any of those (fp32 master weights with half features are
 read as they are and converted tile by tile, as autocast would). fp64 is refused (the torch and
-C++ backends serve fp64). fp32 dots use IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``.
-``class_index`` entries must be distinct (Partial-FC samples are): two programs would otherwise own
-the same weight rows.
+C++ backends serve fp64). fp32 dots use 3×TF32 (fp32-level accuracy) unless torch allows TF32
+matmuls (``_tf32_allowed``). The second GEMMs' dd operand is cast to the features' dtype; for fp16
+it is first scaled per output row by a power of two (``_dot_operand``) so small gradients do not
+flush to zero. bf16 cannot run under the interpreter (its tl.dot is wrong there): refused.
+Duplicate ``class_index`` entries accumulate, as on every backend: the dW kernel writes per
+column and the launcher sums columns into their classes (``_scatter_to_classes``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -62,7 +66,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops import register_core_autograd
-from . import configs
+from . import _compat, configs
 
 NEG_INF: float = float("-inf")
 _NEG_INF = tl.constexpr(NEG_INF)  # what the kernels read (globals must be constexpr)
@@ -264,6 +268,32 @@ def _inv_norm_kernel(w_ptr, cidx_ptr, inv_ptr, N, D, K, stride_w,
 
 
 @triton.jit
+def _dot_operand(dd, dot_ty: tl.constexpr, AXIS: tl.constexpr):
+    """dd (fp32) as the operand of a second GEMM in dtype ``dot_ty``, and the fp32 factor that
+    undoes its scaling on the GEMM's output rows: ``dot(dd, X) == dot(op, X) * undo``.
+
+    fp16 has 5 exponent bits: softmax gradients are tiny (grad_lse · p · s, e.g. 1/8192 · p · 64)
+    and would flush to zero when cast as they are (42 % of weight-gradient rows at C = 4096). So
+    for fp16 each output row's dd values (the reduction runs along the other axis: AXIS = 1 for
+    dF = dd·W, AXIS = 0 for G = ddᵀ·F) are scaled by a power of two bringing their largest
+    magnitude into [2^14, 2^15); the fp32 result is scaled back. bf16 has fp32's exponent range
+    and fp32 needs no cast: for those this is the plain cast with undo = 1.
+    """
+    if dot_ty == tl.float16:
+        m = tl.max(tl.abs(dd), axis=AXIS)
+        # e ≥ −96 keeps up ≤ 2^110 finite (a subnormal m would give inf, and 0 · inf = NaN);
+        # rows below 2^-96 hold nothing an fp32 sum of them would notice
+        e = tl.maximum(tl.floor(tl.log2(tl.where(m > 0.0, m, 1.0))), -96.0)
+        up = tl.exp2(14.0 - e)
+        op = (dd * tl.expand_dims(up, AXIS)).to(dot_ty)
+        undo = 1.0 / up
+    else:
+        op = dd.to(dot_ty)
+        undo = tl.full((dd.shape[1 - AXIS],), 1.0, tl.float32)
+    return op, undo
+
+
+@triton.jit
 def _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, lse, glse, gdot,
                  HAS_BIAS: tl.constexpr, HARD: tl.constexpr):
     """g_in = grad_lse_i · exp(z_in − lse_i) (0 on the target) and
@@ -321,22 +351,36 @@ def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
                 ddk = tl.where(kb == k, dd, 0.0)
             else:
                 ddk = dd
+            ddk, undo = _dot_operand(ddk, dot_ty, 1)
             if NORMALIZE:
-                ddk = ddk * tl.load(inv_ptr + cols * K + k, mask=col_mask, other=0.0)[None, :]
-            ddk = ddk.to(dot_ty)
+                # ŵ = W/wn (|ŵ| ≤ 1) rather than dd/wn: a zero row (wn = 1e-12) would turn
+                # dd/wn into ±inf in half precision and inf · 0 into NaN.
+                inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=0.0)
             wrow = cls * K + k
             for d0 in range(0, D, BLOCK_D):
                 dcol = d0 + offs
                 dmask = dcol < D
                 w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
                             mask=col_mask[:, None] & dmask[None, :], other=0.0)
+                if NORMALIZE:
+                    w = w.to(tl.float32) * inv[:, None]
                 ptrs = df_base + rows[:, None] * D + dcol[None, :]
                 omask = row_mask[:, None] & dmask[None, :]
                 acc = tl.load(ptrs, mask=omask, other=0.0)
-                acc = tl.dot(ddk, w.to(dot_ty), acc, input_precision=DOT_PREC)
+                acc += tl.dot(ddk, w.to(dot_ty), input_precision=DOT_PREC) * undo[:, None]
                 tl.store(ptrs, acc, mask=omask)
                 tl.debug_barrier()  # the next read of this chunk may come from another thread
     tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
+
+
+@triton.jit
+def _out_row(cols, cls, K, k, HAS_INDEX: tl.constexpr):
+    """Row of the dW kernel's outputs for sub-center k of each column: the weight row c_n·K + k,
+    or, with class_index, the column's own row n·K + k of an (N·K, D) buffer — two columns may
+    name the same class, and each program must own the rows it writes."""
+    if HAS_INDEX:
+        return cols.to(tl.int64) * K + k
+    return cls * K + k
 
 
 @triton.jit
@@ -345,6 +389,7 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
                    gacc_ptr,  # (R, D) fp32 zero-initialised accumulator for G (may alias gw_ptr)
                    gw_ptr,  # (R, D) grad_weight in weight's dtype, zero-initialised
                    gb_ptr,  # (C_local,) fp32 grad_bias
+                   # with HAS_INDEX all three are per column: (N·K, D), (N·K, D) fp32, (N,)
                    B, N, D, K, stride_f, stride_w,
                    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
                    NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -382,27 +427,33 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
             gb += tl.sum(g, axis=0)
         for k in range(K):
             if HAS_SUB:
-                ddk = tl.where(kb == k, dd, 0.0).to(dot_ty)
+                ddk = tl.where(kb == k, dd, 0.0)
             else:
-                ddk = dd.to(dot_ty)
-            wrow = cls * K + k
+                ddk = dd
+            ddk, undo = _dot_operand(ddk, dot_ty, 0)
+            orow = _out_row(cols, cls, K, k, HAS_INDEX)
             for d0 in range(0, D, BLOCK_D):
                 dcol = d0 + offs
                 dmask = dcol < D
                 f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
                             mask=row_mask[:, None] & dmask[None, :], other=0.0)
-                ptrs = gacc_ptr + wrow[:, None] * D + dcol[None, :]
+                ptrs = gacc_ptr + orow[:, None] * D + dcol[None, :]
                 omask = col_mask[:, None] & dmask[None, :]
                 acc = tl.load(ptrs, mask=omask, other=0.0)
-                acc = tl.dot(tl.trans(ddk), f, acc, input_precision=DOT_PREC)  # G_r += Σ_i dd f_i
+                # G_r += Σ_i dd_in f_i
+                acc += tl.dot(tl.trans(ddk), f, input_precision=DOT_PREC) * undo[:, None]
                 tl.store(ptrs, acc, mask=omask)
                 tl.debug_barrier()
     if HAS_BIAS:
-        tl.store(gb_ptr + cls, gb, mask=col_mask)
+        if HAS_INDEX:
+            tl.store(gb_ptr + cols, gb, mask=col_mask)  # per column, summed per class after
+        else:
+            tl.store(gb_ptr + cls, gb, mask=col_mask)
 
     # Epilogue: grad_W_r = (G_r − W_r (W_r·G_r)/wn_r²) / wn_r  (= (G − ŵ(ŵ·G))/wn), per row r.
     for k in range(K):
         wrow = cls * K + k
+        orow = _out_row(cols, cls, K, k, HAS_INDEX)
         if NORMALIZE:
             wg = tl.zeros((BLOCK_N,), tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -410,7 +461,7 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
                 omask = col_mask[:, None] & (dcol < D)[None, :]
                 w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :], mask=omask,
                             other=0.0).to(tl.float32)
-                G = tl.load(gacc_ptr + wrow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
+                G = tl.load(gacc_ptr + orow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
                 wg += tl.sum(w * G, axis=1)
             inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=1.0)
             proj = wg * inv * inv  # (W·G)/wn²; W = 0 gives wg = 0, so grad = G / 1e-12 there
@@ -421,14 +472,14 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
         for d0 in range(0, D, BLOCK_D):
             dcol = d0 + offs
             omask = col_mask[:, None] & (dcol < D)[None, :]
-            G = tl.load(gacc_ptr + wrow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
+            G = tl.load(gacc_ptr + orow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
             if NORMALIZE:
                 w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :], mask=omask,
                             other=0.0).to(tl.float32)
                 grad = (G - w * proj[:, None]) * inv[:, None]
             else:
                 grad = G
-            tl.store(gw_ptr + wrow[:, None] * D + dcol[None, :],
+            tl.store(gw_ptr + orow[:, None] * D + dcol[None, :],
                      grad.to(gw_ptr.dtype.element_ty), mask=omask)
 
 
@@ -436,14 +487,49 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
 # Launchers
 # =============================================================================================
 
+if interpreting():
+    _compat.patch_interpreter()  # Triton ≤ 3.6's interpreter with numpy ≥ 2.4 (see _compat.py)
+
+
+def _tf32_allowed() -> bool:
+    """Has the user allowed TF32 for fp32 matmuls in torch?
+
+    Read through ``torch.backends.cuda.matmul.fp32_precision`` (torch ≥ 2.9), which answers
+    whichever API set it: the legacy ``allow_tf32 = True`` reads back as "tf32", and so does
+    ``torch.backends.fp32_precision = "tf32"`` (inherited). Reading the legacy ``allow_tf32``
+    instead raises "mix of the legacy and new APIs" once the new API has been used.
+    Older torch has only the legacy flag.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
 
 def _dot_precision(features: Tensor) -> str:
     """fp32 dots: "tf32x3" (three TF32 tensor-core products, fp32-level accuracy; IEEE fp32 FMA
     tiles need far more registers and spill) or plain "tf32" when the user allowed TF32 matmuls
-    in torch. fp16 / bf16 operands ignore it."""
-    if features.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    in torch (``_tf32_allowed``). fp16 / bf16 operands ignore it."""
+    if features.dtype == torch.float32 and not _tf32_allowed():
         return "tf32x3"
     return "tf32"
+
+
+def device_guard(device: torch.device):
+    """Context under which every kernel of this package is launched (DESIGN §8).
+
+    Triton launches on the *current* CUDA device and that device's current stream, not on the
+    tensors' device: tensors on cuda:1 while cuda:0 is current would be read by a kernel on the
+    wrong device and raced against cuda:1's stream. ``torch.cuda.device(device)`` makes the
+    tensors' device current, so the launch also goes to *its* current stream (the caller's
+    ``torch.cuda.stream(...)`` context is per device and is honoured). CPU tensors (interpreter):
+    nothing to guard. ``tests/test_triton_launch.py`` checks statically that every launch is
+    inside this context.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _n_sm(device: torch.device) -> int:
@@ -481,6 +567,10 @@ class _Args:
                             "use backend='torch' or backend='cpp' for float64")
         if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"backend 'triton': unsupported features dtype {features.dtype}")
+        if interpreting() and torch.bfloat16 in (features.dtype, weight.dtype):
+            raise TypeError("backend 'triton' under TRITON_INTERPRET=1 cannot run bfloat16 "
+                            "inputs (Triton's interpreter computes bf16 tl.dot wrongly); use "
+                            "float16 or float32 there, or run bfloat16 on a GPU")
         self.f = features.contiguous()
         self.w = weight.contiguous()
         self.B, self.D = self.f.shape
@@ -497,7 +587,9 @@ class _Args:
         self.t = hard_t.reshape(1).contiguous() if self.hard else None
         self.normalize = bool(normalize_weight)
         self.acc = scale.dtype
-        self.variant = configs.variant(self.f.dtype, self.K)
+        # Triton specialises D, the strides and the base pointers on divisibility by 16
+        aligned = (self.D % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (self.f, self.w)))
+        self.variant = configs.variant(self.f.dtype, self.K, aligned)
         dummy = self.scale
         # kernel pointer arguments: optional inputs replaced by a dummy the kernel never reads
         self.ptrs = (self.f, self.w, self.scale,
@@ -522,12 +614,13 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
     splits, cps = _split_columns(a.B, a.N, cfg, dev)
     part = torch.empty((3, splits, a.B), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
-    _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
-                      a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0),
-                      **a.flags, **cfg.meta(), **cfg.launch())
-    _merge_kernel[(triton.cdiv(a.B, merge_cfg.block_b),)](
-        part[0], part[1], part[2], lse, dot_y, a.B, splits,
-        BLOCK_B=merge_cfg.block_b, **merge_cfg.launch())
+    with device_guard(dev):
+        _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
+                          a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0),
+                          **a.flags, **cfg.meta(), **cfg.launch())
+        _merge_kernel[(triton.cdiv(a.B, merge_cfg.block_b),)](
+            part[0], part[1], part[2], lse, dot_y, a.B, splits,
+            BLOCK_B=merge_cfg.block_b, **merge_cfg.launch())
     return lse.to(a.acc), dot_y.to(a.acc)
 
 
@@ -544,39 +637,61 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     grad_lse = grad_lse.to(torch.float32).contiguous()
     grad_dot = grad_dot.to(torch.float32).contiguous()
     common = (a.B, a.N, a.D, a.K)
-
-    # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes below need it per column
-    inv = lse  # dummy pointer, never read without normalisation
-    if a.normalize:
-        norm_cfg = _config("norm", a)
-        inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
-        _inv_norm_kernel[(triton.cdiv(a.N, norm_cfg.block_n),)](
-            a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
-            BLOCK_N=norm_cfg.block_n, BLOCK_D=norm_cfg.block_d, **norm_cfg.launch())
-
-    # feature gradient and grad_scale: rows × splits, partial buffers summed below
+    norm_cfg = _config("norm", a)
     df_cfg = df_cfg or _config("bwd_df", a)
+    dw_cfg = dw_cfg or _config("bwd_dw", a)
     splits, cps = _split_columns(a.B, a.N, df_cfg, dev)
+    inv = lse  # dummy pointer, never read without normalisation
+    if a.normalize:  # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes need it per column
+        inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
+    # feature gradient and grad_scale: rows × splits, partial buffers summed below
     df = torch.zeros((splits, a.B, a.D), dtype=torch.float32, device=dev)
     gs = torch.empty((splits, a.B), dtype=torch.float32, device=dev)
-    grid = (triton.cdiv(a.B, df_cfg.block_b), splits)
-    _bwd_df_kernel[grid](*a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps,
-                         a.f.stride(0), a.w.stride(0), **a.flags, **df_cfg.meta(),
-                         **df_cfg.launch())
+    # weight gradient and grad_bias: one program per column tile, no atomics. With class_index
+    # the kernel writes per *column* (rows n·K + k of an (N·K, D) buffer, bias per column), and
+    # columns naming the same class are summed below: duplicates accumulate (the contract).
+    if a.cidx is not None:
+        gacc = torch.zeros((a.N * a.K, a.D), dtype=torch.float32, device=dev)
+        gw = gacc
+        gb = torch.zeros(a.N, dtype=torch.float32, device=dev)
+    else:
+        gacc = grad_w if grad_w.dtype == torch.float32 else torch.zeros(
+            grad_w.shape, dtype=torch.float32, device=dev)
+        gw = grad_w
+        gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=dev) if a.bias is not None else gs
+
+    with device_guard(dev):
+        if a.normalize:
+            _inv_norm_kernel[(triton.cdiv(a.N, norm_cfg.block_n),)](
+                a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
+                BLOCK_N=norm_cfg.block_n, BLOCK_D=norm_cfg.block_d, **norm_cfg.launch())
+        _bwd_df_kernel[(triton.cdiv(a.B, df_cfg.block_b), splits)](
+            *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps,
+            a.f.stride(0), a.w.stride(0), **a.flags, **df_cfg.meta(), **df_cfg.launch())
+        _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n),)](
+            *a.ptrs, lse, grad_lse, grad_dot, inv, gacc, gw, gb, *common,
+            a.f.stride(0), a.w.stride(0), **a.flags, **dw_cfg.meta(), **dw_cfg.launch())
     grad_f = df.sum(0).to(a.f.dtype)
     grad_s = gs.sum(0).to(a.acc)
-
-    # weight gradient and grad_bias: one program per class tile, no atomics
-    dw_cfg = dw_cfg or _config("bwd_dw", a)
-    gacc = grad_w if grad_w.dtype == torch.float32 else torch.zeros(
-        grad_w.shape, dtype=torch.float32, device=dev)
-    gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=dev) if a.bias is not None else gs
-    _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n),)](
-        *a.ptrs, lse, grad_lse, grad_dot, inv, gacc, grad_w, gb, *common,
-        a.f.stride(0), a.w.stride(0), **a.flags, **dw_cfg.meta(), **dw_cfg.launch())
+    if a.cidx is not None:
+        grad_w, gb = _scatter_to_classes(a, gacc, gb)
     if a.bias is not None:
         grad_b = gb.to(a.bias.dtype)
     return grad_f, grad_w, grad_s, grad_b
+
+
+def _scatter_to_classes(a: _Args, g_cols: Tensor, gb_cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum per-column gradients into their classes: grad_W[c_n·K + k] += g_cols[n·K + k] and
+    grad_bias[c_n] += gb_cols[n] (``grad_W.index_put_(rows, g, accumulate=True)``; on CUDA that
+    is a sort-based, deterministic reduction). fp32 throughout, cast once at the end."""
+    rows = (a.cidx[:, None] * a.K + torch.arange(a.K, device=a.cidx.device)).reshape(-1)
+    gw = torch.zeros(a.w.shape, dtype=torch.float32, device=g_cols.device)
+    gw.index_put_((rows,), g_cols, accumulate=True)
+    gb = gb_cols
+    if a.bias is not None:
+        gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=g_cols.device)
+        gb.index_put_((a.cidx,), gb_cols, accumulate=True)
+    return gw.to(a.w.dtype), gb
 
 
 # --- autotuning (off by default; see configs.py) ----------------------------------------------
