@@ -506,3 +506,53 @@ def test_unloadable_extension_warns_once_and_reports(failure):
         assert "undefined symbol" in r["cpp"] and "another torch" in r["cpp"]
     else:
         assert "not built" in r["cpp"]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA op: device discipline (issue 11 item 3)
+# ------------------------------------------------------------------------------------------------
+
+_CU = __import__("pathlib").Path(__file__).parent.parent / "marginops" / "csrc" / "cuda" / "margin_lse.cu"
+
+
+@runs_without_extension
+def test_cuda_prepare_checks_every_tensor_device_then_guards():
+    """Static check of margin_lse.cu (no GPU here): prepare() checks the device of every tensor
+    argument before anything touches a pointer, then sets the device guard; every entry point goes
+    through it, and the backward also checks its extra tensors."""
+    import re
+
+    src = _CU.read_text()
+    body = src[src.index("inline Prepared prepare("):]
+    body = body[:body.index("\n}\n")]
+    params = re.findall(r"(?:Tensor|std::optional<Tensor>)&\s+(\w+)", body[:body.index("{")])
+    assert {"features", "weight", "scale", "bias", "target_col", "class_index", "hard_tau",
+            "hard_t"} <= set(params)
+    for name in params:
+        if name != "features":
+            assert re.search(rf"check_device\({name},", body), f"prepare() never checks {name}"
+    assert body.index("check_device(") < body.index("guard.set_device") < body.index(".contiguous()")
+    for entry in ("margin_lse_cuda(", "margin_lse_backward_cuda(", "topk_cuda("):
+        fn = src[src.index(f"{entry}"):]
+        fn = fn[:fn.index("\n}\n")]
+        assert "OptionalCUDAGuard guard;" in fn and "prepare(guard," in fn, entry
+    bwd = src[src.index("margin_lse_backward_cuda("):]
+    for name in ("grad_lse", "grad_dot", "lse_neg"):
+        assert f"check_device({name}," in bwd, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["weight", "scale", "bias", "target_col", "class_index",
+                                  "hard_tau", "hard_t"])
+def test_cuda_op_refuses_a_tensor_on_another_device(name):
+    """A CPU tensor among CUDA inputs raised an illegal-address fault (dead context) before."""
+    _skip_unless_available("cuda")
+    case = make_case(5, 16, 30, dtype=torch.float32, bias=True, class_index=True, hard=True,
+                     device="cuda")
+    case[name] = case[name].cpu()
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.marginops.margin_lse(*(case[k] for k in (
+            "features", "weight", "scale", "bias", "target_col", "class_index", "hard_tau",
+            "hard_t", "normalize_weight", "subcenters")))
+    torch.cuda.synchronize()  # the context is still alive

@@ -85,14 +85,14 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
         "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
         "bwd_df": C(64, 128, 32, num_warps=8, num_stages=2),
         "bwd_dw": C(64, 128, 32, num_warps=8, num_stages=2),
-        "topk": C(64, 64, 64, num_warps=4, num_stages=2),
+        "topk": C(64, 32, 64, num_warps=4, num_stages=2),  # 64×64 spills 8–16 B (NaN policy)
         "merge": _MERGE, "norm": _NORM,
     },
     "half_sub": {
         "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
         "bwd_df": C(64, 32, 32, num_warps=4, num_stages=2),
         "bwd_dw": C(32, 64, 32, num_warps=4, num_stages=2),
-        "topk": C(64, 64, 64, num_warps=4, num_stages=2),
+        "topk": C(64, 32, 64, num_warps=4, num_stages=2),  # 64×64 spills 8–16 B (NaN policy)
         "merge": _MERGE, "norm": _NORM,
     },
     "fp32": {
