@@ -111,3 +111,13 @@ def test_dot_precision_under_both_torch_apis(setting, expected):
             matmul.fp32_precision = saved["m"]
         else:
             matmul.allow_tf32 = False
+
+
+def test_triton_older_than_supported_is_reported(monkeypatch):
+    import importlib.metadata
+
+    import marginops.ops.triton as binding
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.4.0")
+    reason = binding.availability("triton", torch.device("cuda"))
+    assert reason is not None and "3.4" in reason and "3.5" in reason
