@@ -50,11 +50,12 @@ is an empty tensor when bias is None. No gradient flows to target_col, class_ind
 topk: ``topk(features, weight, exclude_col, k, normalize_weight, subcenters)`` returns
 ``(values (B, k) acc dtype, columns (B, k) int64)``: the k largest d_in per row over columns
 n != exclude_col_i (exclude_col = -1 excludes nothing), values descending; ties broken by the lower
-column. With fewer than k such columns (k = N and exclude_col_i in range), the excluded column
-fills the last slot with value -inf: the result is the top k of the row with d_{i, exclude_col_i}
-replaced by -inf, on every backend.
-It has no autograd: callers recompute the k values differentiably from the columns
+column. It has no autograd: callers recompute the k values differentiably from the columns
 (B·k·D work, see ``marginops.core.topk_dot``).
+
+topk with fewer than k columns other than exclude_col_i (k = N, exclude_col_i in range): the
+excluded column fills the last slot with value -inf — the result is the top k of the row with
+d_{i, exclude_col_i} replaced by -inf, on every backend (never an out-of-range column).
 
 Registered op names (``torch.ops.marginops.*``): ``margin_lse_torch`` / ``margin_lse_torch_backward``
 (this package's Python), ``margin_lse`` / ``margin_lse_backward`` / ``topk`` (C++: CPU and CUDA

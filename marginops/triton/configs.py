@@ -97,22 +97,22 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
     },
     "fp32": {
         "fwd": C(32, 64, 32, num_warps=4, num_stages=2),
-        "bwd_df": C(32, 64, 32, num_warps=8, num_stages=2),
+        "bwd_df": C(32, 32, 32, num_warps=8, num_stages=2),  # 32×64 spills 16 B (sm_80)
         "bwd_dw": C(32, 64, 32, num_warps=8, num_stages=2),
         "topk": C(32, 64, 32, num_warps=4, num_stages=2),
         "merge": _MERGE, "norm": _NORM,
     },
-    # the largest single-stage tiles with zero spills for bf16/fp32 at sm_80 and sm_90, K = 1 and
-    # K > 1, Triton 3.9 (larger ones spill 24–1336 B)
+    # the largest single-stage tiles found with zero spills at sm_80 and sm_90, K = 1 and K > 1,
+    # under Triton 3.5 and 3.9 (larger ones spill 8–1336 B)
     "half_unaligned": {
         "fwd": C(32, 32, 32, num_warps=4, num_stages=1),
         "bwd_df": C(32, 32, 32, num_warps=4, num_stages=1),
-        "bwd_dw": C(32, 32, 32, num_warps=4, num_stages=1),
-        "topk": C(32, 64, 32, num_warps=4, num_stages=1),
+        "bwd_dw": C(32, 32, 16, num_warps=4, num_stages=1),  # fp16 dd scaling: 32×32×32 spills
+        "topk": C(32, 32, 32, num_warps=4, num_stages=1),
         "merge": _MERGE, "norm": _NORM_UNALIGNED,
     },
     "fp32_unaligned": {
-        "fwd": C(16, 64, 32, num_warps=4, num_stages=1),
+        "fwd": C(16, 32, 32, num_warps=4, num_stages=1),
         "bwd_df": C(16, 32, 32, num_warps=4, num_stages=1),
         "bwd_dw": C(16, 32, 16, num_warps=4, num_stages=1),
         "topk": C(32, 32, 32, num_warps=4, num_stages=1),
