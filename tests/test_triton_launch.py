@@ -121,3 +121,16 @@ def test_triton_older_than_supported_is_reported(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.4.0")
     reason = binding.availability("triton", torch.device("cuda"))
     assert reason is not None and "3.4" in reason and "3.5" in reason
+
+
+@pytest.mark.parametrize("name", ["weight", "scale", "bias", "target_col", "class_index",
+                                  "hard_tau", "hard_t"])
+def test_every_input_must_be_on_the_features_device(name):
+    """Checked before any launch: a tensor on another device would be read through a foreign
+    pointer (here: "meta", which any device mismatch stands for)."""
+    args = dict(features=torch.zeros(4, 16), weight=torch.zeros(10, 16), scale=torch.ones(4),
+                bias=torch.zeros(10), target_col=torch.zeros(4, dtype=torch.long),
+                class_index=torch.arange(10), hard_tau=torch.ones(4), hard_t=torch.tensor(0.1))
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but features are on cpu"):
+        ml._Args(**args, normalize_weight=True, subcenters=1)

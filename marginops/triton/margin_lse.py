@@ -567,6 +567,15 @@ class _Args:
                             "use backend='torch' or backend='cpp' for float64")
         if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"backend 'triton': unsupported features dtype {features.dtype}")
+        # every pointer a kernel dereferences must be on the features' device (a CPU target_col
+        # read by a GPU kernel is an illegal address and a dead CUDA context)
+        inputs = dict(weight=weight, scale=scale, bias=bias, target_col=target_col,
+                      class_index=class_index, hard_tau=hard_tau, hard_t=hard_t)
+        for name, t in inputs.items():
+            if t is not None and t.device != features.device:
+                raise ValueError(f"backend 'triton': {name} is on {t.device} but features are on "
+                                 f"{features.device}; move every input of the op to "
+                                 f"{features.device}")
         if interpreting() and torch.bfloat16 in (features.dtype, weight.dtype):
             raise TypeError("backend 'triton' under TRITON_INTERPRET=1 cannot run bfloat16 "
                             "inputs (Triton's interpreter computes bf16 tl.dot wrongly); use "
