@@ -304,3 +304,19 @@ def test_tensors_on_a_second_device(backend):
     assert out.device == torch.device("cuda:1") and w1.grad.device == torch.device("cuda:1")
     torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w1.grad.cpu(), w0.grad.cpu(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_fullgraph_full_step(backend):
+    """The public op (validation included) traces into one graph with Partial FC; loss and
+    weight gradient equal eager's."""
+    _gpu_backend(backend)
+    x, y, cidx = _step_inputs(6)
+    w = torch.randn(5000, 128, device=DEV, generator=torch.Generator(DEV).manual_seed(7))
+    we, wc = w.clone().requires_grad_(), w.clone().requires_grad_()
+    eager = _step(we, x, y, cidx, backend)
+    eager.backward()
+    compiled = torch.compile(_step, fullgraph=True)(wc, x, y, cidx, backend)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wc.grad, we.grad, rtol=1e-4, atol=1e-6)
