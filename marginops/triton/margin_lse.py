@@ -636,12 +636,11 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
 def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=None, dw_cfg=None):
     dev = a.f.device
     grad_f = torch.zeros_like(a.f)
-    grad_w = torch.zeros_like(a.w)
     grad_s = torch.zeros(a.B, dtype=a.acc, device=dev)
     grad_b = (torch.zeros(a.bias.shape, dtype=a.bias.dtype, device=dev) if a.bias is not None
               else torch.empty(0, dtype=a.acc, device=dev))
     if a.B == 0 or a.N == 0:
-        return grad_f, grad_w, grad_s, grad_b
+        return grad_f, torch.zeros_like(a.w), grad_s, grad_b
     lse = lse.to(torch.float32).contiguous()
     grad_lse = grad_lse.to(torch.float32).contiguous()
     grad_dot = grad_dot.to(torch.float32).contiguous()
@@ -664,6 +663,7 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
         gw = gacc
         gb = torch.zeros(a.N, dtype=torch.float32, device=dev)
     else:
+        grad_w = torch.zeros_like(a.w)
         gacc = grad_w if grad_w.dtype == torch.float32 else torch.zeros(
             grad_w.shape, dtype=torch.float32, device=dev)
         gw = grad_w
@@ -692,15 +692,17 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
 def _scatter_to_classes(a: _Args, g_cols: Tensor, gb_cols: Tensor) -> tuple[Tensor, Tensor]:
     """Sum per-column gradients into their classes: grad_W[c_n·K + k] += g_cols[n·K + k] and
     grad_bias[c_n] += gb_cols[n] (``grad_W.index_put_(rows, g, accumulate=True)``; on CUDA that
-    is a sort-based, deterministic reduction). fp32 throughout, cast once at the end."""
+    is a sort-based, deterministic reduction). grad_W is accumulated in the weight's dtype, so
+    the Partial-FC path needs no R×D fp32 buffer (C can be 10^7): a repeated class's sum is
+    rounded once per repeat there; grad_bias stays fp32."""
     rows = (a.cidx[:, None] * a.K + torch.arange(a.K, device=a.cidx.device)).reshape(-1)
-    gw = torch.zeros(a.w.shape, dtype=torch.float32, device=g_cols.device)
-    gw.index_put_((rows,), g_cols, accumulate=True)
+    gw = torch.zeros_like(a.w)
+    gw.index_put_((rows,), g_cols.to(gw.dtype), accumulate=True)
     gb = gb_cols
     if a.bias is not None:
         gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=g_cols.device)
         gb.index_put_((a.cidx,), gb_cols, accumulate=True)
-    return gw.to(a.w.dtype), gb
+    return gw, gb
 
 
 # --- autotuning (off by default; see configs.py) ----------------------------------------------

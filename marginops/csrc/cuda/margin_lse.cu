@@ -462,10 +462,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
   Tensor gW = at::zeros_like(p.W);  // rows never iterated (class_index) stay exactly zero
   Tensor gS = at::zeros({p.B}, opt);
   Tensor gBias = p.bias.has_value() ? at::zeros_like(*p.bias) : at::empty({0}, opt);
-  // class_index: per-column results are added into their classes (duplicates accumulate) in an
-  // fp32 accumulator, cast to the weight's dtype once at the end.
+  // class_index: per-column results are added into their classes (duplicates accumulate),
+  // directly in the weight's dtype — no C·K × D fp32 buffer for Partial FC's huge C.
   const bool per_column = p.class_index.has_value();
-  Tensor gW32 = per_column && p.W.scalar_type() != at::kFloat ? at::zeros(p.W.sizes(), opt) : gW;
   if (p.B > 0 && p.N > 0) {
     const int64_t nc_max = pick_chunk(p.B, p.K, p.D, p.N);
     Chunk ws(p.B, p.D, p.K, nc_max, opt);
@@ -512,11 +511,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (per_column) {  // rows class·K + k of the chunk's columns, summed in (deterministic)
           const Tensor rows = (classes.unsqueeze(1) * p.K + sub).reshape({-1});
-          gW32.index_put_(c10::List<std::optional<Tensor>>({rows}), Gv, /*accumulate=*/true);
+          gW.index_put_(c10::List<std::optional<Tensor>>({rows}), Gv.to(p.W.scalar_type()),
+                        /*accumulate=*/true);
         }
       }
     });
-    if (per_column && p.W.scalar_type() != at::kFloat) gW.copy_(gW32);
   }
   return {gF.to(features.scalar_type()), gW, gS, gBias};
 }
