@@ -1,7 +1,9 @@
 """Fully fused margin-softmax reduction in Triton: the core op of shared/DESIGN.md §2.
 
-Read top-down: shared tile helpers → forward kernels → backward kernels → launchers →
-registered ops (``torch.ops.marginops.margin_lse_triton`` / ``..._backward``) → autograd.
+Read top-down: forward kernels → backward kernels → launchers → registered ops
+(``torch.ops.marginops.margin_lse_triton`` / ``..._backward``) → autograd. The tile helpers the
+kernels inline (cosine tile, logit epilogue, …) are in tiles.py, shared with topk.py; the launch
+helpers (device guard, dot precision, configurations, splits, autotuning) in launch.py.
 
 The math (marginops/ops/__init__.py has the full contract). For a batch row i and an iterated column
 n (class c_n = class_index[n], or n), with sub-center rows r = c_n·K + k:
@@ -57,121 +59,24 @@ column and the launcher sums columns into their classes (``_scatter_to_classes``
 
 from __future__ import annotations
 
-import contextlib
-import time
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..ops import register_core_autograd
-from . import _compat, configs
-
-NEG_INF: float = float("-inf")
-_NEG_INF = tl.constexpr(NEG_INF)  # what the kernels read (globals must be constexpr)
-
-
-def interpreting() -> bool:
-    """Were the kernels of this module defined under TRITON_INTERPRET=1 (run on CPU tensors)?"""
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-# =============================================================================================
-# Tile helpers (inlined into every kernel)
-# =============================================================================================
-
-
-@triton.jit
-def _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
-                 stride_f, stride_w,
-                 NORMALIZE: tl.constexpr, NORM_IN_LOOP: tl.constexpr, HAS_SUB: tl.constexpr,
-                 DOT_PREC: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK_B, BLOCK_N) tile of d_in = max_k f_i·W_{c_n K + k} / wn, in fp32.
-
-    1/wn comes either from the sum of squares of the W tiles this loop loads anyway
-    (NORM_IN_LOOP, the forward) or from the (N, K) buffer of ``_inv_norm_kernel`` (backward, where
-    it is needed again later). With sub-centers (HAS_SUB) it also returns the winning k per element
-    (the gradient of a max flows to its argmax only; ties keep the lower k), else zeros.
-    """
-    d_best = tl.full((BLOCK_B, BLOCK_N), _NEG_INF, tl.float32)
-    k_best = tl.zeros((BLOCK_B, BLOCK_N), tl.int32)
-    offs = tl.arange(0, BLOCK_D)
-    for k in range(K):
-        wrow = cls * K + k  # int64 row index into W (R = C_local·K rows)
-        acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-        wsq = tl.zeros((BLOCK_N,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dcol = d0 + offs
-            dmask = dcol < D
-            f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
-                        mask=row_mask[:, None] & dmask[None, :], other=0.0)
-            w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
-                        mask=col_mask[:, None] & dmask[None, :], other=0.0)
-            if NORMALIZE and NORM_IN_LOOP:
-                wf = w.to(tl.float32)
-                wsq += tl.sum(wf * wf, axis=1)  # ‖W_r‖² from the tile already loaded
-            # f_i · W_r, fp32 accumulation; W converted on load to the features' dtype
-            acc = tl.dot(f, tl.trans(w.to(f.dtype)), acc, input_precision=DOT_PREC)
-        if NORMALIZE:
-            if NORM_IN_LOOP:
-                inv = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)  # 1/wn_r: a per-column scale
-            else:
-                inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=1.0)
-            dk = acc * inv[None, :]
-        else:
-            dk = acc
-        if HAS_SUB:
-            better = dk > d_best
-            d_best = tl.where(better, dk, d_best)
-            k_best = tl.where(better, k, k_best)
-        else:
-            d_best = dk
-    return d_best, k_best
-
-
-@triton.jit
-def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
-                HAS_BIAS: tl.constexpr, HARD: tl.constexpr):
-    """Epilogue on a cosine tile: returns (is_target, d', dd'/dd, z with -inf where excluded).
-
-    z is -inf on the target column and on padding columns, so exp(z − ·) is exactly 0 there.
-    """
-    is_t = (cols[None, :] == tcol[:, None]) & col_mask[None, :]
-    if HARD:
-        # CurricularFace: a non-target cosine above tau_i becomes d (t + d); derivative t + 2d
-        hard = (d > tau[:, None]) & (~is_t)
-        dmod = tl.where(hard, d * (t + d), d)
-        slope = tl.where(hard, t + 2.0 * d, 1.0)
-    else:
-        dmod = d
-        slope = 1.0
-    z = scale[:, None] * dmod
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + cls, mask=col_mask, other=0.0).to(tl.float32)
-        z += b[None, :]
-    z = tl.where(col_mask[None, :] & (~is_t), z, _NEG_INF)
-    return is_t, dmod, slope, z
-
-
-@triton.jit
-def _split_range(split, cols_per_split, N):
-    """Columns [n_start, n_end) of a class split (cols_per_split is a multiple of BLOCK_N)."""
-    n_start = split * cols_per_split
-    n_end = tl.minimum(n_start + cols_per_split, N)
-    return n_start, n_end
-
-
-@triton.jit
-def _class_of(cols, col_mask, cidx_ptr, HAS_INDEX: tl.constexpr):
-    """Class id (int64) of each column: class_index[n] (Partial FC, indirect rows) or n."""
-    if HAS_INDEX:
-        cls = tl.load(cidx_ptr + cols, mask=col_mask, other=0)
-    else:
-        cls = cols.to(tl.int64)
-    return cls
-
+from . import configs
+from .launch import _config, _dot_precision, _pick, _split_columns, device_guard  # noqa: F401
+from .tiles import (  # noqa: F401  (NEG_INF, interpreting: part of this module's interface)
+    _NEG_INF,
+    NEG_INF,
+    _class_of,
+    _cosine_tile,
+    _dot_operand,
+    _logit_tile,
+    _split_range,
+    interpreting,
+)
 
 # =============================================================================================
 # Forward kernels
@@ -265,32 +170,6 @@ def _inv_norm_kernel(w_ptr, cidx_ptr, inv_ptr, N, D, K, stride_w,
                         mask=col_mask[:, None] & (dcol < D)[None, :], other=0.0).to(tl.float32)
             wsq += tl.sum(w * w, axis=1)
         tl.store(inv_ptr + cols * K + k, 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12), mask=col_mask)
-
-
-@triton.jit
-def _dot_operand(dd, dot_ty: tl.constexpr, AXIS: tl.constexpr):
-    """dd (fp32) as the operand of a second GEMM in dtype ``dot_ty``, and the fp32 factor that
-    undoes its scaling on the GEMM's output rows: ``dot(dd, X) == dot(op, X) * undo``.
-
-    fp16 has 5 exponent bits: softmax gradients are tiny (grad_lse · p · s, e.g. 1/8192 · p · 64)
-    and would flush to zero when cast as they are (42 % of weight-gradient rows at C = 4096). So
-    for fp16 each output row's dd values (the reduction runs along the other axis: AXIS = 1 for
-    dF = dd·W, AXIS = 0 for G = ddᵀ·F) are scaled by a power of two bringing their largest
-    magnitude into [2^14, 2^15); the fp32 result is scaled back. bf16 has fp32's exponent range
-    and fp32 needs no cast: for those this is the plain cast with undo = 1.
-    """
-    if dot_ty == tl.float16:
-        m = tl.max(tl.abs(dd), axis=AXIS)
-        # e ≥ −96 keeps up ≤ 2^110 finite (a subnormal m would give inf, and 0 · inf = NaN);
-        # rows below 2^-96 hold nothing an fp32 sum of them would notice
-        e = tl.maximum(tl.floor(tl.log2(tl.where(m > 0.0, m, 1.0))), -96.0)
-        up = tl.exp2(14.0 - e)
-        op = (dd * tl.expand_dims(up, AXIS)).to(dot_ty)
-        undo = 1.0 / up
-    else:
-        op = dd.to(dot_ty)
-        undo = tl.full((dd.shape[1 - AXIS],), 1.0, tl.float32)
-    return op, undo
 
 
 @triton.jit
@@ -487,76 +366,6 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
 # Launchers
 # =============================================================================================
 
-if interpreting():
-    _compat.patch_interpreter()  # Triton ≤ 3.6's interpreter with numpy ≥ 2.4 (see _compat.py)
-
-
-def _tf32_allowed() -> bool:
-    """Has the user allowed TF32 for fp32 matmuls in torch?
-
-    Read through ``torch.backends.cuda.matmul.fp32_precision`` (torch ≥ 2.9), which answers
-    whichever API set it: the legacy ``allow_tf32 = True`` reads back as "tf32", and so does
-    ``torch.backends.fp32_precision = "tf32"`` (inherited). Reading the legacy ``allow_tf32``
-    instead raises "mix of the legacy and new APIs" once the new API has been used.
-    Older torch has only the legacy flag.
-    """
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is None:
-        return bool(matmul.allow_tf32)
-    return precision == "tf32"
-
-
-def _dot_precision(features: Tensor) -> str:
-    """fp32 dots: "tf32x3" (three TF32 tensor-core products, fp32-level accuracy; IEEE fp32 FMA
-    tiles need far more registers and spill) or plain "tf32" when the user allowed TF32 matmuls
-    in torch (``_tf32_allowed``). fp16 / bf16 operands ignore it."""
-    if features.dtype == torch.float32 and not _tf32_allowed():
-        return "tf32x3"
-    return "tf32"
-
-
-def device_guard(device: torch.device):
-    """Context under which every kernel of this package is launched (DESIGN §8).
-
-    Triton launches on the *current* CUDA device and that device's current stream, not on the
-    tensors' device: tensors on cuda:1 while cuda:0 is current would be read by a kernel on the
-    wrong device and raced against cuda:1's stream. ``torch.cuda.device(device)`` makes the
-    tensors' device current, so the launch also goes to *its* current stream (the caller's
-    ``torch.cuda.stream(...)`` context is per device and is honoured). CPU tensors (interpreter):
-    nothing to guard. ``tests/test_triton_launch.py`` checks statically that every launch is
-    inside this context.
-    """
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
-def _n_sm(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
-def _config(kernel: str, a: _Args) -> configs.KernelConfig:
-    """The configuration a launch uses when autotuning does not choose (see configs.py)."""
-    c = configs.forced(kernel)
-    if c is not None:
-        return c
-    if interpreting():
-        return configs.INTERPRETER[kernel]
-    return configs.default(kernel, a.variant)
-
-
-def _split_columns(B: int, N: int, cfg: configs.KernelConfig, device) -> tuple[int, int]:
-    """(splits, cols_per_split): cols_per_split is a multiple of BLOCK_N, every split non-empty."""
-    row_tiles = triton.cdiv(B, cfg.block_b)
-    col_tiles = max(triton.cdiv(N, cfg.block_n), 1)
-    splits = configs.pick_splits(row_tiles, col_tiles, _n_sm(device), interpreting())
-    tiles_per_split = triton.cdiv(col_tiles, splits)
-    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_n
-
-
 class _Args:
     """The op's inputs, checked once and laid out as the kernels want them."""
 
@@ -703,53 +512,6 @@ def _scatter_to_classes(a: _Args, g_cols: Tensor, gb_cols: Tensor) -> tuple[Tens
         gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=g_cols.device)
         gb.index_put_((a.cidx,), gb_cols, accumulate=True)
     return gw, gb
-
-
-# --- autotuning (off by default; see configs.py) ----------------------------------------------
-
-_tuned: dict[tuple, tuple] = {}
-
-
-def _bench(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
-
-
-def _tune_key(a: _Args, what: str) -> tuple:
-    bucket = lambda x: 1 << max(int(x) - 1, 0).bit_length()  # noqa: E731  next power of two
-    return (what, a.f.dtype, a.w.dtype, a.K, bucket(a.B), bucket(a.N), bucket(a.D),
-            tuple(sorted(a.flags.items())), a.f.device.index)
-
-
-def _pick(a: _Args, what: str, run) -> tuple:
-    """Configurations for a pass: fixed default, or the fastest of configs.AUTOTUNE (cached)."""
-    kernels = {"fwd": ("fwd",), "bwd": ("bwd_df", "bwd_dw")}[what]
-    if interpreting() or not configs.autotune_enabled() or any(configs.forced(k) for k in kernels):
-        return tuple(None for _ in kernels)
-    key = _tune_key(a, what)
-    if key not in _tuned:
-        best, best_t = None, float("inf")
-        for combo in _combos(kernels, a.variant):
-            t = _bench(lambda combo=combo: run(*combo))
-            if t < best_t:
-                best, best_t = combo, t
-        _tuned[key] = best
-    return _tuned[key]
-
-
-def _combos(kernels, var):
-    if len(kernels) == 1:
-        return [(c,) for c in configs.gpu_configs(kernels[0], var)]
-    # the two backward kernels are independent: tune each against the other's default
-    df, dw = kernels
-    out = [(c, configs.default(dw, var)) for c in configs.gpu_configs(df, var)]
-    out += [(configs.default(df, var), c) for c in configs.gpu_configs(dw, var)[1:]]
-    return out
 
 
 # =============================================================================================

@@ -23,7 +23,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .margin_lse import _Args, _class_of, _config, _cosine_tile, _split_columns, device_guard
+from .launch import _config, _split_columns, device_guard
+from .margin_lse import _Args
+from .tiles import _class_of, _cosine_tile
 
 MAX_K = 16
 
