@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.marginops-installed
 DOCS_STAMP  := $(VENV)/.marginops-docs-installed
 EXT_SOURCES := $(shell find marginops/csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup bench test lint cuda-check clean docs browser
+.PHONY: setup bench test lint cuda-check gpu-check test-triton-oldest clean docs browser
 
 setup: $(STAMP)
 
@@ -37,8 +37,21 @@ bench: setup
 # summary is the last thing printed.
 test: setup $(DOCS_STAMP) browser
 	bash scripts/build_cuda_extension.sh
+	bash scripts/test_triton_oldest.sh
+	bash scripts/gpu_check.sh --dry-run --out build/gpu-check-dry-run
 	$(PY) -m ruff check marginops tests benchmarks examples
 	$(PY) -m pytest -q tests
+
+# Interpreter subset + AOT defaults under the oldest supported Triton, in .venv-triton-old.
+test-triton-oldest:
+	bash scripts/test_triton_oldest.sh
+
+# The whole GPU verification, < 8 min, results in gpu-check-results/ (GPU_CHECK_ARGS="--out DIR").
+# `make gpu-check --dry-run` (make's -n) runs the script's own dry run: the recipe is marked `+`,
+# so make executes it under -n, and passes --dry-run on.
+GPU_CHECK_DRY := $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run,)
+gpu-check:
+	+bash scripts/gpu_check.sh $(GPU_CHECK_DRY) $(GPU_CHECK_ARGS)
 
 cuda-check:
 	bash scripts/build_cuda_extension.sh
