@@ -397,18 +397,11 @@ def test_softmax_rows_without_negatives_is_zero():
 # ----------------------------------------------------------- Triton, in the interpreter (child)
 # The same NaN checks for the Triton backend, run the way tests/test_triton_interpreter.py runs
 # its checks: Triton fixes interpreter vs compiled mode when a kernel is defined, so a child
-# pytest with TRITON_INTERPRET=1 runs the test_triton_* cases below. They are strict xfails:
-# marginops/triton (another engineer's files) does not implement the policy yet — its kernels
-# return -inf or a finite lse_neg for every case here, and its top-k order has no NaN rule. When it
-# does, the child reports XPASS(strict) and fails: remove ``triton_gap`` then.
+# pytest with TRITON_INTERPRET=1 runs the test_triton_* cases below.
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 requires_interp = pytest.mark.skipif(
     not INTERP, reason="runs in the TRITON_INTERPRET=1 child (test_triton_interpreter_child)")
-triton_gap = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="marginops/triton drops NaN in its max/exp and has no NaN rule in top-k yet "
-           "(issue 10 items 1 and 8b; contract in marginops/ops/__init__.py)")
 
 
 def _triton_binding():
@@ -421,7 +414,6 @@ def _triton_binding():
 
 
 @requires_interp
-@triton_gap
 @pytest.mark.parametrize("col", [5, 36])
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_nan_in_nan_out(kind, col):

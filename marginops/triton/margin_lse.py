@@ -143,7 +143,9 @@ def _merge_kernel(m_ptr, s_ptr, y_ptr, lse_ptr, doty_ptr, B, SPLITS, BLOCK_B: tl
         m_s = tl.load(m_ptr + sp * B + rows, mask=mask, other=_NEG_INF)
         total += tl.load(s_ptr + sp * B + rows, mask=mask, other=0.0) * tl.exp(m_s - m_ref)
         dot_y += tl.load(y_ptr + sp * B + rows, mask=mask, other=0.0)
-    lse = tl.where(total > 0.0, m_ref + tl.log(total), _NEG_INF)
+    # total == 0: no column at all (−inf). A NaN total (a NaN logit, or +inf − +inf) must stay NaN
+    # (NaN in, NaN out): `total > 0` would have read it as "no columns".
+    lse = tl.where(total == 0.0, _NEG_INF, m_ref + tl.log(total))
     tl.store(lse_ptr + rows, lse, mask=mask)
     tl.store(doty_ptr + rows, dot_y, mask=mask)
 
