@@ -20,6 +20,8 @@ Then, on the held-out images and with the fused-trained network:
     python examples/train_digits.py                 # ~300 steps, well under a minute on CPU
     python examples/train_digits.py --steps 30 --backend torch --seed 1
 
+Needs scikit-learn (the data set): ``pip install -e ".[examples]"``.
+
 The last line printed is ``RESULT {json}`` for scripts and tests.
 """
 
@@ -47,8 +49,12 @@ from marginops import reference
 
 def load_data(seed: int, test_fraction: float = 0.3):
     """Digits scaled to [0, 1]; a stratified split of the images (every class in both parts)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:
+        sys.exit(f"train_digits.py needs scikit-learn for its bundled digits data set ({err}): "
+                 "pip install 'marginops[examples]' (or pip install scikit-learn)")
 
     digits = load_digits()
     x = digits.data.astype(np.float32) / 16.0

@@ -19,7 +19,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._validation import check_weight
+from ._validation import (
+    check_class_index,
+    check_embeddings,
+    check_int,
+    check_labels,
+    check_real,
+    check_validate,
+    check_weight,
+)
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 _BACKEND_MODULES = {"torch": "torch_chunked", "cpp": "cpp", "cuda": "cpp", "triton": "triton"}
@@ -95,13 +103,40 @@ def _row_vector(name: str, value, batch: int, like: Tensor) -> Tensor:
     """A float or a 0-d / (B,) tensor as a (B,) tensor in acc dtype (differentiable)."""
     acc = _acc(like.dtype)
     if not isinstance(value, Tensor):
-        return torch.full((batch,), float(value), dtype=acc, device=like.device)
+        return torch.full((batch,), check_real(name, value), dtype=acc, device=like.device)
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}.")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but features are on {like.device}; move it.")
     if value.dim() == 0:
         return value.to(acc).expand(batch).contiguous()
     if value.shape != (batch,):
         raise ValueError(f"{name} must be a float, a 0-d tensor or a ({batch},) tensor, got shape "
                          f"{tuple(value.shape)}.")
-    return value.to(device=like.device, dtype=acc).contiguous()
+    return value.to(dtype=acc).contiguous()
+
+
+def _scalar(name: str, value, like: Tensor) -> Tensor:
+    """A float or a one-element tensor as a 0-d tensor in acc dtype (not differentiated)."""
+    if not isinstance(value, Tensor):
+        return torch.tensor(check_real(name, value), dtype=_acc(like.dtype), device=like.device)
+    if not value.dtype.is_floating_point or value.numel() != 1:
+        raise ValueError(f"{name} must be a float or a one-element float tensor, got "
+                         f"{value.dtype} of shape {tuple(value.shape)}.")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but features are on {like.device}; move it.")
+    return value.detach().to(_acc(like.dtype)).reshape(())
+
+
+def _check_features_weight(features: Tensor, weight: Tensor, subcenters: int) -> int:
+    """Metadata checks shared by margin_lse and topk_dot; returns the class count C = rows / K."""
+    check_embeddings(features, name="features", allow_empty=True)
+    check_weight(weight, features)
+    subcenters = check_int("subcenters", subcenters)
+    if weight.shape[0] % subcenters:
+        raise ValueError(f"subcenters={subcenters!r} must be a positive int dividing weight's "
+                         f"{weight.shape[0]} rows.")
+    return weight.shape[0] // subcenters
 
 
 def target_columns(labels: Tensor, num_local: int, class_range: tuple[int, int] | None,
@@ -121,7 +156,8 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
                bias: Tensor | None = None, *, normalize_weight: bool = True,
                class_range: tuple[int, int] | None = None, class_index: Tensor | None = None,
                hard_negative: tuple[Tensor | float, Tensor | float] | None = None,
-               subcenters: int = 1, backend: str = "auto") -> MarginLSE:
+               subcenters: int = 1, backend: str = "auto",
+               validate: str = "device") -> MarginLSE:
     """Log-sum-exp over the non-target logits and the target dot product, streamed over classes.
 
     Args:
@@ -138,6 +174,8 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
             c_ij·(t + c_ij). tau (B,) or scalar, t scalar; neither is differentiated.
         subcenters: K; class j's cosine is the max over rows j·K .. j·K+K-1.
         backend: "auto", "torch", "cpp", "cuda" or "triton".
+        validate: "device" (default: label and class_index values checked by device-side
+            asserts, no host sync) or "full" (host-side checks that list the bad values).
 
     Returns:
         ``MarginLSE(lse_neg, dot_y)``, each (B,) in fp32 (fp64 for fp64 inputs).
@@ -149,40 +187,45 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
         dot_y = c[arange(B), labels]
         lse_neg = z.masked_fill(onehot(labels), -inf).logsumexp(1)
     """
-    check_weight(weight, features)
-    if features.dim() != 2:
-        raise ValueError(f"features must be 2-D (batch, embedding_size), got {tuple(features.shape)}.")
-    if not isinstance(subcenters, int) or subcenters < 1 or weight.shape[0] % subcenters:
-        raise ValueError(f"subcenters={subcenters!r} must be a positive int dividing weight's "
-                         f"{weight.shape[0]} rows.")
+    # Metadata first (free, raises at once), then value checks (device asserts by default).
+    check_validate(validate)
+    num_local = _check_features_weight(features, weight, subcenters)
     batch = features.shape[0]
-    num_local = weight.shape[0] // subcenters
-    if class_range is not None and int(class_range[1]) != num_local:
-        raise ValueError(f"class_range={tuple(class_range)} says this shard owns {class_range[1]} "
-                         f"classes but weight has {num_local} (= {weight.shape[0]} rows / "
-                         f"{subcenters} sub-centers).")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}.")
+    start = 0
+    if class_range is not None:
+        if len(class_range) != 2:
+            raise ValueError(f"class_range={class_range!r} must be (start, num_local_classes).")
+        start = check_int("class_range start", class_range[0], minimum=0)
+        if check_int("class_range size", class_range[1]) != num_local:
+            raise ValueError(f"class_range={tuple(class_range)} says this shard owns "
+                             f"{class_range[1]} classes but weight has {num_local} (= "
+                             f"{weight.shape[0]} rows / {subcenters} sub-centers).")
+    # Labels are global ids: a shard (class_range) cannot bound them from above.
+    check_labels(labels, batch, num_local if class_range is None else None, features.device,
+                 validate=validate)
     if class_index is not None:
-        if class_index.dtype != torch.long or class_index.dim() != 1:
-            raise TypeError("class_index must be a 1-D torch.long tensor of local class ids.")
-        if not torch.compiler.is_compiling() and class_index.numel() and (
-                int(class_index.min()) < 0 or int(class_index.max()) >= num_local
-                or torch.unique(class_index).numel() != class_index.numel()):
-            raise ValueError(f"class_index must hold distinct local class ids in [0, {num_local}).")
+        check_class_index(class_index, num_local, features.device, validate=validate)
     acc = _acc(features.dtype)
     scale_rows = _row_vector("scale", scale, batch, features)
     if bias is not None:
-        if bias.shape != (num_local,):
-            raise ValueError(f"bias must have shape ({num_local},), got {tuple(bias.shape)}.")
+        if not isinstance(bias, Tensor) or bias.shape != (num_local,):
+            got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape ({num_local},), got {got}.")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}.")
+        if bias.device != features.device:
+            raise ValueError(f"bias is on {bias.device} but features are on {features.device}; "
+                             "move it.")
         bias = bias.to(acc)
     hard_tau = hard_t = None
     if hard_negative is not None:
+        if not isinstance(hard_negative, tuple | list) or len(hard_negative) != 2:
+            raise ValueError("hard_negative must be a pair (tau, t).")
         tau, t = hard_negative
         hard_tau = _row_vector("hard_negative tau", tau, batch, features).detach()
-        hard_t = torch.as_tensor(t, dtype=acc, device=features.device).detach().reshape(())
+        hard_t = _scalar("hard_negative t", t, features)
     name = resolve_backend(backend, features.device, features.dtype)
-    target_col = target_columns(labels, num_local, class_range, class_index)
+    target_col = target_columns(labels, num_local, (start, num_local), class_index)
     lse_neg, dot_y = _backend_module(name).margin_lse(
         features.contiguous(), weight.contiguous(), scale_rows, bias, target_col, class_index,
         hard_tau, hard_t, bool(normalize_weight), subcenters)
@@ -191,7 +234,7 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
 
 def topk_dot(features: Tensor, weight: Tensor, k: int, *, exclude: Tensor | None = None,
              normalize_weight: bool = True, subcenters: int = 1,
-             backend: str = "auto") -> tuple[Tensor, Tensor]:
+             backend: str = "auto", validate: str = "device") -> tuple[Tensor, Tensor]:
     """The k largest f_i·ŵ_j per row (sub-center max), optionally excluding class ``exclude_i``.
 
     Streams over classes with a running top-k: no B×C logits. Returns ``(values, classes)``, each
@@ -202,11 +245,14 @@ def topk_dot(features: Tensor, weight: Tensor, k: int, *, exclude: Tensor | None
         c[arange(B), exclude] = -inf
         values, classes = c.topk(k, dim=1)
     """
-    check_weight(weight, features)
+    check_validate(validate)
+    num_classes = _check_features_weight(features, weight, subcenters)
     batch = features.shape[0]
-    num_classes = weight.shape[0] // subcenters
+    k = check_int("k", k)
+    if exclude is not None:  # class ids in [0, C); -1 excludes nothing on that row
+        check_labels(exclude, batch, num_classes, features.device, "exclude", validate=validate)
     available = num_classes - (1 if exclude is not None else 0)
-    if not 1 <= k <= available:
+    if not k <= available:
         raise ValueError(f"k={k} must be between 1 and {available} (the number of classes"
                          + (" other than the excluded label)." if exclude is not None else ")."))
     exclude_col = (torch.full((batch,), -1, dtype=torch.long, device=features.device)

@@ -12,7 +12,17 @@ import torch
 from torch import Tensor
 
 from . import margins
-from ._validation import REDUCTIONS, check_choice, check_embeddings, check_labels, check_margin
+from ._validation import (
+    REDUCTIONS,
+    check_choice,
+    check_embeddings,
+    check_int,
+    check_labels,
+    check_margin,
+    check_scale,
+    check_validate,
+    check_weight,
+)
 from .core import margin_lse
 
 
@@ -63,7 +73,8 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
                          scale: float | Tensor = 64.0, bias: Tensor | None = None,
                          normalize_weight: bool = True, subcenters: int = 1,
                          hard_negative: tuple[Tensor | float, Tensor | float] | None = None,
-                         reduction: str = "mean", backend: str = "auto") -> Tensor:
+                         reduction: str = "mean", backend: str = "auto",
+                         validate: str = "device") -> Tensor:
     """Scaled cosine cross-entropy with a margin on the target logit.
 
     Args:
@@ -74,6 +85,9 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
         scale: float, 0-d or (B,) tensor s (differentiable).
         bias: optional (C,) class bias (added to every logit, target included).
         normalize_weight: False gives plain (un-normalised) weight rows (Crystal loss).
+        validate: "device" (default: value checks are device-side asserts, no host sync; NaN/inf
+            propagate to a NaN loss) or "full" (host-side checks listing the bad values, NaN/inf
+            included).
 
     Equivalent PyTorch::
 
@@ -82,13 +96,17 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
         F.cross_entropy(logits + bias, labels, ignore_index=-1, reduction=reduction)
     """
     check_choice("reduction", reduction, REDUCTIONS)
-    check_embeddings(embeddings)
-    num_classes = weight.shape[0] // subcenters if weight.dim() == 2 else 0
-    check_labels(labels, embeddings.shape[0], num_classes, embeddings.device)
+    check_validate(validate)
+    check_embeddings(embeddings, validate=validate)
+    check_weight(weight, embeddings)
+    subcenters = check_int("subcenters", subcenters)
+    check_scale("scale", scale, embeddings.device)
+    check_labels(labels, embeddings.shape[0], weight.shape[0] // subcenters, embeddings.device,
+                 validate=validate)
     x_hat, _ = normalize_rows(embeddings)
     lse_neg, dot_y = margin_lse(x_hat, weight, labels, scale, bias,
                                 normalize_weight=normalize_weight, hard_negative=hard_negative,
-                                subcenters=subcenters, backend=backend)
+                                subcenters=subcenters, backend=backend, validate=validate)
     psi = dot_y if target_fn is None else target_fn(dot_y)
     target = scale_times(scale, psi)
     if bias is not None:
@@ -105,25 +123,30 @@ def scale_times(scale: float | Tensor, value: Tensor) -> Tensor:
 
 def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0,
                  margin: float = 0.5, angle_policy: str = "fallback", grad_mode: str = "exact",
-                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+                 reduction: str = "mean", backend: str = "auto",
+                 validate: str = "device") -> Tensor:
     """ArcFace: target s·cos(θ_y + m), others s·cos θ_j (arXiv 1801.07698); margin in radians."""
     check_margin("margin", margin)
     return margin_cross_entropy(
         embeddings, weight, labels,
         lambda c: margins.arcface(c, margin, angle_policy=angle_policy, grad_mode=grad_mode),
-        scale=scale, reduction=reduction, backend=backend)
+        scale=scale, reduction=reduction, backend=backend, validate=validate)
 
 
 def cosface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0,
-                 margin: float = 0.35, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """CosFace: target s·(cos θ_y − m), others s·cos θ_j (arXiv 1801.09414)."""
+                 margin: float = 0.35, reduction: str = "mean", backend: str = "auto",
+                 validate: str = "device") -> Tensor:
+    """CosFace: target s·(cos θ_y − m), others s·cos θ_j (arXiv 1801.09414); m is a cosine
+    offset, checked like the angular margins (above π/2 looks like degrees)."""
+    check_margin("margin", margin)
     return margin_cross_entropy(embeddings, weight, labels, lambda c: margins.cosface(c, margin),
-                                scale=scale, reduction=reduction, backend=backend)
+                                scale=scale, reduction=reduction, backend=backend,
+                                validate=validate)
 
 
 def normface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *,
                   scale: float | Tensor = 64.0, reduction: str = "mean",
-                  backend: str = "auto") -> Tensor:
+                  backend: str = "auto", validate: str = "device") -> Tensor:
     """NormFace: s·cos θ for every class, no margin (arXiv 1704.06369)."""
     return margin_cross_entropy(embeddings, weight, labels, None, scale=scale,
-                                reduction=reduction, backend=backend)
+                                reduction=reduction, backend=backend, validate=validate)

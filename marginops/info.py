@@ -1,4 +1,7 @@
-"""``python -m marginops.info``: versions, devices, and which backends can run here."""
+"""``python -m marginops.info``: versions, devices, the extension cache, and which backends can run.
+
+Asking whether ``cpp`` can run loads the compiled extension, compiling it first if this torch has
+no cached build (a one-line message says so)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import sys
 
 import torch
 
+from . import build
 from .core import backend_status
 
 
@@ -28,9 +32,17 @@ def report() -> str:
                   for i in range(torch.cuda.device_count())]
     else:
         lines.append("GPU       none visible")
-    for device in devices:
+    statuses = {device: backend_status(device) for device in devices}  # compiles cpp if needed
+    lines.append(f"cache     {build.cache_root()} (compiled extensions; $MARGINOPS_CACHE moves it)")
+    ext = build.loaded()
+    if ext:
+        kernels = "CPU + CUDA" if ext["config"]["cuda_kernels"] else "CPU"
+        lines.append(f"extension {ext['path']} ({kernels} kernels, built for this torch)")
+    else:
+        lines.append(f"extension not loaded: {statuses['cpu']['cpp']}")
+    for device, status in statuses.items():
         lines.append(f"backends on {device}:")
-        for name, reason in backend_status(device).items():
+        for name, reason in status.items():
             lines.append(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 

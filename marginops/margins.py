@@ -124,3 +124,48 @@ def magface_margin(a: Tensor, l_a: float, u_a: float, l_m: float, u_m: float) ->
 def curricular_threshold(c: Tensor, margin: float, eps: float | None = None) -> Tensor:
     """cos(θ_y + m), raw (no fallback): CurricularFace's hard-negative threshold."""
     return arcface(c, margin, angle_policy="none", eps=eps)
+
+
+# ---- counter-based normal draws (ElasticFace's per-row margins)
+#
+# A stateless draw: value i of step n is a hash of (seed, n, i), so the margins are reproducible
+# from (seed, step) alone, need no torch.Generator (an object torch.compile cannot put in a
+# graph), and come out identical on every device and under compile. The hash is Chris Wellons'
+# "lowbias32" integer mixer, chained over the key words; 32-bit products are formed from 16-bit
+# halves so that no int64 multiplication overflows.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x·c) mod 2³² for int64 x in [0, 2³²) and a constant c < 2³² (every product < 2⁴⁹)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """lowbias32: a bijective avalanche mixer on 32-bit words held in int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_normal(seed: Tensor, step: Tensor, n: int, *, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """(n,) standard normal draws that depend only on (seed, step, i): Box–Muller on two 24-bit
+    uniforms u = (h + ½)/2²⁴ ∈ (0, 1), h = hash(seed_hi, seed_lo, step, 2i or 2i+1).
+
+    seed and step are int64 tensors of one element (on any device); no generator, no host sync.
+    Equivalent NumPy (uint32 wrap-around arithmetic): ``marginops.reference.elastic_margins``.
+    """
+    seed, step = seed.reshape(()).to(device), step.reshape(()).to(device)
+    key = _hash32((seed >> 32) & _MASK32)
+    key = _hash32(key ^ (seed & _MASK32))
+    key = _hash32(key ^ (step & _MASK32))
+    counter = torch.arange(2 * n, dtype=torch.long, device=device)
+    h = _hash32(key ^ counter) >> 8                                   # 24 bits
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u = (h.to(acc) + 0.5) / 2 ** 24
+    u1, u2 = u[0::2], u[1::2]
+    return (torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)).to(dtype)

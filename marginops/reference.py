@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -392,18 +393,44 @@ def elastic_cosface_loss(embeddings, weight, labels, *, margins, scale=64.0, red
     return _ce(_with_target(scale * cos, scale * target, labels), labels, reduction)
 
 
-def elastic_margins(target_cos, mean, std, generator=None, plus=False) -> torch.Tensor:
-    """Per-row margins m_i ~ N(mean, std), one ``torch.normal`` draw of B values with ``generator``.
+def counter_normal(seed: int, step: int, n: int) -> np.ndarray:
+    """(n,) fp64 standard normals from (seed, step): NumPy uint32 arithmetic (wrap-around),
+    written independently of ``marginops.margins.counter_normal`` (int64 tensors, split products).
+
+    key = h(h(h(seed_hi) ^ seed_lo) ^ step mod 2³²), h = lowbias32; draw j of the step uses
+    u_j = ((h(key ^ j) >> 8) + ½)/2²⁴, and row i pairs u_{2i}, u_{2i+1} by Box–Muller.
+    """
+    def h(x):
+        x = np.asarray(x, dtype=np.uint32)
+        with np.errstate(over="ignore"):
+            x = x ^ (x >> np.uint32(16))
+            x = x * np.uint32(0x7FEB352D)
+            x = x ^ (x >> np.uint32(15))
+            x = x * np.uint32(0x846CA68B)
+            return x ^ (x >> np.uint32(16))
+
+    key = h(np.uint32((seed >> 32) & 0xFFFFFFFF))
+    key = h(key ^ np.uint32(seed & 0xFFFFFFFF))
+    key = h(key ^ np.uint32(step & 0xFFFFFFFF))
+    u = ((h(key ^ np.arange(2 * n, dtype=np.uint32)) >> np.uint32(8)).astype(np.float64)
+         + 0.5) / 2 ** 24
+    return np.sqrt(-2 * np.log(u[0::2])) * np.cos(2 * np.pi * u[1::2])
+
+
+def elastic_margins(target_cos, mean, std, seed: int, step: int, plus=False) -> torch.Tensor:
+    """Per-row margins m_i = mean + std·z_i, z = ``counter_normal(seed, step, B)`` (the modules'
+    training step ``step`` counts from 0; ``draw_state = [seed, step]`` before the call).
 
     ``plus`` (ElasticFace+): the draws sorted ascending are assigned by descending target cosine,
-    i.e. the row with the highest c_iy (easiest) gets the smallest margin. Note the authors' code
-    indexes ``sorted_margin[argsort_desc(cos)]``, which applies that permutation rather than its
-    inverse; the two agree only when the permutation is an involution. We follow the stated intent.
+    i.e. the row with the highest c_iy (easiest) gets the smallest margin (rank-matched, as the
+    paper describes). The authors' code indexes ``sorted_margin[argsort_desc(cos)]``, which
+    applies that permutation rather than its inverse; the two agree only when the permutation is
+    an involution. We follow the stated intent.
     """
     with torch.no_grad():
         c = target_cos.detach()
-        draws = torch.normal(float(mean), float(std), size=c.shape, generator=generator,
-                             dtype=c.dtype, device=c.device)
+        z = torch.from_numpy(counter_normal(int(seed), int(step), c.shape[0]))
+        draws = (float(mean) + float(std) * z).to(dtype=c.dtype, device=c.device)
         if not plus:
             return draws
         order = torch.argsort(c, descending=True)
@@ -430,7 +457,8 @@ def subcenter_arcface_loss(embeddings, weight, labels, *, subcenters=3, scale=64
 # --------------------------------------------------------------------------- NPT-Loss
 
 def npt_loss(embeddings, weight, labels, *, k=1, delta=0.5, r=1.0, reduction="mean"):
-    """NPT-Loss (arXiv 2103.03503): L_i = 2r²·Σ_{j ∈ top-k non-target} max(0, c_ij − c_iy + δ).
+    """NPT-Loss (arXiv 2103.03503): L_i = 2r²·Σ_{j ∈ top-k non-target} max(0, c_ij − c_iy + δ)
+    (the paper's 2r²; the authors' code uses 2r, equal at their r = 1).
 
     The target is masked with −inf before top-k (the authors mask with 0, which selects the target
     when every negative is below 0). Gradient reaches only the k selected classes and the target.

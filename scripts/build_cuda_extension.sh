@@ -3,8 +3,9 @@
 #
 # The CPU build of torch in .venv cannot compile CUDA code (its c10/cuda headers are incomplete),
 # so this uses a separate environment, .venv-cuda, with the CUDA 13.0 build of torch 2.14.1
-# (matches the machine's nvcc 13.0). It never touches .venv and never writes a _C*.so into the
-# source tree (that would shadow the CPU build): the extension is built into build/cuda-ext/.
+# (matches the machine's nvcc 13.0). It never touches .venv: the extension is compiled the way a
+# user's first use or `python -m marginops.build --cuda` compiles it, into the cache folder
+# build/cuda-ext/ (MARGINOPS_CACHE), keyed by that torch, so the CPU build never sees it.
 #
 # Exit status: 0 when the extension compiled, linked, imported and registered its CUDA kernels
 # (or when there is no nvcc at all: then it says so and skips); non-zero on any failure.
@@ -53,19 +54,19 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.
   echo "build_cuda_extension: installing $TORCH_SPEC (CUDA build) into $VENV ..."
   "$PY" -m pip install -q "$TORCH_SPEC" numpy setuptools wheel ninja
 fi
-"$PY" -m pip install -q setuptools wheel ninja numpy >/dev/null 2>&1 || true
+"$PY" -c "import ninja, numpy" 2>/dev/null || "$PY" -m pip install -q ninja numpy
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
 echo "build_cuda_extension: torch $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)') ready after $(elapsed)"
 
-# --- build into a separate directory ------------------------------------------------------------
+# --- build into a separate cache: python -m marginops.build --cuda -------------------------------
 mkdir -p "$BUILD"
-export MARGINOPS_FORCE_CUDA=1
-export TORCH_CUDA_ARCH_LIST="8.0;9.0"
+export MARGINOPS_CACHE="$BUILD"
 export MAX_JOBS="${MAX_JOBS:-2}"
-unset MARGINOPS_NO_EXT
-(cd "$ROOT" && "$PY" setup.py -q build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/tmp")
-SO="$(ls "$BUILD"/lib/marginops/_C*.so | head -n1)"
+OUT="$(cd "$BUILD" && PYTHONPATH="$ROOT" "$PY" -m marginops.build --cuda --arch "8.0;9.0")"
+echo "$OUT"
+SO="${OUT##*: }"
+[[ -f "$SO" ]] || { echo "build_cuda_extension: FAILED — no library at '$SO'" >&2; exit 1; }
 echo "build_cuda_extension: built $SO after $(elapsed)"
 
 # --- import it without a GPU and check the registrations -------------------------------------

@@ -52,6 +52,18 @@ def test_train_digits_rejects_a_bad_backend():
     assert "backend" in proc.stderr
 
 
+def test_train_digits_without_sklearn_names_the_extra():
+    """A plain install has no scikit-learn: a clear message naming the [examples] extra, no traceback."""
+    hide = ("import runpy, sys; sys.modules['sklearn'] = None; "
+            f"sys.argv = [{SCRIPT!r}, '--steps', '2']; runpy.run_path({SCRIPT!r}, run_name='__main__')")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "marginops[examples]" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bench_fused_quick(tmp_path):
     """benchmarks/bench_fused.py --quick: every provider gets rows with a status, the CSV is tidy,
     the table and the plots are written, and a provider that cannot run here does not crash it."""

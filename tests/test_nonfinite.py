@@ -182,8 +182,13 @@ def test_functional_nan_scale_gives_nan(backend):
     g = torch.Generator().manual_seed(3)
     f = torch.nn.functional.normalize(torch.randn(4, 8, generator=g))
     w = torch.randn(6, 8, generator=g)
-    lse, _ = marginops.core.margin_lse(f, w, torch.tensor([0, 1, 2, 3]), NAN, backend=backend)
+    labels = torch.tensor([0, 1, 2, 3])
+    # A NaN scale tensor (e.g. a learnable scale that diverged) propagates...
+    lse, _ = marginops.core.margin_lse(f, w, labels, torch.tensor(NAN), backend=backend)
     assert torch.isnan(lse).all(), lse
+    # ...while a NaN Python number is a configuration error, named at once (issue 10 item 7).
+    with pytest.raises(ValueError, match="scale"):
+        marginops.core.margin_lse(f, w, labels, NAN, backend=backend)
 
 
 # ------------------------------------------------------------------------------------ top-k NaN
@@ -392,18 +397,11 @@ def test_softmax_rows_without_negatives_is_zero():
 # ----------------------------------------------------------- Triton, in the interpreter (child)
 # The same NaN checks for the Triton backend, run the way tests/test_triton_interpreter.py runs
 # its checks: Triton fixes interpreter vs compiled mode when a kernel is defined, so a child
-# pytest with TRITON_INTERPRET=1 runs the test_triton_* cases below. They are strict xfails:
-# marginops/triton (another engineer's files) does not implement the policy yet — its kernels
-# return -inf or a finite lse_neg for every case here, and its top-k order has no NaN rule. When it
-# does, the child reports XPASS(strict) and fails: remove ``triton_gap`` then.
+# pytest with TRITON_INTERPRET=1 runs the test_triton_* cases below.
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 requires_interp = pytest.mark.skipif(
     not INTERP, reason="runs in the TRITON_INTERPRET=1 child (test_triton_interpreter_child)")
-triton_gap = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="marginops/triton drops NaN in its max/exp and has no NaN rule in top-k yet "
-           "(issue 10 items 1 and 8b; contract in marginops/ops/__init__.py)")
 
 
 def _triton_binding():
@@ -416,7 +414,6 @@ def _triton_binding():
 
 
 @requires_interp
-@triton_gap
 @pytest.mark.parametrize("col", [5, 36])
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_nan_in_nan_out(kind, col):
@@ -424,7 +421,6 @@ def test_triton_nan_in_nan_out(kind, col):
 
 
 @requires_interp
-@triton_gap
 @pytest.mark.parametrize("nan_rows", [(20,), (30, 4)], ids=["one", "two"])
 def test_triton_topk_nan_ranks_first_ties_by_column(nan_rows):
     check_topk_nan(_triton_binding(), nan_rows, 3)  # Triton's top-k takes k <= 16

@@ -13,9 +13,12 @@ fp32/fp32, fp16/fp16, bf16/bf16 and bf16/fp32 (autocast with fp32 master weights
 The launcher picks configurations per *variant* (configs.py: half / fp32 features, with or without
 sub-centers). Each configuration is compiled in the specialisation its variant launches with:
 K = subcenters is the constant 1 (Triton specialises ints equal to 1) or a runtime int for the
-sub-center variants; 16-byte aligned pointers / D / strides; and every option flag on — bias,
-class_index, hard negatives, normalisation — the heaviest epilogue. ``test_flags_off_variant``
-adds the plain-ArcFace specialisation of the default configurations.
+sub-center variants; 16-byte aligned pointers / D / strides — except the ``*_unaligned``
+variants, whose D and strides have no known divisibility (D = 500: what such launches get), with
+K = 1 and K > 1; and every option flag on — bias, class_index, hard negatives, normalisation —
+the heaviest epilogue. ``test_flags_off_variant`` adds the plain-ArcFace specialisation of the
+default configurations. ``MARGINOPS_AOT_DEFAULTS_ONLY=1`` compiles only the default configuration
+of each variant, one dtype pair each (scripts/test_triton_oldest.sh, oldest supported Triton).
 
 Run without TRITON_INTERPRET (kernels must be compiled-mode JITFunctions):
     .venv/bin/python -m pytest tests/test_triton_aot.py
@@ -70,7 +73,7 @@ def _bin(name: str) -> str:
 
 
 def _source(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, *, flags: bool,
-            k_const: bool) -> ASTSource:
+            k_const: bool, aligned: bool = True) -> ASTSource:
     fn = KERNELS[kernel]
     const = {}
     if kernel == "merge":
@@ -94,20 +97,22 @@ def _source(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, *, flags
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             kind = _PTR.get(name, "fp32")
+            if name == "gw_ptr" and flags:
+                kind = "fp32"  # with class_index the dW kernel writes per column in fp32
             sig[name] = "*" + {"f": fdt, "w": wdt}.get(kind, kind)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
-            if name in _ALIGNED_INTS:
+            if name in _ALIGNED_INTS and aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
 
 
 @functools.cache
 def compile_stats(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, arch: int,
-                  flags: bool = True, k_const: bool = True) -> dict:
+                  flags: bool = True, k_const: bool = True, aligned: bool = True) -> dict:
     """Compile one variant and return its static figures."""
-    src = _source(kernel, cfg, fdt, wdt, flags=flags, k_const=k_const)
+    src = _source(kernel, cfg, fdt, wdt, flags=flags, k_const=k_const, aligned=aligned)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.launch())
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(ck.asm["cubin"])
@@ -127,29 +132,40 @@ VARIANT_DTYPES = {
 }
 
 
+DEFAULTS_ONLY = os.environ.get("MARGINOPS_AOT_DEFAULTS_ONLY", "0") not in ("", "0")
+
+
 def _cases():
-    """(kernel, variant, config, features dtype, weight dtype, arch, K specialised to 1), unique."""
+    """(kernel, variant, config, features dtype, weight dtype, arch, K specialised to 1, aligned),
+    unique. Unaligned variants (D not a multiple of 16) are compiled with K = 1 and K > 1.
+    MARGINOPS_AOT_DEFAULTS_ONLY=1 (the oldest-Triton CI step) keeps the default configurations
+    and one dtype pair per variant (fp32 master weights with bf16 features; fp32)."""
     seen = set()
     for var in configs.VARIANTS:
-        k_const = not var.endswith("_sub")
+        aligned = not var.endswith("_unaligned")
+        k_consts = (not var.endswith("_sub"),) if aligned else (True, False)
+        base = var.split("_")[0]
         for kernel in configs.KERNELS:
-            for cfg in configs.gpu_configs(kernel, var):
-                for fdt, wdt in VARIANT_DTYPES[var.removesuffix("_sub")]:
-                    if kernel == "merge":
-                        fdt, wdt, kc = "fp32", "fp32", True  # fp32 partials only, no K
-                    elif kernel == "norm":
-                        fdt, kc = wdt, k_const  # reads only the weight
-                    else:
-                        kc = k_const
-                    for arch in ARCHS:
-                        key = (kernel, cfg, fdt, wdt, arch, kc)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        yield pytest.param(
-                            kernel, var, cfg, fdt, wdt, arch, kc,
-                            id=f"{kernel}-{var}-{_cfg_id(cfg)}-{fdt}x{wdt}-sm{arch}"
-                               f"{'' if kc else '-K'}")
+            cfgs = configs.gpu_configs(kernel, var)
+            for cfg in cfgs[:1] if DEFAULTS_ONLY else cfgs:
+                for fdt, wdt in VARIANT_DTYPES[base][-1:] if DEFAULTS_ONLY else VARIANT_DTYPES[base]:
+                    for k_const in k_consts:
+                        if kernel == "merge":
+                            fdt, wdt, kc = "fp32", "fp32", True  # fp32 partials only, no K, no D
+                        elif kernel == "norm":
+                            fdt, kc = wdt, k_const  # reads only the weight
+                        else:
+                            kc = k_const
+                        al = aligned or kernel == "merge"
+                        for arch in ARCHS:
+                            key = (kernel, cfg, fdt, wdt, arch, kc, al)
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            yield pytest.param(
+                                kernel, var, cfg, fdt, wdt, arch, kc, al,
+                                id=f"{kernel}-{var}-{_cfg_id(cfg)}-{fdt}x{wdt}-sm{arch}"
+                                   f"{'' if kc else '-K'}{'' if al else '-unaligned'}")
 
 
 def _cfg_id(cfg: configs.KernelConfig) -> str:
@@ -159,7 +175,8 @@ def _cfg_id(cfg: configs.KernelConfig) -> str:
 # sm_90 wgmma needs a 64-row tile per warpgroup: configurations whose tl.dot M dimensions are
 # below 64 (chosen to fit the register file) are listed here, with the reason, and checked not to
 # grow: a new configuration must use wgmma or be added here deliberately.
-NO_WGMMA: set[tuple[str, str]] = set()  # (kernel, variant); none today
+# Unaligned launches (D % 16 != 0) use 32-row single-stage tiles: the aligned tiles spill there.
+NO_WGMMA: set[tuple[str, str]] = {(k, "half_unaligned") for k in ("fwd", "bwd_df", "bwd_dw", "topk")}
 
 
 def _check(stats: dict, kernel: str, var: str, fdt: str, arch: int):
@@ -177,13 +194,30 @@ def test_every_config_is_listed():
     for var in configs.VARIANTS:
         for kernel in configs.KERNELS:
             assert kernel in configs.DEFAULT[var]
-            for cfg in configs.gpu_configs(kernel, var):
+            cfgs = configs.gpu_configs(kernel, var)
+            for cfg in cfgs[:1] if DEFAULTS_ONLY else cfgs:
                 assert any(p.values[0] == kernel and p.values[2] == cfg for p in cases)
 
 
-@pytest.mark.parametrize("kernel,var,cfg,fdt,wdt,arch,k_const", list(_cases()))
-def test_compiles_without_spills(kernel, var, cfg, fdt, wdt, arch, k_const):
-    _check(compile_stats(kernel, cfg, fdt, wdt, arch, k_const=k_const), kernel, var, fdt, arch)
+@pytest.mark.parametrize("kernel,var,cfg,fdt,wdt,arch,k_const,aligned", list(_cases()))
+def test_compiles_without_spills(kernel, var, cfg, fdt, wdt, arch, k_const, aligned):
+    _check(compile_stats(kernel, cfg, fdt, wdt, arch, k_const=k_const, aligned=aligned), kernel,
+           var, fdt, arch)
+
+
+def test_unaligned_launches_pick_the_unaligned_variant():
+    """A D that is not a multiple of 16 (D = 500) launches the unaligned specialisation, which the
+    matrix above compiles; D = 512 keeps the aligned tables."""
+    import torch
+
+    def var(D, dtype=torch.bfloat16, K=1):
+        f, w = torch.zeros(4, D, dtype=dtype), torch.zeros(8 * K, D, dtype=dtype)
+        return ml._Args(f, w, torch.ones(4), None, torch.zeros(4, dtype=torch.long), None, None,
+                        None, True, K).variant
+
+    assert var(512) == "half" and var(512, K=2) == "half_sub" and var(512, torch.float32) == "fp32"
+    assert var(500) == "half_unaligned" and var(500, K=2) == "half_unaligned"
+    assert var(500, torch.float32) == "fp32_unaligned"
 
 
 @pytest.mark.parametrize("kernel", [k for k in configs.KERNELS if k not in ("merge", "norm")])
@@ -201,8 +235,8 @@ def static_table() -> str:
     lines = ["| kernel | variant | config (B×N×D, warps, stages) | dtype f/w | sm | regs "
              "| smem (KB) | spills (stack B) | wgmma |", "|---|---|---|---|---|---|---|---|---|"]
     for p in _cases():
-        kernel, var, cfg, fdt, wdt, arch, kc = p.values
-        s = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=kc)
+        kernel, var, cfg, fdt, wdt, arch, kc, al = p.values
+        s = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=kc, aligned=al)
         lines.append(
             f"| {kernel} | {var} | {cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {cfg.num_warps}, "
             f"{cfg.num_stages} | {fdt}/{wdt} | {arch} | {s['regs']} | {s['shared'] / 1024:.1f} "

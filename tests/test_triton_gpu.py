@@ -160,3 +160,163 @@ def test_large_no_bc_buffer():
     # grad_W (bf16, 1 GB) + its fp32 accumulator (2 GB) + small partials; never B×C
     assert extra < 3.6e9, extra
     assert torch.isfinite(lse).all() and torch.isfinite(w.grad.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# both GPU backends (triton, cuda): families × dtypes, CUDA graphs, streams, a second device
+# ---------------------------------------------------------------------------------------------
+
+
+def _gpu_backend(name: str) -> str:
+    from marginops.core import backend_status
+
+    reason = backend_status(DEV).get(name)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    return name
+
+
+GPU_BACKENDS = ["triton", "cuda"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_every_family_against_the_reference(backend, dtype):
+    """Every family module, odd shape (B=37, C=1001, D=100 — the unaligned Triton path), loss and
+    gradients within the same-precision budget of the naive reference vs fp64 truth."""
+    from test_families import FAMILIES, compare, make
+
+    _gpu_backend(backend)
+    dt = DTYPES[dtype]
+    B, D, C = 37, 100, 1001
+    for name in FAMILIES:
+        truth = make(name, D, C, "torch").to(DEV)
+        g = torch.Generator().manual_seed(7)
+        x = (torch.randn(B, D, generator=g, dtype=torch.float64) * 7).to(DEV)
+        y = torch.randint(0, C, (B,), generator=g).to(DEV)
+        y[1] = -1
+        (lt, gt), _ = compare(name, truth, x, y)
+        ours = make(name, D, C, backend, dtype=dt).to(DEV)
+        (lo, go), (lb, gb) = compare(name, ours, x.to(dt), y)
+        assert_within_budget(lo, lb, lt, dt, name=f"{backend} {name} loss")
+        for i, (a, b, t) in enumerate(zip(go, gb, gt)):
+            if t is not None:
+                assert_within_budget(a, b, t, dt, name=f"{backend} {name} grad {i}")
+
+
+def _step_inputs(seed=0, B=64, D=128, C=5000):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(B, D, device=DEV, generator=g)
+    y = torch.randint(0, C, (B,), device=DEV, generator=g)
+    # Partial FC: the batch's classes plus others (a duplicate-free sample, as partial_fc_v2)
+    others = torch.randperm(C, device=DEV, generator=g)[:1000]
+    keep = torch.ones(C, dtype=torch.bool, device=DEV)
+    keep[y] = False
+    cidx = torch.cat([torch.arange(C, device=DEV)[~keep], others[keep[others]]])[:1000]
+    return x, y, cidx
+
+
+def _step(w, x, y, cidx, backend):
+    """A full training step's loss: ArcFace-style logits through the core op with class_index."""
+    from marginops.core import margin_lse
+
+    lse, dot = margin_lse(torch.nn.functional.normalize(x, dim=1), w, y, 64.0,
+                          class_index=cidx, backend=backend)
+    return torch.nn.functional.softplus(lse - 64.0 * torch.cos(torch.acos(dot.clamp(-1 + 1e-6,
+                                        1 - 1e-6)) + 0.5)).mean()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_full_step_with_partial_fc(backend):
+    """Capture forward + backward + SGD step (Partial FC) in a CUDA graph; a replay on new data
+    must equal the same step run eagerly (no host sync may break the capture)."""
+    _gpu_backend(backend)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5000, 128, device=DEV))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sx, sy, sidx = (t.clone() for t in _step_inputs(0))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS handles) off the capture
+        for _ in range(2):
+            opt.zero_grad(set_to_none=False)
+            _step(w, sx, sy, sidx, backend).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        loss = _step(w, sx, sy, sidx, backend)
+        loss.backward()
+        opt.step()
+    x, y, cidx = _step_inputs(1)
+    w0 = w.detach().clone()
+    for dst, src in ((sx, x), (sy, y), (sidx, cidx)):
+        dst.copy_(src)
+    w.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    we = w0.clone().requires_grad_()
+    le = _step(we, x, y, cidx, backend)
+    le.backward()
+    torch.testing.assert_close(loss, le.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * we.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_non_default_stream(backend):
+    """Inputs made on a side stream and the op run under it give the default stream's results."""
+    _gpu_backend(backend)
+    x, y, cidx = _step_inputs(2)
+    w = torch.randn(5000, 128, device=DEV, generator=torch.Generator(DEV).manual_seed(3))
+    wr = w.clone().requires_grad_()
+    ref = _step(wr, x, y, cidx, backend)
+    ref.backward()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        xs, ys, cs = x.clone(), y.clone(), cidx.clone()
+        ws = w.clone().requires_grad_()
+        out = _step(ws, xs, ys, cs, backend)
+        out.backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(ws.grad, wr.grad)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tensors_on_a_second_device(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the launch must follow the tensors' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    _gpu_backend(backend)
+    x, y, cidx = _step_inputs(4)
+    w = torch.randn(5000, 128, device=DEV, generator=torch.Generator(DEV).manual_seed(5))
+    w0 = w.clone().requires_grad_()
+    ref = _step(w0, x, y, cidx, backend)
+    ref.backward()
+    with torch.cuda.device(0):
+        w1 = w.to("cuda:1").requires_grad_()
+        out = _step(w1, x.to("cuda:1"), y.to("cuda:1"), cidx.to("cuda:1"), backend)
+        out.backward()
+    torch.cuda.synchronize("cuda:1")
+    assert out.device == torch.device("cuda:1") and w1.grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w1.grad.cpu(), w0.grad.cpu(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_fullgraph_full_step(backend):
+    """The public op (validation included) traces into one graph with Partial FC; loss and
+    weight gradient equal eager's."""
+    _gpu_backend(backend)
+    x, y, cidx = _step_inputs(6)
+    w = torch.randn(5000, 128, device=DEV, generator=torch.Generator(DEV).manual_seed(7))
+    we, wc = w.clone().requires_grad_(), w.clone().requires_grad_()
+    eager = _step(we, x, y, cidx, backend)
+    eager.backward()
+    compiled = torch.compile(_step, fullgraph=True)(wc, x, y, cidx, backend)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wc.grad, we.grad, rtol=1e-4, atol=1e-6)

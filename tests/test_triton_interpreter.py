@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from contract_oracle import margin_lse_dense, topk_dense  # noqa: E402
-from tolerance import assert_within_budget  # noqa: E402
+from tolerance import MIN_GAP, assert_within_budget, routing_gap  # noqa: E402
 
 # numpy warns on log(0) inside the interpreter even where tl.where discards the result
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
@@ -65,9 +65,29 @@ def _ops():
     return binding
 
 
+def _near_ties(p, topk=None):
+    """(B,) rows with a routing decision (best sub-center, hard negative, top-k set and order)
+    within MIN_GAP of its switch, in fp64 or after rounding the inputs to fp16 (tolerance.py)."""
+    near = torch.zeros(p["f"].shape[0], dtype=torch.bool)
+    for dtype in (torch.float64, torch.float16):
+        w = p["w"].to(dtype).double()
+        if p["normalize"]:
+            w = torch.nn.functional.normalize(w, dim=1)
+        d = (p["f"].to(dtype).double() @ w.t()).view(p["f"].shape[0], -1, p["K"])
+        if p["cidx"] is not None:
+            d = d[:, p["cidx"]]
+        for i in range(d.shape[0]):
+            tau = None if p["tau"] is None else p["tau"][i:i + 1]
+            near[i] |= routing_gap(d[i:i + 1], p["tcol"][i:i + 1], hard_tau=tau,
+                                   topk=topk) < MIN_GAP
+    return near
+
+
 def _problem(B, C, D, K=1, *, normalize=True, bias=False, index=False, hard=False,
-             zero_row=False, seed=0):
-    """Leaf tensors in fp64 (truth) plus the non-differentiable contract inputs."""
+             zero_row=False, seed=0, topk=None):
+    """Leaf tensors in fp64 (truth) plus the non-differentiable contract inputs. Kernel, oracle
+    and truth sum in different orders and precisions, so feature rows with a near-tie in any
+    routing decision are redrawn (``_near_ties``)."""
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(B, D, generator=g, dtype=torch.float64)
     if normalize:
@@ -88,8 +108,15 @@ def _problem(B, C, D, K=1, *, normalize=True, bias=False, index=False, hard=Fals
     if hard:
         tau[1::5] = float("inf")  # hard negatives disabled on some rows
     t = torch.tensor(0.2, dtype=torch.float64) if hard else None
-    return dict(f=f, w=w, scale=scale, bias=b, tcol=tcol, cidx=cidx, tau=tau, t=t,
-                normalize=normalize, K=K)
+    p = dict(f=f, w=w, scale=scale, bias=b, tcol=tcol, cidx=cidx, tau=tau, t=t,
+             normalize=normalize, K=K)
+    for _ in range(100):
+        near = _near_ties(p, topk)
+        if not near.any():
+            return p
+        fresh = torch.randn(int(near.sum()), D, generator=g, dtype=torch.float64)
+        f[near] = fresh / fresh.norm(dim=1, keepdim=True) if normalize else fresh
+    raise AssertionError(f"no feature rows with a routing gap of {MIN_GAP} in 100 draws")
 
 
 def _run(fn, p, fdt, wdt, grad_lse, grad_dot):
@@ -166,9 +193,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_margin_lse_matches_oracle(case, dtype):
     B, C, D, K, opts = CASES[case]
-    if dtype == torch.float16 and case in ("unnormalized-bias-5x1000x130", "zero-weight-row"):
+    if dtype == torch.float16 and case == "unnormalized-bias-5x1000x130":
         pytest.skip("covered in fp32; keeps the interpreter run short")
-    _compare(_problem(B, C, D, K, **opts), dtype)
+    # zero row in fp16: fp32 master weights (G/1e-12 overflows an fp16 grad_W on any backend);
+    # the feature gradient was NaN there (dd/wn = ±inf in fp16 times the zero row)
+    wdtype = torch.float32 if case == "zero-weight-row" else None
+    _compare(_problem(B, C, D, K, **opts), dtype, wdtype)
 
 
 @requires_interp
@@ -237,7 +267,7 @@ def test_fp64_is_refused_clearly():
 def test_topk_matches_oracle(k, K, normalize, B, C, D, dtype):
     from marginops.triton import configs
 
-    p = _problem(B, C, D, K, normalize=normalize)
+    p = _problem(B, C, D, K, normalize=normalize, topk=k)  # columns compared exactly below
     excl = p["tcol"]
     f, w = p["f"].to(dtype), p["w"].to(dtype)
     with configs.force(splits=3):
@@ -302,15 +332,155 @@ def test_opcheck_backward_and_topk():
 
 @requires_interp
 def test_every_family_through_triton():
-    from test_families import FAMILIES, batch, compare, make
+    from test_families import FAMILIES, compare, gapped_batch, make
 
     B, D, C = 5, 8, 20
     for name in FAMILIES:
         truth_module = make(name, D, C, "torch")
-        x, y = batch(B, D, C)
+        x, y = gapped_batch(name, truth_module, B, D, C)  # fp32 vs fp64: no near-ties
         (lt, gt), _ = compare(name, truth_module, x, y)
         ours = make(name, D, C, "triton", dtype=torch.float32)
         (l32, g32), (lb, gb) = compare(name, ours, x.float(), y)
         assert_within_budget(l32, lb, lt, torch.float32, name=f"{name} loss")
         for i, (a, b, t) in enumerate(zip(g32, gb, gt)):
             assert_within_budget(a, b, t, torch.float32, name=f"{name} grad {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: defects found by review of the GPU path
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_interp
+@pytest.mark.parametrize("api", ["cuda.matmul", "global"])
+def test_fp32_call_under_new_tf32_api(api):
+    """torch's new precision API (``fp32_precision = "tf32"``) made reading the legacy
+    ``allow_tf32`` raise "mix of the legacy and new APIs", so every fp32 call failed."""
+    from marginops.triton import margin_lse as ml
+
+    owner = torch.backends.cuda.matmul if api == "cuda.matmul" else torch.backends
+    if not hasattr(owner, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    saved = owner.fp32_precision
+    owner.fp32_precision = "tf32"
+    try:
+        p = _problem(5, 20, 16)
+        assert ml._dot_precision(p["f"].float()) == "tf32"
+        lse, _dot = _ops().margin_lse(p["f"].float(), p["w"].float(), p["scale"].float(), None,
+                                      p["tcol"], None, None, None, True, 1)
+        assert torch.isfinite(lse).all()
+    finally:
+        owner.fp32_precision = saved
+
+
+@requires_interp
+def test_duplicate_class_index_accumulates():
+    """Partial FC with a class sampled twice: its gradient is the sum of both columns' (the
+    oracle indexes the dense logits with class_index, so autograd accumulates the same way)."""
+    p = _problem(37, 40, 24, 2, bias=True, index=True, hard=True)
+    p["cidx"] = torch.tensor([3, 7, 3, 11, 7, 7, 0, 39, 3, 20, 21, 22, 23, 24, 25, 26, 27, 3])
+    p["tcol"] = p["tcol"].clamp(max=p["cidx"].numel() - 1)
+    _compare(p, torch.float32, splits=2)
+
+
+def _fraction_zero_rows(fn, p, dtype):
+    """Forward + backward with the issue's numbers (grad_lse = 1/8192, s = 64, no grad_dot) and
+    fp32 master weights (so grad_W is fp32): the fraction of non-target weight rows whose
+    gradient is exactly 0."""
+    B = p["f"].shape[0]
+    grad_lse = torch.full((B,), 1.0 / 8192, dtype=torch.float64)
+    out = _run(fn, p, dtype, torch.float32, grad_lse, torch.zeros(B, dtype=torch.float64))
+    gw = out[3]
+    nontarget = torch.ones(gw.shape[0], dtype=torch.bool)
+    nontarget[p["tcol"][p["tcol"] >= 0]] = False
+    return (gw[nontarget] == 0).all(dim=1).double().mean().item()
+
+
+@requires_interp
+def test_fp16_weight_gradient_does_not_underflow():
+    """fp16 features, fp32 master weights: dd (≈ 1/8192 · p · 64) was cast to fp16 before the
+    dW GEMM and flushed to zero; the fp32 oracle keeps every row."""
+    from marginops.triton import configs
+
+    p = _problem(8, 1024, 32)
+    p["scale"] = torch.full_like(p["scale"], 64.0)
+    oracle = _fraction_zero_rows(margin_lse_dense, p, torch.float32)
+    wide = configs.KernelConfig(16, 128, 32, num_warps=1, num_stages=1)  # fewer, larger programs
+    with configs.force(splits=1, fwd=wide, bwd_df=wide, bwd_dw=wide):
+        ours = _fraction_zero_rows(_ops().margin_lse, p, torch.float16)
+    assert ours == oracle, f"{ours:.1%} of fp16 weight-gradient rows are 0 (fp32 oracle: {oracle:.1%})"
+
+
+@requires_interp
+def test_bf16_is_refused_under_the_interpreter():
+    p = _problem(5, 20, 16)
+    for fdt, wdt in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16)):
+        with pytest.raises(TypeError, match="bfloat16.*interpreter|interpreter.*bfloat16"):
+            _ops().margin_lse(p["f"].to(fdt), p["w"].to(wdt), p["scale"].float(), None,
+                              p["tcol"], None, None, None, True, 1)
+        with pytest.raises(TypeError, match="bfloat16"):
+            _ops().topk(p["f"].to(fdt), p["w"].to(wdt), p["tcol"], 3, True, 1)
+
+
+def _topk_reference(f, w, excl, k, normalize, K):
+    """The contract's top-k by a stable sort: exclude_col counts as −inf, NaN ranks above +inf,
+    ties (NaN vs NaN too) go to the lower column."""
+    from contract_oracle import dense_cosines
+
+    d = dense_cosines(f, w, None, normalize, K).float()
+    cols = torch.arange(d.shape[1])
+    d = d.masked_fill(cols[None, :] == excl[:, None], float("-inf"))
+    order = d.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return d.gather(1, order), order
+
+
+def _topk_backends():
+    out = [("triton", _ops().topk)]
+    import marginops.ops.cpp as cpp
+
+    try:
+        cpp._require_loaded()
+        out.append(("cpp", cpp.topk))
+    except Exception:  # the C++ extension is not built here: the triton check still runs
+        pass
+    return out
+
+
+@requires_interp
+def test_topk_fewer_eligible_columns_than_k():
+    """k = N with an excluded column: the last slot is (−inf, exclude_col) — on every backend
+    (Triton returned the out-of-range column N)."""
+    p = _problem(6, 13, 16)
+    f, w = p["f"].float(), p["w"].float()
+    excl = torch.tensor([0, 12, -1, 5, 5, 7])
+    tv, tc = _topk_reference(f, w, excl, 13, True, 1)
+    from marginops.triton import configs
+
+    for name, fn in _topk_backends():
+        with configs.force(splits=3):
+            vals, cols = fn(f, w, excl, 13, True, 1)
+        assert torch.equal(cols, tc), name
+        torch.testing.assert_close(vals.float(), tv, msg=name)
+        rows = excl >= 0
+        assert torch.equal(cols[rows, -1], excl[rows]), name
+        assert torch.isneginf(vals[rows, -1]).all(), name
+
+
+@requires_interp
+def test_topk_nan_ranks_first_ties_by_lower_column():
+    """Lead's decision: NaN ranks above +inf (like torch.topk); NaN vs NaN and equal values go
+    to the lower column. Columns 2, 9, 17 have NaN weights; 4 and 11 are equal."""
+    from marginops.triton import configs
+
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(5, 16, generator=g)
+    w = torch.randn(20, 16, generator=g)
+    w[11] = w[4]
+    w[[2, 9, 17], 3] = float("nan")
+    excl = torch.tensor([9, -1, 4, 0, 19])
+    tv, tc = _topk_reference(f, w, excl, 6, True, 1)
+    assert torch.isnan(tv[:, 0]).all()  # the case really has NaN on top
+    with configs.force(splits=2):
+        vals, cols = _ops().topk(f, w, excl, 6, True, 1)
+    assert torch.equal(cols, tc)
+    torch.testing.assert_close(vals, tv, equal_nan=True)

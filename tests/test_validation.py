@@ -17,24 +17,28 @@ def loss_and_batch(cls=mo.CurricularFaceLoss, **kwargs):
     return m, x, y
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda x, y: (x[0], y), "2-D"),
-    (lambda x, y: (x[:, :5], y), "embedding_size=8"),
-    (lambda x, y: (x.long(), y), "floating"),
-    (lambda x, y: (x[:0], y[:0]), "empty batch"),
-    (lambda x, y: (x.index_fill(0, torch.tensor([2]), float("nan")), y), "NaN or inf"),
-    (lambda x, y: (x.index_fill(0, torch.tensor([1]), float("inf")), y), "NaN or inf"),
-    (lambda x, y: (x, y.float()), "integer"),
-    (lambda x, y: (x, y[:3]), r"shape \(4,\)"),
-    (lambda x, y: (x, torch.tensor([0, 1, 5, -1])), r"outside \[0, 5\)"),
-    (lambda x, y: (x, torch.tensor([0, 1, -2, -1])), r"outside \[0, 5\)"),
-    (lambda x, y: (x.to("meta"), y), "meta"),
+# Value checks (labels, NaN) are host-side only with validate="full"; by default label values are
+# device-side asserts (RuntimeError on CPU) and NaN/inf propagate (tests/test_validation_api.py).
+@pytest.mark.parametrize("mutate, match, validate", [
+    (lambda x, y: (x[0], y), "2-D", "device"),
+    (lambda x, y: (x[:, :5], y), "embedding_size=8", "device"),
+    (lambda x, y: (x.long(), y), "floating", "device"),
+    (lambda x, y: (x[:0], y[:0]), "empty batch", "device"),
+    (lambda x, y: (x.index_fill(0, torch.tensor([2]), float("nan")), y), "NaN or inf", "full"),
+    (lambda x, y: (x.index_fill(0, torch.tensor([1]), float("inf")), y), "NaN or inf", "full"),
+    (lambda x, y: (x, y.float()), "integer", "device"),
+    (lambda x, y: (x, y[:3]), r"shape \(4,\)", "device"),
+    (lambda x, y: (x, torch.tensor([0, 1, 5, -1])), r"outside \[0, 5\)", "device"),
+    (lambda x, y: (x, torch.tensor([0, 1, -2, -1])), r"outside \[0, 5\)", "device"),
+    (lambda x, y: (x, torch.tensor([0, 1, 5, -1])), r"outside \[0, 5\) .*: \[5\]", "full"),
+    (lambda x, y: (x, torch.tensor([0, 1, -2, -1])), r"outside \[0, 5\) .*: \[-2\]", "full"),
+    (lambda x, y: (x.to("meta"), y), "meta", "device"),
 ])
-def test_bad_inputs_raise_and_leave_state_alone(mutate, match):
-    m, x, y = loss_and_batch()
+def test_bad_inputs_raise_and_leave_state_alone(mutate, match, validate):
+    m, x, y = loss_and_batch(validate=validate)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     bx, by = mutate(x, y)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         m(bx, by)
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -86,7 +90,7 @@ def test_core_argument_errors():
         mo.margin_lse(x, w, y, subcenters=4, backend="torch")
     with pytest.raises(ValueError, match="class_range"):
         mo.margin_lse(x, w, y, class_range=(0, 5), backend="torch")
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(RuntimeError, match="distinct"):  # a device-side assert by default
         mo.margin_lse(x, w, y, class_index=torch.tensor([1, 1]), backend="torch")
     with pytest.raises(ValueError, match="bias"):
         mo.margin_lse(x, w, y, bias=torch.zeros(5), backend="torch")

@@ -14,6 +14,8 @@ Low-level inputs are already validated and normalised by ``marginops.core``:
                          row's target, or -1 when the target is not in this shard / row ignored
     class_index  (N,)    int64 or None: iterate only these classes (Partial FC); column n is class
                          class_index[n]. None means column n is class n, N = C_local.
+                         Entries may repeat: each column is a logit of its own, and the gradients
+                         of columns naming the same class accumulate (grad_W, grad_bias sums).
     hard_tau     (B,)    acc dtype or None (CurricularFace threshold; +inf disables a row)
     hard_t       ()      acc dtype 0-d tensor or None (CurricularFace t); given iff hard_tau is
     normalize_weight bool; subcenters int K >= 1
@@ -59,6 +61,10 @@ column. NaN ranks as the largest value (above +inf), like ``torch.topk``, and Na
 (lower column first): a NaN weight row that is not excluded comes first in every row, never
 dropped. It has no autograd: callers recompute the k values differentiably from the columns
 (B·k·D work, see ``marginops.core.topk_dot``).
+
+topk with fewer than k columns other than exclude_col_i (k = N, exclude_col_i in range): the
+excluded column fills the last slot with value -inf — the result is the top k of the row with
+d_{i, exclude_col_i} replaced by -inf, on every backend (never an out-of-range column).
 
 Registered op names (``torch.ops.marginops.*``): ``margin_lse_torch`` / ``margin_lse_torch_backward``
 (this package's Python), ``margin_lse`` / ``margin_lse_backward`` / ``topk`` (C++: CPU and CUDA

@@ -1,8 +1,14 @@
-"""Backends "cpp" (CPU) and "cuda" (CUDA): the compiled extension ``marginops._C``.
+"""Backends "cpp" (CPU) and "cuda" (CUDA): the compiled extension (marginops/csrc/).
 
-``marginops._C`` (marginops/csrc/) registers ``torch.ops.marginops.margin_lse``, ``margin_lse_backward`` and
-``topk`` with CPU kernels, and with CUDA kernels when it was built against a CUDA torch. Same op
-names, different dispatch keys: "cpp" is the CPU kernel, "cuda" the CUDA kernel.
+The extension registers ``torch.ops.marginops.margin_lse``, ``margin_lse_backward`` and ``topk``
+with CPU kernels, and with CUDA kernels when it was built against a CUDA torch with a toolkit.
+Same op names, different dispatch keys: "cpp" is the CPU kernel, "cuda" the CUDA kernel.
+
+It is compiled against the running torch on first use (``marginops.build``: cached, file-locked,
+``python -m marginops.build`` does it ahead of time), not at import: importing this file is cheap.
+``availability`` loads it when asked about a device the backend could run on; if it cannot be
+built, a warning says so once and the backend reports unavailable (``backend="auto"`` then falls
+back to the torch backend).
 
 This file adds what the pytorch/extension-cpp recipe puts in Python: fake (meta) kernels, so
 ``torch.compile`` and ``opcheck`` can trace the ops, and the autograd formula, whose backward is
@@ -14,47 +20,43 @@ budget (``set_keep_budget(nbytes)``, default ``DEFAULT_KEEP_BUDGET`` = 32 MiB; 0
 recompute): 3 GEMMs instead of 4, the same results bit for bit; above the budget nothing of size
 B·C is kept. bf16 features run their GEMMs on the AVX512-BF16 units when the CPU has them (fp32
 sums and tiles); ``MARGINOPS_CPU_BF16_GEMM=0`` turns that off (a benchmarking knob).
-
-Importing never fails: if ``marginops._C`` is missing or was built for another torch, a warning
-says so once and ``availability`` reports the backend unusable (``backend="auto"`` then falls
-back to the torch backend).
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import torch
 from torch import Tensor
 
+from .. import build
 from . import register_core_autograd
 
 NAMES = ("cpp", "cuda")
 
-_REBUILD = "rebuild it with `pip install --no-build-isolation -e .` in the marginops checkout"
+_LOADED = False                 # the extension is loaded and its Python side registered
+_LOAD_ERROR: str | None = None  # why it could not be loaded (set once, with one warning)
 
 
-def _load() -> str | None:
-    """Import the extension; return None on success, else why it is unusable."""
+def _ensure_loaded() -> str | None:
+    """Load (compiling if needed) the extension once per process; None, or why it is unusable."""
+    global _LOADED, _LOAD_ERROR
+    if _LOADED or _LOAD_ERROR is not None:
+        return _LOAD_ERROR
     try:
-        importlib.import_module("marginops._C")  # loading the binary registers the ops
-    except ModuleNotFoundError as err:
-        if err.name != "marginops._C":
-            return f"importing marginops._C failed ({err}); {_REBUILD}"
-        return "marginops._C is not built: run `pip install --no-build-isolation -e .`"
-    except (ImportError, OSError) as err:  # e.g. "undefined symbol": built for another torch
-        return (f"marginops._C failed to load ({err}); it was probably built for another torch "
-                f"version than {torch.__version__}: {_REBUILD}")
+        build.load()
+    except build.BuildError as err:
+        _LOAD_ERROR = f"{err} (fix it, then `python -m marginops.build`)"
+        warnings.warn(f"marginops: the C++/CUDA backends are unavailable: {_LOAD_ERROR}. "
+                      "The 'torch' backend still works.", RuntimeWarning, stacklevel=3)
+        return _LOAD_ERROR
     if not hasattr(torch.ops.marginops, "margin_lse"):
-        return f"marginops._C loaded but did not register torch.ops.marginops.margin_lse; {_REBUILD}"
+        _LOAD_ERROR = (f"{build.loaded()['path']} loaded but did not register "
+                       "torch.ops.marginops.margin_lse")
+        return _LOAD_ERROR
+    _register_python_side()
+    _LOADED = True
     return None
-
-
-_LOAD_ERROR = _load()
-if _LOAD_ERROR is not None:
-    warnings.warn(f"marginops: the C++/CUDA backends are unavailable: {_LOAD_ERROR}. "
-                  "The 'torch' backend still works.", RuntimeWarning, stacklevel=2)
 
 
 def _has_cuda_kernel() -> bool:
@@ -62,19 +64,25 @@ def _has_cuda_kernel() -> bool:
 
 
 def availability(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` ("cpp" or "cuda") can run on ``device``, else the reason it cannot."""
+    """None if ``backend`` ("cpp" or "cuda") can run on ``device``, else the reason it cannot.
+
+    Compiles the extension (once, cached) when the answer depends on it."""
     device = torch.device(device)
     if backend not in NAMES:
         return f"marginops.ops.cpp serves backends {NAMES}, not {backend!r}"
-    if _LOAD_ERROR is not None:
+    if backend == "cpp" and device.type != "cpu":
+        return "backend 'cpp' needs CPU tensors"
+    if backend == "cuda" and device.type != "cuda":
+        return "backend 'cuda' needs CUDA tensors"
+    if _ensure_loaded() is not None:
         return _LOAD_ERROR
     if backend == "cpp":
-        return None if device.type == "cpu" else "backend 'cpp' needs CPU tensors"
-    if device.type != "cuda":
-        return "backend 'cuda' needs CUDA tensors"
+        return None
     if not _has_cuda_kernel():
-        return ("the marginops._C extension was built without CUDA (rebuild with a CUDA torch "
-                "and a CUDA toolkit, or MARGINOPS_FORCE_CUDA=1)")
+        why = (build.cuda_unavailable_reason()
+               or "its CUDA build failed; `python -m marginops.build --cuda` shows why")
+        return (f"the marginops extension was built without CUDA kernels ({why}); "
+                "rebuild with `python -m marginops.build --cuda`")
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     return None
@@ -88,7 +96,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-if _LOAD_ERROR is None:
+def _register_python_side() -> None:
+    """Fake kernels and autograd of the ops; run once, right after the library is loaded."""
 
     @torch.library.register_fake("marginops::margin_lse")
     def _margin_lse_fake(features, weight, scale, bias, target_col, class_index, hard_tau,
@@ -138,7 +147,9 @@ if _LOAD_ERROR is None:
 # ------------------------------------------------------------------------------------------------
 
 def _require_loaded() -> None:
-    if _LOAD_ERROR is not None:
+    # core._resolve has called availability() before any call, so this is a plain flag check
+    # (torch.compile traces it); a direct call without it loads here.
+    if not _LOADED and _ensure_loaded() is not None:
         raise RuntimeError(f"marginops C++ backend unavailable: {_LOAD_ERROR}")
 
 

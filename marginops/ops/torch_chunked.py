@@ -178,7 +178,8 @@ def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, 
         if isinstance(t.rows, slice):
             grad_w[t.rows] = g_what
         else:
-            grad_w.index_copy_(0, t.rows, g_what)
+            # repeated class_index entries accumulate (contract); deterministic on CUDA too
+            grad_w.index_put_((t.rows,), g_what, accumulate=True)
     return grad_f.to(features.dtype), grad_w.to(weight.dtype), grad_scale, grad_bias
 
 

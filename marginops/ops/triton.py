@@ -9,6 +9,7 @@ call time; a mismatch is reported, not silently run in the wrong mode).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor
 
 NAMES = ("triton",)
+# Supported Triton: 3.5 (torch 2.9's) to 3.9; CI runs the newest and 3.5 (scripts/test_triton_oldest.sh).
+MIN_TRITON = (3, 5)
 
 _KERNELS = "marginops.triton.margin_lse"
 
@@ -31,6 +34,10 @@ def availability(backend: str, device: torch.device) -> str | None:
         return f"backend {backend!r} is not served by marginops.ops.triton"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    version = _triton_version()
+    if version is not None and version < MIN_TRITON:
+        return (f"triton {'.'.join(map(str, version))} is older than the oldest supported "
+                f"{'.'.join(map(str, MIN_TRITON))} (pip install 'triton>=3.5')")
     device = torch.device(device)
     loaded = sys.modules.get(_KERNELS)
     if device.type == "cpu":
@@ -48,6 +55,15 @@ def availability(backend: str, device: torch.device) -> str | None:
             return None  # interpreter mode runs CUDA tensors too (slowly)
         return None
     return f"backend 'triton' does not run on device type {device.type!r}"
+
+
+def _triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed triton, read without importing it; None if unknown."""
+    try:
+        major, minor = importlib.metadata.version("triton").split(".")[:2]
+        return int(major), int(minor)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
 
 
 def _ops():

@@ -2,7 +2,10 @@
 
     margin_lse.py  fused margin-softmax reduction: kernels → launcher → registered ops → autograd
     topk.py        streaming per-row top-k of cosines (no logits in memory)
+    tiles.py       tile helpers both inline (cosine tile, logit epilogue, second-GEMM operand)
+    launch.py      device guard, dot precision, configurations, class splits, autotuning
     configs.py     every kernel configuration the launcher can pick
+    _compat.py     support for the oldest Triton supported (3.5) in the interpreter
 
 Importing this package imports triton and defines the kernels. Triton decides at *definition* time
 whether a kernel runs in its CPU interpreter (``TRITON_INTERPRET=1``) or is compiled for a GPU, so the

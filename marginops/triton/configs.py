@@ -57,19 +57,27 @@ KERNELS = ("fwd", "bwd_df", "bwd_dw", "topk", "merge", "norm")
 # A launch's *variant* picks its table: the features dtype ("half" = fp16 / bf16 on tensor cores,
 # "fp32" = fp32 via 3×TF32 products, which need more registers) and whether sub-centers are on
 # (the argmax tile they add costs registers, so those launches get smaller tiles).
-VARIANTS = ("half", "half_sub", "fp32", "fp32_sub")
+# "_unaligned": D (hence the row strides) not a multiple of 16, or a base pointer not 16-byte
+# aligned. Triton then cannot prove vector alignment, loads element by element with a 64-bit
+# address each, and the aligned tiles spill (48–1080 B on sm_80/sm_90, Triton 3.9): such launches
+# get small single-stage tiles, K = 1 or not. They are below wgmma's 64-row tiles (NO_WGMMA in
+# tests/test_triton_aot.py); pad D to a multiple of 16 for full speed.
+VARIANTS = ("half", "half_sub", "fp32", "fp32_sub", "half_unaligned", "fp32_unaligned")
 
 
-def variant(features_dtype, subcenters: int) -> str:
+def variant(features_dtype, subcenters: int, aligned: bool = True) -> str:
     import torch
 
     base = "fp32" if features_dtype == torch.float32 else "half"
+    if not aligned:
+        return base + "_unaligned"
     return base + ("_sub" if subcenters > 1 else "")
 
 
 C = KernelConfig
 _MERGE = C(128, 16, 16, num_warps=4, num_stages=1)
 _NORM = C(16, 64, 64, num_warps=4, num_stages=2)
+_NORM_UNALIGNED = C(64, 64, 32, num_warps=4, num_stages=1)
 
 # DEFAULT[variant][kernel] — the fixed configuration when autotuning is off.
 DEFAULT: dict[str, dict[str, KernelConfig]] = {
@@ -77,22 +85,38 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
         "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
         "bwd_df": C(64, 128, 32, num_warps=8, num_stages=2),
         "bwd_dw": C(64, 128, 32, num_warps=8, num_stages=2),
-        "topk": C(64, 64, 64, num_warps=4, num_stages=2),
+        "topk": C(64, 32, 64, num_warps=4, num_stages=2),  # 64×64 spills 8–16 B (NaN policy)
         "merge": _MERGE, "norm": _NORM,
     },
     "half_sub": {
         "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
         "bwd_df": C(64, 32, 32, num_warps=4, num_stages=2),
         "bwd_dw": C(32, 64, 32, num_warps=4, num_stages=2),
-        "topk": C(64, 64, 64, num_warps=4, num_stages=2),
+        "topk": C(64, 32, 64, num_warps=4, num_stages=2),  # 64×64 spills 8–16 B (NaN policy)
         "merge": _MERGE, "norm": _NORM,
     },
     "fp32": {
         "fwd": C(32, 64, 32, num_warps=4, num_stages=2),
-        "bwd_df": C(32, 64, 32, num_warps=8, num_stages=2),
+        "bwd_df": C(32, 32, 32, num_warps=8, num_stages=2),  # 32×64 spills 16 B (sm_80)
         "bwd_dw": C(32, 64, 32, num_warps=8, num_stages=2),
         "topk": C(32, 64, 32, num_warps=4, num_stages=2),
         "merge": _MERGE, "norm": _NORM,
+    },
+    # the largest single-stage tiles found with zero spills at sm_80 and sm_90, K = 1 and K > 1,
+    # under Triton 3.5 and 3.9 (larger ones spill 8–1336 B)
+    "half_unaligned": {
+        "fwd": C(32, 32, 32, num_warps=4, num_stages=1),
+        "bwd_df": C(32, 32, 32, num_warps=4, num_stages=1),
+        "bwd_dw": C(32, 32, 16, num_warps=4, num_stages=1),  # fp16 dd scaling: 32×32×32 spills
+        "topk": C(32, 32, 32, num_warps=4, num_stages=1),
+        "merge": _MERGE, "norm": _NORM_UNALIGNED,
+    },
+    "fp32_unaligned": {
+        "fwd": C(16, 32, 32, num_warps=4, num_stages=1),
+        "bwd_df": C(16, 32, 32, num_warps=4, num_stages=1),
+        "bwd_dw": C(16, 32, 16, num_warps=4, num_stages=1),
+        "topk": C(32, 32, 32, num_warps=4, num_stages=1),
+        "merge": _MERGE, "norm": _NORM_UNALIGNED,
     },
     "fp32_sub": {
         "fwd": C(32, 64, 32, num_warps=4, num_stages=2),

@@ -1,7 +1,9 @@
 """Fully fused margin-softmax reduction in Triton: the core op of shared/DESIGN.md §2.
 
-Read top-down: shared tile helpers → forward kernels → backward kernels → launchers →
-registered ops (``torch.ops.marginops.margin_lse_triton`` / ``..._backward``) → autograd.
+Read top-down: forward kernels → backward kernels → launchers → registered ops
+(``torch.ops.marginops.margin_lse_triton`` / ``..._backward``) → autograd. The tile helpers the
+kernels inline (cosine tile, logit epilogue, …) are in tiles.py, shared with topk.py; the launch
+helpers (device guard, dot precision, configurations, splits, autotuning) in launch.py.
 
 The math (marginops/ops/__init__.py has the full contract). For a batch row i and an iterated column
 n (class c_n = class_index[n], or n), with sub-center rows r = c_n·K + k:
@@ -23,10 +25,10 @@ scale, bias, online max / sum-exp). Each program writes three BLOCK_B vectors (m
 (splits × B) buffer; ``_merge_kernel`` combines the splits. Nothing B×C-sized is ever stored.
 
 Backward: logits are recomputed, never stored.
-  * ``_bwd_df_kernel`` (row tiles × class splits): dd_in (see contract) times 1/wn of the argmax
-    row, then dF_i += Σ_n dd_in W_{r*}; each split accumulates into its own slice of an
-    fp32 (splits × B × D) buffer that torch sums afterwards (deterministic, no atomics). It also
-    produces grad_scale_i = Σ_n g_in d'_in per split.
+  * ``_bwd_df_kernel`` (row tiles × class splits): dd_in (see contract), then
+    dF_i += Σ_n dd_in ŵ_{r*} with ŵ = W/wn of the argmax row; each split accumulates into its
+    own slice of an fp32 (splits × B × D) buffer that torch sums afterwards (deterministic, no
+    atomics). It also produces grad_scale_i = Σ_n g_in d'_in per split.
   * ``_bwd_dw_kernel`` (one program per class tile, looping over the whole batch): G_r = Σ_i dd_in f_i
     for the rows r that are an argmax, grad_bias, and — in the epilogue, once G_r is complete —
     the normalisation Jacobian grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r. A class tile belongs to one
@@ -47,14 +49,15 @@ here is the simpler, measurable baseline; the forward stays a pure reduction.
 
 dtypes: features fp32 / fp16 / bf16; weight any of those (fp32 master weights with half features are
 read as they are and converted tile by tile, as autocast would). fp64 is refused (the torch and
-C++ backends serve fp64). fp32 dots use IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``.
-``class_index`` entries must be distinct (Partial-FC samples are): two programs would otherwise own
-the same weight rows.
+C++ backends serve fp64). fp32 dots use 3×TF32 (fp32-level accuracy) unless torch allows TF32
+matmuls (``_tf32_allowed``). The second GEMMs' dd operand is cast to the features' dtype; for fp16
+it is first scaled per output row by a power of two (``_dot_operand``) so small gradients do not
+flush to zero. bf16 cannot run under the interpreter (its tl.dot is wrong there): refused.
+Duplicate ``class_index`` entries accumulate, as on every backend: the dW kernel writes per
+column and the launcher sums columns into their classes (``_scatter_to_classes``).
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 import triton
@@ -63,111 +66,17 @@ from torch import Tensor
 
 from ..ops import register_core_autograd
 from . import configs
-
-NEG_INF: float = float("-inf")
-_NEG_INF = tl.constexpr(NEG_INF)  # what the kernels read (globals must be constexpr)
-
-
-def interpreting() -> bool:
-    """Were the kernels of this module defined under TRITON_INTERPRET=1 (run on CPU tensors)?"""
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-# =============================================================================================
-# Tile helpers (inlined into every kernel)
-# =============================================================================================
-
-
-@triton.jit
-def _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
-                 stride_f, stride_w,
-                 NORMALIZE: tl.constexpr, NORM_IN_LOOP: tl.constexpr, HAS_SUB: tl.constexpr,
-                 DOT_PREC: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK_B, BLOCK_N) tile of d_in = max_k f_i·W_{c_n K + k} / wn, in fp32.
-
-    1/wn comes either from the sum of squares of the W tiles this loop loads anyway
-    (NORM_IN_LOOP, the forward) or from the (N, K) buffer of ``_inv_norm_kernel`` (backward, where
-    it is needed again later). With sub-centers (HAS_SUB) it also returns the winning k per element
-    (the gradient of a max flows to its argmax only; ties keep the lower k), else zeros.
-    """
-    d_best = tl.full((BLOCK_B, BLOCK_N), _NEG_INF, tl.float32)
-    k_best = tl.zeros((BLOCK_B, BLOCK_N), tl.int32)
-    offs = tl.arange(0, BLOCK_D)
-    for k in range(K):
-        wrow = cls * K + k  # int64 row index into W (R = C_local·K rows)
-        acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-        wsq = tl.zeros((BLOCK_N,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dcol = d0 + offs
-            dmask = dcol < D
-            f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
-                        mask=row_mask[:, None] & dmask[None, :], other=0.0)
-            w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
-                        mask=col_mask[:, None] & dmask[None, :], other=0.0)
-            if NORMALIZE and NORM_IN_LOOP:
-                wf = w.to(tl.float32)
-                wsq += tl.sum(wf * wf, axis=1)  # ‖W_r‖² from the tile already loaded
-            # f_i · W_r, fp32 accumulation; W converted on load to the features' dtype
-            acc = tl.dot(f, tl.trans(w.to(f.dtype)), acc, input_precision=DOT_PREC)
-        if NORMALIZE:
-            if NORM_IN_LOOP:
-                inv = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)  # 1/wn_r: a per-column scale
-            else:
-                inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=1.0)
-            dk = acc * inv[None, :]
-        else:
-            dk = acc
-        if HAS_SUB:
-            better = dk > d_best
-            d_best = tl.where(better, dk, d_best)
-            k_best = tl.where(better, k, k_best)
-        else:
-            d_best = dk
-    return d_best, k_best
-
-
-@triton.jit
-def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
-                HAS_BIAS: tl.constexpr, HARD: tl.constexpr):
-    """Epilogue on a cosine tile: returns (is_target, d', dd'/dd, z with -inf where excluded).
-
-    z is -inf on the target column and on padding columns, so exp(z − ·) is exactly 0 there.
-    """
-    is_t = (cols[None, :] == tcol[:, None]) & col_mask[None, :]
-    if HARD:
-        # CurricularFace: a non-target cosine above tau_i becomes d (t + d); derivative t + 2d
-        hard = (d > tau[:, None]) & (~is_t)
-        dmod = tl.where(hard, d * (t + d), d)
-        slope = tl.where(hard, t + 2.0 * d, 1.0)
-    else:
-        dmod = d
-        slope = 1.0
-    z = scale[:, None] * dmod
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + cls, mask=col_mask, other=0.0).to(tl.float32)
-        z += b[None, :]
-    z = tl.where(col_mask[None, :] & (~is_t), z, _NEG_INF)
-    return is_t, dmod, slope, z
-
-
-@triton.jit
-def _split_range(split, cols_per_split, N):
-    """Columns [n_start, n_end) of a class split (cols_per_split is a multiple of BLOCK_N)."""
-    n_start = split * cols_per_split
-    n_end = tl.minimum(n_start + cols_per_split, N)
-    return n_start, n_end
-
-
-@triton.jit
-def _class_of(cols, col_mask, cidx_ptr, HAS_INDEX: tl.constexpr):
-    """Class id (int64) of each column: class_index[n] (Partial FC, indirect rows) or n."""
-    if HAS_INDEX:
-        cls = tl.load(cidx_ptr + cols, mask=col_mask, other=0)
-    else:
-        cls = cols.to(tl.int64)
-    return cls
-
+from .launch import _config, _dot_precision, _pick, _split_columns, device_guard  # noqa: F401
+from .tiles import (  # noqa: F401  (NEG_INF, interpreting: part of this module's interface)
+    _NEG_INF,
+    NEG_INF,
+    _class_of,
+    _cosine_tile,
+    _dot_operand,
+    _logit_tile,
+    _split_range,
+    interpreting,
+)
 
 # =============================================================================================
 # Forward kernels
@@ -234,7 +143,9 @@ def _merge_kernel(m_ptr, s_ptr, y_ptr, lse_ptr, doty_ptr, B, SPLITS, BLOCK_B: tl
         m_s = tl.load(m_ptr + sp * B + rows, mask=mask, other=_NEG_INF)
         total += tl.load(s_ptr + sp * B + rows, mask=mask, other=0.0) * tl.exp(m_s - m_ref)
         dot_y += tl.load(y_ptr + sp * B + rows, mask=mask, other=0.0)
-    lse = tl.where(total > 0.0, m_ref + tl.log(total), _NEG_INF)
+    # total == 0: no column at all (−inf). A NaN total (a NaN logit, or +inf − +inf) must stay NaN
+    # (NaN in, NaN out): `total > 0` would have read it as "no columns".
+    lse = tl.where(total == 0.0, _NEG_INF, m_ref + tl.log(total))
     tl.store(lse_ptr + rows, lse, mask=mask)
     tl.store(doty_ptr + rows, dot_y, mask=mask)
 
@@ -321,22 +232,36 @@ def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
                 ddk = tl.where(kb == k, dd, 0.0)
             else:
                 ddk = dd
+            ddk, undo = _dot_operand(ddk, dot_ty, 1)
             if NORMALIZE:
-                ddk = ddk * tl.load(inv_ptr + cols * K + k, mask=col_mask, other=0.0)[None, :]
-            ddk = ddk.to(dot_ty)
+                # ŵ = W/wn (|ŵ| ≤ 1) rather than dd/wn: a zero row (wn = 1e-12) would turn
+                # dd/wn into ±inf in half precision and inf · 0 into NaN.
+                inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=0.0)
             wrow = cls * K + k
             for d0 in range(0, D, BLOCK_D):
                 dcol = d0 + offs
                 dmask = dcol < D
                 w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
                             mask=col_mask[:, None] & dmask[None, :], other=0.0)
+                if NORMALIZE:
+                    w = w.to(tl.float32) * inv[:, None]
                 ptrs = df_base + rows[:, None] * D + dcol[None, :]
                 omask = row_mask[:, None] & dmask[None, :]
                 acc = tl.load(ptrs, mask=omask, other=0.0)
-                acc = tl.dot(ddk, w.to(dot_ty), acc, input_precision=DOT_PREC)
+                acc += tl.dot(ddk, w.to(dot_ty), input_precision=DOT_PREC) * undo[:, None]
                 tl.store(ptrs, acc, mask=omask)
                 tl.debug_barrier()  # the next read of this chunk may come from another thread
     tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
+
+
+@triton.jit
+def _out_row(cols, cls, K, k, HAS_INDEX: tl.constexpr):
+    """Row of the dW kernel's outputs for sub-center k of each column: the weight row c_n·K + k,
+    or, with class_index, the column's own row n·K + k of an (N·K, D) buffer — two columns may
+    name the same class, and each program must own the rows it writes."""
+    if HAS_INDEX:
+        return cols.to(tl.int64) * K + k
+    return cls * K + k
 
 
 @triton.jit
@@ -345,6 +270,7 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
                    gacc_ptr,  # (R, D) fp32 zero-initialised accumulator for G (may alias gw_ptr)
                    gw_ptr,  # (R, D) grad_weight in weight's dtype, zero-initialised
                    gb_ptr,  # (C_local,) fp32 grad_bias
+                   # with HAS_INDEX all three are per column: (N·K, D), (N·K, D) fp32, (N,)
                    B, N, D, K, stride_f, stride_w,
                    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
                    NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -382,27 +308,33 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
             gb += tl.sum(g, axis=0)
         for k in range(K):
             if HAS_SUB:
-                ddk = tl.where(kb == k, dd, 0.0).to(dot_ty)
+                ddk = tl.where(kb == k, dd, 0.0)
             else:
-                ddk = dd.to(dot_ty)
-            wrow = cls * K + k
+                ddk = dd
+            ddk, undo = _dot_operand(ddk, dot_ty, 0)
+            orow = _out_row(cols, cls, K, k, HAS_INDEX)
             for d0 in range(0, D, BLOCK_D):
                 dcol = d0 + offs
                 dmask = dcol < D
                 f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
                             mask=row_mask[:, None] & dmask[None, :], other=0.0)
-                ptrs = gacc_ptr + wrow[:, None] * D + dcol[None, :]
+                ptrs = gacc_ptr + orow[:, None] * D + dcol[None, :]
                 omask = col_mask[:, None] & dmask[None, :]
                 acc = tl.load(ptrs, mask=omask, other=0.0)
-                acc = tl.dot(tl.trans(ddk), f, acc, input_precision=DOT_PREC)  # G_r += Σ_i dd f_i
+                # G_r += Σ_i dd_in f_i
+                acc += tl.dot(tl.trans(ddk), f, input_precision=DOT_PREC) * undo[:, None]
                 tl.store(ptrs, acc, mask=omask)
                 tl.debug_barrier()
     if HAS_BIAS:
-        tl.store(gb_ptr + cls, gb, mask=col_mask)
+        if HAS_INDEX:
+            tl.store(gb_ptr + cols, gb, mask=col_mask)  # per column, summed per class after
+        else:
+            tl.store(gb_ptr + cls, gb, mask=col_mask)
 
     # Epilogue: grad_W_r = (G_r − W_r (W_r·G_r)/wn_r²) / wn_r  (= (G − ŵ(ŵ·G))/wn), per row r.
     for k in range(K):
         wrow = cls * K + k
+        orow = _out_row(cols, cls, K, k, HAS_INDEX)
         if NORMALIZE:
             wg = tl.zeros((BLOCK_N,), tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -410,7 +342,7 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
                 omask = col_mask[:, None] & (dcol < D)[None, :]
                 w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :], mask=omask,
                             other=0.0).to(tl.float32)
-                G = tl.load(gacc_ptr + wrow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
+                G = tl.load(gacc_ptr + orow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
                 wg += tl.sum(w * G, axis=1)
             inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=1.0)
             proj = wg * inv * inv  # (W·G)/wn²; W = 0 gives wg = 0, so grad = G / 1e-12 there
@@ -421,55 +353,20 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
         for d0 in range(0, D, BLOCK_D):
             dcol = d0 + offs
             omask = col_mask[:, None] & (dcol < D)[None, :]
-            G = tl.load(gacc_ptr + wrow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
+            G = tl.load(gacc_ptr + orow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
             if NORMALIZE:
                 w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :], mask=omask,
                             other=0.0).to(tl.float32)
                 grad = (G - w * proj[:, None]) * inv[:, None]
             else:
                 grad = G
-            tl.store(gw_ptr + wrow[:, None] * D + dcol[None, :],
+            tl.store(gw_ptr + orow[:, None] * D + dcol[None, :],
                      grad.to(gw_ptr.dtype.element_ty), mask=omask)
 
 
 # =============================================================================================
 # Launchers
 # =============================================================================================
-
-
-def _dot_precision(features: Tensor) -> str:
-    """fp32 dots: "tf32x3" (three TF32 tensor-core products, fp32-level accuracy; IEEE fp32 FMA
-    tiles need far more registers and spill) or plain "tf32" when the user allowed TF32 matmuls
-    in torch. fp16 / bf16 operands ignore it."""
-    if features.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "tf32x3"
-    return "tf32"
-
-
-def _n_sm(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
-def _config(kernel: str, a: _Args) -> configs.KernelConfig:
-    """The configuration a launch uses when autotuning does not choose (see configs.py)."""
-    c = configs.forced(kernel)
-    if c is not None:
-        return c
-    if interpreting():
-        return configs.INTERPRETER[kernel]
-    return configs.default(kernel, a.variant)
-
-
-def _split_columns(B: int, N: int, cfg: configs.KernelConfig, device) -> tuple[int, int]:
-    """(splits, cols_per_split): cols_per_split is a multiple of BLOCK_N, every split non-empty."""
-    row_tiles = triton.cdiv(B, cfg.block_b)
-    col_tiles = max(triton.cdiv(N, cfg.block_n), 1)
-    splits = configs.pick_splits(row_tiles, col_tiles, _n_sm(device), interpreting())
-    tiles_per_split = triton.cdiv(col_tiles, splits)
-    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_n
-
 
 class _Args:
     """The op's inputs, checked once and laid out as the kernels want them."""
@@ -481,6 +378,19 @@ class _Args:
                             "use backend='torch' or backend='cpp' for float64")
         if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"backend 'triton': unsupported features dtype {features.dtype}")
+        # every pointer a kernel dereferences must be on the features' device (a CPU target_col
+        # read by a GPU kernel is an illegal address and a dead CUDA context)
+        inputs = dict(weight=weight, scale=scale, bias=bias, target_col=target_col,
+                      class_index=class_index, hard_tau=hard_tau, hard_t=hard_t)
+        for name, t in inputs.items():
+            if t is not None and t.device != features.device:
+                raise ValueError(f"backend 'triton': {name} is on {t.device} but features are on "
+                                 f"{features.device}; move every input of the op to "
+                                 f"{features.device}")
+        if interpreting() and torch.bfloat16 in (features.dtype, weight.dtype):
+            raise TypeError("backend 'triton' under TRITON_INTERPRET=1 cannot run bfloat16 "
+                            "inputs (Triton's interpreter computes bf16 tl.dot wrongly); use "
+                            "float16 or float32 there, or run bfloat16 on a GPU")
         self.f = features.contiguous()
         self.w = weight.contiguous()
         self.B, self.D = self.f.shape
@@ -497,7 +407,9 @@ class _Args:
         self.t = hard_t.reshape(1).contiguous() if self.hard else None
         self.normalize = bool(normalize_weight)
         self.acc = scale.dtype
-        self.variant = configs.variant(self.f.dtype, self.K)
+        # Triton specialises D, the strides and the base pointers on divisibility by 16
+        aligned = (self.D % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (self.f, self.w)))
+        self.variant = configs.variant(self.f.dtype, self.K, aligned)
         dummy = self.scale
         # kernel pointer arguments: optional inputs replaced by a dummy the kernel never reads
         self.ptrs = (self.f, self.w, self.scale,
@@ -522,108 +434,86 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
     splits, cps = _split_columns(a.B, a.N, cfg, dev)
     part = torch.empty((3, splits, a.B), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
-    _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
-                      a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0),
-                      **a.flags, **cfg.meta(), **cfg.launch())
-    _merge_kernel[(triton.cdiv(a.B, merge_cfg.block_b),)](
-        part[0], part[1], part[2], lse, dot_y, a.B, splits,
-        BLOCK_B=merge_cfg.block_b, **merge_cfg.launch())
+    with device_guard(dev):
+        _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
+                          a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0),
+                          **a.flags, **cfg.meta(), **cfg.launch())
+        _merge_kernel[(triton.cdiv(a.B, merge_cfg.block_b),)](
+            part[0], part[1], part[2], lse, dot_y, a.B, splits,
+            BLOCK_B=merge_cfg.block_b, **merge_cfg.launch())
     return lse.to(a.acc), dot_y.to(a.acc)
 
 
 def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=None, dw_cfg=None):
     dev = a.f.device
     grad_f = torch.zeros_like(a.f)
-    grad_w = torch.zeros_like(a.w)
     grad_s = torch.zeros(a.B, dtype=a.acc, device=dev)
     grad_b = (torch.zeros(a.bias.shape, dtype=a.bias.dtype, device=dev) if a.bias is not None
               else torch.empty(0, dtype=a.acc, device=dev))
     if a.B == 0 or a.N == 0:
-        return grad_f, grad_w, grad_s, grad_b
+        return grad_f, torch.zeros_like(a.w), grad_s, grad_b
     lse = lse.to(torch.float32).contiguous()
     grad_lse = grad_lse.to(torch.float32).contiguous()
     grad_dot = grad_dot.to(torch.float32).contiguous()
     common = (a.B, a.N, a.D, a.K)
-
-    # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes below need it per column
-    inv = lse  # dummy pointer, never read without normalisation
-    if a.normalize:
-        norm_cfg = _config("norm", a)
-        inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
-        _inv_norm_kernel[(triton.cdiv(a.N, norm_cfg.block_n),)](
-            a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
-            BLOCK_N=norm_cfg.block_n, BLOCK_D=norm_cfg.block_d, **norm_cfg.launch())
-
-    # feature gradient and grad_scale: rows × splits, partial buffers summed below
+    norm_cfg = _config("norm", a)
     df_cfg = df_cfg or _config("bwd_df", a)
+    dw_cfg = dw_cfg or _config("bwd_dw", a)
     splits, cps = _split_columns(a.B, a.N, df_cfg, dev)
+    inv = lse  # dummy pointer, never read without normalisation
+    if a.normalize:  # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes need it per column
+        inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
+    # feature gradient and grad_scale: rows × splits, partial buffers summed below
     df = torch.zeros((splits, a.B, a.D), dtype=torch.float32, device=dev)
     gs = torch.empty((splits, a.B), dtype=torch.float32, device=dev)
-    grid = (triton.cdiv(a.B, df_cfg.block_b), splits)
-    _bwd_df_kernel[grid](*a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps,
-                         a.f.stride(0), a.w.stride(0), **a.flags, **df_cfg.meta(),
-                         **df_cfg.launch())
+    # weight gradient and grad_bias: one program per column tile, no atomics. With class_index
+    # the kernel writes per *column* (rows n·K + k of an (N·K, D) buffer, bias per column), and
+    # columns naming the same class are summed below: duplicates accumulate (the contract).
+    if a.cidx is not None:
+        gacc = torch.zeros((a.N * a.K, a.D), dtype=torch.float32, device=dev)
+        gw = gacc
+        gb = torch.zeros(a.N, dtype=torch.float32, device=dev)
+    else:
+        grad_w = torch.zeros_like(a.w)
+        gacc = grad_w if grad_w.dtype == torch.float32 else torch.zeros(
+            grad_w.shape, dtype=torch.float32, device=dev)
+        gw = grad_w
+        gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=dev) if a.bias is not None else gs
+
+    with device_guard(dev):
+        if a.normalize:
+            _inv_norm_kernel[(triton.cdiv(a.N, norm_cfg.block_n),)](
+                a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
+                BLOCK_N=norm_cfg.block_n, BLOCK_D=norm_cfg.block_d, **norm_cfg.launch())
+        _bwd_df_kernel[(triton.cdiv(a.B, df_cfg.block_b), splits)](
+            *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps,
+            a.f.stride(0), a.w.stride(0), **a.flags, **df_cfg.meta(), **df_cfg.launch())
+        _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n),)](
+            *a.ptrs, lse, grad_lse, grad_dot, inv, gacc, gw, gb, *common,
+            a.f.stride(0), a.w.stride(0), **a.flags, **dw_cfg.meta(), **dw_cfg.launch())
     grad_f = df.sum(0).to(a.f.dtype)
     grad_s = gs.sum(0).to(a.acc)
-
-    # weight gradient and grad_bias: one program per class tile, no atomics
-    dw_cfg = dw_cfg or _config("bwd_dw", a)
-    gacc = grad_w if grad_w.dtype == torch.float32 else torch.zeros(
-        grad_w.shape, dtype=torch.float32, device=dev)
-    gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=dev) if a.bias is not None else gs
-    _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n),)](
-        *a.ptrs, lse, grad_lse, grad_dot, inv, gacc, grad_w, gb, *common,
-        a.f.stride(0), a.w.stride(0), **a.flags, **dw_cfg.meta(), **dw_cfg.launch())
+    if a.cidx is not None:
+        grad_w, gb = _scatter_to_classes(a, gacc, gb)
     if a.bias is not None:
         grad_b = gb.to(a.bias.dtype)
     return grad_f, grad_w, grad_s, grad_b
 
 
-# --- autotuning (off by default; see configs.py) ----------------------------------------------
-
-_tuned: dict[tuple, tuple] = {}
-
-
-def _bench(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
-
-
-def _tune_key(a: _Args, what: str) -> tuple:
-    bucket = lambda x: 1 << max(int(x) - 1, 0).bit_length()  # noqa: E731  next power of two
-    return (what, a.f.dtype, a.w.dtype, a.K, bucket(a.B), bucket(a.N), bucket(a.D),
-            tuple(sorted(a.flags.items())), a.f.device.index)
-
-
-def _pick(a: _Args, what: str, run) -> tuple:
-    """Configurations for a pass: fixed default, or the fastest of configs.AUTOTUNE (cached)."""
-    kernels = {"fwd": ("fwd",), "bwd": ("bwd_df", "bwd_dw")}[what]
-    if interpreting() or not configs.autotune_enabled() or any(configs.forced(k) for k in kernels):
-        return tuple(None for _ in kernels)
-    key = _tune_key(a, what)
-    if key not in _tuned:
-        best, best_t = None, float("inf")
-        for combo in _combos(kernels, a.variant):
-            t = _bench(lambda combo=combo: run(*combo))
-            if t < best_t:
-                best, best_t = combo, t
-        _tuned[key] = best
-    return _tuned[key]
-
-
-def _combos(kernels, var):
-    if len(kernels) == 1:
-        return [(c,) for c in configs.gpu_configs(kernels[0], var)]
-    # the two backward kernels are independent: tune each against the other's default
-    df, dw = kernels
-    out = [(c, configs.default(dw, var)) for c in configs.gpu_configs(df, var)]
-    out += [(configs.default(df, var), c) for c in configs.gpu_configs(dw, var)[1:]]
-    return out
+def _scatter_to_classes(a: _Args, g_cols: Tensor, gb_cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum per-column gradients into their classes: grad_W[c_n·K + k] += g_cols[n·K + k] and
+    grad_bias[c_n] += gb_cols[n] (``grad_W.index_put_(rows, g, accumulate=True)``; on CUDA that
+    is a sort-based, deterministic reduction). grad_W is accumulated in the weight's dtype, so
+    the Partial-FC path needs no R×D fp32 buffer (C can be 10^7): a repeated class's sum is
+    rounded once per repeat there; grad_bias stays fp32."""
+    rows = (a.cidx[:, None] * a.K + torch.arange(a.K, device=a.cidx.device)).reshape(-1)
+    gw = torch.zeros_like(a.w)
+    gw.index_put_((rows,), g_cols.to(gw.dtype), accumulate=True)
+    gb = gb_cols
+    if a.bias is not None:
+        gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=g_cols.device)
+        gb.index_put_((a.cidx,), gb_cols, accumulate=True)
+    return gw, gb
 
 
 # =============================================================================================

@@ -1,12 +1,13 @@
 """Streaming per-row top-k of cosines (``torch.ops.marginops.topk_triton``), no logits in memory.
 
-For each batch row i, the k largest d_in over the iterated columns n ≠ exclude_col_i (d as in the
-contract: normalised, sub-center max), values descending, ties broken by the lower column.
+For each batch row i, the k largest d_in over the iterated columns (d as in the contract:
+normalised, sub-center max), the column exclude_col_i counting as −inf; values descending, NaN
+ranked above +inf (like torch.topk), ties (NaN vs NaN included) broken by the lower column.
 
 Kernel: grid (row tiles × class splits), like the forward of margin_lse.py. Each program keeps
 a running list of KP = next_pow2(k) (value, column) pairs per row in registers. For each cosine tile
-it runs k selection steps: take the tile's best candidate (largest value, lowest column), and if it
-beats the list's worst entry (smallest value, highest column) it replaces it; the candidate is then
+it runs k selection steps: take the tile's best candidate (NaN or the largest value, then the lowest
+column), and if it beats the list's worst entry it replaces it; the candidate is then
 removed from the tile. After k steps every tile element that belongs in the top-k has been
 inserted (the tile's j-th best can only enter at step j). Per split lists go to a small
 (splits × B × KP) buffer, merged by a stable sort in torch (B × splits·KP elements). Its
@@ -22,9 +23,19 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .margin_lse import _Args, _class_of, _config, _cosine_tile, _split_columns
+from .launch import _config, _split_columns, device_guard
+from .margin_lse import _Args
+from .tiles import _class_of, _cosine_tile
 
 MAX_K = 16
+
+
+@triton.jit
+def _beats(nan_a, va, ca, nan_b, vb, cb):
+    """(value, column) a ranks before b: NaN above everything (+inf included), then the larger
+    value, then the lower column (NaN vs NaN too)."""
+    same = (va == vb) | (nan_a & nan_b)
+    return (nan_a & ~nan_b) | ((nan_a == nan_b) & ((va > vb) | (same & (ca < cb))))
 
 
 @triton.jit
@@ -40,10 +51,11 @@ def _topk_kernel(f_ptr, w_ptr, excl_ptr, val_ptr, col_ptr,  # (splits, B, KP) pa
     excl = tl.load(excl_ptr + rows, mask=row_mask, other=-1)
     slot = tl.arange(0, KP)
     live = slot < TOPK
-    # empty live slots hold (−inf, N + slot): distinct sentinels, so "the worst entry" is unique;
-    # padding slots (k ≤ slot < KP) hold (+inf, −1) and are never the worst.
-    best_v = tl.where(live, float("-inf"), float("inf"))[None, :] + tl.zeros((BLOCK_B, KP),
-                                                                            tl.float32)
+    # Empty live slots hold (−inf, N + slot): distinct sentinels that every real column beats
+    # (the excluded one, at −inf, by its lower column), so "the worst entry" is unique.
+    # Padding slots (k ≤ slot < KP) hold (NaN, −1), the best possible entry: never the worst.
+    best_v = tl.where(live, float("-inf"), float("nan"))[None, :] + tl.zeros((BLOCK_B, KP),
+                                                                           tl.float32)
     best_c = tl.where(live, N + slot, -1)[None, :] + tl.zeros((BLOCK_B, KP), tl.int32)
     big = 2147483647
     n_start = split * cols_per_split
@@ -55,18 +67,28 @@ def _topk_kernel(f_ptr, w_ptr, excl_ptr, val_ptr, col_ptr,  # (splits, B, KP) pa
         d, _kb = _cosine_tile(f_ptr, w_ptr, excl_ptr, rows, row_mask, cols, cls, col_mask, K, D,
                               stride_f, stride_w, NORMALIZE, True, HAS_SUB, DOT_PREC,
                               BLOCK_B, BLOCK_N, BLOCK_D)
-        ok = col_mask[None, :] & (cols[None, :] != excl[:, None])
-        cand = tl.where(ok, d, float("-inf"))
+        # the excluded column competes with value −inf (contract); padding columns never
+        cand = tl.where(cols[None, :] == excl[:, None], float("-inf"), d)
+        avail = col_mask[None, :] & (rows >= 0)[:, None]
         for _step in range(TOPK):
-            v = tl.max(cand, axis=1)  # tile's best: largest value, then lowest column
-            c = tl.min(tl.where(cand == v[:, None], cols[None, :], big), axis=1)
-            wv = tl.min(best_v, axis=1)  # list's worst: smallest value, then highest column
-            wc = tl.max(tl.where(best_v == wv[:, None], best_c, -1), axis=1)
-            take = ((v > wv) | ((v == wv) & (c < wc))) & (v > float("-inf"))
-            hit = (best_v == wv[:, None]) & (best_c == wc[:, None]) & take[:, None]
+            # tile's best available: a NaN (lowest column) if any, else the largest value
+            nan_t = cand != cand
+            has_nan = tl.max(tl.where(avail & nan_t, 1, 0), axis=1) > 0
+            v = tl.max(tl.where(avail & ~nan_t, cand, float("-inf")), axis=1)
+            in_best = tl.where(has_nan[:, None], nan_t, ~nan_t & (cand == v[:, None])) & avail
+            c = tl.min(tl.where(in_best, cols[None, :], big), axis=1)
+            v = tl.where(has_nan, float("nan"), v)
+            # list's worst: the smallest non-NaN value, highest column; all NaN: highest column
+            nan_l = best_v != best_v
+            any_num = tl.max(tl.where(nan_l, 0, 1), axis=1) > 0
+            wv = tl.min(tl.where(nan_l, float("inf"), best_v), axis=1)
+            in_worst = tl.where(any_num[:, None], ~nan_l & (best_v == wv[:, None]), nan_l)
+            wc = tl.max(tl.where(in_worst, best_c, -1), axis=1)
+            take = (c < big) & _beats(has_nan, v, c, ~any_num, wv, wc)
+            hit = in_worst & (best_c == wc[:, None]) & take[:, None]
             best_v = tl.where(hit, v[:, None], best_v)
             best_c = tl.where(hit, c[:, None], best_c)
-            cand = tl.where(cols[None, :] == c[:, None], float("-inf"), cand)
+            avail = avail & (cols[None, :] != c[:, None])
     out = (split * B + rows)[:, None] * KP + slot[None, :]
     omask = row_mask[:, None] & live[None, :]
     tl.store(val_ptr + out, best_v, mask=omask)
@@ -91,10 +113,12 @@ def _topk(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int, normali
     vals = torch.empty((splits, a.B, kp), dtype=torch.float32, device=dev)
     cols = torch.empty((splits, a.B, kp), dtype=torch.int32, device=dev)
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
-    _topk_kernel[grid](a.f, a.w, a.tcol, vals, cols, a.B, a.N, a.D, a.K, k, cps,
-                       a.f.stride(0), a.w.stride(0), NORMALIZE=a.normalize, HAS_SUB=a.K > 1,
-                       DOT_PREC=a.flags["DOT_PREC"], KP=kp, **cfg.meta(), **cfg.launch())
-    # merge the splits: order by column, then a stable sort by value descending
+    with device_guard(dev):
+        _topk_kernel[grid](a.f, a.w, a.tcol, vals, cols, a.B, a.N, a.D, a.K, k, cps,
+                           a.f.stride(0), a.w.stride(0), NORMALIZE=a.normalize, HAS_SUB=a.K > 1,
+                           DOT_PREC=a.flags["DOT_PREC"], KP=kp, **cfg.meta(), **cfg.launch())
+    # merge the splits: order by column, then a stable sort by value descending (torch sorts
+    # NaN above +inf, and keeps equal values — NaN with NaN too — in column order)
     vals = vals[:, :, :k].permute(1, 0, 2).reshape(a.B, -1)
     cols = cols[:, :, :k].permute(1, 0, 2).reshape(a.B, -1).long()
     by_col = cols.argsort(dim=1, stable=True)

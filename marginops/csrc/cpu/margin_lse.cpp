@@ -272,8 +272,12 @@ inline at::ScalarType acc_type_of(const Tensor& features) {
 
 inline bool has_duplicates(const Tensor& class_index) {
   if (class_index.numel() < 2) return false;
-  Tensor s = std::get<0>(class_index.sort());
-  return (s.narrow(0, 1, s.numel() - 1) == s.narrow(0, 0, s.numel() - 1)).any().item<bool>();
+  // A plain read of host memory (CPU tensors), not Tensor::item: no dispatcher-level sync op.
+  Tensor s = std::get<0>(class_index.sort()).contiguous();
+  const int64_t* v = s.data_ptr<int64_t>();
+  for (int64_t i = 1; i < s.numel(); ++i)
+    if (v[i] == v[i - 1]) return true;
+  return false;
 }
 
 template <typename acc_t>
@@ -307,7 +311,7 @@ Problem<acc_t> make_problem(const Tensor& Facc, const Tensor& weight, const Tens
   if (hard_tau.has_value()) {
     P.hard = true;
     P.tau = hard_tau->data_ptr<acc_t>();
-    P.t = hard_t->item<acc_t>();
+    P.t = *hard_t->data_ptr<acc_t>();  // a host read of a CPU scalar, not Tensor::item
   }
   P.normalize = normalize_weight;
   return P;

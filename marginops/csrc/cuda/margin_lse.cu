@@ -206,28 +206,36 @@ __global__ void sum_partials_kernel(const float* __restrict__ part, int64_t B, i
   out[i] = acc;
 }
 
-// ∂bias_c = Σ_i P[i, j]: one thread per column, coalesced over j.
+// ∂bias for the chunk's columns, Σ_i P[i, j]: one thread per column, coalesced over j. Without
+// class_index column j is class n0 + j, owned by this thread alone (chunks run one after another
+// on the stream): gbias[n0 + j] += directly. With class_index two columns may name one class, so
+// the sum goes to gcol[j] and the host adds columns into classes with a deterministic reduction.
 __global__ void bias_grad_kernel(const float* __restrict__ P, int64_t B, int64_t nc, int64_t n0,
-                                 const int64_t* __restrict__ class_index, float* __restrict__ gbias) {
+                                 float* __restrict__ gbias, float* __restrict__ gcol) {
   const int64_t j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= nc) return;
   float acc = 0.f;
   for (int64_t i = 0; i < B; ++i) acc += P[i * nc + j];
-  const int64_t c = class_index ? class_index[n0 + j] : n0 + j;
-  gbias[c] += acc;
+  if (gcol)
+    gcol[j] = acc;
+  else
+    gbias[n0 + j] += acc;
 }
 
 // Normalisation Jacobian, one block per weight row r of the chunk:
 //   ∂W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r  (projection only when normalising a non-zero row)
+// Without class_index row r is weight row n0·K + r, written by this block alone. With class_index
+// two columns may name one class (the contract accumulates them), so the result overwrites G_r in
+// place (each thread reads g[e] before writing it; proj is complete after block_sum's barrier)
+// and the host adds the chunk's rows into their classes (deterministic, no racing blocks).
 template <typename w_t>
-__global__ void weight_grad_kernel(const float* __restrict__ G, const float* __restrict__ Wc,
+__global__ void weight_grad_kernel(float* __restrict__ G, const float* __restrict__ Wc,
                                    const float* __restrict__ inv, const float* __restrict__ sumsq,
-                                   const int64_t* __restrict__ class_index, int64_t n0, int64_t K,
-                                   int64_t D, bool normalize, w_t* __restrict__ gW) {
+                                   bool per_column, int64_t n0, int64_t K, int64_t D,
+                                   bool normalize, w_t* __restrict__ gW) {
   __shared__ float sh[kThreads];
-  const int64_t r = blockIdx.x, j = r / K, k = r % K;
-  const int64_t c = class_index ? class_index[n0 + j] : n0 + j;
-  const float* g = G + r * D;
+  const int64_t r = blockIdx.x;
+  float* g = G + r * D;
   const float* w = Wc + r * D;
   float proj = 0.f;
   if (epi::norm_projects(sumsq[r], normalize)) {
@@ -235,9 +243,14 @@ __global__ void weight_grad_kernel(const float* __restrict__ G, const float* __r
     proj = block_sum(proj, sh);
   }
   const float iv = inv[r];
-  w_t* dst = gW + (c * K + k) * D;
-  for (int64_t e = threadIdx.x; e < D; e += blockDim.x)
-    dst[e] = static_cast<w_t>(epi::normalize_backward(g[e], w[e], proj, iv));
+  w_t* dst = gW + (n0 * K + r) * D;
+  for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
+    const float v = epi::normalize_backward(g[e], w[e], proj, iv);
+    if (per_column)
+      g[e] = v;
+    else
+      dst[e] = static_cast<w_t>(v);
+  }
 }
 
 // topk helper: sub-center max with the excluded column set to −inf, T (B × nc·K) → Dm (B × nc).
@@ -278,11 +291,38 @@ struct Prepared {
   int64_t B, D, K, C, N;
 };
 
-inline Prepared prepare(const Tensor& features, const Tensor& weight, const Tensor& scale,
+// Every tensor argument must live on the features' CUDA device before any pointer reaches a
+// kernel: a CPU target_col / tau / hard_t would be dereferenced on the GPU (illegal address, a
+// dead CUDA context), another GPU's tensor read from the wrong device.
+inline void check_device(const Tensor& t, const char* name, const c10::Device& dev) {
+  TORCH_CHECK(t.device() == dev, "marginops: ", name, " is on ", t.device(), " but features are on ",
+              dev, "; every input of the CUDA op must be on the features' device (use ", name,
+              ".to(features.device))");
+}
+
+inline void check_device(const std::optional<Tensor>& t, const char* name, const c10::Device& dev) {
+  if (t.has_value()) check_device(*t, name, dev);
+}
+
+// Checks every argument (devices first), then makes the features' device current in `guard`
+// (kernels and cuBLAS calls below run on that device and its current stream), then lays the
+// inputs out as the kernels want them.
+inline Prepared prepare(c10::cuda::OptionalCUDAGuard& guard, const Tensor& features,
+                        const Tensor& weight, const Tensor& scale,
                         const std::optional<Tensor>& bias, const Tensor& target_col,
                         const std::optional<Tensor>& class_index,
                         const std::optional<Tensor>& hard_tau,
                         const std::optional<Tensor>& hard_t, int64_t subcenters) {
+  const c10::Device dev = features.device();
+  TORCH_CHECK(dev.is_cuda(), "marginops: the CUDA op got features on ", dev,
+              "; move features and every other input to one CUDA device");
+  check_device(weight, "weight", dev);
+  check_device(scale, "scale", dev);
+  check_device(bias, "bias", dev);
+  check_device(target_col, "target_col (labels)", dev);
+  check_device(class_index, "class_index", dev);
+  check_device(hard_tau, "hard_tau", dev);
+  check_device(hard_t, "hard_t", dev);
   TORCH_CHECK(features.scalar_type() != at::kDouble && weight.scalar_type() != at::kDouble,
               "marginops: the CUDA kernels take bf16/fp16/fp32 inputs (fp64 is CPU-only)");
   TORCH_CHECK(features.dim() == 2 && weight.dim() == 2 && weight.size(1) == features.size(1),
@@ -291,6 +331,7 @@ inline Prepared prepare(const Tensor& features, const Tensor& weight, const Tens
               "marginops: weight rows must be C·subcenters");
   TORCH_CHECK(hard_tau.has_value() == hard_t.has_value(),
               "marginops: hard_tau and hard_t are given together");
+  guard.set_device(dev);
   Prepared p;
   // detach(): the ATen calls inside must not be recorded by autograd.
   p.F = features.detach().to(at::kFloat).contiguous();
@@ -361,9 +402,9 @@ std::tuple<Tensor, Tensor> margin_lse_cuda(const Tensor& features, const Tensor&
                                            const std::optional<Tensor>& hard_tau,
                                            const std::optional<Tensor>& hard_t,
                                            bool normalize_weight, int64_t subcenters) {
-  const c10::cuda::CUDAGuard guard(features.device());
-  Prepared p = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                       subcenters);
+  c10::cuda::OptionalCUDAGuard guard;
+  Prepared p = prepare(guard, features, weight, scale, bias, target_col, class_index, hard_tau,
+                       hard_t, subcenters);
   const auto opt = p.F.options();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor lse = at::empty({p.B}, opt);
@@ -406,9 +447,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
     const Tensor& target_col, const std::optional<Tensor>& class_index,
     const std::optional<Tensor>& hard_tau, const std::optional<Tensor>& hard_t,
     bool normalize_weight, int64_t subcenters) {
-  const c10::cuda::CUDAGuard guard(features.device());
-  Prepared p = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                       subcenters);
+  c10::cuda::OptionalCUDAGuard guard;
+  Prepared p = prepare(guard, features, weight, scale, bias, target_col, class_index, hard_tau,
+                       hard_t, subcenters);
+  check_device(grad_lse, "grad_lse", features.device());
+  check_device(grad_dot, "grad_dot", features.device());
+  check_device(lse_neg, "lse_neg", features.device());
   const auto opt = p.F.options();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor gl = grad_lse.detach().to(at::kFloat).contiguous();
@@ -418,6 +462,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
   Tensor gW = at::zeros_like(p.W);  // rows never iterated (class_index) stay exactly zero
   Tensor gS = at::zeros({p.B}, opt);
   Tensor gBias = p.bias.has_value() ? at::zeros_like(*p.bias) : at::empty({0}, opt);
+  // class_index: per-column results are added into their classes (duplicates accumulate),
+  // directly in the weight's dtype — no C·K × D fp32 buffer for Partial FC's huge C.
+  const bool per_column = p.class_index.has_value();
   if (p.B > 0 && p.N > 0) {
     const int64_t nc_max = pick_chunk(p.B, p.K, p.D, p.N);
     Chunk ws(p.B, p.D, p.K, nc_max, opt);
@@ -425,6 +472,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
     Tensor part_gs = at::empty({p.B * S}, opt);
     Tensor P = p.bias.has_value() ? at::empty({p.B * nc_max}, opt) : Tensor();
     Tensor G = at::empty({nc_max * p.K, p.D}, opt);
+    Tensor gbias_col = per_column && p.bias.has_value() ? at::empty({nc_max}, opt) : Tensor();
+    const Tensor sub = at::arange(p.K, opt.dtype(at::kLong));
     dispatch_weight(p.W.scalar_type(), [&](auto w0) {
       using w_t = decltype(w0);
       for (int64_t n0 = 0; n0 < p.N; n0 += nc_max) {
@@ -441,10 +490,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
         sum_partials_kernel<<<blocks_for(p.B), kThreads, 0, stream>>>(
             part_gs.data_ptr<float>(), p.B, s, gS.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const Tensor classes = per_column ? p.class_index->narrow(0, n0, nc) : Tensor();
         if (Pp) {
-          bias_grad_kernel<<<blocks_for(nc), kThreads, 0, stream>>>(
-              Pp, p.B, nc, n0, opt_ptr<int64_t>(p.class_index), gBias.data_ptr<float>());
+          float* gcol = per_column ? gbias_col.data_ptr<float>() : nullptr;
+          bias_grad_kernel<<<blocks_for(nc), kThreads, 0, stream>>>(Pp, p.B, nc, n0,
+                                                                    gBias.data_ptr<float>(), gcol);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (per_column)  // gBias[class_index[n0 + j]] += gcol[j]: sort-based, deterministic
+            gBias.index_put_(c10::List<std::optional<Tensor>>({classes}),
+                             gbias_col.narrow(0, 0, nc), /*accumulate=*/true);
         }
         const Tensor Wv = ws.Wc.narrow(0, 0, ncK);
         gF.addmm_(T, Wv);                       // ∂F += DD · Ŵc
@@ -452,9 +506,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
         at::mm_out(Gv, T.t(), p.F);             // G = DDᵀ · F
         weight_grad_kernel<w_t><<<static_cast<unsigned>(ncK), kThreads, 0, stream>>>(
             Gv.data_ptr<float>(), ws.Wc.data_ptr<float>(), ws.inv.data_ptr<float>(),
-            ws.sumsq.data_ptr<float>(), opt_ptr<int64_t>(p.class_index), n0, p.K, p.D,
-            normalize_weight, gW.data_ptr<w_t>());
+            ws.sumsq.data_ptr<float>(), per_column, n0, p.K, p.D, normalize_weight,
+            gW.data_ptr<w_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (per_column) {  // rows class·K + k of the chunk's columns, summed in (deterministic)
+          const Tensor rows = (classes.unsqueeze(1) * p.K + sub).reshape({-1});
+          gW.index_put_(c10::List<std::optional<Tensor>>({rows}), Gv.to(p.W.scalar_type()),
+                        /*accumulate=*/true);
+        }
       }
     });
   }
@@ -464,9 +523,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
 std::tuple<Tensor, Tensor> topk_cuda(const Tensor& features, const Tensor& weight,
                                      const Tensor& exclude_col, int64_t k, bool normalize_weight,
                                      int64_t subcenters) {
-  const c10::cuda::CUDAGuard guard(features.device());
+  c10::cuda::OptionalCUDAGuard guard;
   Tensor scale = at::ones({features.size(0)}, features.options().dtype(at::kFloat));
-  Prepared p = prepare(features, weight, scale, std::nullopt, exclude_col, std::nullopt,
+  Prepared p = prepare(guard, features, weight, scale, std::nullopt, exclude_col, std::nullopt,
                        std::nullopt, std::nullopt, subcenters);
   TORCH_CHECK(k >= 0 && k <= p.N, "marginops: topk needs 0 <= k <= number of classes (", p.N, ")");
   const auto opt = p.F.options();

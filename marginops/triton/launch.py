@@ -1,0 +1,134 @@
+"""Launch-side helpers of the Triton kernels: device guard, dot precision, configurations,
+class splits and autotuning (shared by margin_lse.py and topk.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+from torch import Tensor
+
+from . import _compat, configs
+from .tiles import interpreting
+
+if TYPE_CHECKING:
+    from .margin_lse import _Args
+
+if interpreting():
+    _compat.patch_interpreter()  # Triton ≤ 3.6's interpreter with numpy ≥ 2.4 (see _compat.py)
+
+
+def _tf32_allowed() -> bool:
+    """Has the user allowed TF32 for fp32 matmuls in torch?
+
+    Read through ``torch.backends.cuda.matmul.fp32_precision`` (torch ≥ 2.9), which answers
+    whichever API set it: the legacy ``allow_tf32 = True`` reads back as "tf32", and so does
+    ``torch.backends.fp32_precision = "tf32"`` (inherited). Reading the legacy ``allow_tf32``
+    instead raises "mix of the legacy and new APIs" once the new API has been used.
+    Older torch has only the legacy flag.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
+def _dot_precision(features: Tensor) -> str:
+    """fp32 dots: "tf32x3" (three TF32 tensor-core products, fp32-level accuracy; IEEE fp32 FMA
+    tiles need far more registers and spill) or plain "tf32" when the user allowed TF32 matmuls
+    in torch (``_tf32_allowed``). fp16 / bf16 operands ignore it."""
+    if features.dtype == torch.float32 and not _tf32_allowed():
+        return "tf32x3"
+    return "tf32"
+
+
+def device_guard(device: torch.device):
+    """Context under which every kernel of this package is launched (DESIGN §8).
+
+    Triton launches on the *current* CUDA device and that device's current stream, not on the
+    tensors' device: tensors on cuda:1 while cuda:0 is current would be read by a kernel on the
+    wrong device and raced against cuda:1's stream. ``torch.cuda.device(device)`` makes the
+    tensors' device current, so the launch also goes to *its* current stream (the caller's
+    ``torch.cuda.stream(...)`` context is per device and is honoured). CPU tensors (interpreter):
+    nothing to guard. ``tests/test_triton_launch.py`` checks statically that every launch is
+    inside this context.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _config(kernel: str, a: _Args) -> configs.KernelConfig:
+    """The configuration a launch uses when autotuning does not choose (see configs.py)."""
+    c = configs.forced(kernel)
+    if c is not None:
+        return c
+    if interpreting():
+        return configs.INTERPRETER[kernel]
+    return configs.default(kernel, a.variant)
+
+
+def _split_columns(B: int, N: int, cfg: configs.KernelConfig, device) -> tuple[int, int]:
+    """(splits, cols_per_split): cols_per_split is a multiple of BLOCK_N, every split non-empty."""
+    row_tiles = triton.cdiv(B, cfg.block_b)
+    col_tiles = max(triton.cdiv(N, cfg.block_n), 1)
+    splits = configs.pick_splits(row_tiles, col_tiles, _n_sm(device), interpreting())
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_n
+
+
+# --- autotuning (off by default; see configs.py) ----------------------------------------------
+
+_tuned: dict[tuple, tuple] = {}
+
+
+def _bench(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def _tune_key(a: _Args, what: str) -> tuple:
+    bucket = lambda x: 1 << max(int(x) - 1, 0).bit_length()  # noqa: E731  next power of two
+    return (what, a.f.dtype, a.w.dtype, a.K, bucket(a.B), bucket(a.N), bucket(a.D),
+            tuple(sorted(a.flags.items())), a.f.device.index)
+
+
+def _pick(a: _Args, what: str, run) -> tuple:
+    """Configurations for a pass: fixed default, or the fastest of configs.AUTOTUNE (cached)."""
+    kernels = {"fwd": ("fwd",), "bwd": ("bwd_df", "bwd_dw")}[what]
+    if interpreting() or not configs.autotune_enabled() or any(configs.forced(k) for k in kernels):
+        return tuple(None for _ in kernels)
+    key = _tune_key(a, what)
+    if key not in _tuned:
+        best, best_t = None, float("inf")
+        for combo in _combos(kernels, a.variant):
+            t = _bench(lambda combo=combo: run(*combo))
+            if t < best_t:
+                best, best_t = combo, t
+        _tuned[key] = best
+    return _tuned[key]
+
+
+def _combos(kernels, var):
+    if len(kernels) == 1:
+        return [(c,) for c in configs.gpu_configs(kernels[0], var)]
+    # the two backward kernels are independent: tune each against the other's default
+    df, dw = kernels
+    out = [(c, configs.default(dw, var)) for c in configs.gpu_configs(df, var)]
+    out += [(configs.default(df, var), c) for c in configs.gpu_configs(dw, var)[1:]]
+    return out

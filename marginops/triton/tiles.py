@@ -1,0 +1,144 @@
+"""Tile helpers shared by the Triton kernels (margin_lse.py, topk.py), inlined into each kernel.
+
+    _cosine_tile   (BLOCK_B, BLOCK_N) cosines d_in = max_k f_i·W_r / wn_r, fp32 accumulation
+    _logit_tile    the epilogue: target mask, hard-negative modulation, scale, bias → z
+    _dot_operand   dd as the operand of a second GEMM (fp16: scaled per output row)
+    _split_range / _class_of   a split's columns, a column's class
+
+``interpreting()`` tells whether these were defined under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG_INF: float = float("-inf")
+_NEG_INF = tl.constexpr(NEG_INF)  # what the kernels read (globals must be constexpr)
+
+
+def interpreting() -> bool:
+    """Were the kernels defined under TRITON_INTERPRET=1 (run on CPU tensors)?"""
+    return type(_cosine_tile).__name__ == "InterpretedFunction"
+
+
+# =============================================================================================
+# Tile helpers (inlined into every kernel)
+# =============================================================================================
+
+
+@triton.jit
+def _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
+                 stride_f, stride_w,
+                 NORMALIZE: tl.constexpr, NORM_IN_LOOP: tl.constexpr, HAS_SUB: tl.constexpr,
+                 DOT_PREC: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_B, BLOCK_N) tile of d_in = max_k f_i·W_{c_n K + k} / wn, in fp32.
+
+    1/wn comes either from the sum of squares of the W tiles this loop loads anyway
+    (NORM_IN_LOOP, the forward) or from the (N, K) buffer of ``_inv_norm_kernel`` (backward, where
+    it is needed again later). With sub-centers (HAS_SUB) it also returns the winning k per element
+    (the gradient of a max flows to its argmax only; ties keep the lower k), else zeros.
+    """
+    d_best = tl.full((BLOCK_B, BLOCK_N), _NEG_INF, tl.float32)
+    k_best = tl.zeros((BLOCK_B, BLOCK_N), tl.int32)
+    offs = tl.arange(0, BLOCK_D)
+    for k in range(K):
+        wrow = cls * K + k  # int64 row index into W (R = C_local·K rows)
+        acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+        wsq = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dcol = d0 + offs
+            dmask = dcol < D
+            f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
+                        mask=row_mask[:, None] & dmask[None, :], other=0.0)
+            w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
+                        mask=col_mask[:, None] & dmask[None, :], other=0.0)
+            if NORMALIZE and NORM_IN_LOOP:
+                wf = w.to(tl.float32)
+                wsq += tl.sum(wf * wf, axis=1)  # ‖W_r‖² from the tile already loaded
+            # f_i · W_r, fp32 accumulation; W converted on load to the features' dtype
+            acc = tl.dot(f, tl.trans(w.to(f.dtype)), acc, input_precision=DOT_PREC)
+        if NORMALIZE:
+            if NORM_IN_LOOP:
+                inv = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)  # 1/wn_r: a per-column scale
+            else:
+                inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=1.0)
+            dk = acc * inv[None, :]
+        else:
+            dk = acc
+        if HAS_SUB:
+            better = dk > d_best
+            d_best = tl.where(better, dk, d_best)
+            k_best = tl.where(better, k, k_best)
+        else:
+            d_best = dk
+    return d_best, k_best
+
+
+@triton.jit
+def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
+                HAS_BIAS: tl.constexpr, HARD: tl.constexpr):
+    """Epilogue on a cosine tile: returns (is_target, d', dd'/dd, z with -inf where excluded).
+
+    z is -inf on the target column and on padding columns, so exp(z − ·) is exactly 0 there.
+    """
+    is_t = (cols[None, :] == tcol[:, None]) & col_mask[None, :]
+    if HARD:
+        # CurricularFace: a non-target cosine above tau_i becomes d (t + d); derivative t + 2d
+        hard = (d > tau[:, None]) & (~is_t)
+        dmod = tl.where(hard, d * (t + d), d)
+        slope = tl.where(hard, t + 2.0 * d, 1.0)
+    else:
+        dmod = d
+        slope = 1.0
+    z = scale[:, None] * dmod
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cls, mask=col_mask, other=0.0).to(tl.float32)
+        z += b[None, :]
+    z = tl.where(col_mask[None, :] & (~is_t), z, _NEG_INF)
+    return is_t, dmod, slope, z
+
+
+@triton.jit
+def _split_range(split, cols_per_split, N):
+    """Columns [n_start, n_end) of a class split (cols_per_split is a multiple of BLOCK_N)."""
+    n_start = split * cols_per_split
+    n_end = tl.minimum(n_start + cols_per_split, N)
+    return n_start, n_end
+
+
+@triton.jit
+def _class_of(cols, col_mask, cidx_ptr, HAS_INDEX: tl.constexpr):
+    """Class id (int64) of each column: class_index[n] (Partial FC, indirect rows) or n."""
+    if HAS_INDEX:
+        cls = tl.load(cidx_ptr + cols, mask=col_mask, other=0)
+    else:
+        cls = cols.to(tl.int64)
+    return cls
+
+
+@triton.jit
+def _dot_operand(dd, dot_ty: tl.constexpr, AXIS: tl.constexpr):
+    """dd (fp32) as the operand of a second GEMM in dtype ``dot_ty``, and the fp32 factor that
+    undoes its scaling on the GEMM's output rows: ``dot(dd, X) == dot(op, X) * undo``.
+
+    fp16 has 5 exponent bits: softmax gradients are tiny (grad_lse · p · s, e.g. 1/8192 · p · 64)
+    and would flush to zero when cast as they are (42 % of weight-gradient rows at C = 4096). So
+    for fp16 each output row's dd values (the reduction runs along the other axis: AXIS = 1 for
+    dF = dd·W, AXIS = 0 for G = ddᵀ·F) are scaled by a power of two bringing their largest
+    magnitude into [2^14, 2^15); the fp32 result is scaled back. bf16 has fp32's exponent range
+    and fp32 needs no cast: for those this is the plain cast with undo = 1.
+    """
+    if dot_ty == tl.float16:
+        m = tl.max(tl.abs(dd), axis=AXIS)
+        # e ≥ −96 keeps up ≤ 2^110 finite (a subnormal m would give inf, and 0 · inf = NaN);
+        # rows below 2^-96 hold nothing an fp32 sum of them would notice
+        e = tl.maximum(tl.floor(tl.log2(tl.where(m > 0.0, m, 1.0))), -96.0)
+        up = tl.exp2(14.0 - e)
+        op = (dd * tl.expand_dims(up, AXIS)).to(dot_ty)
+        undo = 1.0 / up
+    else:
+        op = dd.to(dot_ty)
+        undo = tl.full((dd.shape[1 - AXIS],), 1.0, tl.float32)
+    return op, undo
