@@ -109,16 +109,14 @@ def _tail(path: str, n: int = 3) -> str:
 def build_command(arch: str | None) -> tuple[list[str], dict]:
     """The offline, all-cores build of the extension against the running torch.
 
-    Uses ``python -m marginops.build`` when the package provides it (JIT-compiled extension),
-    else ``setup.py build_ext --inplace``. Offline: pip is never called; only the local toolkit.
+    ``python -m marginops.build --cuda`` compiles into marginops' cache what the first use would
+    (CPU + CUDA kernels, this GPU's arch). Offline: pip is never called; only the local toolkit.
     """
     env = {"MAX_JOBS": str(os.cpu_count() or 1), "MARGINOPS_FORCE_CUDA": "1",
            "PIP_NO_INDEX": "1"}
     if arch:
         env["TORCH_CUDA_ARCH_LIST"] = arch
-    if os.path.exists(os.path.join(ROOT, "marginops", "build.py")):
-        return [PY, "-m", "marginops.build"], env
-    return [PY, "setup.py", "-q", "build_ext", "--inplace"], env
+    return [PY, "-m", "marginops.build", "--cuda"], env
 
 
 def _gpu_arch() -> str | None:
@@ -225,10 +223,10 @@ def stage_build(out: str, dry: bool) -> Stage:
     cmd, env = build_command(None if dry else _gpu_arch())
     st.detail = " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd)
     if dry:
-        missing = [p for p in ("setup.py", "marginops/csrc/cuda/margin_lse.cu", "marginops/csrc/ops.cpp")
+        missing = [p for p in ("marginops/build.py", "marginops/csrc/cuda/margin_lse.cu",
+                               "marginops/csrc/ops.cpp")
                    if not os.path.exists(os.path.join(ROOT, p))]
-        rc, _ = _run([PY, "-c", "import torch.utils.cpp_extension, setuptools"], 60,
-                     os.path.join(out, "build.log"))
+        rc, _ = _run([PY, "-m", "marginops.build", "--help"], 60, os.path.join(out, "build.log"))
         st.status = "planned" if not missing and rc == 0 else f"invalid: missing {missing or rc}"
         return st
     rc, st.seconds = _run(cmd, TIMEOUTS["build"], os.path.join(out, "build.log"), env=env)

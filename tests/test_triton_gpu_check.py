@@ -55,3 +55,11 @@ def test_build_is_offline_and_uses_every_core():
     cmd, env = gc.build_command("9.0")
     assert env["PIP_NO_INDEX"] == "1" and env["MAX_JOBS"] == str(os.cpu_count() or 1)
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and "pip" not in cmd
+    assert cmd[1:] == ["-m", "marginops.build", "--cuda"]
+
+
+def test_dry_run_build_stage_is_planned(tmp_path):
+    """The dry run checks that the build entry point and the sources it compiles exist (it read
+    a setup.py the package no longer has, and CI's dry run failed)."""
+    st = gc.stage_build(str(tmp_path), dry=True)
+    assert st.status == "planned", st.status
