@@ -23,8 +23,10 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "${PYTHON:-python3}" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-if ! "$PY" -c "import torch, numpy, pytest" 2>/dev/null; then
-  "$PY" -m pip install -q "$TORCH_SPEC" numpy pytest
+# pytest-random-order too: a shuffled `make test` (PYTEST_ADDOPTS="-p random_order ...") reaches
+# this pytest as well.
+if ! "$PY" -c "import torch, numpy, pytest, random_order" 2>/dev/null; then
+  "$PY" -m pip install -q "$TORCH_SPEC" numpy pytest pytest-random-order
 fi
 if [[ "$("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null)" != "$TRITON_OLDEST" ]]; then
   "$PY" -m pip install -q --no-deps "triton==$TRITON_OLDEST"
