@@ -302,11 +302,6 @@ def torch_venv(tmp_path_factory) -> Path:
     return venv
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("marginops-cache")
-
-
 def _fresh_venv(base: Path, dest: Path) -> Path:
     _run(["cp", "-al", str(base), str(dest)])  # hard links: instant, and `base` stays untouched
     return dest / "bin" / "python"
@@ -377,8 +372,12 @@ def _loss_result(proc: subprocess.Popen) -> tuple[dict, str]:
 
 
 @pytest.mark.slow
-def test_pip_install_editable_in_fresh_venv(torch_venv, shared_cache, tmp_path):
-    """The literal ``pip install -e .``; then 3 processes at once compile once and all run cpp."""
+def test_pip_install_editable_in_fresh_venv(torch_venv, tmp_path):
+    """The literal ``pip install -e .``; then 3 processes at once compile once and all run cpp.
+
+    Each install test has its own empty cache, so the "compiles once" count holds in any test
+    order (a cache shared with the sdist test was already filled when that one ran first)."""
+    cache = tmp_path / "cache"
     python = _fresh_venv(torch_venv, tmp_path / "venv")
     src = _copy_checkout(tmp_path / "marginops-checkout")
     before = _freeze(python)
@@ -386,25 +385,26 @@ def test_pip_install_editable_in_fresh_venv(torch_venv, shared_cache, tmp_path):
     _assert_installed_without_torch(pip_log, before, _freeze(python))
 
     path = _compiler_only_path(tmp_path / "toolchain")
-    procs = [_run_loss(python, shared_cache, tmp_path, PATH=path) for _ in range(3)]
+    procs = [_run_loss(python, cache, tmp_path, PATH=path) for _ in range(3)]
     results = [_loss_result(p) for p in procs]
     assert sum("marginops: compiling the C++ extension" in err for _, err in results) == 1
     for r, _ in results:
         assert r["torch"] == before["torch"] and r["torch_file"].startswith(str(tmp_path / "venv"))
         assert r["marginops"] == str(src / "marginops" / "__init__.py")
-        assert Path(r["library"]).is_relative_to(shared_cache)
+        assert Path(r["library"]).is_relative_to(cache)
     assert len({r["library"] for r, _ in results}) == 1
 
     # --no-build-isolation keeps working (non-editable, over the editable install): a cache hit.
     _run([str(python), "-m", "pip", "install", "--no-build-isolation", "."], cwd=src, env=_env())
-    r, err = _loss_result(_run_loss(python, shared_cache, tmp_path))
+    r, err = _loss_result(_run_loss(python, cache, tmp_path))
     assert "site-packages" in r["marginops"] and "compiling" not in err
     assert r["library"] == results[0][0]["library"]
 
 
 @pytest.mark.slow
-def test_sdist_installs_in_fresh_venv_and_runs_cpp(torch_venv, shared_cache, tmp_path):
+def test_sdist_installs_in_fresh_venv_and_runs_cpp(torch_venv, tmp_path):
     """An sdist built here, unpacked, and the literal ``pip install .`` in it (a fresh venv)."""
+    cache = tmp_path / "cache"
     sdist = _build_sdist(tmp_path / "dist")
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path / "unpacked", filter="data")
@@ -414,8 +414,8 @@ def test_sdist_installs_in_fresh_venv_and_runs_cpp(torch_venv, shared_cache, tmp
     pip_log = _pip_install(python, ["."], src, tmp_path / "pip.log")
     _assert_installed_without_torch(pip_log, before, _freeze(python))
 
-    r, _ = _loss_result(_run_loss(python, shared_cache, tmp_path))
+    r, _ = _loss_result(_run_loss(python, cache, tmp_path))
     assert r["marginops"].startswith(str(tmp_path / "venv")) and "site-packages" in r["marginops"]
     # The installed sources are exactly the checkout's (a missing header would change the key).
     assert r["sources"] == build._sources_digest()
-    assert Path(r["library"]).is_relative_to(shared_cache)
+    assert Path(r["library"]).is_relative_to(cache)
