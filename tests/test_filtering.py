@@ -367,3 +367,21 @@ def test_triton_interpreter_child():
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
     assert " passed" in tail and "skipped" not in tail, tail
+
+
+@not_interp
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_torch_compile_traces_the_threshold(backend):
+    """The threshold is a float of the op's schema: torch.compile (fullgraph) passes it through;
+    the compiled op gives the eager results bit for bit (the op is one opaque node)."""
+    x, w, labels, scale, bias, kw = gapped_case("subcenters", torch.float32)
+
+    def run(a, b_, c, d):
+        return mo.margin_lse(a, b_, labels, c, d, backend=backend, **kw)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
+    eager = _outputs_and_grads(run, x, w, scale, bias)
+    traced = _outputs_and_grads(compiled, x, w, scale, bias)
+    for a, b in zip([eager[0], eager[1], *eager[2]], [traced[0], traced[1], *traced[2]]):
+        assert torch.equal(a, b)

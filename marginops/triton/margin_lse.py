@@ -10,7 +10,8 @@ n (class c_n = class_index[n], or n), with sub-center rows r = c_n·K + k:
 
     d_ir  = f_i · W_r / wn_r            wn_r = max(‖W_r‖, 1e-12), or 1 without normalisation
     d_in  = max_k d_{i, c_n·K+k}        (sub-center max; r*(i, n) is the argmax row)
-    d'_in = d_in (t + d_in)  if hard-negative and n ≠ y_i and d_in > tau_i, else d_in
+    d'_in = 0                if FILTER and n ≠ y_i and d_in > thr (interclass filtering, slope 0)
+          = d_in (t + d_in)  elif hard-negative and n ≠ y_i and d_in > tau_i, else d_in
     z_in  = scale_i · d'_in + bias_{c_n}
     lse_neg_i = log Σ_{n ≠ y_i} exp z_in            dot_y_i = d_{i, y_i}
 
@@ -20,9 +21,10 @@ Forward ``_fwd_kernel``: grid (row tiles × class splits). A program owns BLOCK_
 contiguous range of columns; per BLOCK_N column tile it runs ``tl.dot`` over D in BLOCK_D chunks
 (fp32 accumulation, W tiles converted on load to the features' dtype), summing the squares of the
 same loaded W tile so the row norm costs no extra pass, then the whole epilogue in registers
-(1/‖W‖ column scale, sub-center max, target mask and dot_y capture, hard-negative modulation,
-scale, bias, online max / sum-exp). Each program writes three BLOCK_B vectors (m, s, dot_y) to a
-(splits × B) buffer; ``_merge_kernel`` combines the splits. Nothing B×C-sized is ever stored.
+(1/‖W‖ column scale, sub-center max, target mask and dot_y capture, interclass filtering,
+hard-negative modulation, scale, bias, online max / sum-exp). Each program writes three BLOCK_B
+vectors (m, s, dot_y) to a (splits × B) buffer; ``_merge_kernel`` combines the splits. Nothing
+B×C-sized is ever stored.
 
 Backward: logits are recomputed, never stored.
   * ``_bwd_df_kernel`` (row tiles × class splits): dd_in (see contract), then
