@@ -104,7 +104,9 @@ struct RowArgs {
   const float* tau;       // B or null
   const float* hard_t;    // 0-d or null
   int64_t n0, nc, K;
-  float thr;              // interclass filtering threshold; filters only when > 0
+  float thr;              // interclass filtering threshold
+  bool filter;            // threshold > 0 (decided in double on the host: a tiny positive
+                          // threshold that rounds to 0.f still filters, as on the other backends)
 };
 
 // Column range [j0, j1) of split blockIdx.y.
@@ -129,7 +131,6 @@ __global__ void forward_epilogue_kernel(const float* __restrict__ T, const float
   const float s = a.scale[i];
   const bool hard = a.tau != nullptr;
   const float tau = hard ? a.tau[i] : 0.f, t = hard ? *a.hard_t : 0.f;
-  const bool filter = a.thr > 0.f;
   float m = epi::neg_inf<float>(), sum = 0.f;
   for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
     int64_t argk;
@@ -138,8 +139,8 @@ __global__ void forward_epilogue_kernel(const float* __restrict__ T, const float
       dot_out[i] = d;  // exactly one thread of one chunk sees a row's target
       continue;
     }
-    const float dm = epi::is_filtered(d, a.thr, filter) ? 0.f
-                                                        : epi::modulate(d, t, epi::is_hard(d, tau, hard));
+    const bool f = epi::is_filtered(d, a.thr, a.filter);  // d' = 0 (insightface)
+    const float dm = f ? 0.f : epi::modulate(d, t, epi::is_hard(d, tau, hard));
     const float z = epi::logit(dm, s, bias_c[j]);
     epi::lse_merge(m, sum, z, 1.f);
   }
@@ -184,14 +185,13 @@ __global__ void backward_epilogue_kernel(float* __restrict__ T, const float* __r
   const float s = a.scale[i], gl = grad_lse[i], lse = lse_neg[i], gd = grad_dot[i];
   const bool hard = a.tau != nullptr;
   const float tau = hard ? a.tau[i] : 0.f, t = hard ? *a.hard_t : 0.f;
-  const bool filter = a.thr > 0.f;
   float gsum = 0.f;
   for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
     float* cell = T + i * ncK + j * a.K;
     int64_t argk;
     const float d = epi::subcenter_max(cell, a.K, &argk);
     const bool h = epi::is_hard(d, tau, hard);
-    const bool f = epi::is_filtered(d, a.thr, filter);  // d' = 0 with slope 0 (insightface)
+    const bool f = epi::is_filtered(d, a.thr, a.filter);  // d' = 0 with slope 0 (insightface)
     const float dm = f ? 0.f : epi::modulate(d, t, h);
     const float p = j == tl ? 0.f : epi::softmax_grad(epi::logit(dm, s, bias_c[j]), lse, gl);
     gsum += p * dm;
@@ -430,7 +430,8 @@ std::tuple<Tensor, Tensor> margin_lse_cuda(const Tensor& features, const Tensor&
       Tensor T = load_and_gemm<w_t>(p, ws, n0, nc, normalize_weight, stream);
       const int64_t s = std::min<int64_t>(S, nc);
       RowArgs a{p.target.data_ptr<int64_t>(), p.scale.data_ptr<float>(), opt_ptr<float>(p.tau),
-                opt_ptr<float>(p.t), n0, nc, p.K, static_cast<float>(filter_threshold)};
+                opt_ptr<float>(p.t), n0, nc, p.K, static_cast<float>(filter_threshold),
+                filter_threshold > 0};
       forward_epilogue_kernel<<<dim3(p.B, s), kThreads, 0, stream>>>(
           T.data_ptr<float>(), ws.bias_c.data_ptr<float>(), a, part_m.data_ptr<float>(),
           part_s.data_ptr<float>(), dot.data_ptr<float>());
@@ -488,7 +489,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
         Tensor T = load_and_gemm<w_t>(p, ws, n0, nc, normalize_weight, stream);
         const int64_t s = std::min<int64_t>(S, nc);
         RowArgs a{p.target.data_ptr<int64_t>(), p.scale.data_ptr<float>(), opt_ptr<float>(p.tau),
-                  opt_ptr<float>(p.t), n0, nc, p.K, static_cast<float>(filter_threshold)};
+                  opt_ptr<float>(p.t), n0, nc, p.K, static_cast<float>(filter_threshold),
+                  filter_threshold > 0};
         float* Pp = P.defined() ? P.data_ptr<float>() : nullptr;
         backward_epilogue_kernel<<<dim3(p.B, s), kThreads, 0, stream>>>(
             T.data_ptr<float>(), ws.bias_c.data_ptr<float>(), a, gl.data_ptr<float>(),
