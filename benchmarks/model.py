@@ -223,7 +223,7 @@ def _compile_figures(kernel: str, cfg: configs.KernelConfig, fdt: str, arch: int
         const = {"HAS_INDEX": False, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
     else:
         const = dict(cfg.meta(), NORMALIZE=True, HAS_SUB=False, HAS_BIAS=False, HAS_INDEX=False,
-                     HARD=False, DOT_PREC="tf32x3" if fdt == "fp32" else "tf32")
+                     HARD=False, FILTER=False, DOT_PREC="tf32x3" if fdt == "fp32" else "tf32")
     if "K" in fn.arg_names:
         const["K"] = 1
     sig, attrs = {}, {}
@@ -234,6 +234,8 @@ def _compile_figures(kernel: str, cfg: configs.KernelConfig, fdt: str, arch: int
             sig[name] = "*" + {"f_ptr": fdt, "w_ptr": fdt, "gw_ptr": fdt, "tcol_ptr": "i64",
                                "cidx_ptr": "i64"}.get(name, "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "thr":
+            sig[name] = "fp32"  # the interclass filtering threshold (unused with FILTER off)
         else:
             sig[name] = "i32"
             if name in ("D", "stride_f", "stride_w"):

@@ -156,8 +156,8 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
                bias: Tensor | None = None, *, normalize_weight: bool = True,
                class_range: tuple[int, int] | None = None, class_index: Tensor | None = None,
                hard_negative: tuple[Tensor | float, Tensor | float] | None = None,
-               subcenters: int = 1, backend: str = "auto",
-               validate: str = "device") -> MarginLSE:
+               subcenters: int = 1, interclass_filtering_threshold: float = 0.0,
+               backend: str = "auto", validate: str = "device") -> MarginLSE:
     """Log-sum-exp over the non-target logits and the target dot product, streamed over classes.
 
     Args:
@@ -173,6 +173,12 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
         hard_negative: ``(tau, t)`` — CurricularFace: for j ≠ y with c_ij > tau_i, c_ij becomes
             c_ij·(t + c_ij). tau (B,) or scalar, t scalar; neither is differentiated.
         subcenters: K; class j's cosine is the max over rows j·K .. j·K+K-1.
+        interclass_filtering_threshold: insightface arcface_torch's option, a finite float >= 0;
+            0 (default) disables it. When > 0, every non-target cosine c_ij (after the sub-center
+            max, before the hard-negative modulation) above it counts as 0 in the softmax (logit
+            ``scale_i·0 + bias_j``) and gets no gradient. Rows without a local target (another
+            shard's class, ignored rows) have all their columns above it filtered, as in
+            arcface_torch. The target and ``dot_y`` are never filtered.
         backend: "auto", "torch", "cpp", "cuda" or "triton".
         validate: "device" (default: label and class_index values checked by device-side
             asserts, no host sync) or "full" (host-side checks that list the bad values).
@@ -185,11 +191,15 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
         c = features @ F.normalize(weight).T            # (B, C), then max over sub-centers
         z = scale[:, None] * c + bias                   # with hard negatives modulated
         dot_y = c[arange(B), labels]
+        # with interclass_filtering_threshold = thr > 0, before z is formed:
+        #     c' = c.masked_fill((c > thr) & ~onehot(labels), 0)   (the mask under no_grad)
         lse_neg = z.masked_fill(onehot(labels), -inf).logsumexp(1)
     """
     # Metadata first (free, raises at once), then value checks (device asserts by default).
     check_validate(validate)
     num_local = _check_features_weight(features, weight, subcenters)
+    filter_threshold = check_real("interclass_filtering_threshold",
+                                  interclass_filtering_threshold, low=0.0)
     batch = features.shape[0]
     start = 0
     if class_range is not None:
@@ -228,7 +238,7 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
     target_col = target_columns(labels, num_local, (start, num_local), class_index)
     lse_neg, dot_y = _backend_module(name).margin_lse(
         features.contiguous(), weight.contiguous(), scale_rows, bias, target_col, class_index,
-        hard_tau, hard_t, bool(normalize_weight), subcenters)
+        hard_tau, hard_t, bool(normalize_weight), subcenters, filter_threshold)
     return MarginLSE(lse_neg, dot_y)
 
 

@@ -39,17 +39,24 @@ PG_TIMEOUT_S, SPAWN_DEADLINE_S = 30, 240
 
 # ----------------------------------------------------------------------------- the reference
 
-def arcface_torch_loss(X, W, y, s, m2=0.5, m3=0.0, columns=None):
+def arcface_torch_loss(X, W, y, s, m2=0.5, m3=0.0, columns=None, thr=0.0):
     """(reported loss, differentiable loss) of arcface_torch on the gathered batch X (N, D),
     full weight W (C, D), labels y (N,) (−1 allowed). ``columns``: the sampled global classes
-    (sorted), else all. The differentiable loss is what marginops' gradient follows: the uncapped
-    cross-entropy of the labelled rows, summed and divided by N (all rows)."""
+    (sorted), else all. ``thr``: interclass_filtering_threshold (> 0: every cosine above it but a
+    labelled row's target is multiplied by 0 under no_grad). The differentiable loss is what
+    marginops' gradient follows: the uncapped cross-entropy of the labelled rows, summed and
+    divided by N (all rows)."""
     columns = torch.arange(W.shape[0]) if columns is None else columns
     cos = (F.normalize(X) @ F.normalize(W[columns]).t()).clamp(-1, 1)
     valid = y >= 0
     position = torch.full((W.shape[0],), -1, dtype=torch.long)
     position[columns] = torch.arange(columns.numel())
     col = position[y.clamp_min(0)].clamp_min(0)[:, None]
+    if thr > 0:
+        with torch.no_grad():
+            keep = torch.zeros_like(cos, dtype=torch.bool).scatter(1, col, valid[:, None])
+            dirty = (cos > thr) & ~keep
+        cos = cos * (~dirty).to(cos.dtype)
     t = cos.gather(1, col).squeeze(1)
     if m3 > 0:
         psi = t - m3                                        # CosFace branch: m1, m2 ignored
@@ -171,6 +178,20 @@ def case_sampling(rank, world):
     chk.done()
 
 
+def case_interclass_filtering(rank, world):
+    """interclass_filtering_threshold = 0.4 (the *_filter04 configs), both margin branches."""
+    chk, C, s, thr = Checks(), 11, 64.0, 0.4
+    X, W, y = global_batch(world, C, seed=5)
+    cos = F.normalize(X) @ F.normalize(W).t()
+    chk.true("no cosine within 1e-3 of the threshold", bool(((cos - thr).abs() > 1e-3).all()))
+    target = torch.zeros_like(cos, dtype=torch.bool).scatter(1, y.clamp_min(0)[:, None], True)
+    chk.true("some non-target cosines are filtered", bool(((cos > thr) & ~target).any()))
+    for m2, m3 in ((0.5, 0.0), (0.0, 0.35)):
+        out = run_step(rank, world, CombinedMarginLoss(s, 1.0, m2, m3, thr), C, X, W, y)
+        compare_with_reference(chk, rank, world, out, X, W, y, s, m2=m2, m3=m3, thr=thr)
+    chk.done()
+
+
 def case_checkpoint_keys(rank, world):
     chk, C = Checks(), 11
     start, n = shard_range(C, world, rank)
@@ -197,6 +218,7 @@ CASES = {
     "m3_branch_and_loss_cap": case_m3_branch_and_cap,
     "partial_fc_sampling": case_sampling,
     "checkpoint_keys_and_shapes": case_checkpoint_keys,
+    "interclass_filtering": case_interclass_filtering,
 }
 
 
@@ -290,12 +312,18 @@ def test_combined_margin_loss_selects_the_family():
     assert family.__name__ == "CosFaceLoss" and kw == {"scale": 64.0, "margin": 0.15}
 
 
-def test_unsupported_margins_and_filtering_raise():
+def test_unsupported_margins_raise_and_filtering_is_passed_on():
     with pytest.raises(ValueError, match="marginops.CombinedMarginLoss"):
         CombinedMarginLoss(64, 0.9, 0.4, 0.0)   # arcface_torch raises on this too
-    with pytest.raises(NotImplementedError, match="interclass_filtering_threshold.*planned"):
-        CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.4)
+    with pytest.raises(ValueError, match="interclass_filtering_threshold"):
+        CombinedMarginLoss(64, 1.0, 0.5, 0.0, float("nan"))
     assert CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0).interclass_filtering_threshold == 0
+    # > 0 reaches the fused family; <= 0 is off, as in arcface_torch
+    assert CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.4).family()[1][
+        "interclass_filtering_threshold"] == 0.4
+    assert CombinedMarginLoss(64, 0.9, 0.4, 0.2, 0.4).family()[1][
+        "interclass_filtering_threshold"] == 0.4
+    assert "interclass_filtering_threshold" not in CombinedMarginLoss(64, 1, 0.5, 0, -1).family()[1]
 
 
 def test_partial_fc_needs_a_process_group():

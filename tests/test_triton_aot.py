@@ -86,7 +86,7 @@ def _source(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, *, flags
         const["HAS_SUB"] = not k_const
         const["DOT_PREC"] = "tf32x3" if fdt == "fp32" else "tf32"  # see ml._dot_precision
         if kernel != "topk":
-            const.update(HAS_BIAS=flags, HAS_INDEX=flags, HARD=flags)
+            const.update(HAS_BIAS=flags, HAS_INDEX=flags, HARD=flags, FILTER=flags)
         else:
             const["KP"] = 16
     if k_const and "K" in fn.arg_names:
@@ -101,6 +101,8 @@ def _source(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, *, flags
                 kind = "fp32"  # with class_index the dW kernel writes per column in fp32
             sig[name] = "*" + {"f": fdt, "w": wdt}.get(kind, kind)
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "thr":
+            sig[name] = "fp32"  # the interclass filtering threshold
         else:
             sig[name] = "i32"
             if name in _ALIGNED_INTS and aligned:

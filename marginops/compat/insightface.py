@@ -30,12 +30,15 @@ arcface_torch's (read from its ``losses.py`` and ``partial_fc_v2.py``):
 - The loss is the mean over ALL gathered rows of −log(max(p_y, 1e-30)): a row's reported loss is
   at most 69.08 (the gradient is not clamped) and a row labelled −1 counts 69.08 in the mean.
 
-Differences (documented in docs/migration/insightface.md): ``interclass_filtering_threshold > 0``
-is not implemented yet (raises NotImplementedError: planned as an option of the fused op); a row
-labelled −1 gets no gradient (arcface_torch pushes all its logits down by p/N); sampling happens in
-training mode only (arcface_torch also samples in eval mode); the batch size may change between
-steps (it must still be equal across ranks); the sampling uses marginops' seeded per-rank
-generator, not the global CUDA RNG.
+- ``interclass_filtering_threshold`` > 0 (0.4 in the ``*_filter04`` configs): every cosine
+  above it, except a labelled row's target, is multiplied by 0 under ``no_grad`` — it stays in the
+  softmax as logit 0 and gets no gradient; fused in the op (the families' option of that name).
+
+Differences (documented in docs/migration/insightface.md): a row labelled −1 gets no gradient
+(arcface_torch pushes all its logits down by p/N); sampling happens in training mode only
+(arcface_torch also samples in eval mode); the batch size may change between steps (it must
+still be equal across ranks); the sampling uses marginops' seeded per-rank generator, not the
+global CUDA RNG.
 """
 
 from __future__ import annotations
@@ -62,20 +65,24 @@ class CombinedMarginLoss(nn.Module):
     its own like arcface_torch's, maps cosine logits (B, C) and labels (B,) (−1: no margin) to the
     scaled logits with the margin on the targets::
 
+        c = c · (1 − dirty)   dirty = c > thr except (i, y_i), y_i ≠ −1   (thr > 0; no_grad mask)
         t = c[i, y_i];  ψ = cos(arccos t + m2) (straight-through)  or  t − m3 (if m3 > 0)
         out = s · c.scatter(1, y[:, None], ψ)
+
+    ``interclass_filtering_threshold`` > 0 runs in the fused op of :class:`PartialFC_V2` as the
+    families' option of the same name (see :func:`marginops.margin_lse`).
     """
 
     def __init__(self, s: float, m1: float, m2: float, m3: float,
                  interclass_filtering_threshold: float = 0):
         super().__init__()
-        if interclass_filtering_threshold > 0:
-            raise NotImplementedError(
-                f"interclass_filtering_threshold={interclass_filtering_threshold} is not "
-                "implemented yet in marginops (planned: an option of the fused op, in every "
-                "backend). Use 0 (arcface_torch's default) for now.")
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"s={s!r} must be a positive scale.")
+        if not math.isfinite(interclass_filtering_threshold):
+            raise ValueError(f"interclass_filtering_threshold={interclass_filtering_threshold!r} "
+                             "must be a finite number (0 disables it, as in arcface_torch).")
+        # arcface_torch filters only when the threshold is > 0; a negative one is off as well.
+        self._threshold = max(0.0, float(interclass_filtering_threshold))
         if m3 > 0:
             self._family, self._kwargs = CosFaceLoss, {"scale": float(s), "margin": float(m3)}
         elif m1 == 1.0 and m3 == 0.0:
@@ -87,6 +94,8 @@ class CombinedMarginLoss(nn.Module):
                 f"(m1, m2, m3) = ({m1}, {m2}, {m3}): arcface_torch's CombinedMarginLoss supports "
                 "only m3 > 0 (CosFace) or m1 = 1 with m3 = 0 (ArcFace) and raises otherwise. For "
                 "the paper's combined margin cos(m1·θ + m2) − m3 use marginops.CombinedMarginLoss.")
+        if self._threshold > 0:  # fused in the op: the families' option of the same name
+            self._kwargs["interclass_filtering_threshold"] = self._threshold
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.interclass_filtering_threshold = interclass_filtering_threshold
 
@@ -105,12 +114,17 @@ class CombinedMarginLoss(nn.Module):
         labels = labels.reshape(-1)
         valid = labels != -1
         column = labels.clamp_min(0)[:, None]
+        if self._threshold > 0:  # every cosine above it but a labelled row's target → 0, no grad
+            dirty = logits.detach() > self._threshold
+            dirty = dirty & ~torch.zeros_like(dirty).scatter(1, column, valid[:, None])
+            logits = logits * (~dirty).to(logits.dtype)
         target = logits.gather(1, column).squeeze(1)
         psi = torch.where(valid, self._psi(target), target)
         return self.s * logits.scatter(1, column, psi[:, None])
 
     def extra_repr(self) -> str:
-        return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
+        return (f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, "
+                f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
 
 
 class PartialFC_V2(nn.Module):  # noqa: N801 - arcface_torch's name

@@ -25,16 +25,19 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(marginops, m) {
-  // lse_neg_i = log Σ_{n≠target} exp(scale_i·d'_in + bias_n),  dot_y_i = d_{i,target}
+  // lse_neg_i = log Σ_{n≠target} exp(scale_i·d'_in + bias_n),  dot_y_i = d_{i,target}.
+  // filter_threshold > 0: non-target d_in > filter_threshold count as d'_in = 0 with no gradient
+  // (insightface's interclass filtering); 0 (the default) disables it.
   m.def(
       "margin_lse(Tensor features, Tensor weight, Tensor scale, Tensor? bias, Tensor target_col, "
       "Tensor? class_index, Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, "
-      "int subcenters) -> (Tensor lse_neg, Tensor dot_y)");
+      "int subcenters, float filter_threshold=0.) -> (Tensor lse_neg, Tensor dot_y)");
   // -> (grad_features, grad_weight, grad_scale, grad_bias); grad_bias is empty when bias is None.
   m.def(
       "margin_lse_backward(Tensor grad_lse, Tensor grad_dot, Tensor lse_neg, Tensor features, "
       "Tensor weight, Tensor scale, Tensor? bias, Tensor target_col, Tensor? class_index, "
-      "Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, int subcenters) "
+      "Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, int subcenters, "
+      "float filter_threshold=0.) "
       "-> (Tensor grad_features, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
   // CPU only: margin_lse that also returns the B × N·K dots d_ir (before the sub-center max), and
   // the backward that reads them instead of recomputing them (3 GEMMs instead of 4). Used by
@@ -42,12 +45,13 @@ TORCH_LIBRARY(marginops, m) {
   m.def(
       "margin_lse_keep(Tensor features, Tensor weight, Tensor scale, Tensor? bias, "
       "Tensor target_col, Tensor? class_index, Tensor? hard_tau, Tensor? hard_t, "
-      "bool normalize_weight, int subcenters) -> (Tensor lse_neg, Tensor dot_y, Tensor dots)");
+      "bool normalize_weight, int subcenters, float filter_threshold=0.) "
+      "-> (Tensor lse_neg, Tensor dot_y, Tensor dots)");
   m.def(
       "margin_lse_backward_kept(Tensor grad_lse, Tensor grad_dot, Tensor lse_neg, Tensor dots, "
       "Tensor features, Tensor weight, Tensor scale, Tensor? bias, Tensor target_col, "
       "Tensor? class_index, Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, "
-      "int subcenters) "
+      "int subcenters, float filter_threshold=0.) "
       "-> (Tensor grad_features, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
   // k largest d_in per row over n ≠ exclude_col_i; values descending, ties → lower column.
   m.def(

@@ -64,6 +64,8 @@ class _ShardedFamily:
                                     normalize_weight=self.normalize_weight,
                                     class_range=self._class_range(), class_index=class_index,
                                     hard_negative=hard_negative, subcenters=self.subcenters,
+                                    interclass_filtering_threshold=(
+                                        self.interclass_filtering_threshold),
                                     backend=self.backend)
         return MarginLSE(_LogSumExpAcrossRanks.apply(lse_neg, ctx.group),
                          _SumAcrossRanks.apply(dot_y, ctx.group))

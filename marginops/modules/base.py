@@ -29,6 +29,7 @@ from .._validation import (
     check_embeddings,
     check_int,
     check_labels,
+    check_real,
     check_scale,
     check_validate,
     check_weight,
@@ -52,6 +53,10 @@ class MarginSoftmaxLoss(nn.Module):
         subcenters: K rows per class.
         normalize_weight: False keeps raw weight rows (Crystal loss).
         bias: add a learnable per-class bias (Crystal loss).
+        interclass_filtering_threshold: insightface arcface_torch's option (0.4 in its
+            ``*_filter04`` configs); 0 (default) disables it. When > 0, every non-target cosine
+            above it enters the softmax as 0 (logit s·0 + bias) with no gradient — fused in the
+            core op (``marginops.margin_lse``), every backend.
         validate: "device" (default) checks label values with device-side asserts and makes no
             host synchronisation (NaN/inf embeddings give a NaN loss); "full" checks on the host
             and lists the bad values, NaN/inf included (debugging; two syncs per call).
@@ -59,7 +64,8 @@ class MarginSoftmaxLoss(nn.Module):
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0,
                  reduction: str = "mean", backend: str = "auto", subcenters: int = 1,
-                 normalize_weight: bool = True, bias: bool = False, validate: str = "device",
+                 normalize_weight: bool = True, bias: bool = False,
+                 interclass_filtering_threshold: float = 0.0, validate: str = "device",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         check_int("embedding_size", embedding_size)
@@ -69,6 +75,8 @@ class MarginSoftmaxLoss(nn.Module):
         check_choice("backend", backend, ("auto", *BACKENDS))
         check_validate(validate)
         check_scale("scale", scale)
+        self.interclass_filtering_threshold = check_real(
+            "interclass_filtering_threshold", interclass_filtering_threshold, low=0.0)
         self.validate = validate
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -109,7 +117,9 @@ class MarginSoftmaxLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-                f"scale={self.scale}, subcenters={self.subcenters}, backend={self.backend!r}")
+                f"scale={self.scale}, subcenters={self.subcenters}, backend={self.backend!r}"
+                + (f", interclass_filtering_threshold={self.interclass_filtering_threshold}"
+                   if self.interclass_filtering_threshold > 0 else ""))
 
     # ---- what a family defines
     def _row_scale(self, norms: Tensor) -> float | Tensor:
@@ -138,6 +148,7 @@ class MarginSoftmaxLoss(nn.Module):
         return margin_lse(x_hat, self.weight, labels, scale, self.bias,
                           normalize_weight=self.normalize_weight, class_range=self._class_range(),
                           hard_negative=hard_negative, subcenters=self.subcenters,
+                          interclass_filtering_threshold=self.interclass_filtering_threshold,
                           backend=self.backend, validate=self.validate)
 
     @torch.no_grad()

@@ -19,13 +19,19 @@ Low-level inputs are already validated and normalised by ``marginops.core``:
     hard_tau     (B,)    acc dtype or None (CurricularFace threshold; +inf disables a row)
     hard_t       ()      acc dtype 0-d tensor or None (CurricularFace t); given iff hard_tau is
     normalize_weight bool; subcenters int K >= 1
+    filter_threshold float (last argument, default 0.0): insightface arcface_torch's
+                         ``interclass_filtering_threshold``; > 0 enables filtering, <= 0 disables it
 
 Math (acc dtype throughout; never exponentiate in half precision):
 
     wn_r   = max(‖W_r‖, 1e-12) if normalize_weight else 1
     d_ir   = f_i · W_r / wn_r
     d_in   = max_k d_{i, c_n·K + k}          (c_n the class of column n; sub-center max)
-    d'_in  = d_in · (t + d_in)   if hard and n != target_col_i and d_in > tau_i, else d_in
+    filtered_in = filter_threshold > 0 and n != target_col_i and d_in > filter_threshold
+    d'_in  = 0                   if filtered_in                  (the column stays in the softmax
+                                                                   with z_in = bias_{c_n})
+           = d_in · (t + d_in)   elif hard and n != target_col_i and d_in > tau_i
+           = d_in                otherwise
     z_in   = scale_i · d'_in + bias_{c_n}
     lse_neg_i = log Σ_{n != target_col_i} exp(z_in)     (-inf if there is no such column)
     dot_y_i   = d_{i, target_col_i}  (unmodulated, unscaled, no bias), 0 if target_col_i = -1
@@ -44,11 +50,20 @@ Backward, given grad_lse (B,), grad_dot (B,), and the saved lse_neg:
     g_in        = grad_lse_i · exp(z_in - lse_neg_i)       for n != target_col_i, else 0
     grad_scale_i = Σ_n g_in · d'_in
     grad_bias_c  = Σ_i g_in                                  (scattered to class c_n)
-    dd_in       = g_in · scale_i · (t + 2 d_in if modulated else 1)  + [n == target_col_i]·grad_dot_i
+    dd_in       = g_in · scale_i · (0 if filtered, t + 2 d_in if modulated, else 1)
+                  + [n == target_col_i]·grad_dot_i
     grad_f_i    = Σ_n dd_in · W_{r*(i,n)} / wn_{r*}          r* = the argmax sub-center row
     G_r         = Σ_i dd_{i,n(r)} f_i   over rows i whose argmax for column n(r) is r
     grad_W_r    = (G_r - ŵ_r (ŵ_r · G_r)) / wn_r  if normalize_weight and ‖W_r‖ > 1e-12
                   G_r / wn_r otherwise;  rows never iterated (class_index) get exactly 0.
+
+Interclass filtering follows arcface_torch's ``CombinedMarginLoss``: under ``no_grad`` every
+cosine above the threshold is multiplied by 0, except the target of rows with a label — so a row
+whose target is absent (target_col_i = -1: another shard's class, or an ignored row) has every
+column above the threshold filtered, as arcface_torch's rows labelled -1 do. It tests d_in after
+the sub-center max and before the CurricularFace modulation (a filtered column is never
+modulated); its zero slope means no gradient reaches the argmax sub-center row either. NaN d_in is
+never above the threshold (NaN in, NaN out); a NaN g_in still gives a NaN dd_in (NaN · 0).
 
 Returns ``(grad_features, grad_weight, grad_scale, grad_bias)``: grad_features in features' dtype,
 grad_weight in weight's dtype (full (R, D)), grad_scale and grad_bias in acc dtype; grad_bias
@@ -69,7 +84,8 @@ d_{i, exclude_col_i} replaced by -inf, on every backend (never an out-of-range c
 Registered op names (``torch.ops.marginops.*``): ``margin_lse_torch`` / ``margin_lse_torch_backward``
 (this package's Python), ``margin_lse`` / ``margin_lse_backward`` / ``topk`` (C++: CPU and CUDA
 dispatch keys), ``margin_lse_triton`` / ``margin_lse_triton_backward`` / ``topk_triton``.
-Every backward op takes ``(grad_lse, grad_dot, lse_neg, <the forward's inputs>)``.
+Every backward op takes ``(grad_lse, grad_dot, lse_neg, <the forward's inputs>)``; the
+``margin_lse*`` ops end with ``filter_threshold`` (default 0.0 in every schema).
 """
 
 from collections.abc import Callable
@@ -81,9 +97,9 @@ def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False
     """Attach the one autograd formula of the core op to a backend's registered forward op.
 
     ``backward_op(grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col,
-    class_index, hard_tau, hard_t, normalize_weight, subcenters)`` is the backend's registered
-    backward op (so torch.compile sees it as one node). Forward inputs and the saved lse_neg are
-    all it needs: the backward recomputes the tiles instead of storing B×C.
+    class_index, hard_tau, hard_t, normalize_weight, subcenters, filter_threshold)`` is the
+    backend's registered backward op (so torch.compile sees it as one node). Forward inputs and
+    the saved lse_neg are all it needs: the backward recomputes the tiles instead of storing B×C.
 
     ``kept=True``: the forward op returns a third, non-differentiable output (tiles it kept, e.g.
     the cpp backend's dots when they fit its budget), saved and passed to ``backward_op`` right
@@ -92,7 +108,7 @@ def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False
 
     def setup_context(ctx, inputs, output):
         (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-         normalize_weight, subcenters) = inputs
+         normalize_weight, subcenters, *rest) = inputs
         extra = (output[2],) if kept else ()
         if kept:
             ctx.mark_non_differentiable(output[2])
@@ -100,6 +116,7 @@ def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False
                               hard_t, output[0], *extra)
         ctx.normalize_weight = normalize_weight
         ctx.subcenters = subcenters
+        ctx.filter_threshold = float(rest[0]) if rest else 0.0  # the schema's default
 
     def backward(ctx, grad_lse, grad_dot, *_grad_kept):
         (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
@@ -111,10 +128,10 @@ def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False
         grad_dot = torch.zeros_like(lse_neg) if grad_dot is None else grad_dot.contiguous()
         grads = backward_op(grad_lse, grad_dot, lse_neg, *extra, features, weight, scale, bias,
                             target_col, class_index, hard_tau, hard_t, ctx.normalize_weight,
-                            ctx.subcenters)
+                            ctx.subcenters, ctx.filter_threshold)
         grads = [g if need else None for g, need in zip(grads, needs[:4])]
         if bias is None:
             grads[3] = None
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, *(None,) * (len(needs) - 4))
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

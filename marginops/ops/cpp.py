@@ -101,7 +101,7 @@ def _register_python_side() -> None:
 
     @torch.library.register_fake("marginops::margin_lse")
     def _margin_lse_fake(features, weight, scale, bias, target_col, class_index, hard_tau,
-                         hard_t, normalize_weight, subcenters):
+                         hard_t, normalize_weight, subcenters, filter_threshold=0.0):
         acc = _acc(features.dtype)
         batch = features.shape[0]
         return features.new_empty((batch,), dtype=acc), features.new_empty((batch,), dtype=acc)
@@ -109,7 +109,7 @@ def _register_python_side() -> None:
     @torch.library.register_fake("marginops::margin_lse_backward")
     def _margin_lse_backward_fake(grad_lse, grad_dot, lse_neg, features, weight, scale, bias,
                                   target_col, class_index, hard_tau, hard_t, normalize_weight,
-                                  subcenters):
+                                  subcenters, filter_threshold=0.0):
         acc = _acc(features.dtype)
         grad_bias = (bias.new_empty(bias.shape, dtype=acc) if bias is not None
                      else features.new_empty((0,), dtype=acc))
@@ -126,7 +126,7 @@ def _register_python_side() -> None:
 
     @torch.library.register_fake("marginops::margin_lse_keep")
     def _margin_lse_keep_fake(features, weight, scale, bias, target_col, class_index, hard_tau,
-                              hard_t, normalize_weight, subcenters):
+                              hard_t, normalize_weight, subcenters, filter_threshold=0.0):
         lse_neg, dot_y = _margin_lse_fake(features, weight, scale, bias, target_col, class_index,
                                           hard_tau, hard_t, normalize_weight, subcenters)
         columns = (class_index.shape[0] * subcenters if class_index is not None
@@ -191,7 +191,7 @@ def _keeps(features: Tensor, weight: Tensor, class_index: Tensor | None, subcent
 def margin_lse(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
                target_col: Tensor, class_index: Tensor | None, hard_tau: Tensor | None,
                hard_t: Tensor | None, normalize_weight: bool,
-               subcenters: int) -> tuple[Tensor, Tensor]:
+               subcenters: int, filter_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     """(lse_neg, dot_y), differentiable w.r.t. features, weight, scale and bias.
 
     On CPU, when the B × N·K dots fit the keep budget (``set_keep_budget``, default 32 MiB) and a
@@ -200,7 +200,7 @@ def margin_lse(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | N
     """
     _require_loaded()
     args = (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-            bool(normalize_weight), int(subcenters))
+            bool(normalize_weight), int(subcenters), float(filter_threshold))
     if _keeps(features, weight, class_index, int(subcenters)):
         lse_neg, dot_y, _dots = torch.ops.marginops.margin_lse_keep(*args)
         return lse_neg, dot_y

@@ -60,13 +60,15 @@ class Tile(NamedTuple):
     best: Tensor | None  # (B, n) argmax sub-center, None when K = 1
     is_target: Tensor    # (B, n) bool
     hard: Tensor | None  # (B, n) bool: hard negatives modulated d·(t+d)
-    d_mod: Tensor        # (B, n) cosines after the hard-negative modulation
+    filtered: Tensor | None  # (B, n) bool: interclass-filtered columns (d' = 0, slope 0)
+    d_mod: Tensor        # (B, n) cosines after filtering and the hard-negative modulation
     z: Tensor            # (B, n) logits, -inf at the target
 
 
 def _tiles(f: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, target_col: Tensor,
            class_index: Tensor | None, hard_tau: Tensor | None, hard_t: Tensor | None,
-           normalize_weight: bool, K: int) -> Iterator[tuple[int, Tile]]:
+           normalize_weight: bool, K: int,
+           filter_threshold: float = 0.0) -> Iterator[tuple[int, Tile]]:
     """Yield (first column, tile) over all columns; f is already in acc dtype."""
     B = f.shape[0]
     n_cols = weight.shape[0] // K if class_index is None else class_index.numel()
@@ -101,11 +103,16 @@ def _tiles(f: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, target
         if hard_tau is not None:
             hard = (~is_target) & (d > hard_tau[:, None])
             d_mod = torch.where(hard, d * (hard_t + d), d)
+        filtered = None
+        if filter_threshold > 0:  # insightface: non-target d above the threshold count as 0
+            filtered = (~is_target) & (d > filter_threshold)
+            d_mod = d_mod.masked_fill(filtered, 0.0)
         z = scale[:, None] * d_mod
         if bias is not None:
             z = z + bias[classes][None, :]
         z = z.masked_fill(is_target, float("-inf"))
-        yield n0, Tile(classes, rows, w_hat, w_norm, d, best, is_target, hard, d_mod, z)
+        yield n0, Tile(classes, rows, w_hat, w_norm, d, best, is_target, hard, filtered, d_mod,
+                   z)
 
 
 # ---------------------------------------------------------------- forward op
@@ -114,13 +121,13 @@ def _tiles(f: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, target
 def margin_lse_op(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
                   target_col: Tensor, class_index: Tensor | None, hard_tau: Tensor | None,
                   hard_t: Tensor | None, normalize_weight: bool,
-                  subcenters: int) -> tuple[Tensor, Tensor]:
+                  subcenters: int, filter_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(features.dtype)
     f = features.to(acc)
     lse_neg = torch.full((f.shape[0],), float("-inf"), dtype=acc, device=f.device)
     dot_y = torch.zeros_like(lse_neg)
     for _, t in _tiles(f, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                       normalize_weight, subcenters):
+                       normalize_weight, subcenters, filter_threshold):
         # online log-sum-exp: log(e^a + e^b) merges the running value with this chunk's
         lse_neg = torch.logaddexp(lse_neg, torch.logsumexp(t.z, dim=1))
         # where, not d · is_target: a NaN elsewhere in the row must not leak into dot_y (NaN · 0)
@@ -130,7 +137,7 @@ def margin_lse_op(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor 
 
 @margin_lse_op.register_fake
 def _(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-      normalize_weight, subcenters):
+      normalize_weight, subcenters, filter_threshold=0.0):
     acc = acc_dtype(features.dtype)
     return features.new_empty(features.shape[0], dtype=acc), features.new_empty(
         features.shape[0], dtype=acc)
@@ -142,8 +149,8 @@ def _(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
 def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, features: Tensor,
                            weight: Tensor, scale: Tensor, bias: Tensor | None, target_col: Tensor,
                            class_index: Tensor | None, hard_tau: Tensor | None,
-                           hard_t: Tensor | None, normalize_weight: bool,
-                           subcenters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           hard_t: Tensor | None, normalize_weight: bool, subcenters: int,
+                           filter_threshold: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     K = subcenters
     acc = acc_dtype(features.dtype)
     f = features.to(acc)
@@ -156,7 +163,7 @@ def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, 
     # -inf, which would give exp(-inf + inf) = NaN). NaN and +inf stay: NaN in, NaN out.
     finite_lse = lse_neg.masked_fill(lse_neg == float("-inf"), 0.0)
     for _, t in _tiles(f, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                        normalize_weight, K):
+                        normalize_weight, K, filter_threshold):
         # dL/dz_in = grad_lse_i · softmax over the negatives (0 at the target: z = -inf there)
         g = grad_lse[:, None] * torch.exp(t.z - finite_lse[:, None])
         grad_scale += (g * t.d_mod).sum(dim=1)
@@ -165,6 +172,8 @@ def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, 
         dd = g * scale[:, None]
         if t.hard is not None:  # d/dd of d·(t + d) is t + 2d
             dd = torch.where(t.hard, dd * (hard_t + 2 * t.d), dd)
+        if t.filtered is not None:  # a filtered column is a constant 0: slope 0 (NaN · 0 = NaN)
+            dd = torch.where(t.filtered, dd * 0.0, dd)
         dd = dd + t.is_target * grad_dot[:, None]
         if K > 1:  # route each column's gradient to its argmax sub-center row
             dd = torch.zeros(B, dd.shape[1], K, dtype=acc, device=f.device).scatter_(
@@ -185,7 +194,7 @@ def margin_lse_backward_op(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tensor, 
 
 @margin_lse_backward_op.register_fake
 def _(grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, class_index, hard_tau,
-      hard_t, normalize_weight, subcenters):
+      hard_t, normalize_weight, subcenters, filter_threshold=0.0):
     grad_bias = torch.empty_like(bias) if bias is not None else scale.new_empty(0)
     return (torch.empty_like(features), torch.empty_like(weight), torch.empty_like(scale),
             grad_bias)
@@ -196,9 +205,10 @@ register_core_autograd(margin_lse_op, margin_lse_backward_op)
 
 
 def margin_lse(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-               normalize_weight: bool, subcenters: int) -> tuple[Tensor, Tensor]:
+               normalize_weight: bool, subcenters: int,
+               filter_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     return margin_lse_op(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                         normalize_weight, subcenters)
+                         normalize_weight, subcenters, float(filter_threshold))
 
 
 # ---------------------------------------------------------------- top-k (no autograd)

@@ -84,11 +84,13 @@ def _check(features: Tensor, weight: Tensor) -> None:
 
 
 def margin_lse(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-               normalize_weight: bool, subcenters: int) -> tuple[Tensor, Tensor]:
+               normalize_weight: bool, subcenters: int,
+               filter_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     """Differentiable (lse_neg, dot_y); see marginops/ops/__init__.py for the contract."""
     _check(features, weight)
     return _ops().margin_lse_triton(features, weight, scale, bias, target_col, class_index,
-                                    hard_tau, hard_t, bool(normalize_weight), int(subcenters))
+                                    hard_tau, hard_t, bool(normalize_weight), int(subcenters),
+                                    float(filter_threshold))
 
 
 def topk(features, weight, exclude_col, k: int, normalize_weight: bool,

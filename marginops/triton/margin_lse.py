@@ -10,7 +10,8 @@ n (class c_n = class_index[n], or n), with sub-center rows r = c_n·K + k:
 
     d_ir  = f_i · W_r / wn_r            wn_r = max(‖W_r‖, 1e-12), or 1 without normalisation
     d_in  = max_k d_{i, c_n·K+k}        (sub-center max; r*(i, n) is the argmax row)
-    d'_in = d_in (t + d_in)  if hard-negative and n ≠ y_i and d_in > tau_i, else d_in
+    d'_in = 0                if FILTER and n ≠ y_i and d_in > thr (interclass filtering, slope 0)
+          = d_in (t + d_in)  elif hard-negative and n ≠ y_i and d_in > tau_i, else d_in
     z_in  = scale_i · d'_in + bias_{c_n}
     lse_neg_i = log Σ_{n ≠ y_i} exp z_in            dot_y_i = d_{i, y_i}
 
@@ -20,9 +21,10 @@ Forward ``_fwd_kernel``: grid (row tiles × class splits). A program owns BLOCK_
 contiguous range of columns; per BLOCK_N column tile it runs ``tl.dot`` over D in BLOCK_D chunks
 (fp32 accumulation, W tiles converted on load to the features' dtype), summing the squares of the
 same loaded W tile so the row norm costs no extra pass, then the whole epilogue in registers
-(1/‖W‖ column scale, sub-center max, target mask and dot_y capture, hard-negative modulation,
-scale, bias, online max / sum-exp). Each program writes three BLOCK_B vectors (m, s, dot_y) to a
-(splits × B) buffer; ``_merge_kernel`` combines the splits. Nothing B×C-sized is ever stored.
+(1/‖W‖ column scale, sub-center max, target mask and dot_y capture, interclass filtering,
+hard-negative modulation, scale, bias, online max / sum-exp). Each program writes three BLOCK_B
+vectors (m, s, dot_y) to a (splits × B) buffer; ``_merge_kernel`` combines the splits. Nothing
+B×C-sized is ever stored.
 
 Backward: logits are recomputed, never stored.
   * ``_bwd_df_kernel`` (row tiles × class splits): dd_in (see contract), then
@@ -86,8 +88,9 @@ from .tiles import (  # noqa: F401  (NEG_INF, interpreting: part of this module'
 @triton.jit
 def _fwd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
                 m_ptr, s_ptr, y_ptr,  # (splits, B) fp32 partials
-                B, N, D, K, cols_per_split, stride_f, stride_w,
+                B, N, D, K, cols_per_split, stride_f, stride_w, thr,
                 HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                FILTER: tl.constexpr,
                 NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
@@ -116,7 +119,7 @@ def _fwd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, 
                               stride_f, stride_w, NORMALIZE, True, HAS_SUB, DOT_PREC,
                               BLOCK_B, BLOCK_N, BLOCK_D)
         is_t, _dmod, _slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls,
-                                             tau, t, HAS_BIAS, HARD)
+                                             tau, t, thr, HAS_BIAS, HARD, FILTER)
         dot_y += tl.sum(tl.where(is_t, d, 0.0), axis=1)  # raw target cosine (one column at most)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_ref = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no finite logit yet: avoid −inf − −inf
@@ -175,12 +178,12 @@ def _inv_norm_kernel(w_ptr, cidx_ptr, inv_ptr, N, D, K, stride_w,
 
 
 @triton.jit
-def _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, lse, glse, gdot,
-                 HAS_BIAS: tl.constexpr, HARD: tl.constexpr):
+def _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr, lse, glse, gdot,
+                 HAS_BIAS: tl.constexpr, HARD: tl.constexpr, FILTER: tl.constexpr):
     """g_in = grad_lse_i · exp(z_in − lse_i) (0 on the target) and
     dd_in = g_in · scale_i · dd'/dd + [n = y_i] grad_dot_i, the gradient w.r.t. the cosine d_in."""
     is_t, dmod, slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
-                                       HAS_BIAS, HARD)
+                                       thr, HAS_BIAS, HARD, FILTER)
     lse_ref = tl.where(lse == _NEG_INF, 0.0, lse)  # such rows have z = −inf everywhere: p = 0
     g = glse[:, None] * tl.exp(z - lse_ref[:, None])
     dd = g * scale[:, None] * slope + tl.where(is_t, gdot[:, None], 0.0)
@@ -191,8 +194,9 @@ def _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, lse, gls
 def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
                    lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
                    df_ptr, gs_ptr,  # (splits, B, D) and (splits, B) fp32, df zero-initialised
-                   B, N, D, K, cols_per_split, stride_f, stride_w,
+                   B, N, D, K, cols_per_split, stride_f, stride_w, thr,
                    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                   FILTER: tl.constexpr,
                    NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad_f_i = Σ_n dd_in W_{r*} / wn_{r*} and grad_scale_i = Σ_n g_in d'_in over one split."""
@@ -223,8 +227,8 @@ def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
         d, kb = _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
                              stride_f, stride_w, NORMALIZE, False, HAS_SUB, DOT_PREC,
                              BLOCK_B, BLOCK_N, BLOCK_D)
-        g, dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
-                                   lse, glse, gdot, HAS_BIAS, HARD)
+        g, dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
+                                   lse, glse, gdot, HAS_BIAS, HARD, FILTER)
         gs += tl.sum(g * dmod, axis=1)
         for k in range(K):
             # d_in = f_i·W_r*/wn_r*: the gradient reaches f_i through W_r*/wn_r* (argmax row only)
@@ -271,8 +275,9 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
                    gw_ptr,  # (R, D) grad_weight in weight's dtype, zero-initialised
                    gb_ptr,  # (C_local,) fp32 grad_bias
                    # with HAS_INDEX all three are per column: (N·K, D), (N·K, D) fp32, (N,)
-                   B, N, D, K, stride_f, stride_w,
+                   B, N, D, K, stride_f, stride_w, thr,
                    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                   FILTER: tl.constexpr,
                    NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program owns BLOCK_N columns (all K sub-center rows of each) and loops over the batch:
@@ -302,8 +307,8 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
         d, kb = _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
                              stride_f, stride_w, NORMALIZE, False, HAS_SUB, DOT_PREC,
                              BLOCK_B, BLOCK_N, BLOCK_D)
-        g, _dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
-                                    lse, glse, gdot, HAS_BIAS, HARD)
+        g, _dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
+                                    lse, glse, gdot, HAS_BIAS, HARD, FILTER)
         if HAS_BIAS:
             gb += tl.sum(g, axis=0)
         for k in range(K):
@@ -372,7 +377,7 @@ class _Args:
     """The op's inputs, checked once and laid out as the kernels want them."""
 
     def __init__(self, features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                 normalize_weight, subcenters):
+                 normalize_weight, subcenters, filter_threshold=0.0):
         if features.dtype == torch.float64 or weight.dtype == torch.float64:
             raise TypeError("backend 'triton' does not support float64 inputs; "
                             "use backend='torch' or backend='cpp' for float64")
@@ -406,6 +411,9 @@ class _Args:
         self.tau = hard_tau.contiguous() if self.hard else None
         self.t = hard_t.reshape(1).contiguous() if self.hard else None
         self.normalize = bool(normalize_weight)
+        # interclass filtering: a runtime fp32 scalar, compiled in only when on (FILTER)
+        self.filter = float(filter_threshold) > 0
+        self.thr = float(filter_threshold) if self.filter else 0.0
         self.acc = scale.dtype
         # Triton specialises D, the strides and the base pointers on divisibility by 16
         aligned = (self.D % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (self.f, self.w)))
@@ -419,7 +427,8 @@ class _Args:
                      self.tau if self.hard else dummy,
                      self.t if self.hard else dummy)
         self.flags = dict(HAS_BIAS=self.bias is not None, HAS_INDEX=self.cidx is not None,
-                          HARD=self.hard, NORMALIZE=self.normalize, HAS_SUB=self.K > 1,
+                          HARD=self.hard, FILTER=self.filter, NORMALIZE=self.normalize,
+                          HAS_SUB=self.K > 1,
                           DOT_PREC=_dot_precision(self.f))
 
 
@@ -436,7 +445,7 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
     with device_guard(dev):
         _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
-                          a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0),
+                          a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0), a.thr,
                           **a.flags, **cfg.meta(), **cfg.launch())
         _merge_kernel[(triton.cdiv(a.B, merge_cfg.block_b),)](
             part[0], part[1], part[2], lse, dot_y, a.B, splits,
@@ -487,10 +496,10 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
                 BLOCK_N=norm_cfg.block_n, BLOCK_D=norm_cfg.block_d, **norm_cfg.launch())
         _bwd_df_kernel[(triton.cdiv(a.B, df_cfg.block_b), splits)](
             *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps,
-            a.f.stride(0), a.w.stride(0), **a.flags, **df_cfg.meta(), **df_cfg.launch())
+            a.f.stride(0), a.w.stride(0), a.thr, **a.flags, **df_cfg.meta(), **df_cfg.launch())
         _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n),)](
             *a.ptrs, lse, grad_lse, grad_dot, inv, gacc, gw, gb, *common,
-            a.f.stride(0), a.w.stride(0), **a.flags, **dw_cfg.meta(), **dw_cfg.launch())
+            a.f.stride(0), a.w.stride(0), a.thr, **a.flags, **dw_cfg.meta(), **dw_cfg.launch())
     grad_f = df.sum(0).to(a.f.dtype)
     grad_s = gs.sum(0).to(a.acc)
     if a.cidx is not None:
@@ -525,16 +534,17 @@ def _scatter_to_classes(a: _Args, g_cols: Tensor, gb_cols: Tensor) -> tuple[Tens
 def margin_lse_triton(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
                       target_col: Tensor, class_index: Tensor | None,
                       hard_tau: Tensor | None, hard_t: Tensor | None,
-                      normalize_weight: bool, subcenters: int) -> tuple[Tensor, Tensor]:
+                      normalize_weight: bool, subcenters: int,
+                      filter_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     a = _Args(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-              normalize_weight, subcenters)
+              normalize_weight, subcenters, filter_threshold)
     (cfg,) = _pick(a, "fwd", lambda c: _forward(a, c))
     return _forward(a, cfg)
 
 
 @margin_lse_triton.register_fake
 def _(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-      normalize_weight, subcenters):
+      normalize_weight, subcenters, filter_threshold=0.0):
     B = features.shape[0]
     return scale.new_empty(B), scale.new_empty(B)
 
@@ -545,9 +555,10 @@ def margin_lse_triton_backward(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tens
                                bias: Tensor | None, target_col: Tensor,
                                class_index: Tensor | None, hard_tau: Tensor | None,
                                hard_t: Tensor | None, normalize_weight: bool,
-                               subcenters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                               subcenters: int, filter_threshold: float = 0.0,
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     a = _Args(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-              normalize_weight, subcenters)
+              normalize_weight, subcenters, filter_threshold)
     df_cfg, dw_cfg = _pick(a, "bwd", lambda c1, c2: _backward(a, lse_neg, grad_lse, grad_dot,
                                                                c1, c2))
     return _backward(a, lse_neg, grad_lse, grad_dot, df_cfg, dw_cfg)
@@ -555,7 +566,7 @@ def margin_lse_triton_backward(grad_lse: Tensor, grad_dot: Tensor, lse_neg: Tens
 
 @margin_lse_triton_backward.register_fake
 def _(grad_lse, grad_dot, lse_neg, features, weight, scale, bias, target_col, class_index,
-      hard_tau, hard_t, normalize_weight, subcenters):
+      hard_tau, hard_t, normalize_weight, subcenters, filter_threshold=0.0):
     gb = torch.empty_like(bias) if bias is not None else scale.new_empty(0)
     return torch.empty_like(features), torch.empty_like(weight), torch.empty_like(scale), gb
 

@@ -1,7 +1,7 @@
 """Tile helpers shared by the Triton kernels (margin_lse.py, topk.py), inlined into each kernel.
 
     _cosine_tile   (BLOCK_B, BLOCK_N) cosines d_in = max_k f_i·W_r / wn_r, fp32 accumulation
-    _logit_tile    the epilogue: target mask, hard-negative modulation, scale, bias → z
+    _logit_tile    the epilogue: target mask, filtering, hard-negative modulation, scale, bias → z
     _dot_operand   dd as the operand of a second GEMM (fp16: scaled per output row)
     _split_range / _class_of   a split's columns, a column's class
 
@@ -77,9 +77,12 @@ def _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, 
 
 
 @triton.jit
-def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
-                HAS_BIAS: tl.constexpr, HARD: tl.constexpr):
+def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
+                HAS_BIAS: tl.constexpr, HARD: tl.constexpr, FILTER: tl.constexpr):
     """Epilogue on a cosine tile: returns (is_target, d', dd'/dd, z with -inf where excluded).
+
+    FILTER (insightface's interclass filtering, thr > 0): a non-target d above thr becomes
+    d' = 0 with slope 0, before and instead of the hard-negative modulation.
 
     z is -inf on the target column and on padding columns, so exp(z − ·) is exactly 0 there.
     """
@@ -92,6 +95,10 @@ def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
     else:
         dmod = d
         slope = 1.0
+    if FILTER:
+        filtered = (d > thr) & (~is_t)
+        dmod = tl.where(filtered, 0.0, dmod)
+        slope = tl.where(filtered, 0.0, slope)
     z = scale[:, None] * dmod
     if HAS_BIAS:
         b = tl.load(bias_ptr + cls, mask=col_mask, other=0.0).to(tl.float32)

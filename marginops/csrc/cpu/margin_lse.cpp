@@ -77,7 +77,7 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
           const int64_t tl = P.target[i] - n0;
           if (tl >= 0 && tl < nc) dot_out[i] = row[tl];  // exactly one chunk holds the target
           const acc_t m = row_logits(row, nc, tl, P.scale[i], P.hard ? P.tau[i] : acc_t(0), P.t,
-                                     P.hard, bc);
+                                     P.hard, P.thr, P.filter, bc);
           if (m == epi::neg_inf<acc_t>()) continue;  // no non-target column in this chunk
           const acc_t sum = row_sum_exp(row, nc, m);
           epi::lse_merge(M[i], S[i], m, sum);
@@ -165,7 +165,7 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
           const bool has_t = tl >= 0 && tl < nc;
           acc_t* out = K == 1 ? row : dbuf.data();  // K = 1: in place; else compact, scattered below
           const acc_t gsum = row_dd(d, out, nc, tl, P.scale[i], P.hard ? P.tau[i] : acc_t(0), P.t,
-                                    P.hard, bc, lse_neg[i], grad_lse[i], gbc);
+                                    P.hard, P.thr, P.filter, bc, lse_neg[i], grad_lse[i], gbc);
           if (has_t) out[tl] += grad_dot[i];
           if (K > 1) {
             for (int64_t j = 0; j < nc; ++j) row[j * K + abuf[j]] = out[j];
@@ -286,7 +286,7 @@ Problem<acc_t> make_problem(const Tensor& Facc, const Tensor& weight, const Tens
                             const std::optional<Tensor>& class_index,
                             const std::optional<Tensor>& hard_tau,
                             const std::optional<Tensor>& hard_t, bool normalize_weight,
-                            int64_t subcenters) {
+                            int64_t subcenters, double filter_threshold) {
   Problem<acc_t> P;
   P.B = Facc.size(0);
   P.D = Facc.size(1);
@@ -313,6 +313,10 @@ Problem<acc_t> make_problem(const Tensor& Facc, const Tensor& weight, const Tens
     P.tau = hard_tau->data_ptr<acc_t>();
     P.t = *hard_t->data_ptr<acc_t>();  // a host read of a CPU scalar, not Tensor::item
   }
+  TORCH_CHECK(std::isfinite(filter_threshold),
+              "marginops: filter_threshold must be finite (0 disables filtering)");
+  P.filter = filter_threshold > 0;  // insightface: only a positive threshold filters
+  P.thr = static_cast<acc_t>(filter_threshold);
   P.normalize = normalize_weight;
   return P;
 }
@@ -381,7 +385,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Ten
                                                const std::optional<Tensor>& hard_tau,
                                                const std::optional<Tensor>& hard_t,
                                                bool normalize_weight, int64_t subcenters,
-                                               bool keep) {
+                                               double filter_threshold, bool keep) {
   Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
   const auto acc = in.F.scalar_type();
   const int64_t B = in.F.size(0);
@@ -393,7 +397,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Ten
     using acc_t = decltype(acc0);
     using w_t = decltype(w0);
     auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
-                                 in.t, normalize_weight, subcenters);
+                                 in.t, normalize_weight, subcenters, filter_threshold);
     dots = at::empty({keep ? B : 0, keep ? P.N * P.K : 0}, in.F.options());
     forward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, lse.data_ptr<acc_t>(),
                              dot.data_ptr<acc_t>(), half, keep ? dots.data_ptr<acc_t>() : nullptr);
@@ -407,9 +411,11 @@ std::tuple<Tensor, Tensor> margin_lse_cpu(const Tensor& features, const Tensor& 
                                           const std::optional<Tensor>& class_index,
                                           const std::optional<Tensor>& hard_tau,
                                           const std::optional<Tensor>& hard_t,
-                                          bool normalize_weight, int64_t subcenters) {
+                                          bool normalize_weight, int64_t subcenters,
+                                          double filter_threshold) {
   auto [lse, dot, dots] = forward_cpu(features, weight, scale, bias, target_col, class_index,
-                                      hard_tau, hard_t, normalize_weight, subcenters, false);
+                                      hard_tau, hard_t, normalize_weight, subcenters,
+                                      filter_threshold, false);
   return {lse, dot};
 }
 
@@ -417,9 +423,10 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_keep_cpu(
     const Tensor& features, const Tensor& weight, const Tensor& scale,
     const std::optional<Tensor>& bias, const Tensor& target_col,
     const std::optional<Tensor>& class_index, const std::optional<Tensor>& hard_tau,
-    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters) {
+    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters,
+    double filter_threshold) {
   return forward_cpu(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                     normalize_weight, subcenters, true);
+                     normalize_weight, subcenters, filter_threshold, true);
 }
 
 // Backward of both; kept: the forward's dots (B × N·K) or nullopt to recompute them.
@@ -428,7 +435,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     const std::optional<Tensor>& kept, const Tensor& features, const Tensor& weight,
     const Tensor& scale, const std::optional<Tensor>& bias, const Tensor& target_col,
     const std::optional<Tensor>& class_index, const std::optional<Tensor>& hard_tau,
-    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters) {
+    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters,
+    double filter_threshold) {
   Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
   const auto acc = in.F.scalar_type();
   const int64_t B = in.F.size(0);
@@ -458,7 +466,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     using acc_t = decltype(acc0);
     using w_t = decltype(w0);
     auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
-                                 in.t, normalize_weight, subcenters);
+                                 in.t, normalize_weight, subcenters, filter_threshold);
     backward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, gl.data_ptr<acc_t>(),
                               gd.data_ptr<acc_t>(), ln.data_ptr<acc_t>(), gF, gW.data_ptr<w_t>(),
                               gS.data_ptr<acc_t>(),
@@ -473,9 +481,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cpu(
     const Tensor& weight, const Tensor& scale, const std::optional<Tensor>& bias,
     const Tensor& target_col, const std::optional<Tensor>& class_index,
     const std::optional<Tensor>& hard_tau, const std::optional<Tensor>& hard_t,
-    bool normalize_weight, int64_t subcenters) {
+    bool normalize_weight, int64_t subcenters, double filter_threshold) {
   return backward_cpu(grad_lse, grad_dot, lse_neg, std::nullopt, features, weight, scale, bias,
-                      target_col, class_index, hard_tau, hard_t, normalize_weight, subcenters);
+                      target_col, class_index, hard_tau, hard_t, normalize_weight, subcenters,
+                      filter_threshold);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_kept_cpu(
@@ -483,9 +492,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_kept_cpu(
     const Tensor& features, const Tensor& weight, const Tensor& scale,
     const std::optional<Tensor>& bias, const Tensor& target_col,
     const std::optional<Tensor>& class_index, const std::optional<Tensor>& hard_tau,
-    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters) {
+    const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters,
+    double filter_threshold) {
   return backward_cpu(grad_lse, grad_dot, lse_neg, dots, features, weight, scale, bias,
-                      target_col, class_index, hard_tau, hard_t, normalize_weight, subcenters);
+                      target_col, class_index, hard_tau, hard_t, normalize_weight, subcenters,
+                      filter_threshold);
 }
 
 std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight,
@@ -507,7 +518,7 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight
     using acc_t = decltype(acc0);
     using w_t = decltype(w0);
     auto P = make_problem<acc_t>(in.F, in.W, in.scale, std::nullopt, in.target, std::nullopt,
-                                 std::nullopt, std::nullopt, normalize_weight, subcenters);
+                                 std::nullopt, std::nullopt, normalize_weight, subcenters, 0.0);
     topk_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, in.target.data_ptr<int64_t>(), k,
                           vals.data_ptr<acc_t>(), cols.data_ptr<int64_t>());
   });

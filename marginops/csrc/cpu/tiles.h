@@ -39,6 +39,8 @@ struct Problem {
   const acc_t* tau = nullptr;            // B or null
   acc_t t = 0;                           // CurricularFace t
   bool hard = false;
+  acc_t thr = 0;                         // interclass filtering threshold (filter: thr > 0)
+  bool filter = false;
   bool normalize = true;
 
   int64_t class_of(int64_t n) const { return class_index ? class_index[n] : n; }
@@ -177,14 +179,16 @@ inline void subcenter_reduce(acc_t* row, int64_t nc, int64_t K) {
 // a NaN max then makes every exp(z − m) NaN, and lse_merge / lse_finalize keep it.
 template <typename acc_t>
 MO_ALWAYS_INLINE acc_t row_logits_impl(acc_t* row, int64_t nc, int64_t tl, acc_t s, acc_t tau,
-                                       acc_t t, bool hard, const acc_t* bc) {
+                                       acc_t t, bool hard, acc_t thr, bool filter,
+                                       const acc_t* bc) {
   acc_t m = epi::neg_inf<acc_t>();
   int nans = 0;  // int, not int64: same lane width as float, so the loop stays one vector width
 #pragma omp simd reduction(max : m) reduction(+ : nans)
   for (int64_t j = 0; j < nc; ++j) {
     const acc_t d = row[j];
     const bool h = epi::is_hard(d, tau, hard);
-    acc_t z = epi::logit(epi::modulate(d, t, h), s, bc[j]);
+    const bool f = epi::is_filtered(d, thr, filter);
+    acc_t z = epi::logit(f ? acc_t(0) : epi::modulate(d, t, h), s, bc[j]);
     z = j == tl ? epi::neg_inf<acc_t>() : z;
     row[j] = z;
     m = m > z ? m : z;
@@ -204,38 +208,40 @@ MO_ALWAYS_INLINE acc_t row_sum_exp_impl(const acc_t* row, int64_t nc, acc_t m) {
 
 // Backward: from d (sub-center maxima) to dd, written to out (may be d itself):
 //   g_j = grad_lse · exp(z_j − lse_neg) for j ≠ tl, 0 at tl;   gbias_j += g_j
-//   dd_j = g_j · s · ∂d'/∂d;   returns Σ_j g_j · d'_j (this row's ∂scale)
+//   dd_j = g_j · s · ∂d'/∂d (0 where filtered);   returns Σ_j g_j · d'_j (this row's ∂scale)
 // The target's grad_dot is added by the caller.
 template <typename acc_t>
 MO_ALWAYS_INLINE acc_t row_dd_impl(const acc_t* d, acc_t* out, int64_t nc, int64_t tl, acc_t s,
-                                   acc_t tau, acc_t t, bool hard, const acc_t* bc, acc_t lse,
+                                   acc_t tau, acc_t t, bool hard, acc_t thr, bool filter,
+                                   const acc_t* bc, acc_t lse,
                                    acc_t gl, acc_t* gbc) {
   acc_t gsum = 0;
 #pragma omp simd reduction(+ : gsum)
   for (int64_t j = 0; j < nc; ++j) {
     const acc_t dj = d[j];
     const bool h = epi::is_hard(dj, tau, hard);
-    const acc_t dm = epi::modulate(dj, t, h);
+    const bool f = epi::is_filtered(dj, thr, filter);
+    const acc_t dm = f ? acc_t(0) : epi::modulate(dj, t, h);
     acc_t p = epi::softmax_grad(epi::logit(dm, s, bc[j]), lse, gl);
     p = j == tl ? acc_t(0) : p;
     gsum += p * dm;
     gbc[j] += p;
-    out[j] = p * s * epi::modulate_grad(dj, t, h);
+    out[j] = p * s * (f ? acc_t(0) : epi::modulate_grad(dj, t, h));  // NaN p stays NaN
   }
   return gsum;
 }
 
 #define MO_DEFINE_ROW_KERNELS(T)                                                                 \
-  MO_CPU_CLONES T row_logits(T* row, int64_t nc, int64_t tl, T s, T tau, T t, bool hard,         \
-                             const T* bc) {                                                      \
-    return row_logits_impl<T>(row, nc, tl, s, tau, t, hard, bc);                                 \
+  MO_CPU_CLONES T row_logits(T* row, int64_t nc, int64_t tl, T s, T tau, T t, bool hard, T thr, \
+                             bool filter, const T* bc) {                                         \
+    return row_logits_impl<T>(row, nc, tl, s, tau, t, hard, thr, filter, bc);                    \
   }                                                                                              \
   MO_CPU_CLONES T row_sum_exp(const T* row, int64_t nc, T m) {                                   \
     return row_sum_exp_impl<T>(row, nc, m);                                                      \
   }                                                                                              \
   MO_CPU_CLONES T row_dd(const T* d, T* out, int64_t nc, int64_t tl, T s, T tau, T t, bool hard, \
-                         const T* bc, T lse, T gl, T* gbc) {                                     \
-    return row_dd_impl<T>(d, out, nc, tl, s, tau, t, hard, bc, lse, gl, gbc);                    \
+                         T thr, bool filter, const T* bc, T lse, T gl, T* gbc) {                 \
+    return row_dd_impl<T>(d, out, nc, tl, s, tau, t, hard, thr, filter, bc, lse, gl, gbc);       \
   }
 MO_DEFINE_ROW_KERNELS(float)
 MO_DEFINE_ROW_KERNELS(double)

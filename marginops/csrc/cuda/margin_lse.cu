@@ -104,6 +104,9 @@ struct RowArgs {
   const float* tau;       // B or null
   const float* hard_t;    // 0-d or null
   int64_t n0, nc, K;
+  float thr;              // interclass filtering threshold
+  bool filter;            // threshold > 0 (decided in double on the host: a tiny positive
+                          // threshold that rounds to 0.f still filters, as on the other backends)
 };
 
 // Column range [j0, j1) of split blockIdx.y.
@@ -136,7 +139,9 @@ __global__ void forward_epilogue_kernel(const float* __restrict__ T, const float
       dot_out[i] = d;  // exactly one thread of one chunk sees a row's target
       continue;
     }
-    const float z = epi::logit(epi::modulate(d, t, epi::is_hard(d, tau, hard)), s, bias_c[j]);
+    const bool f = epi::is_filtered(d, a.thr, a.filter);  // d' = 0 (insightface)
+    const float dm = f ? 0.f : epi::modulate(d, t, epi::is_hard(d, tau, hard));
+    const float z = epi::logit(dm, s, bias_c[j]);
     epi::lse_merge(m, sum, z, 1.f);
   }
   block_lse(m, sum, shm, shs);
@@ -186,11 +191,12 @@ __global__ void backward_epilogue_kernel(float* __restrict__ T, const float* __r
     int64_t argk;
     const float d = epi::subcenter_max(cell, a.K, &argk);
     const bool h = epi::is_hard(d, tau, hard);
-    const float dm = epi::modulate(d, t, h);
+    const bool f = epi::is_filtered(d, a.thr, a.filter);  // d' = 0 with slope 0 (insightface)
+    const float dm = f ? 0.f : epi::modulate(d, t, h);
     const float p = j == tl ? 0.f : epi::softmax_grad(epi::logit(dm, s, bias_c[j]), lse, gl);
     gsum += p * dm;
     if (P) P[i * a.nc + j] = p;
-    const float dd = p * s * epi::modulate_grad(d, t, h) + (j == tl ? gd : 0.f);
+    const float dd = p * s * (f ? 0.f : epi::modulate_grad(d, t, h)) + (j == tl ? gd : 0.f);
     for (int64_t k = 0; k < a.K; ++k) cell[k] = k == argk ? dd : 0.f;
   }
   gsum = block_sum(gsum, sh);
@@ -401,7 +407,8 @@ std::tuple<Tensor, Tensor> margin_lse_cuda(const Tensor& features, const Tensor&
                                            const std::optional<Tensor>& class_index,
                                            const std::optional<Tensor>& hard_tau,
                                            const std::optional<Tensor>& hard_t,
-                                           bool normalize_weight, int64_t subcenters) {
+                                           bool normalize_weight, int64_t subcenters,
+                                           double filter_threshold) {
   c10::cuda::OptionalCUDAGuard guard;
   Prepared p = prepare(guard, features, weight, scale, bias, target_col, class_index, hard_tau,
                        hard_t, subcenters);
@@ -423,7 +430,8 @@ std::tuple<Tensor, Tensor> margin_lse_cuda(const Tensor& features, const Tensor&
       Tensor T = load_and_gemm<w_t>(p, ws, n0, nc, normalize_weight, stream);
       const int64_t s = std::min<int64_t>(S, nc);
       RowArgs a{p.target.data_ptr<int64_t>(), p.scale.data_ptr<float>(), opt_ptr<float>(p.tau),
-                opt_ptr<float>(p.t), n0, nc, p.K};
+                opt_ptr<float>(p.t), n0, nc, p.K, static_cast<float>(filter_threshold),
+                filter_threshold > 0};
       forward_epilogue_kernel<<<dim3(p.B, s), kThreads, 0, stream>>>(
           T.data_ptr<float>(), ws.bias_c.data_ptr<float>(), a, part_m.data_ptr<float>(),
           part_s.data_ptr<float>(), dot.data_ptr<float>());
@@ -446,7 +454,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
     const Tensor& weight, const Tensor& scale, const std::optional<Tensor>& bias,
     const Tensor& target_col, const std::optional<Tensor>& class_index,
     const std::optional<Tensor>& hard_tau, const std::optional<Tensor>& hard_t,
-    bool normalize_weight, int64_t subcenters) {
+    bool normalize_weight, int64_t subcenters, double filter_threshold) {
   c10::cuda::OptionalCUDAGuard guard;
   Prepared p = prepare(guard, features, weight, scale, bias, target_col, class_index, hard_tau,
                        hard_t, subcenters);
@@ -481,7 +489,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
         Tensor T = load_and_gemm<w_t>(p, ws, n0, nc, normalize_weight, stream);
         const int64_t s = std::min<int64_t>(S, nc);
         RowArgs a{p.target.data_ptr<int64_t>(), p.scale.data_ptr<float>(), opt_ptr<float>(p.tau),
-                  opt_ptr<float>(p.t), n0, nc, p.K};
+                  opt_ptr<float>(p.t), n0, nc, p.K, static_cast<float>(filter_threshold),
+                  filter_threshold > 0};
         float* Pp = P.defined() ? P.data_ptr<float>() : nullptr;
         backward_epilogue_kernel<<<dim3(p.B, s), kThreads, 0, stream>>>(
             T.data_ptr<float>(), ws.bias_c.data_ptr<float>(), a, gl.data_ptr<float>(),

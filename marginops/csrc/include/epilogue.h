@@ -6,7 +6,8 @@
 //
 // Notation (marginops/ops/__init__.py has the full contract):
 //   d_in   cosine-like dot of row i with column n (after the sub-center max)
-//   d'_in  = d·(t + d) when hard-negative modulated (CurricularFace), else d
+//   d'_in  = 0 when filtered (d > filter threshold, non-target); else d·(t + d) when
+//            hard-negative modulated (CurricularFace); else d
 //   z_in   = scale_i · d'_in + bias_n
 //   lse_neg_i = log Σ_{n ≠ target} exp(z_in),  kept as a running (max m, Σ exp(z − m)) pair.
 #pragma once
@@ -130,6 +131,16 @@ MO_HD T modulate(T d, T t, bool hard) {
 template <typename T>
 MO_HD T modulate_grad(T d, T t, bool hard) {
   return hard ? t + T(2) * d : T(1);
+}
+
+// Interclass filtering (insightface arcface_torch's interclass_filtering_threshold), applied
+// before the modulation: with thr > 0 (has_filter), a non-target cosine above thr is multiplied by
+// 0 under no_grad — the column stays in the softmax with d' = 0 (z = bias) and gets no gradient:
+//   filtered = has_filter && d > thr,   d' = 0,   ∂d'/∂d = 0.
+// The target column is never filtered (it is excluded from lse_neg and dot_y is unmodified).
+template <typename T>
+MO_HD bool is_filtered(T d, T thr, bool has_filter) {
+  return has_filter && d > thr;
 }
 
 // z = scale · d' + bias
