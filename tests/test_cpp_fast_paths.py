@@ -1,5 +1,13 @@
-"""The cpp backend's fast paths (issue 13): bf16 GEMMs on the matrix units, kept dots.
+"""The cpp backend's fast paths (issue 13): its own AVX-512 GEMMs (fp32, and bf16 on the matrix
+units), kept dots.
 
+* fp32 path — fp32-accumulated inputs on a CPU with AVX-512 run every GEMM on the kernel of
+  csrc/cpu/gemm.h (fp32 FMAs). Error budget: within 2× the fp32 naive PyTorch error versus fp64
+  truth, on odd shapes (D not a multiple of 16 and above the kernel's 128-deep k slices; B not a
+  multiple of its 6-row blocks; partial chunks; sub-centers, class_index, bias, hard negatives,
+  plain in-place weights). ``MARGINOPS_CPU_F32_GEMM=0`` switches it off (ATen's sgemm instead).
+  The path is really taken: the profiler sees no ATen GEMM (aten::mm, aten::addmm_) under the op,
+  and sees them with the knob off.
 * bf16 path — bf16 features on a CPU with AVX512-BF16: every GEMM multiplies bf16 operands with
   fp32 sums into an fp32 tile. Error budget: within 2× the same-precision naive PyTorch error
   versus fp64 truth (tests/tolerance.py), on odd shapes (D, B odd; C not a multiple of 16;
@@ -15,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 from contract_oracle import margin_lse_dense
-from test_cpp_op import ARGS, as_fp64, make_case, run
+from test_cpp_op import ARGS, as_fp64, gapped_case, make_case, run
 from tolerance import assert_within_budget
 
 from marginops.ops import cpp
@@ -32,8 +40,19 @@ def _cpu_has_bf16_units() -> bool:
         return False
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and all(f" {f}" in line for f in (
+                "avx512f", "avx512bw", "avx512vl")) for line in fh)
+    except OSError:
+        return False
+
+
 needs_bf16_units = pytest.mark.skipif(not _cpu_has_bf16_units(),
                                       reason="the bf16 GEMM path needs AVX512-BF16")
+needs_avx512 = pytest.mark.skipif(not _cpu_has_avx512(),
+                                  reason="the fp32 GEMM kernel needs AVX-512 (F, BW, VL)")
 
 
 @pytest.fixture
@@ -51,6 +70,66 @@ def keep_budget():
 
 def ours(**kw):
     return cpp.margin_lse(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 GEMM kernel
+# ------------------------------------------------------------------------------------------------
+
+def _aten_gemms(case) -> set[str]:
+    """ATen GEMM ops the profiler sees during a forward + backward of the op."""
+    with torch.profiler.profile() as prof:
+        run(ours, case)
+    return {e.name for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")}
+
+
+F32_CASES = [  # B, D, C, options
+    (7, 300, 100, dict(bias=True)),                            # D > one 128-deep k slice
+    (64, 33, 257, dict(bias=True)),
+    (6, 13, 45, dict(K=2, bias=True, hard=True, class_index=True)),
+    (13, 17, 50, dict(K=3, normalize=False)),                 # plain weights, read in place
+    (1, 130, 40, dict()),
+]
+
+
+@needs_avx512
+@pytest.mark.parametrize("chunks", ["default", "small"])
+@pytest.mark.parametrize("B,D,C,opts", F32_CASES)
+def test_f32_gemm_path_within_budget(B, D, C, opts, chunks, monkeypatch):
+    if chunks == "small":
+        monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+    case = gapped_case(B, D, C, dtype=torch.float32, scale=(16.0, 64.0), **opts)
+    got, base, truth = run(ours, case), run(margin_lse_dense, case), run(margin_lse_dense,
+                                                                         as_fp64(case))
+    assert _aten_gemms(case) == set()   # the path is really taken
+    monkeypatch.setenv("MARGINOPS_CPU_F32_GEMM", "0")
+    aten = run(ours, case)
+    assert _aten_gemms(case) == {"aten::mm", "aten::addmm_"}
+    for k in truth:
+        assert got[k].dtype == base[k].dtype == aten[k].dtype, k
+        assert_within_budget(got[k], base[k], truth[k], torch.float32, name=k)
+        assert_within_budget(aten[k], base[k], truth[k], torch.float32, name=k)
+
+
+@needs_avx512
+@pytest.mark.parametrize("kind", ["nan_weight", "inf_weight", "nan_features"])
+def test_f32_gemm_path_nan_in_nan_out(kind, small_chunks):
+    case = make_case(6, 19, 40, dtype=torch.float32, no_target_rows=False, seed=3)
+    f, w = case["features"].clone(), case["weight"].clone()
+    if kind == "nan_weight":
+        w[7, 4] = float("nan")
+    elif kind == "inf_weight":
+        w[7, 4] = float("inf")
+    else:
+        f[2, 5] = float("nan")
+    case["features"], case["weight"] = f, w
+    got = run(ours, case)
+    want_lse, _ = margin_lse_dense(**case)
+    assert torch.equal(torch.isnan(got["lse_neg"]), torch.isnan(want_lse))
+    assert torch.isnan(got["lse_neg"]).any()
+    bad = torch.isnan(got["lse_neg"])
+    assert not torch.isfinite(got["grad_features"][bad]).all(dim=1).any()
+    assert not torch.isfinite(got["grad_weight"]).all()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 //   1. load   — read the chunk's weight rows (indirectly through class_index when given), convert
 //               to the acc dtype and normalise them into a small nc·K × D buffer Ŵc (plain linear
 //               weights already in the acc dtype are read in place);
-//   2. GEMM   — T = F · Ŵcᵀ (B × nc·K): fp32/fp64 with ATen's BLAS GEMM (MKL / OpenBLAS); bf16
-//               features on the AVX512-BF16 units with fp32 sums into an fp32 tile (gemm_bf16.h);
+//   2. GEMM   — T = F · Ŵcᵀ (B × nc·K): fp32 on our AVX-512 kernel, bf16 features on the
+//               AVX512-BF16 units, both with fp32 sums into an fp32 tile (gemm.h); fp64 and CPUs
+//               without AVX-512 with ATen's BLAS GEMM (MKL / OpenBLAS);
 //   3. epilogue — one tight loop per row over T, in place: sub-center max, target mask, hard-negative
 //               modulation, scale, bias, then max and Σexp (forward), or the softmax gradient dd
 //               (backward), using the shared math of csrc/include/epilogue.h.
@@ -45,7 +46,7 @@ namespace cpu {
 // recompute them (margin_lse_keep).
 template <typename acc_t, typename w_t>
 void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc_t* lse_out,
-                  acc_t* dot_out, const HalfFeatures& half, acc_t* keep) {
+                  acc_t* dot_out, const GemmPlan& plan, acc_t* keep) {
   const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
   const int64_t nthreads = at::get_num_threads();
   const int64_t nc_max = pick_chunk(B, K, N, sizeof(acc_t), nthreads);
@@ -61,7 +62,7 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
       int64_t c0, c1;
       group_range(g, ngroups, nchunks, &c0, &c1);
       if (c0 == c1) continue;
-      Workspace<acc_t> ws(B, D, K, nc_max, opt, &half);
+      Workspace<acc_t> ws(B, D, K, nc_max, opt, plan);
       ws.read_in_place(P, W, opt);
       acc_t* M = gm.data() + g * B;
       acc_t* S = gs.data() + g * B;
@@ -103,7 +104,7 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
 template <typename acc_t, typename w_t>
 void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const acc_t* grad_lse,
                    const acc_t* grad_dot, const acc_t* lse_neg, Tensor& gF_out, w_t* gW,
-                   acc_t* gscale_out, acc_t* gbias, bool accumulate_rows, const HalfFeatures& half,
+                   acc_t* gscale_out, acc_t* gbias, bool accumulate_rows, const GemmPlan& plan,
                    const acc_t* kept) {
   const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
   const int64_t nthreads = accumulate_rows ? 1 : at::get_num_threads();
@@ -122,7 +123,7 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
       int64_t c0, c1;
       group_range(g, ngroups, nchunks, &c0, &c1);
       if (c0 == c1) continue;
-      Workspace<acc_t> ws(B, D, K, nc_max, opt, &half);
+      Workspace<acc_t> ws(B, D, K, nc_max, opt, plan);
       ws.read_in_place(P, W, opt);
       // In-place weights: G is the weight gradient itself (wn = 1), written straight into gW.
       const bool g_in_place = ws.in_place() && !accumulate_rows;
@@ -212,7 +213,7 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
 
 template <typename acc_t, typename w_t>
 void topk_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const int64_t* exclude,
-               int64_t k, acc_t* vals_out, int64_t* cols_out) {
+               int64_t k, acc_t* vals_out, int64_t* cols_out, const GemmPlan& plan) {
   const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
   const int64_t nthreads = at::get_num_threads();
   const int64_t nc_max = pick_chunk(B, K, N, sizeof(acc_t), nthreads);
@@ -230,7 +231,7 @@ void topk_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const 
       int64_t c0, c1;
       group_range(g, ngroups, nchunks, &c0, &c1);
       if (c0 == c1) continue;
-      Workspace<acc_t> ws(B, D, K, nc_max, opt);
+      Workspace<acc_t> ws(B, D, K, nc_max, opt, plan);
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t n0 = ch * nc_max, nc = std::min(nc_max, N - n0), ncK = nc * K;
         Tensor T = ws.chunk_dots(P, W, Facc, n0, nc);
@@ -367,13 +368,26 @@ void dispatch_types(at::ScalarType acc, at::ScalarType wt, Fn&& f) {
   }
 }
 
-// The bf16 GEMM path: bf16 features (the weight may be bf16 or fp32 master weights, converted
-// per chunk) on a CPU with AVX512-BF16. fp16 keeps the fp32 GEMMs: no fp16 units on these CPUs.
-// MARGINOPS_CPU_BF16_GEMM=0 turns it off (a benchmarking and testing knob, read per call).
-inline bool use_half_gemm(const Tensor& features) {
-  if (features.scalar_type() != at::kBFloat16 || !bf16::available()) return false;
-  const char* env = std::getenv("MARGINOPS_CPU_BF16_GEMM");
+// The GEMMs of a call (GemmPlan in tiles.h): bf16 features on the AVX512-BF16 units (the weight may
+// be bf16 or fp32 master weights, converted per chunk); any other fp32-accumulated input on our
+// AVX-512 fp32 kernel; fp64 (gradcheck) and CPUs without AVX-512 on ATen's GEMM. fp16 features
+// run the fp32 kernel: no fp16 units on these CPUs. Knobs (benchmarking and testing, read per
+// call): MARGINOPS_CPU_BF16_GEMM=0 and MARGINOPS_CPU_F32_GEMM=0 send those cases to ATen instead.
+inline bool knob_on(const char* name) {
+  const char* env = std::getenv(name);
   return !(env && env[0] == '0');
+}
+
+// topk keeps fp32 products for bf16 features too (allow_bf16 = false): its ranking is compared
+// against fp32 dots.
+inline GemmPlan gemm_plan(const Tensor& features, bool allow_bf16 = true) {
+  if (features.scalar_type() == at::kDouble) return GemmPlan();
+  if (allow_bf16 && features.scalar_type() == at::kBFloat16 && simd::bf16_available() &&
+      knob_on("MARGINOPS_CPU_BF16_GEMM"))
+    return GemmPlan::bf16(features);
+  if (simd::f32_available() && knob_on("MARGINOPS_CPU_F32_GEMM"))
+    return GemmPlan(GemmPlan::kF32);
+  return GemmPlan();
 }
 
 // Forward of margin_lse and margin_lse_keep; keep: also return the B × N·K dots.
@@ -392,7 +406,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Ten
   Tensor lse = at::empty({B}, in.F.options());
   Tensor dot = at::zeros({B}, in.F.options());
   Tensor dots;
-  const HalfFeatures half = use_half_gemm(features) ? HalfFeatures(features) : HalfFeatures();
+  const GemmPlan plan = gemm_plan(features);
   dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
     using acc_t = decltype(acc0);
     using w_t = decltype(w0);
@@ -400,7 +414,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Ten
                                  in.t, normalize_weight, subcenters, filter_threshold);
     dots = at::empty({keep ? B : 0, keep ? P.N * P.K : 0}, in.F.options());
     forward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, lse.data_ptr<acc_t>(),
-                             dot.data_ptr<acc_t>(), half, keep ? dots.data_ptr<acc_t>() : nullptr);
+                             dot.data_ptr<acc_t>(), plan, keep ? dots.data_ptr<acc_t>() : nullptr);
   });
   return {lse, dot, dots};
 }
@@ -461,7 +475,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   Tensor gS = at::empty({B}, in.F.options());
   Tensor gBias = in.bias.has_value() ? at::zeros_like(*in.bias) : at::empty({0}, in.F.options());
   Tensor gF;
-  const HalfFeatures half = use_half_gemm(features) ? HalfFeatures(features) : HalfFeatures();
+  const GemmPlan plan = gemm_plan(features);
   dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
     using acc_t = decltype(acc0);
     using w_t = decltype(w0);
@@ -470,7 +484,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     backward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, gl.data_ptr<acc_t>(),
                               gd.data_ptr<acc_t>(), ln.data_ptr<acc_t>(), gF, gW.data_ptr<w_t>(),
                               gS.data_ptr<acc_t>(),
-                              in.bias.has_value() ? gBias.data_ptr<acc_t>() : nullptr, dup, half,
+                              in.bias.has_value() ? gBias.data_ptr<acc_t>() : nullptr, dup, plan,
                               kd.defined() ? kd.data_ptr<acc_t>() : nullptr);
   });
   return {gF.to(features.scalar_type()), gW, gS, gBias};
@@ -520,7 +534,8 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight
     auto P = make_problem<acc_t>(in.F, in.W, in.scale, std::nullopt, in.target, std::nullopt,
                                  std::nullopt, std::nullopt, normalize_weight, subcenters, 0.0);
     topk_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, in.target.data_ptr<int64_t>(), k,
-                          vals.data_ptr<acc_t>(), cols.data_ptr<int64_t>());
+                          vals.data_ptr<acc_t>(), cols.data_ptr<int64_t>(),
+                          gemm_plan(features, false));
   });
   return {vals, cols};
 }

@@ -3,8 +3,8 @@
 //   Problem      the op's inputs as raw pointers;  pick_chunk / group_range  chunking and threads
 //   load_chunk   a chunk of weight rows → acc dtype, normalised (+ norms, bias)
 //   row kernels  the epilogue loops (logits + max, Σexp, softmax gradient)
-//   HalfFeatures, Workspace  a thread's buffers and the chunk GEMMs (fp32/fp64 through ATen, or
-//                bf16 on the AVX512-BF16 units, csrc/cpu/gemm_bf16.h)
+//   GemmPlan, Workspace  a thread's buffers and the chunk GEMMs (fp32 on our AVX-512 kernel, bf16
+//                on the AVX512-BF16 units — csrc/cpu/gemm.h — or ATen's: fp64, older CPUs)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "epilogue.h"
-#include "gemm_bf16.h"
+#include "gemm.h"
 
 namespace marginops {
 namespace cpu {
@@ -63,7 +63,7 @@ inline int64_t pick_chunk(int64_t B, int64_t K, int64_t N, int64_t acc_size, int
   const int64_t T = std::max<int64_t>(1, nthreads);
   int64_t nchunks = (std::max<int64_t>(N, 1) + nc - 1) / nc;
   nchunks = (nchunks + T - 1) / T * T;
-  nc = bf16::round_up((N + nchunks - 1) / nchunks, 16);
+  nc = simd::round_up((N + nchunks - 1) / nchunks, 16);
   return std::max<int64_t>(1, std::min(nc, std::max<int64_t>(N, 1)));
 }
 
@@ -247,26 +247,32 @@ MO_DEFINE_ROW_KERNELS(float)
 MO_DEFINE_ROW_KERNELS(double)
 #undef MO_DEFINE_ROW_KERNELS
 
-// The features as bf16 operands, when the bf16 GEMM path is on (bf16 features and a CPU with
-// AVX512-BF16; see use_half_gemm): built once per call, shared read-only by the threads.
-//   Fb  B × Dp row-major (Dp = D rounded up to even, zero pad): A of the logits GEMM F·Ŵcᵀ
-//   Fp  F pair-packed as the B operand of G = DDᵀ·F (N = D, K = B)
-struct HalfFeatures {
-  bool on = false;
+// Which GEMMs a call runs, decided once per call (gemm_plan in margin_lse.cpp) and shared
+// read-only by the threads:
+//   kAten  ATen's mm (MKL / OpenBLAS): fp64, CPUs without AVX-512, or switched off by a knob;
+//   kF32   fp32 operands on our AVX-512 kernel (gemm.h: 2.4× MKL's sgemm on the AMD EPYC here);
+//   kBF16  bf16 features on the AVX512-BF16 units, with the features packed here once:
+//            Fb  B × Dp row-major (Dp = D rounded up to even, zero pad): A of the logits GEMM F·Ŵcᵀ
+//            Fp  F pair-packed as the B operand of G = DDᵀ·F (N = D, K = B)
+struct GemmPlan {
+  enum Kind { kAten, kF32, kBF16 };
+  Kind kind = kAten;
   int64_t Dp = 0;
   Tensor Fb, Fp;
-  HalfFeatures() = default;
-  HalfFeatures(const Tensor& features) : on(true) {
+  explicit GemmPlan(Kind k = kAten) : kind(k) {}
+  static GemmPlan bf16(const Tensor& features) {
+    GemmPlan g(kBF16);
     const int64_t B = features.size(0), D = features.size(1);
-    Dp = bf16::round_up(D, 2);
+    g.Dp = simd::round_up(D, 2);
     const auto opt = features.options().dtype(at::kBFloat16);
     Tensor Fh = features.scalar_type() == at::kBFloat16 ? features : features.to(at::kBFloat16);
     Fh = Fh.contiguous();
     const auto* src = Fh.data_ptr<at::BFloat16>();
-    Fb = at::empty({B, Dp}, opt);
-    bf16::convert_rows(src, B, D, D, Fb.data_ptr<at::BFloat16>());
-    Fp = at::empty({bf16::round_up(B, 2) * bf16::round_up(D, 16)}, opt);
-    bf16::pack_cols(src, D, B, D, Fp.data_ptr<at::BFloat16>());
+    g.Fb = at::empty({B, g.Dp}, opt);
+    simd::convert_rows(src, B, D, D, g.Fb.data_ptr<at::BFloat16>());
+    g.Fp = at::empty({simd::round_up(B, 2) * simd::round_up(D, 16)}, opt);
+    simd::pack_cols(src, D, B, D, g.Fp.data_ptr<at::BFloat16>());
+    return g;
   }
 };
 
@@ -274,23 +280,26 @@ struct HalfFeatures {
 template <typename acc_t>
 struct Workspace {
   Tensor Wc, tile, inv, sumsq, bias_c;
-  Tensor Wrows, Wnt, Wnn, DDb, DDt;  // bf16 path only: Ŵc in bf16 (rows, and packed both ways),
+  Tensor Wt;                         // kF32: Ŵcᵀ (D × Rt, Rt = nc·K rounded up to 16), the B
+                                     // operand of the logits GEMM
+  Tensor Wrows, Wnt, Wnn, DDb, DDt;  // kBF16: Ŵc in bf16 (rows, and packed both ways),
                                      // the DD tile in bf16 (rows, and DDᵀ pair-major)
-  const HalfFeatures* half;
+  const GemmPlan& plan;
   Tensor Wall;       // in-place mode (see read_in_place): the whole weight, and this chunk's row
   int64_t row0 = 0;
   Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
-            const HalfFeatures* half_ = nullptr)
+            const GemmPlan& plan_)
       : Wc(at::empty({nc * K, D}, opt)),
         tile(at::empty({B * nc * K}, opt)),
         inv(at::empty({nc * K}, opt)),
         sumsq(at::empty({nc * K}, opt)),
         bias_c(at::empty({nc}, opt)),
-        half(half_ && half_->on ? half_ : nullptr) {
-    if (half) {
-      using bf16::round_up;
+        plan(plan_) {
+    using simd::round_up;
+    const int64_t R = nc * K;
+    if (plan.kind == GemmPlan::kF32) Wt = at::empty({D * round_up(R, 16)}, opt);
+    if (plan.kind == GemmPlan::kBF16) {
       const auto ho = opt.dtype(at::kBFloat16);
-      const int64_t R = nc * K;
       Wrows = at::empty({R * round_up(D, 2)}, ho);
       Wnt = at::empty({round_up(D, 2) * round_up(R, 16)}, ho);
       Wnn = at::empty({round_up(R, 2) * round_up(D, 16)}, ho);
@@ -333,16 +342,25 @@ struct Workspace {
   template <typename w_t>
   Tensor chunk_dots(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, int64_t n0,
                     int64_t nc) {
-    const int64_t B = Facc.size(0), ncK = nc * P.K;
+    const int64_t B = Facc.size(0), D = P.D, ncK = nc * P.K;
     load(P, W, n0, nc);
     Tensor T = T_view(B, ncK);
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (half) {
+      const float* wv = W_view(ncK).template data_ptr<float>();
+      if (plan.kind == GemmPlan::kF32) {  // T = F · Ŵcᵀ, with Ŵcᵀ transposed into Wt
+        const int64_t ldt = simd::round_up(ncK, 16);
+        float* wt = Wt.template data_ptr<float>();
+        simd::transpose32(reinterpret_cast<const uint32_t*>(wv), ncK, D, D,
+                          reinterpret_cast<uint32_t*>(wt), ldt);
+        simd::gemm_f32(B, ncK, D, Facc.data_ptr<float>(), D, 1, wt, ldt, T.data_ptr<float>(),
+                       ncK, false);
+        return T;
+      }
+      if (plan.kind == GemmPlan::kBF16) {
         auto* wnt = Wnt.template data_ptr<at::BFloat16>();
-        bf16::pack_rows_f32(W_view(ncK).template data_ptr<float>(), ncK, P.D, P.D,
-                            Wrows.template data_ptr<at::BFloat16>(), wnt);
-        bf16::gemm(B, ncK, half->Dp / 2, half->Fb.template data_ptr<at::BFloat16>(), half->Dp,
-                   wnt, T.data_ptr<float>(), ncK, false);
+        simd::pack_rows_f32(wv, ncK, D, D, Wrows.template data_ptr<at::BFloat16>(), wnt);
+        simd::gemm_bf16(B, ncK, plan.Dp / 2, plan.Fb.template data_ptr<at::BFloat16>(),
+                        plan.Dp, wnt, T.data_ptr<float>(), ncK, false);
         return T;
       }
     }
@@ -354,21 +372,28 @@ struct Workspace {
     const int64_t B = T.size(0), ncK = T.size(1), D = Wc.size(1);
     const Tensor Wv = W_view(ncK);
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (half) {
+      const float* tp = T.data_ptr<float>();
+      if (plan.kind == GemmPlan::kF32) {  // DDᵀ is read in place (A strided by rows)
+        simd::gemm_f32(B, D, ncK, tp, ncK, 1, Wv.data_ptr<float>(), D, gF.data_ptr<float>(), D,
+                       true);
+        simd::gemm_f32(ncK, D, B, tp, 1, ncK, Facc.data_ptr<float>(), D, Gv.data_ptr<float>(),
+                       D, false);
+        return;
+      }
+      if (plan.kind == GemmPlan::kBF16) {
         // DD rounded to bf16, as in the naive bf16 loss's logit gradient; fp32 sums and outputs.
-        using bf16::round_up;
-        const float* tp = T.data_ptr<float>();
+        using simd::round_up;
         auto* ddb = DDb.template data_ptr<at::BFloat16>();
         auto* ddt = DDt.template data_ptr<at::BFloat16>();
         auto* wnn = Wnn.template data_ptr<at::BFloat16>();
         const int64_t Rp = round_up(ncK, 2), Bp = round_up(B, 2);
-        bf16::convert_rows_f32(tp, B, ncK, ncK, ddb);
-        bf16::pack_cols_f32(Wv.template data_ptr<float>(), D, ncK, D, wnn);
-        bf16::gemm(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
-        bf16::pack_cols_f32(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
-        bf16::gemm_pair_major(ncK, D, Bp / 2, ddt, bf16::round_up(ncK, 16),
-                              half->Fp.template data_ptr<at::BFloat16>(), Gv.data_ptr<float>(), D,
-                              false);
+        simd::convert_rows_f32(tp, B, ncK, ncK, ddb);
+        simd::pack_cols_f32(Wv.template data_ptr<float>(), D, ncK, D, wnn);
+        simd::gemm_bf16(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
+        simd::pack_cols_f32(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
+        simd::gemm_bf16_pair_major(ncK, D, Bp / 2, ddt, round_up(ncK, 16),
+                                   plan.Fp.template data_ptr<at::BFloat16>(),
+                                   Gv.data_ptr<float>(), D, false);
         return;
       }
     }

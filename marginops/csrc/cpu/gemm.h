@@ -1,24 +1,30 @@
-// bf16 × bf16 → fp32 GEMM on the CPU's bf16 dot-product units (AVX512-BF16, `vdpbf16ps`).
+// The CPU kernels' GEMMs on the AVX-512 units, fp32 sums into an fp32 C:
+//   fp32  C (+)= A · B   fp32 operands, `vfmadd231ps`                      (gemm_f32)
+//   bf16  C (+)= A · Bᵀ  bf16 operands in k-pairs, `vdpbf16ps` (AVX512-BF16) (gemm_bf16*)
 //
-// Why our own: ATen's bf16 matmul (oneDNN) only writes a bf16 result, and the logit tile must stay
-// fp32 (a bf16 cosine is off by up to 2^-9, i.e. 0.125 in a logit at s = 64); MKL's
-// cblas_gemm_bf16bf16f32 writes fp32 but does not use the bf16 units on every vendor's CPU
-// (measured 4× slower than ATen's bf16 matmul on the AMD EPYC this project runs on). The kernel
-// below is small because every operand it reads is one this file's caller packs anyway: the
-// weight chunk is converted and normalised per chunk, so it is written straight into the layout
-// the kernel wants.
+// Why our own. fp32: ATen's fp32 matmul is MKL's sgemm, which runs at ~100 GFLOP/s on one core of
+// the AMD EPYC (Zen 5) this project runs on — MKL takes a 256-bit code path on AMD — while this
+// kernel (and oneDNN) reach ~245 (measured, one thread, the chunk shapes of margin_lse). bf16:
+// ATen's bf16 matmul (oneDNN) only writes a bf16 result, and the logit tile must stay fp32 (a bf16
+// cosine is off by up to 2^-9, i.e. 0.125 in a logit at s = 64); MKL's cblas_gemm_bf16bf16f32
+// writes fp32 but does not use the bf16 units on every vendor's CPU (measured 4× slower than
+// ATen's bf16 matmul here). The kernel is small because its callers lay the operands out for it:
+// the weight chunk is converted and normalised per chunk anyway.
 //
-//   C[M × N] (+)= A[M × K] · Bᵀ,   A: bf16, row-major, K contiguous (lda even, K padded to even
-//                                     with zeros);
-//                                  B: N × K, stored "pair-packed": Bp[(p·Np + n)·2 + r] = B[n][2p + r]
-//                                     (Np = N rounded up to 16, padding zero).
-// Each `vdpbf16ps` multiplies 16 columns × one k-pair by the row's broadcast k-pair and adds into
-// fp32 (exact bf16 products, fp32 sums: the same arithmetic as oneDNN's bf16 GEMM before its final
-// rounding to bf16, which we skip). NaN/inf propagate like any fp32 FMA chain.
+// One kernel, two element types: K is counted in "words" — one float, or one pair of bf16 — and a
+// multiply-add policy (F32, BF16) says what a word is and how a broadcast word of A meets a vector
+// of 16 words of B:
+//   A  M × K words, word (r, k) at A[r·sr + k·sk] (row-major: sr = lda, sk = 1; given as Aᵀ
+//      row-major: sr = 1, sk = its row stride — the backward's DDᵀ is read in place);
+//   B  K × N words, row k at B + k·ldb (N contiguous; loads are masked, so N needs no padding).
+//      bf16 "pair-packed": word (p, n) = (B[2p][n], B[2p+1][n]) of the K × N matrix.
+// `vdpbf16ps` adds exact bf16 products into fp32 (the arithmetic of oneDNN's bf16 GEMM before its
+// final rounding to bf16, which we skip); `vfmadd231ps` is one rounding per product. Sums run
+// over k in order. NaN/inf propagate like any fp32 FMA chain.
 //
 // Register blocking: MR = 6 rows × NQ = 4 vectors of 16 columns → 24 fp32 accumulators, 4 B loads
-// and one broadcast per k-pair. Loops: column blocks outer (a Kp × 64 panel of B stays in L1 while
-// every row block passes over it), row blocks inner.
+// and one broadcast per word of k. Loops: 64-column panels outer; k in slices of KC = 128 words (a
+// 32 KiB slice of B stays in L1 while every row block passes over it); row blocks inner.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -28,24 +34,36 @@
 #include <cstring>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MO_HAVE_BF16_GEMM 1
+#define MO_HAVE_AVX512_GEMM 1
 #include <immintrin.h>
 #define MO_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define MO_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 #else
-#define MO_HAVE_BF16_GEMM 0
+#define MO_HAVE_AVX512_GEMM 0
 #endif
 
 namespace marginops {
 namespace cpu {
-namespace bf16 {
+namespace simd {
 
 using bf16_t = c10::BFloat16;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Whether this CPU has AVX-512 (F, BW, VL: the fp32 kernel) — checked once.
+inline bool f32_available() {
+#if MO_HAVE_AVX512_GEMM
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 // Whether this CPU has the bf16 dot-product instructions (checked once).
-inline bool available() {
-#if MO_HAVE_BF16_GEMM
+inline bool bf16_available() {
+#if MO_HAVE_AVX512_GEMM
   static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
   return ok;
 #else
@@ -108,7 +126,7 @@ void transpose(const W* src, int64_t R, int64_t Cn, int64_t lds, W* dst, int64_t
     }
 }
 
-#if MO_HAVE_BF16_GEMM
+#if MO_HAVE_AVX512_GEMM
 // n floats → n bf16.
 MO_BF16_TARGET inline void cvt_row(const float* s, int64_t n, bf16_t* d) {
   int64_t k = 0;
@@ -171,7 +189,7 @@ MO_BF16_TARGET inline void transpose16x16(const uint32_t* s, int64_t lds, uint32
 // transpose() of 32-bit words with whole 16 × 16 blocks in vector registers.
 inline void transpose32(const uint32_t* src, int64_t R, int64_t Cn, int64_t lds, uint32_t* dst,
                         int64_t ldd) {
-#if MO_HAVE_BF16_GEMM
+#if MO_HAVE_AVX512_GEMM
   const int64_t R16 = R / 16 * 16, C16 = Cn / 16 * 16;
   for (int64_t r0 = 0; r0 < R16; r0 += 16)
     for (int64_t c0 = 0; c0 < C16; c0 += 16)
@@ -183,10 +201,10 @@ inline void transpose32(const uint32_t* src, int64_t R, int64_t Cn, int64_t lds,
 #endif
 }
 
-// fp32 → bf16 operands, fast (the bf16 path only runs where MO_HAVE_BF16_GEMM and available()).
+// fp32 → bf16 operands, fast (the bf16 path only runs where MO_HAVE_AVX512_GEMM and bf16_available()).
 // convert_rows_f32: A rows (M × K at stride ld) → bf16 rows of Kp.
 inline void convert_rows_f32(const float* src, int64_t M, int64_t K, int64_t ld, bf16_t* dst) {
-#if MO_HAVE_BF16_GEMM
+#if MO_HAVE_AVX512_GEMM
   const int64_t Kp = round_up(K, 2);
   for (int64_t i = 0; i < M; ++i) {
     cvt_row(src + i * ld, K, dst + i * Kp);
@@ -199,7 +217,7 @@ inline void convert_rows_f32(const float* src, int64_t M, int64_t K, int64_t ld,
 
 // pack_cols_f32: B given as K rows of N floats → pair-packed (consecutive rows interleaved).
 inline void pack_cols_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf16_t* dst) {
-#if MO_HAVE_BF16_GEMM
+#if MO_HAVE_AVX512_GEMM
   const int64_t Np = round_up(N, 16), P = round_up(K, 2) / 2;
   auto* d32 = reinterpret_cast<uint32_t*>(dst);
   for (int64_t p = 0; p < P; ++p) {
@@ -226,31 +244,57 @@ inline void pack_rows_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf
 }
 
 // ---------------------------------------------------------------------------------------------
-// The kernel
+// The kernel, shared by both element types through a multiply-add policy (Op):
+//   F32   one float per word:          c += broadcast(a) · b           (vfmadd231ps)
+//   BF16  one pair of bf16 per word:   c += Σ_pair broadcast(a) · b    (vdpbf16ps, exact products)
 // ---------------------------------------------------------------------------------------------
-#if MO_HAVE_BF16_GEMM
-// One MR × (16·NQ) block of C. A32: the k-pairs of A as uint32, pair (r, p) at A32[r·sr + p·sp]
-// (row-major A: sr = lda/2, sp = 1; pair-major A: sr = 1, sp = its row stride); B32: pair-packed,
-// at the block's first column; mask[q]: valid columns of vector q.
-template <int MR, int NQ>
-MO_BF16_TARGET void block(int64_t P, const uint32_t* A32, int64_t sr, int64_t sp, const uint32_t* B32,
-                          int64_t Np, float* C, int64_t ldc, const __mmask16* mask, bool acc) {
+#if MO_HAVE_AVX512_GEMM
+struct F32 {
+  using word = float;
+  MO_AVX512_TARGET static inline __m512 bcast(const word* a) { return _mm512_set1_ps(*a); }
+  MO_AVX512_TARGET static inline __m512 load(__mmask16 m, const word* b) {
+    return _mm512_maskz_loadu_ps(m, b);
+  }
+  MO_AVX512_TARGET static inline __m512 madd(__m512 c, __m512 a, __m512 b) {
+    return _mm512_fmadd_ps(a, b, c);
+  }
+};
+struct BF16 {
+  using word = uint32_t;
+  MO_BF16_TARGET static inline __m512 bcast(const word* a) {
+    return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(*a)));
+  }
+  MO_BF16_TARGET static inline __m512 load(__mmask16 m, const word* b) {
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, b));
+  }
+  MO_BF16_TARGET static inline __m512 madd(__m512 c, __m512 a, __m512 b) {
+    return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b);
+  }
+};
+
+// Both policies' instantiations carry the bf16 target (BF16's intrinsics must inline); the F32
+// one contains only AVX-512F/BW/VL instructions, so it runs wherever f32_available().
+// One MR × (16·NQ) block of C over kw words of k: word (r, k) of A at A[r·sr + k·sk], row k of B
+// at B + k·ldb (the block's first column); mask[q]: valid columns of vector q.
+template <class Op, int MR, int NQ>
+MO_BF16_TARGET void block(int64_t kw, const typename Op::word* A, int64_t sr, int64_t sk,
+                          const typename Op::word* B, int64_t ldb, float* C, int64_t ldc,
+                          const __mmask16* mask, bool acc) {
   __m512 c[MR][NQ];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int q = 0; q < NQ; ++q)
       c[r][q] = acc ? _mm512_maskz_loadu_ps(mask[q], C + r * ldc + 16 * q) : _mm512_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
-    __m512i b[NQ];
+  for (int64_t k = 0; k < kw; ++k) {
+    __m512 b[NQ];
 #pragma GCC unroll 4
-    for (int q = 0; q < NQ; ++q) b[q] = _mm512_loadu_si512(B32 + p * Np + 16 * q);
+    for (int q = 0; q < NQ; ++q) b[q] = Op::load(mask[q], B + k * ldb + 16 * q);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512i a = _mm512_set1_epi32(static_cast<int>(A32[r * sr + p * sp]));
+      const __m512 a = Op::bcast(A + r * sr + k * sk);
 #pragma GCC unroll 4
-      for (int q = 0; q < NQ; ++q)
-        c[r][q] = _mm512_dpbf16_ps(c[r][q], (__m512bh)a, (__m512bh)b[q]);
+      for (int q = 0; q < NQ; ++q) c[r][q] = Op::madd(c[r][q], a, b[q]);
     }
   }
 #pragma GCC unroll 8
@@ -259,27 +303,31 @@ MO_BF16_TARGET void block(int64_t P, const uint32_t* A32, int64_t sr, int64_t sp
     for (int q = 0; q < NQ; ++q) _mm512_mask_storeu_ps(C + r * ldc + 16 * q, mask[q], c[r][q]);
 }
 
-template <int MR>
-void block_nq(int nq, int64_t P, const uint32_t* A32, int64_t sr, int64_t sp, const uint32_t* B32,
-              int64_t Np, float* C, int64_t ldc, const __mmask16* mask, bool acc) {
+template <class Op, int MR>
+void block_nq(int nq, int64_t kw, const typename Op::word* A, int64_t sr, int64_t sk,
+              const typename Op::word* B, int64_t ldb, float* C, int64_t ldc,
+              const __mmask16* mask, bool acc) {
   switch (nq) {
-    case 4: return block<MR, 4>(P, A32, sr, sp, B32, Np, C, ldc, mask, acc);
-    case 3: return block<MR, 3>(P, A32, sr, sp, B32, Np, C, ldc, mask, acc);
-    case 2: return block<MR, 2>(P, A32, sr, sp, B32, Np, C, ldc, mask, acc);
-    default: return block<MR, 1>(P, A32, sr, sp, B32, Np, C, ldc, mask, acc);
+    case 4: return block<Op, MR, 4>(kw, A, sr, sk, B, ldb, C, ldc, mask, acc);
+    case 3: return block<Op, MR, 3>(kw, A, sr, sk, B, ldb, C, ldc, mask, acc);
+    case 2: return block<Op, MR, 2>(kw, A, sr, sk, B, ldb, C, ldc, mask, acc);
+    default: return block<Op, MR, 1>(kw, A, sr, sk, B, ldb, C, ldc, mask, acc);
   }
 }
-#endif
 
-// C[M × N] (fp32, row stride ldc) = A · Bᵀ, or += when accumulate; K = 2·P (zero-padded).
-// A: its k-pair (r, p) at A32[r·sr + p·sp] (see gemm / gemm_pair_major); Bp: pair-packed N × K.
-inline void gemm_strided(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t sr, int64_t sp,
-                         const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
-#if MO_HAVE_BF16_GEMM
+// C[M × N] (fp32, row stride ldc) = A · B, or += when accumulate; K = kw words.
+// Loops: 64-column panels outer; inside, k in slices of KC words (a KC × 64 slice of B, 32 KiB,
+// stays in L1 while every row block passes over it); row blocks of MR innermost.
+template <class Op>
+void gemm_words(int64_t M, int64_t N, int64_t kw, const typename Op::word* A, int64_t sr,
+                int64_t sk, const typename Op::word* B, int64_t ldb, float* C, int64_t ldc,
+                bool accumulate) {
   constexpr int MR = 6, NQ = 4;
-  const int64_t Np = round_up(N, 16);
-  const auto* A32 = reinterpret_cast<const uint32_t*>(A);
-  const auto* B32 = reinterpret_cast<const uint32_t*>(Bp);
+  constexpr int64_t KC = 128;
+  if (kw == 0) {  // an empty sum: C = 0 (or unchanged)
+    for (int64_t i = 0; i < M && !accumulate; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    return;
+  }
   for (int64_t n0 = 0; n0 < N; n0 += 16 * NQ) {
     const int64_t ncols = std::min<int64_t>(16 * NQ, N - n0);
     const int nq = static_cast<int>((ncols + 15) / 16);
@@ -288,20 +336,47 @@ inline void gemm_strided(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64
       const int64_t v = std::clamp<int64_t>(ncols - 16 * q, 0, 16);
       mask[q] = static_cast<__mmask16>(v == 16 ? 0xFFFF : ((1u << v) - 1u));
     }
-    for (int64_t i0 = 0; i0 < M; i0 += MR) {
-      const uint32_t* a = A32 + i0 * sr;
-      const uint32_t* b = B32 + n0;
-      float* c = C + i0 * ldc + n0;
-      switch (std::min<int64_t>(MR, M - i0)) {
-        case 6: block_nq<6>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
-        case 5: block_nq<5>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
-        case 4: block_nq<4>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
-        case 3: block_nq<3>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
-        case 2: block_nq<2>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
-        default: block_nq<1>(nq, P, a, sr, sp, b, Np, c, ldc, mask, accumulate); break;
+    for (int64_t k0 = 0; k0 < kw; k0 += KC) {
+      const int64_t kc = std::min(KC, kw - k0);
+      const bool acc = accumulate || k0 > 0;
+      for (int64_t i0 = 0; i0 < M; i0 += MR) {
+        const auto* a = A + i0 * sr + k0 * sk;
+        const auto* b = B + k0 * ldb + n0;
+        float* c = C + i0 * ldc + n0;
+        switch (std::min<int64_t>(MR, M - i0)) {
+          case 6: block_nq<Op, 6>(nq, kc, a, sr, sk, b, ldb, c, ldc, mask, acc); break;
+          case 5: block_nq<Op, 5>(nq, kc, a, sr, sk, b, ldb, c, ldc, mask, acc); break;
+          case 4: block_nq<Op, 4>(nq, kc, a, sr, sk, b, ldb, c, ldc, mask, acc); break;
+          case 3: block_nq<Op, 3>(nq, kc, a, sr, sk, b, ldb, c, ldc, mask, acc); break;
+          case 2: block_nq<Op, 2>(nq, kc, a, sr, sk, b, ldb, c, ldc, mask, acc); break;
+          default: block_nq<Op, 1>(nq, kc, a, sr, sk, b, ldb, c, ldc, mask, acc); break;
+        }
       }
     }
   }
+}
+#endif
+
+// fp32: C[M × N] (+)= A · B over K; A's element (r, k) at A[r·sr + k·sk] (row-major A: sr = lda,
+// sk = 1; Aᵀ given row-major: sr = 1, sk = its row stride); B: K rows of N floats at stride ldb.
+// Only called where f32_available().
+inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t sr, int64_t sk,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+#if MO_HAVE_AVX512_GEMM
+  gemm_words<F32>(M, N, K, A, sr, sk, B, ldb, C, ldc, accumulate);
+#else
+  (void)M, (void)N, (void)K, (void)A, (void)sr, (void)sk, (void)B, (void)ldb, (void)C, (void)ldc;
+  (void)accumulate;
+#endif
+}
+
+// bf16: C[M × N] (+)= A · Bᵀ over K = 2·P (zero-padded); A's k-pair (r, p) at A32[r·sr + p·sp]
+// (see gemm / gemm_pair_major); Bp: pair-packed N × K (Np = round_up(N, 16)).
+inline void gemm_bf16_strided(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t sr, int64_t sp,
+                         const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
+#if MO_HAVE_AVX512_GEMM
+  gemm_words<BF16>(M, N, P, reinterpret_cast<const uint32_t*>(A), sr, sp,
+                   reinterpret_cast<const uint32_t*>(Bp), round_up(N, 16), C, ldc, accumulate);
 #else
   (void)M, (void)N, (void)P, (void)A, (void)sr, (void)sp, (void)Bp, (void)C, (void)ldc;
   (void)accumulate;
@@ -309,18 +384,18 @@ inline void gemm_strided(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64
 }
 
 // A: M rows of bf16 at stride lda (even).
-inline void gemm(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t lda, const bf16_t* Bp,
+inline void gemm_bf16(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t lda, const bf16_t* Bp,
                  float* C, int64_t ldc, bool accumulate) {
-  gemm_strided(M, N, P, A, lda / 2, 1, Bp, C, ldc, accumulate);
+  gemm_bf16_strided(M, N, P, A, lda / 2, 1, Bp, C, ldc, accumulate);
 }
 
 // A pair-major: pair p of row r at A32[p·ldp + r], i.e. A given as Aᵀ pair-packed by pack_cols
 // (ldp = round_up(M, 16)); saves transposing A when it is the transpose of a row-major tile.
-inline void gemm_pair_major(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t ldp,
+inline void gemm_bf16_pair_major(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t ldp,
                             const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
-  gemm_strided(M, N, P, A, 1, ldp, Bp, C, ldc, accumulate);
+  gemm_bf16_strided(M, N, P, A, 1, ldp, Bp, C, ldc, accumulate);
 }
 
-}  // namespace bf16
+}  // namespace simd
 }  // namespace cpu
 }  // namespace marginops
