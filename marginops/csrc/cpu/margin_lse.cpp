@@ -166,7 +166,8 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
           const bool has_t = tl >= 0 && tl < nc;
           acc_t* out = K == 1 ? row : dbuf.data();  // K = 1: in place; else compact, scattered below
           const acc_t gsum = row_dd(d, out, nc, tl, P.scale[i], P.hard ? P.tau[i] : acc_t(0), P.t,
-                                    P.hard, P.thr, P.filter, bc, lse_neg[i], grad_lse[i], gbc);
+                                    P.hard, P.thr, P.filter, bc, lse_neg[i], grad_lse[i],
+                                    P.bias ? gbc : nullptr);  // ∂bias only with a bias
           if (has_t) out[tl] += grad_dot[i];
           if (K > 1) {
             for (int64_t j = 0; j < nc; ++j) row[j * K + abuf[j]] = out[j];
