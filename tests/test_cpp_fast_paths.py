@@ -111,6 +111,26 @@ def test_f32_gemm_path_within_budget(B, D, C, opts, chunks, monkeypatch):
         assert_within_budget(aten[k], base[k], truth[k], torch.float32, name=k)
 
 
+@pytest.mark.parametrize("knob", ["1", "0"])
+def test_f32_gemm_empty_sums(knob, monkeypatch):
+    """D = 0: every dot is an empty sum (0), so lse_neg = log(#negatives); B = 0: ∂W = 0 exactly.
+    (The kernel writes C = 0 for K = 0 instead of leaving the tile uninitialised.)"""
+    monkeypatch.setenv("MARGINOPS_CPU_F32_GEMM", knob)
+    C = 40
+    tc = torch.tensor([5, -1, 39])
+    case = make_case(3, 4, C, dtype=torch.float32)
+    case.update(features=torch.zeros(3, 0), weight=torch.randn(C, 0), target_col=tc)
+    got = run(ours, case)
+    want = torch.log(torch.tensor([C - 1.0, C, C - 1.0]))
+    torch.testing.assert_close(got["lse_neg"], want)
+    assert torch.equal(got["dot_y"], torch.zeros(3))
+    case = make_case(3, 13, C, dtype=torch.float32)
+    case.update(features=torch.zeros(0, 13), scale=torch.ones(0),
+                target_col=torch.zeros(0, dtype=torch.long))
+    got = run(ours, case)
+    assert torch.equal(got["grad_weight"], torch.zeros(C, 13))
+
+
 @needs_avx512
 @pytest.mark.parametrize("kind", ["nan_weight", "inf_weight", "nan_features"])
 def test_f32_gemm_path_nan_in_nan_out(kind, small_chunks):

@@ -18,8 +18,10 @@ itself the registered ``margin_lse_backward`` op. The math is the contract of
 On CPU, ``margin_lse`` keeps the forward's B × N·K dots for the backward when they fit the keep
 budget (``set_keep_budget(nbytes)``, default ``DEFAULT_KEEP_BUDGET`` = 32 MiB; 0 = always
 recompute): 3 GEMMs instead of 4, the same results bit for bit; above the budget nothing of size
-B·C is kept. bf16 features run their GEMMs on the AVX512-BF16 units when the CPU has them (fp32
-sums and tiles); ``MARGINOPS_CPU_BF16_GEMM=0`` turns that off (a benchmarking knob).
+B·C is kept. On CPUs with AVX-512 the chunk GEMMs run on the extension's own kernels (fp32 sums and
+tiles): fp32 operands on the fp32 FMA units, bf16 features on the AVX512-BF16 units when the CPU has
+them; ``MARGINOPS_CPU_F32_GEMM=0`` / ``MARGINOPS_CPU_BF16_GEMM=0`` send them to ATen's GEMM instead
+(benchmarking knobs). fp64, and CPUs without AVX-512, use ATen's GEMM.
 """
 
 from __future__ import annotations
