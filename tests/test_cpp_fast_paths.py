@@ -271,6 +271,33 @@ def test_keep_budget_boundary_and_memory(keep_budget):
         assert max(sizes, default=0) <= B * 4
 
 
+def test_keep_path_backward_makes_no_bxc_tensor(keep_budget):
+    """The kept dots' own gradient is never materialised: autograd would otherwise hand the
+    backward a B×C tensor of zeros, doubling the keep path's memory (measured before the fix:
+    2 × the dots at the peak)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, D, C = 8, 4, 64   # C·D < B·C: only a B×C tensor can reach B·C elements
+    case = make_case(B, D, C, dtype=torch.float32)
+    inputs = {k: (v.clone().requires_grad_(True) if k in ("features", "weight") else v)
+              for k, v in case.items()}
+    lse, dot = ours(**inputs)
+    big = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= B * C:
+                    big.append((str(func), tuple(t.shape)))
+            return out
+
+    with Record():
+        (lse - dot).sum().backward()
+    assert big == []
+    assert inputs["weight"].grad is not None
+
+
 def test_keep_path_not_taken_without_grad(keep_budget):
     case = make_case(4, 8, 20, dtype=torch.float32)
     with torch.no_grad():

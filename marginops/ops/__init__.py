@@ -112,6 +112,9 @@ def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False
         extra = (output[2],) if kept else ()
         if kept:
             ctx.mark_non_differentiable(output[2])
+            # No zero gradient of size B·C for the kept tiles: unused output gradients stay None
+            # (the backward below fills grad_lse / grad_dot itself).
+            ctx.set_materialize_grads(False)
         ctx.save_for_backward(features, weight, scale, bias, target_col, class_index, hard_tau,
                               hard_t, output[0], *extra)
         ctx.normalize_weight = normalize_weight
