@@ -201,7 +201,7 @@ inline void transpose32(const uint32_t* src, int64_t R, int64_t Cn, int64_t lds,
 #endif
 }
 
-// fp32 → bf16 operands, fast (the bf16 path only runs where MO_HAVE_AVX512_GEMM and bf16_available()).
+// fp32 → bf16 operands, fast (the bf16 path only runs where bf16_available()).
 // convert_rows_f32: A rows (M × K at stride ld) → bf16 rows of Kp.
 inline void convert_rows_f32(const float* src, int64_t M, int64_t K, int64_t ld, bf16_t* dst) {
 #if MO_HAVE_AVX512_GEMM
@@ -372,8 +372,9 @@ inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t sr
 
 // bf16: C[M × N] (+)= A · Bᵀ over K = 2·P (zero-padded); A's k-pair (r, p) at A32[r·sr + p·sp]
 // (see gemm / gemm_pair_major); Bp: pair-packed N × K (Np = round_up(N, 16)).
-inline void gemm_bf16_strided(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t sr, int64_t sp,
-                         const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
+inline void gemm_bf16_strided(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t sr,
+                              int64_t sp, const bf16_t* Bp, float* C, int64_t ldc,
+                              bool accumulate) {
 #if MO_HAVE_AVX512_GEMM
   gemm_words<BF16>(M, N, P, reinterpret_cast<const uint32_t*>(A), sr, sp,
                    reinterpret_cast<const uint32_t*>(Bp), round_up(N, 16), C, ldc, accumulate);
@@ -384,15 +385,15 @@ inline void gemm_bf16_strided(int64_t M, int64_t N, int64_t P, const bf16_t* A, 
 }
 
 // A: M rows of bf16 at stride lda (even).
-inline void gemm_bf16(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t lda, const bf16_t* Bp,
-                 float* C, int64_t ldc, bool accumulate) {
+inline void gemm_bf16(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t lda,
+                      const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
   gemm_bf16_strided(M, N, P, A, lda / 2, 1, Bp, C, ldc, accumulate);
 }
 
 // A pair-major: pair p of row r at A32[p·ldp + r], i.e. A given as Aᵀ pair-packed by pack_cols
 // (ldp = round_up(M, 16)); saves transposing A when it is the transpose of a row-major tile.
 inline void gemm_bf16_pair_major(int64_t M, int64_t N, int64_t P, const bf16_t* A, int64_t ldp,
-                            const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
+                                 const bf16_t* Bp, float* C, int64_t ldc, bool accumulate) {
   gemm_bf16_strided(M, N, P, A, 1, ldp, Bp, C, ldc, accumulate);
 }
 

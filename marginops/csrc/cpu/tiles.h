@@ -234,8 +234,9 @@ template <typename acc_t>
 MO_ALWAYS_INLINE acc_t row_logits_impl(acc_t* row, int64_t nc, int64_t tl, acc_t s, acc_t tau,
                                        acc_t t, bool hard, acc_t thr, bool filter,
                                        const acc_t* bc) {
-  return hard || filter ? row_logits_as<acc_t, true>(row, nc, tl, s, tau, t, hard, thr, filter, bc)
-                        : row_logits_as<acc_t, false>(row, nc, tl, s, tau, t, hard, thr, filter, bc);
+  if (hard || filter)
+    return row_logits_as<acc_t, true>(row, nc, tl, s, tau, t, hard, thr, filter, bc);
+  return row_logits_as<acc_t, false>(row, nc, tl, s, tau, t, hard, thr, filter, bc);
 }
 
 // Forward: Σ_j exp(z_j − m).
