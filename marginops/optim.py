@@ -124,7 +124,11 @@ class _Fused:
     def add_param_group(self, param_group: dict) -> None:
         """torch.optim's, then the group's classifier weights are fused (checked first)."""
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch.optim raises its own error for a set
+            params = list(params)          # a generator is read once: hand torch the list
+            param_group = {**param_group, "params": params}
         fused = []
         for p in params:
             owner = _owner(p) if isinstance(p, Tensor) else None
