@@ -229,11 +229,14 @@ class _BoundStep:
         return _fused_backward(optimizer, *args)
 
 
-def _rows_update(opt, group: dict, state: dict, p: Tensor, grad: Tensor, rows) -> None:
+def _rows_update(opt, group: dict, state: dict, p: Tensor, grad: Tensor, rows,
+                 gathered: Tensor | None = None) -> None:
     """Step rows ``rows`` (a slice, or a LongTensor of sorted unique rows) of the 2-D ``p`` (and
-    of its state) with their gradient ``grad``, in place, by torch.optim's functional update."""
+    of its state) with their gradient ``grad``, in place, by torch.optim's functional update.
+    ``gathered``: ``p[rows]`` already gathered (a copy, reused rather than gathered again)."""
     names = opt._state_names(group)
-    sub, subs = p[rows], [state[n][rows] for n in names]  # views (slice) or gathered copies
+    sub = p[rows] if gathered is None else gathered       # a view (slice) or a gathered copy
+    subs = [state[n][rows] for n in names]
     opt._update(group, state, sub, grad, subs)
     if not isinstance(rows, slice):
         p.index_copy_(0, rows, sub)
@@ -246,11 +249,11 @@ def _masked_zero_update(opt, group: dict, state: dict, p: Tensor, rows: slice,
     """The zero-gradient update of the rows in ``rows`` where ``keep`` (rows,) is False."""
     names = opt._state_names(group)
     sub, subs = p[rows].clone(), [state[n][rows].clone() for n in names]
-    opt._update(group, state, sub, torch.zeros_like(sub), subs)
+    zero = sub.new_zeros(()).expand_as(sub)  # a zero gradient that allocates nothing
+    opt._update(group, state, sub, zero, subs)
     keep = keep[:, None]
-    p[rows].copy_(torch.where(keep, p[rows], sub))
-    for n, s in zip(names, subs):
-        state[n][rows].copy_(torch.where(keep, state[n][rows], s))
+    for target, new in ((p[rows], sub), *((state[n][rows], s) for n, s in zip(names, subs))):
+        target.copy_(torch.where(keep, target, new, out=new))  # no third chunk-sized buffer
 
 
 @torch.no_grad()
@@ -301,10 +304,11 @@ def _fused_backward(opt, backward_op, kept, grad_lse, grad_dot, lse_neg, feature
             cols = slice(n0, min(N, n0 + chunk))
             idx = class_index[cols]
             b_rows = bias[idx] if bias is not None else None
-            gw, gb = chunk_backward(p2[idx].view(-1, D), cols, b_rows)
+            w_sub = p2[idx]  # gathered once: read by the backward, then stepped, scattered
+            gw, gb = chunk_backward(w_sub.view(-1, D), cols, b_rows)
             if bias is not None:
                 grad_b.index_add_(0, idx, gb)
-            _rows_update(opt, group, st2, p2, gw, idx)
+            _rows_update(opt, group, st2, p2, gw, idx, gathered=w_sub)
         sampled = torch.zeros(C, dtype=torch.bool, device=weight.device)
         sampled[class_index] = True
         for c0 in range(0, C, chunk):
