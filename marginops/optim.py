@@ -23,9 +23,9 @@ Design
 * A parameter is *fused* when it is a marginops classifier ``weight`` (tagged by its module at
   construction: every ``MarginSoftmaxLoss`` family, and ``ShardedMarginLoss``'s shard). Its entry
   in ``marginops.ops.FUSED_STEPS`` makes the core op's one autograd backward
-  (``marginops.ops.register_core_autograd``, every backend) call :func:`_fused_backward` instead
+  (``marginops.ops.register_core_autograd``, every backend) call `_fused_backward` instead
   of returning grad W.
-* :func:`_fused_backward` loops over chunks of classes: it calls the backend's own backward op on
+* `_fused_backward` loops over chunks of classes: it calls the backend's own backward op on
   the chunk's rows (``bias``, ``target_col`` and the kept dots sliced to the chunk, the global
   ``lse_neg``), sums grad_features / grad_scale, and hands the chunk's weight gradient to
   torch.optim's *own functional update* (``torch.optim.sgd.sgd`` / ``torch.optim.adam.adam``,
@@ -59,6 +59,13 @@ What cannot work raises (each before anything changes) or is documented:
   torch.optim (the same update) and warns once that the memory saving is lost. Run the loss
   eagerly (compile the backbone only) to fuse.
 * ``step(closure)``, ``zero_grad(set_to_none=False)``, ``add_param_group`` work as in torch.optim.
+  One difference: the weight's gradient is never accumulated across steps (there is no
+  ``.grad``), as if ``zero_grad()`` ran after every step — which training loops do anyway.
+* One optimizer per classifier weight (a second marginops optimizer over it raises). A weight
+  copied with ``copy.deepcopy`` loses its tag and is stepped as an ordinary parameter.
+
+The CUDA backend goes through the same Python loop (its registered backward op per chunk); it is
+exercised on CPU only here (no GPU in CI).
 """
 
 from __future__ import annotations
@@ -78,6 +85,9 @@ from .ops import FUSED_STEPS
 __all__ = ["SGD", "AdamW", "DEFAULT_CHUNK_BYTES", "tag_classifier_weight"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+"""Bytes of weight gradient per chunk of the fused backward (64 MiB: 32768 classes at D = 512
+fp32). Large enough for efficient GEMMs, small beside W; the extra memory of a step is a few
+chunks (the gradient chunk, the update's temporaries), whatever the number of classes."""
 
 
 def tag_classifier_weight(weight: Tensor, module) -> None:
