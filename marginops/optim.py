@@ -348,7 +348,7 @@ class SGD(_Fused, torch.optim.SGD):
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._setup_fused(chunk_bytes)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, foreach=False)
+                         weight_decay=weight_decay, nesterov=nesterov)
 
     @staticmethod
     def _state_names(group: dict) -> tuple[str, ...]:
@@ -363,7 +363,7 @@ class SGD(_Fused, torch.optim.SGD):
         bufs = list(states) if states and not self._first else [None]
         _sgd([p], [grad], bufs, foreach=False, weight_decay=group["weight_decay"],
              momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-             nesterov=group["nesterov"], maximize=False)
+             nesterov=group["nesterov"], maximize=group.get("maximize", False))
         if self._first and states:
             states[0].copy_(bufs[0])
 
@@ -388,8 +388,7 @@ class AdamW(_Fused, torch.optim.AdamW):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._setup_fused(chunk_bytes)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         foreach=False)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     @staticmethod
     def _state_names(group: dict) -> tuple[str, ...]:
@@ -408,7 +407,7 @@ class AdamW(_Fused, torch.optim.AdamW):
         _adam([p], [grad], [states[0]], [states[1]], [], [step], foreach=False,
               decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
               lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-              maximize=False)
+              maximize=group.get("maximize", False))
 
     def _finish_state(self, group: dict, state: dict) -> None:
         state["step"] += 1
