@@ -61,8 +61,8 @@ What cannot work raises (each before anything changes) or is documented:
 * ``step(closure)``, ``zero_grad(set_to_none=False)``, ``add_param_group`` work as in torch.optim.
   One difference: the weight's gradient is never accumulated across steps (there is no
   ``.grad``), as if ``zero_grad()`` ran after every step — which training loops do anyway.
-* One optimizer per classifier weight (a second marginops optimizer over it raises). A weight
-  copied with ``copy.deepcopy`` loses its tag and is stepped as an ordinary parameter.
+* One optimizer per classifier weight (a second marginops optimizer over it raises). Deep copies
+  and unpickled modules are classifiers too (``MarginSoftmaxLoss.__setstate__`` tags them).
 
 The CUDA backend goes through the same Python loop (its registered backward op per chunk); it is
 exercised on CPU only here (no GPU in CI).
@@ -79,6 +79,7 @@ from torch import Tensor
 from torch.optim.adam import adam as _adam
 from torch.optim.optimizer import _get_scalar_dtype
 from torch.optim.sgd import sgd as _sgd
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .ops import FUSED_STEPS
 
@@ -90,13 +91,18 @@ fp32). Large enough for efficient GEMMs, small beside W; the extra memory of a s
 chunks (the gradient chunk, the update's temporaries), whatever the number of classes."""
 
 
+# classifier weight -> weak reference to its module. A registry, not an attribute of the
+# Parameter: a weakref attribute would make torch.save(module) fail (weakrefs do not pickle).
+_OWNERS = WeakTensorKeyDictionary()
+
+
 def tag_classifier_weight(weight: Tensor, module) -> None:
     """Mark ``weight`` as the classifier weight of ``module`` (fusable by marginops.optim)."""
-    weight._marginops_owner = weakref.ref(module)
+    _OWNERS[weight] = weakref.ref(module)
 
 
 def _owner(p: Tensor):
-    ref = getattr(p, "_marginops_owner", None)
+    ref = _OWNERS.get(p)
     return ref() if ref is not None else None
 
 

@@ -276,6 +276,24 @@ def test_state_dict_round_trip_resumes_identically(opt_name):
 
 
 @not_interp
+def test_saved_and_copied_modules_stay_fusable():
+    # the classifier tag is a registry, not a Parameter attribute: torch.save(module) works, and
+    # a deep copy or an unpickled module is tagged again (MarginSoftmaxLoss.__setstate__)
+    import io
+    m = make(mo.ArcFaceLoss, {}, torch.float32, "cpp")
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    x, y = batch(torch.float32, torch.Generator().manual_seed(13))
+    for copied in (torch.load(buf, weights_only=False), copy.deepcopy(m)):
+        opt = mo.optim.SGD(copied.parameters(), lr=0.1)
+        before = copied.weight.detach().clone()
+        copied(x, y).backward()
+        assert copied.weight.grad is None and not torch.equal(copied.weight, before)
+        opt.step()  # (the optimizer must live: the registry holds it weakly)
+
+
+@not_interp
 def test_lr_scheduler_changes_take_effect():
     # the fused step reads the group's lr at backward time: a scheduler's change applies at once
     m = make(mo.ArcFaceLoss, {}, F64, "cpp")
