@@ -182,7 +182,7 @@ class _Fused:
                 loss = closure()
         for p in self._fused_params():
             if p.grad is not None:
-                if p in self._pending:
+                if id(p) in self._pending:
                     raise RuntimeError(
                         "the classifier weight got a gradient outside the fused op after its "
                         "fused step; use torch.optim for this loss.")

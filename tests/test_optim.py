@@ -428,6 +428,19 @@ def test_families_reading_the_weight_elsewhere_refuse_at_construction():
 
 
 @not_interp
+def test_a_weight_gradient_from_outside_the_fused_op_raises_at_step():
+    # e.g. a user term that reads loss_fn.weight: its gradient would arrive after the fused step
+    m = make(mo.ArcFaceLoss, {}, torch.float32, "cpp")
+    opt = mo.optim.SGD(m.parameters(), lr=0.1, chunk_bytes=chunk_bytes(m))
+    x, y = batch(torch.float32, torch.Generator().manual_seed(14))
+    (m(x, y) + m.weight.square().sum()).backward()
+    before = m.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="outside the fused op.*torch.optim"):
+        opt.step()
+    assert torch.equal(m.weight, before)
+
+
+@not_interp
 def test_one_optimizer_per_weight():
     m = make(mo.ArcFaceLoss, {}, torch.float32, "torch")
     first = mo.optim.SGD(m.parameters(), lr=0.1)
