@@ -61,6 +61,8 @@ What cannot work raises (each before anything changes) or is documented:
 * ``step(closure)``, ``zero_grad(set_to_none=False)``, ``add_param_group`` work as in torch.optim.
   One difference: the weight's gradient is never accumulated across steps (there is no
   ``.grad``), as if ``zero_grad()`` ran after every step — which training loops do anyway.
+* ``marginops.compat.pml``'s losses keep PML's (D, C) ``W``: it reaches the op as a transposed
+  copy, so it is an ordinary parameter here (stepped like torch.optim, no saving).
 * One optimizer per classifier weight (a second marginops optimizer over it raises). Deep copies
   and unpickled modules are classifiers too (``MarginSoftmaxLoss.__setstate__`` tags them).
 
