@@ -171,7 +171,7 @@ def test_partial_fc_class_index(backend, opt_name, dtype):
     # gives them with the dense gradient's zero rows; the same sample for both twins
     family, kw = MODULES["arcface_subcenters_bias"]
     m = make(family, kw, dtype, backend)
-    train_pair(m, opt_name, dtype, steps=10, loss_fn=partial_fc(m))
+    train_pair(m, opt_name, dtype, steps=20, loss_fn=partial_fc(m))
 
 
 # ----------------------------------------------------------------------------- API behaviour

@@ -30,7 +30,7 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def sharded_case(family, kw, rate, opt_name, dtype, steps=12):
+def sharded_case(family, kw, rate, opt_name, dtype, steps=20):
     def case(rank, world):
         chk = td.Checks()
 
