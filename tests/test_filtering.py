@@ -314,6 +314,26 @@ def test_cosface_family_option():
     assert "interclass_filtering_threshold=0.45" in repr(module)
 
 
+@not_interp
+@pytest.mark.parametrize("loss_name", ["arcface_loss", "cosface_loss", "normface_loss"])
+def test_functional_losses_take_the_option(loss_name):
+    """marginops.functional's losses pass the threshold through: equal to the module with it, and
+    different from the unfiltered loss (so the argument is not dropped on the way)."""
+    x, w, labels, _, _, kw = gapped_case("plain")
+    thr = kw["interclass_filtering_threshold"]
+    family = {"arcface_loss": mo.ArcFaceLoss, "cosface_loss": mo.CosFaceLoss,
+              "normface_loss": mo.NormFaceLoss}[loss_name]
+    module = family(x.shape[1], w.shape[0], scale=30.0, interclass_filtering_threshold=thr,
+                    backend="torch").to(F64)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    fn = getattr(mo.functional, loss_name)
+    filtered = fn(x, w, labels, scale=30.0, interclass_filtering_threshold=thr, backend="torch")
+    plain = fn(x, w, labels, scale=30.0, backend="torch")
+    assert_tight(filtered, module(x, labels), rtol=1e-12, atol=1e-12, name="loss")
+    assert (filtered - plain).abs() > 1e-6
+
+
 # ----------------------------------------------------------------------------- Triton (interpreter)
 
 @requires_interp
