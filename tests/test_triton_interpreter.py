@@ -18,20 +18,13 @@ tests/test_triton_aot.py compiles it.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from contract_oracle import margin_lse_dense, topk_dense  # noqa: E402
-from tolerance import MIN_GAP, assert_within_budget, routing_gap  # noqa: E402
+from contract_oracle import margin_lse_dense, topk_dense
+from interpreter import INTERP, outside_interp, run_in_interpreter
+from tolerance import MIN_GAP, assert_within_budget, routing_gap
 
 # numpy warns on log(0) inside the interpreter even where tl.where discards the result
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
@@ -40,17 +33,11 @@ requires_interp = pytest.mark.skipif(
     not INTERP, reason="runs under TRITON_INTERPRET=1 (see test_interpreter_subprocess)")
 
 
-@pytest.mark.skipif(INTERP, reason="already in the interpreter process")
+@outside_interp
 def test_interpreter_subprocess():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        os.path.abspath(__file__)], env=env, cwd=os.path.dirname(HERE),
-                       capture_output=True, text=True)
-    tail = (r.stdout + r.stderr)[-6000:]
+    tail = run_in_interpreter(__file__)
     print(f"interpreter run took {time.time() - t0:.0f}s\n{tail}")
-    assert r.returncode == 0, tail
 
 
 # ---------------------------------------------------------------------------------------------
