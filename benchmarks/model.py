@@ -3,20 +3,24 @@
     python benchmarks/model.py --gpu h100 --batch 4096 --classes 1000000 --dim 512 --dtype bfloat16
     python benchmarks/model.py --gpu a100 ... --backend cuda      # triton | cuda | naive | auto
 
-For every kernel launch of the step (``Launch``: enumerated from marginops/triton/margin_lse.py and
-configs.py for ``triton``, marginops/csrc/cuda/margin_lse.cu for ``cuda``, marginops.reference's
-ArcFace for ``naive``) it counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials, the
-bytes between the SMs and L2, the bytes from HBM, the occupancy (CTAs per SM from the registers and
-shared memory of the ahead-of-time compiled Triton kernel) and the wave efficiency of its grid, and
-predicts its time. The last line printed is ``predicted: <ms> ms, <fraction> of peak``.
+For every kernel launch of the step (``Launch``: for ``triton`` the kernels of issue 12's design,
+``TRITON_DESIGN`` and the functions under "the Triton kernels"; marginops/csrc/cuda/margin_lse.cu
+for ``cuda``; marginops.reference's ArcFace for ``naive``) it counts the tensor-core FLOPs, the
+CUDA-core FLOPs, the exponentials, the bytes between the SMs and L2, the bytes from HBM, the
+occupancy (CTAs per SM from registers and shared memory) and the wave efficiency of its grid, and
+predicts its time. The last line printed is ``predicted: <ms> ms, <fraction> of peak``. These are
+predictions, not measurements: ``make gpu-check`` prints them beside measured times.
 
 Assumptions (what the figures mean; change a constant to test another):
 
 * Peaks are the public datasheet figures (``GPUS``: dense, no sparsity). A launch's time is the
   slowest of its five roofs — tensor cores, fp32 CUDA cores, MUFU exponentials (16 per SM per
-  clock), L2 bandwidth, HBM bandwidth — i.e. perfect overlap inside a launch (optimistic), divided
-  by the wave efficiency ``grid / (waves · slots)`` (slots = SMs × CTAs per SM: a CTA cannot use
-  more than its SM's share), plus ``LAUNCH_S`` per launch. Launches do not overlap each other.
+  clock), L2 bandwidth, HBM bandwidth — i.e. perfect overlap inside a launch (optimistic: loads
+  software-pipelined), divided by the wave efficiency ``grid / (waves · slots)`` (slots = SMs ×
+  CTAs per SM: a CTA cannot use more than its SM's share), plus ``LAUNCH_S`` per launch. Launches
+  do not overlap each other. Exception: with one CTA per SM, a kernel's tensor-core time and its
+  epilogue time (the larger of fp32 ALU and exp) add up — nothing fills the tensor cores while
+  the only CTA runs its epilogue (Triton does not warp-specialise these kernels).
 * L2 bandwidth is not on any datasheet: ``l2_bw`` is an assumed round figure (third-party
   microbenchmarks of the H100 report roughly 5.5-12 TB/s depending on the access pattern, e.g.
   chipsandcheese.com, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023).
@@ -36,14 +40,23 @@ Assumptions (what the figures mean; change a constant to test another):
   ``torch.backends.cuda.matmul.allow_tf32 = False`` (torch's default): the fp32 CUDA-core peak.
 * Triton fp32 inputs run ``tl.dot`` as 3×TF32 (three TF32 products) at the TF32 peak.
 * Occupancy: registers allocated per warp in units of 256, 1 KB of shared memory reserved per CTA,
-  at most 2048 threads and 32 CTAs per SM. The figures come from ``triton.compile(...,
-  target=GPUTarget("cuda", arch, 32))`` of the launcher's default configuration in the
-  specialisation of the ArcFace step (weight normalisation on; bias, class_index, hard negatives
-  off; K = 1; 16-byte aligned), cached in ``~/.cache/marginops/aot-figures.json``; without Triton
-  (or cuobjdump) the constants ``FALLBACK_FIGURES`` (Triton 3.9, heaviest specialisation,
-  benchmarks/README.md) are used and a note says so.
+  at most 2048 threads and 32 CTAs per SM (marginops/triton/waves.py, which the launcher uses
+  too). The redesigned Triton kernels are not in this checkout, so their registers are the
+  design's estimate (fp32 accumulator + S tile per thread + ``REG_OVERHEAD``) and their shared
+  memory the staged operand tiles; when they land, their AOT figures (waves.AOT_FIGURES, checked
+  against a fresh ``triton.compile`` by tests/test_triton_launch.py) replace the estimates.
+* Triton grids: class splits planned in whole waves by waves.plan_splits, as the launcher does.
 * Not modelled: the O(B)-sized torch ops of the loss around the core op (µs), the host, the
   ``triton`` autotuner (off by default), clocks below boost (power limits), L2 partitioning.
+
+The review findings of issue 12, in figures (H100, B = 4096, C = 1M, D = 512, bf16; this model):
+today's kernels (commit d28c1d1: 10·B·C·D, dF / G accumulated in global memory per 32-wide D
+chunk, grids of 2.42 waves) predict 128.9 ms, 0.132 of peak — fwd 17.4 ms (L2: 98 GB),
+bwd_df 52.2 ms (295 GB), bwd_dw 58.0 ms (401 GB), zeroing an fp32 grad_W copy 0.6 ms. The
+design below: 20.1 ms, 0.846 — fwd 9.8 ms (GEMMs 8.5 + exp epilogue 1.1, serial at 1 CTA/SM;
+66 GB of L2), bwd_dw 9.8 ms (L2-bound: 68 GB), norm 0.3 ms. One CTA per SM is kept on purpose:
+the 64 × 512 fp32 accumulator is 128 registers per thread at 8 warps and the staged tiles take
+192 KB of 228 KB; two CTAs per SM need 32-row tiles, which double the L2 traffic (39.1 ms, 0.433).
 
 The useful work of a forward+backward is 8·B·C·D FLOPs (the logits once, the two gradient GEMMs,
 and the logits again in the backward, which every streaming kernel pays). ``fraction of peak`` =

@@ -114,3 +114,77 @@ def test_cpu_never_reads_the_table(monkeypatch, tmp_path):
         warnings.simplefilter("error")
         assert core.resolve_backend("auto", torch.device("cpu"), torch.float32, (8, 8, 8)) in (
             "cpp", "torch")
+
+
+# --- make gpu-check writes the table (scripts/gpu_check.py, marginbench/modelreport.py) ---------
+
+def _gpu_check():
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for sub in ("scripts", "benchmarks"):
+        if os.path.join(root, sub) not in sys.path:
+            sys.path.insert(0, os.path.join(root, sub))
+    import gpu_check
+
+    return gpu_check
+
+
+def _bench_csv(path, times: dict):
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["provider", "family", "mode", "B", "C", "D", "dtype",
+                                           "median_ms", "status"])
+        w.writeheader()
+        for (provider, B), ms in times.items():
+            w.writerow(dict(provider=provider, family="arcface", mode="forward+backward", B=B,
+                            C=100_000, D=512, dtype="bfloat16", median_ms=ms, status="ok"))
+        w.writerow(dict(provider="cuda", family="arcface", mode="forward", B=1024, C=100_000,
+                        D=512, dtype="bfloat16", median_ms=0.001, status="ok"))   # not fwd+bwd
+
+
+def test_every_bench_call_of_the_sweep_keeps_its_own_csv(tmp_path):
+    """bench_fused.py writes <out>/bench.csv: the sweep's calls must not share an --out, or each
+    overwrites the previous one's measurements."""
+    gc = _gpu_check()
+    cmds = gc.sweep_commands(gc.plan_sweep(200), str(tmp_path), 200)
+    outs = [cmd[cmd.index("--out") + 1] for _, cmd, _ in cmds]
+    assert len(cmds) > 1 and len(set(outs)) == len(outs)
+
+
+def test_model_stage_tabulates_and_writes_the_measured_winners(tmp_path, monkeypatch):
+    """The model stage reads every sweep CSV, prints model and measurement side by side and
+    writes the winner of each measured point; a dry run leaves the user's cache alone."""
+    gc = _gpu_check()
+    monkeypatch.setattr(bt, "table_path", lambda: str(tmp_path / "cache" / bt.FILENAME))
+    (tmp_path / "sweep-plan.json").write_text(json.dumps(
+        {"points": {"bfloat16": [[1024, 100_000], [2048, 100_000], [4096, 100_000]]}}))
+    _bench_csv(tmp_path / "bench" / "a" / "bench.csv", {("triton", 1024): 2.0,
+                                                        ("cuda", 1024): 1.0})
+    _bench_csv(tmp_path / "bench" / "b" / "bench.csv", {("triton", 2048): 3.0})
+    st = gc.stage_model(str(tmp_path), dry=True)
+    assert st.status == "planned" and "2 measured winners" in st.detail
+    table = json.load(open(tmp_path / "auto-backend.json"))
+    assert [(e["B"], e["backend"], e["ms"]) for e in table["entries"]] == [
+        (1024, "cuda", {"triton": 2.0, "cuda": 1.0}),
+        (2048, "triton", {"triton": 3.0})]
+    assert all(set(e["model_ms"]) == {"triton", "cuda"} for e in table["entries"])
+    text = (tmp_path / "model-vs-measured.md").read_text()
+    assert "| bfloat16 B=1024 C=100K D=512 | marginops cuda |" in text
+    assert "| bfloat16 B=4096 C=100K D=512 | triton | not measured | triton (static order) |" in text
+    assert not (tmp_path / "cache").exists()
+
+
+def test_model_stage_on_a_gpu_writes_the_table_where_auto_reads_it(tmp_path, monkeypatch):
+    gc = _gpu_check()
+    monkeypatch.setattr(bt, "table_path", lambda: str(tmp_path / "cache" / bt.FILENAME))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    (tmp_path / "sweep-plan.json").write_text(json.dumps({"points": {"bfloat16": [[1024, 100_000]]}}))
+    _bench_csv(tmp_path / "bench" / "a" / "bench.csv", {("triton", 1024): 2.0, ("cuda", 1024): 1.0})
+    st = gc.stage_model(str(tmp_path), dry=False)
+    assert st.status == "ok" and str(tmp_path / "cache") in st.detail
+    assert bt.choose("9.0", "bfloat16", 1000, 100_000, 512) == "cuda"
