@@ -148,7 +148,7 @@ def _fake_cuda(monkeypatch, n_sm: int, major: int, minor: int):
 
     from marginops.triton import launch
 
-    smem = (228 if major >= 9 else 164) * 1024 + 1024
+    smem = (228 if major >= 9 else 164) * 1024
     props = SimpleNamespace(major=major, minor=minor, multi_processor_count=n_sm,
                             regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
                             shared_memory_per_multiprocessor=smem)

@@ -74,7 +74,7 @@ def _device_slots_info(index: int) -> tuple[int, int, waves.SMLimits]:
     limits = waves.SMLimits(
         regs=getattr(props, "regs_per_multiprocessor", base.regs),
         threads=getattr(props, "max_threads_per_multi_processor", base.threads),
-        smem=getattr(props, "shared_memory_per_multiprocessor", base.smem + 1024) - 1024,
+        smem=getattr(props, "shared_memory_per_multiprocessor", base.smem),
     )
     return props.multi_processor_count, arch, limits
 

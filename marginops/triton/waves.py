@@ -113,6 +113,7 @@ AOT_FIGURES: dict[tuple, tuple[int, int]] = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def figures(arch: int, cfg, kernel: str | None = None, variant: str | None = None
             ) -> tuple[int, int]:
     """(registers per thread, shared bytes per CTA) of ``cfg`` on ``arch`` (×10; sm_80 figures
