@@ -17,10 +17,11 @@ per-split partials: 3·B fp32 for the forward, B·D fp32 for the feature gradien
 
 Occupancy comes from the ahead-of-time figures below (``triton.compile`` for sm_80 / sm_90, the
 heaviest specialisation, Triton 3.9: the recipe of tests/test_triton_aot.py) and the SM's limits,
-read once per device from ``torch.cuda.get_device_properties`` by the launcher. A configuration
-missing from the table is assumed to use all 255 registers (conservative: fewer programs per SM).
-``tests/test_triton_launch.py`` checks the table against a fresh AOT compile of every default
-configuration, and that the plan is ≥ 90 % efficient for B ≥ 1024 on 132 and 108 SMs.
+read once per device from ``torch.cuda.get_device_properties`` by the launcher, which passes the
+kernel and variant of each launch. A configuration missing from the table is assumed to use all
+255 registers (conservative: fewer programs per SM). ``tests/test_triton_launch.py`` checks the
+table's occupancy against a fresh AOT compile of every GPU configuration (default and autotune)
+of these kernels, and that the plan is ≥ 90 % efficient for B ≥ 1024 on 132 and 108 SMs.
 
 Nothing here imports torch or Triton: benchmarks/model.py plans its grids with the same code.
 """
