@@ -208,16 +208,3 @@ def forced(kernel: str) -> KernelConfig | None:
 def forced_splits() -> int | None:
     return _forced_splits
 
-
-def pick_splits(row_tiles: int, col_tiles: int, n_sm: int, interpreter: bool) -> int:
-    """How many programs share one row tile's classes.
-
-    Enough programs to fill the GPU twice over, but each split keeps at least 4 class tiles so the
-    per-split partials (and, for the feature gradient, the splits × B × D buffer) stay cheap.
-    """
-    if _forced_splits is not None:
-        return max(1, min(_forced_splits, col_tiles))
-    if interpreter:
-        return max(1, min(2, col_tiles))
-    want = -(-2 * n_sm // max(row_tiles, 1))
-    return max(1, min(want, max(col_tiles // 4, 1)))

@@ -440,7 +440,7 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
         return lse.to(a.acc), dot_y.to(a.acc)
     cfg = cfg or _config("fwd", a)
     merge_cfg = merge_cfg or _config("merge", a)
-    splits, cps = _split_columns(a.B, a.N, cfg, dev)
+    splits, cps = _split_columns(a.B, a.N, cfg, dev, "fwd", a.variant)
     part = torch.empty((3, splits, a.B), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
     with device_guard(dev):
@@ -468,7 +468,7 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     norm_cfg = _config("norm", a)
     df_cfg = df_cfg or _config("bwd_df", a)
     dw_cfg = dw_cfg or _config("bwd_dw", a)
-    splits, cps = _split_columns(a.B, a.N, df_cfg, dev)
+    splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant)
     inv = lse  # dummy pointer, never read without normalisation
     if a.normalize:  # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes need it per column
         inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
