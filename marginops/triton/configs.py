@@ -23,9 +23,16 @@ Kernels:
 
 Register budget notes (≤ 255 registers per thread): the kernels are register-bound, not
 shared-memory-bound. Besides the BLOCK_B × BLOCK_N fp32 dot / epilogue tiles, the 64-bit pointer
-tensors of the indirect (class_index) W loads and of the read-modify-write chunks cost a lot. The
-sizes below are the largest tried for which ``cuobjdump -res-usage`` reports STACK:0 on both
-sm_80 and sm_90 (see benchmarks/README.md).
+tensors of the indirect (class_index) W loads cost a lot, and the backward kernels hold their
+second GEMM's fp32 accumulator (BLOCK_B or BLOCK_N rows × ``block_do`` columns) in registers:
+64 × 256 over 8 warps is 64 registers per thread. ``block_do`` = 512 (one D chunk at D = 512)
+spilled 8–1048 B on sm_80 or sm_90 in every half configuration tried (bwd_df 64×{32,64,128}×
+{32,64}, bwd_dw {32,64}×64×{32,64}; 8 and 16 warps), so the half tables use 256 (two chunks
+at D = 512: see margin_lse.py for what that costs). The sizes below are the largest tried for
+which ``cuobjdump -res-usage`` reports STACK:0 on both sm_80 and sm_90 under Triton 3.9 and 3.5
+(``tests/test_triton_aot.py``). The half backward runs 3 stages: its TTGIR then issues the D
+loop's loads two tiles ahead (``async_copy_global_to_local`` into 3-slot buffers); the speed
+difference is not measured.
 """
 
 from __future__ import annotations
@@ -89,15 +96,15 @@ _NORM_UNALIGNED = C(64, 64, 32, num_warps=4, num_stages=1)
 DEFAULT: dict[str, dict[str, KernelConfig]] = {
     "half": {
         "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
-        "bwd_df": C(64, 32, 64, num_warps=8, num_stages=2, block_do=256),  # 64×64×32 spills
-        "bwd_dw": C(64, 64, 64, num_warps=8, num_stages=2, block_do=256),
+        "bwd_df": C(64, 32, 64, num_warps=8, num_stages=3, block_do=256),  # 64×64×32 spills
+        "bwd_dw": C(64, 64, 64, num_warps=8, num_stages=3, block_do=256),
         "topk": C(64, 32, 64, num_warps=4, num_stages=2),  # 64×64 spills 8–16 B (NaN policy)
         "merge": _MERGE, "norm": _NORM,
     },
     "half_sub": {
         "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
-        "bwd_df": C(64, 32, 64, num_warps=8, num_stages=2, block_do=256),
-        "bwd_dw": C(64, 64, 32, num_warps=8, num_stages=2, block_do=128),  # 256 spills 8–16 B
+        "bwd_df": C(64, 32, 64, num_warps=8, num_stages=3, block_do=256),
+        "bwd_dw": C(64, 64, 32, num_warps=8, num_stages=3, block_do=128),  # 256 spills 8–16 B
         "topk": C(64, 32, 64, num_warps=4, num_stages=2),  # 64×64 spills 8–16 B (NaN policy)
         "merge": _MERGE, "norm": _NORM,
     },

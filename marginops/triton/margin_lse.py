@@ -40,39 +40,38 @@ atomics: deterministic).
     in the epilogue, stored once in the weight's dtype (no fp32 copy of grad_W). ŵ_r·G_r is
     Σ_i dd_ir d_ir, summed from the cosines at hand, so a chunk never needs the others.
 
-Cost of the backward (K = 1, one D chunk per program when BLOCK_DO ≥ D; q = ⌈D / BLOCK_DO⌉ chunks
-otherwise; e = bytes per element; "L2" = bytes the programs load, mostly L2 hits):
+Cost (K = 1; q = ⌈D / BLOCK_DO⌉ D chunks; BB, BN = BLOCK_B, BLOCK_N of that kernel; e = bytes
+per element; s = splits; "L2" = bytes the programs load, L2 hits beyond the compulsory HBM bytes):
 
-    kernel   GEMM FLOPs        L2 → SM bytes                                    HBM (compulsory)
-    bwd_df   (2q + 2)·B·C·D    F: q·⌈C/BN⌉·B·D·e   W: ⌈B/BB⌉·(q+1)·C·D·e           W, F once;
-                                                                              dF partials s·B·D·4 written
-    bwd_dw   (2q + 2)·B·C·D    F: (q+1)·⌈C/BN⌉·B·D·e   W: q·⌈B/BB⌉·C·D·e + C·D·e   W, F once;
-                                                                              grad_W C·D·e written
+    kernel   tensor-core FLOPs  L2 → SM bytes (F; W)                      HBM (compulsory)
+    bwd_df   (2q + 2)·B·C·D     q·⌈C/BN⌉·B·D·e;  (q + 1)·⌈B/BB⌉·C·D·e     F, W read; s·B·D·4 written
+    bwd_dw   (2q + 2)·B·C·D     (q + 1)·⌈C/BN⌉·B·D·e;  (q·⌈B/BB⌉ + 1)·C·D·e   F, W read; grad_W C·D·e
+                                                                          written (fp32 with index)
 
-With sub-centers the dW kernel's programs are K times as many and each recomputes all K rows:
-its recompute costs 2q·K·B·C·K·D. The D chunk (BLOCK_DO, configs.py) is the largest that
-compiles without spills: 256 for half precision, so D ≤ 256 runs at 4·B·C·D per kernel and
-D = 512 at 6·B·C·D (two chunks, each recomputing the logit tile); 128 for most fp32 tiles.
+(plus 1/‖W‖ reads, 4 B per column per pass, and the per-row vectors.) Sub-centers multiply the dW
+programs by K, each recomputing all K rows: its recompute costs 2q·K²·B·C·D. BLOCK_DO
+(configs.py) is the widest that compiles without spills: 256 in half precision, so D ≤ 256 costs
+4·B·C·D per kernel and D = 512 costs 6·B·C·D (two chunks, each recomputing the logit tile).
+At B = 8192, C = 2^20, D = 512, bf16, default tiles: fwd 2 + dF 6 + dW 6 = 14·B·C·D = 61.6 TFLOP;
+L2 → SM ≈ 0.96 TB (dF) + 0.69 TB (dW). The previous design (10·B·C·D = 44 TFLOP) loaded
+≈ 0.62 TB and read-modified-wrote a global fp32 chunk per tile and 32-wide D chunk,
+8·B·C·D·(1/BN + 1/BB) ≈ 0.83 TB more, behind a synchronous wgmma and a barrier each time. This
+design has no global write inside any loop (every output element is stored once), pipelined D
+loops (asynchronous wgmma with same-dtype half inputs on sm_90), and no fp32 (R, D) buffer —
+but more FLOPs and L2 loads at D = 512 than before, and than the 8·B·C·D floor. Not measured on a
+GPU (none was available): counts, not timings. Next step: keep the row tile (dF) / class tile
+(dW) resident in shared memory over the whole D, so each streamed tile feeds both GEMMs and the
+loop over tiles is the pipelined innermost loop (FlashAttention's shape); the register
+accumulator must then hold 512 columns, which spills today.
 
-Why two kernels that both recompute the logit tile — 10·B·C·D FLOPs (fwd 2 + 4 + 4) at best,
-14·B·C·D at D = 512 in half precision — rather than 8·B·C·D? The 8 needs each recomputed tile to
-feed both dF and dW, so one of the two gradients must be reduced across programs: fp32 atomics
-on global memory (cut-cross-entropy) or a B×C-sized dd buffer. Per 64×64 tile at D = 512 that is
-6·64·64·512 = 12.6 MFLOP against an atomic update of a 64×512 fp32 block (128 KB read + written):
-48 FLOP per byte of L2 atomic traffic, where an H100 needs ≈ 300 FLOP/B (989 TFLOP/s over
-≈ 3.3 TB/s of L2 atomics, an estimate) to stay compute-bound — the atomics would bound the
-kernel at ≈ 1/6 of peak, and make results non-deterministic. Recomputing costs 2·B·C·D FLOPs at
-tensor-core rate instead. The previous design (a read-modify-write of a global fp32 chunk per
-tile and D chunk) moved ≈ 2·4·(B·C·D/BN + B·C·D/BB) bytes — ≈ 0.8 TB at B = 8192, C = 1M,
-D = 512 — which this one replaces with one store per output element. None of this was measured
-on a GPU (none was available): the figures are counts, the rates estimates.
-
-Why not the FlashAttention-shaped forward (emitting the feature-gradient partial from the forward)?
-It saves one of five B·C·D GEMM-equivalents (8 vs 10 · B·C·D FLOPs) but (a) needs the same
-BLOCK_B × D accumulator, carried through the online-softmax rescaling, (b) makes every forward —
-including evaluation and no-grad calls — pay the extra GEMM and a splits × B × D buffer, and
-(c) its benefit cannot be measured on the GPU-less machines this was written on. The split kept
-here is the simpler, measurable baseline; the forward stays a pure reduction.
+Why not 8·B·C·D (cut-cross-entropy's one recompute feeding both gradients)? One of the two
+gradients must then be reduced across programs: fp32 atomics on global memory or a B×C-sized dd
+buffer. Per 64×64 tile at D = 512, 6·64·64·512 = 12.6 MFLOP meet an atomic update of a 64×512
+fp32 block (128 KB read + written): 48 FLOP/B, where an H100 needs ≈ 300 FLOP/B of L2 atomic
+traffic (989 TFLOP/s over an estimated ≈ 3.3 TB/s) to stay compute-bound; and atomics make the
+result non-deterministic. Nor the FlashAttention-shaped forward emitting the dF partial: every
+forward (evaluation, no-grad) would pay the extra GEMM, a splits × B × D buffer and the same
+BLOCK_B × D accumulator that spills here.
 
 dtypes: features fp32 / fp16 / bf16; weight any of those (fp32 master weights with half features are
 read as they are and converted tile by tile, as autocast would). fp64 is refused (the torch and
