@@ -145,7 +145,9 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
 AUTOTUNE: dict[str, dict[str, tuple[KernelConfig, ...]]] = {
     "half": {
         "fwd": (C(128, 64, 64, num_warps=8, num_stages=3), C(64, 64, 64, num_warps=4, num_stages=3)),
-        "bwd_df": (C(64, 64, 64, num_warps=8, num_stages=3, block_do=128),),
+        # 2 stages: lets autotuning measure the 3-stage defaults' choice (made from the IR)
+        "bwd_df": (C(64, 32, 64, num_warps=8, num_stages=2, block_do=256),),
+        "bwd_dw": (C(64, 64, 64, num_warps=8, num_stages=2, block_do=256),),
     },
     "fp32": {
         "bwd_df": (C(32, 32, 32, num_warps=8, num_stages=2, block_do=128),),

@@ -522,6 +522,7 @@ def _d_chunk(cfg: configs.KernelConfig, D: int) -> int:
 
 
 def _meta(cfg: configs.KernelConfig, d_chunk: int) -> dict:
+    """A backward kernel's constexpr tile sizes, with the D chunk the launch uses."""
     return {**cfg.meta(), "BLOCK_DO": d_chunk}
 
 
