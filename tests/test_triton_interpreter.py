@@ -399,6 +399,40 @@ def test_fp16_weight_gradient_does_not_underflow():
 
 
 @requires_interp
+@pytest.mark.parametrize("index", [False, True], ids=["all-classes", "class_index"])
+def test_half_weight_gradient_has_no_fp32_copy(index):
+    """Half-precision weights: the dW kernel stores grad_W once, in the weight's dtype, from its
+    register accumulator — no fp32 (R, D) buffer in the backward (12 GB at R = 6M, D = 512).
+    fp16 weights take bf16's path (bf16 cannot run here). With class_index only the per-column
+    (N, D) fp32 buffer exists (N < R)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from marginops.triton import margin_lse as ml
+
+    p = _problem(37, 129, 40, 1, bias=True, index=index)
+    R, D = p["w"].shape
+    f, w = p["f"].half(), p["w"].half()
+    scale, bias = p["scale"].float(), p["bias"].float()
+    a = ml._Args(f, w, scale, bias, p["tcol"], p["cidx"], None, None, True, 1)
+    lse, _dot = ml._forward(a)
+    fp32_rd = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= R * D:
+                    fp32_rd.append((str(func), tuple(t.shape)))
+            return out
+
+    ones = torch.ones(37)
+    with Allocations():
+        grad_f, grad_w, _gs, _gb = ml._backward(a, lse, ones, ones)
+    assert grad_w.dtype == torch.float16 and grad_w.shape == (R, D)
+    assert not fp32_rd, f"fp32 buffers of ≥ R·D elements in the backward: {fp32_rd}"
+
+
+@requires_interp
 def test_bf16_is_refused_under_the_interpreter():
     p = _problem(5, 20, 16)
     for fdt, wdt in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16)):
