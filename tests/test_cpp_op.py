@@ -47,8 +47,10 @@ def _skip_unless_available(device: str) -> None:
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """16-column chunks on CPU, so a handful of classes spans several chunks."""
+    """16-column chunks on CPU, a few columns per chunk on CUDA (1 KiB tiles), so a handful of
+    classes spans several chunks."""
     monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+    monkeypatch.setenv("MARGINOPS_CUDA_TILE_KB", "1")
 
 
 # ------------------------------------------------------------------------------------------------
