@@ -21,7 +21,7 @@ namespace cuda {
 namespace epi = marginops::epi;
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;  // row kernels: one warp per weight row
+constexpr int kWarps = kThreads / 32;  // row_norms_kernel: one warp per weight row
 
 // ------------------------------------------------------------------------------------------------
 // Reductions (deterministic: fixed tree / butterfly order)
@@ -65,7 +65,7 @@ __device__ void block_lse(float& m, float& s, float* shm, float* shs) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Weight rows: one warp per row. Iterated row r = n·K + k (column n, sub-center k) is weight row
+// Weight rows. Iterated row r = n·K + k (column n, sub-center k) is weight row
 // class(n)·K + k, class(n) = class_index[n] or n.
 // ------------------------------------------------------------------------------------------------
 
@@ -73,7 +73,8 @@ __device__ inline int64_t weight_row(const int64_t* class_index, int64_t r, int6
   return class_index ? class_index[r / K] * K + r % K : r;
 }
 
-// inv[r] = 1/max(‖W_r‖, eps), sumsq[r] = ‖W_r‖², for the `rows` iterated rows.
+// inv[r] = 1/max(‖W_r‖, eps), sumsq[r] = ‖W_r‖², for the `rows` iterated rows: one warp per row
+// (all N·K rows in one launch, so the grid is large).
 template <typename w_t>
 __global__ void row_norms_kernel(const w_t* __restrict__ W, const int64_t* __restrict__ class_index,
                                  int64_t rows, int64_t K, int64_t D, float* __restrict__ inv,
@@ -94,46 +95,47 @@ __global__ void row_norms_kernel(const w_t* __restrict__ W, const int64_t* __res
   }
 }
 
-// dst (rows × D, c_t) = the iterated rows r0 … r0+rows−1 of W, times inv[r] when given.
+// dst (rows × D, c_t) = the iterated rows r0 … r0+rows−1 of W, times inv[r] when given: one
+// thread per element (rows·D/256 blocks: whole waves even for a narrow chunk).
 template <typename w_t, typename c_t>
 __global__ void load_chunk_kernel(const w_t* __restrict__ W, const int64_t* __restrict__ class_index,
                                   int64_t r0, int64_t rows, int64_t K, int64_t D,
                                   const float* __restrict__ inv, c_t* __restrict__ dst) {
-  const int64_t r = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
-  if (r >= rows) return;
-  const w_t* src = W + weight_row(class_index, r0 + r, K) * D;
-  const float s = inv ? inv[r0 + r] : 1.f;
-  for (int64_t e = threadIdx.x % 32; e < D; e += 32)
-    dst[r * D + e] = static_cast<c_t>(static_cast<float>(src[e]) * s);
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= rows * D) return;
+  const int64_t r = idx / D, e = idx % D;
+  const float v = static_cast<float>(W[weight_row(class_index, r0 + r, K) * D + e]);
+  dst[idx] = static_cast<c_t>(inv ? v * inv[r0 + r] : v);
 }
 
-// Normalisation Jacobian, one warp per iterated row r0 + r of the chunk, from G_r (fp32, the
+// Normalisation Jacobian, one block per iterated row r0 + r of the chunk (nc·K blocks: whole
+// waves; a warp per row would leave a 1024-row chunk 128 blocks on 132 SMs), from G_r (fp32, the
 // GEMM's DDᵀ·F) and the weight row itself:
-//   grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) · c,  ŵ_r = W_r·inv_r,  c = 1 if G is G' = inv·G (see the
-//   file comment) else inv_r;  projection only when normalising a row with ‖W_r‖ > eps.
-// Without class_index iterated row r0 + r is weight row r0 + r, written by this warp alone. With
+//   grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) · c,  ŵ_r = W_r·inv_r,  c = 1 if G is G' = inv·G (see
+//   margin_lse.cu) else inv_r;  projection only when normalising a row with ‖W_r‖ > eps.
+// Without class_index iterated row r0 + r is weight row r0 + r, written by this block alone. With
 // class_index two columns may name one class (the contract accumulates them), so the result
-// overwrites G_r and the host adds the chunk's rows into their classes (deterministic).
+// overwrites G_r in place (each thread reads g[e] before writing it; proj is complete after
+// block_sum's barrier) and the host adds the chunk's rows into their classes (deterministic).
 template <typename w_t>
 __global__ void weight_grad_kernel(float* __restrict__ G, const w_t* __restrict__ W,
                                    const int64_t* __restrict__ class_index,
                                    const float* __restrict__ inv, const float* __restrict__ sumsq,
-                                   int64_t r0, int64_t rows, int64_t K, int64_t D, bool g_scaled,
+                                   int64_t r0, int64_t K, int64_t D, bool g_scaled,
                                    w_t* __restrict__ gW) {
-  const int64_t r = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
-  if (r >= rows) return;
-  const int lane = threadIdx.x % 32;
-  const int64_t rg = r0 + r;
+  __shared__ float sh[kThreads];
+  const int64_t r = blockIdx.x, rg = r0 + r;
   float* g = G + r * D;
   const w_t* w = W + weight_row(class_index, rg, K) * D;
   const float iv = inv ? inv[rg] : 1.f;
   float proj = 0.f;
-  if (inv && epi::norm_projects(sumsq[rg], true)) {
-    for (int64_t e = lane; e < D; e += 32) proj += static_cast<float>(w[e]) * iv * g[e];
-    proj = warp_sum(proj);
+  if (inv && epi::norm_projects(sumsq[rg], true)) {  // uniform over the block
+    for (int64_t e = threadIdx.x; e < D; e += blockDim.x)
+      proj += static_cast<float>(w[e]) * iv * g[e];
+    proj = block_sum(proj, sh);
   }
   const float c = g_scaled ? 1.f : iv;
-  for (int64_t e = lane; e < D; e += 32) {
+  for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
     const float v = epi::normalize_backward(g[e], static_cast<float>(w[e]) * iv, proj, c);
     if (class_index)
       g[e] = v;

@@ -193,7 +193,8 @@ const c_t* chunk_rows(const Prepared& p, int64_t n0, int64_t nc, const float* in
   const int64_t r0 = n0 * p.K, rows = nc * p.K;
   if (!inv && !p.class_index.has_value() && std::is_same<w_t, c_t>::value)
     return static_cast<const c_t*>(p.W.data_ptr()) + r0 * p.D;
-  load_chunk_kernel<w_t, c_t><<<blocks_for(rows, kWarps), kThreads, 0, stream>>>(
+  if (rows * p.D == 0) return buf.data_ptr<c_t>();  // D = 0: nothing to load (no empty grid)
+  load_chunk_kernel<w_t, c_t><<<blocks_for(rows * p.D), kThreads, 0, stream>>>(
       p.W.data_ptr<w_t>(), opt_ptr<int64_t>(p.class_index), r0, rows, p.K, p.D, inv,
       buf.data_ptr<c_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -335,10 +336,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
                     gF.data_ptr<float>(), p.D, ct, stream);
         gemm_f32out(true, false, ncK, p.D, p.B, DD.data_ptr<c_t>(), ncK, p.F.data_ptr(), p.D, 0.f,
                     G.data_ptr<float>(), p.D, ct, stream);
-        weight_grad_kernel<w_t><<<blocks_for(ncK, kWarps), kThreads, 0, stream>>>(
+        weight_grad_kernel<w_t><<<static_cast<unsigned>(ncK), kThreads, 0, stream>>>(
             G.data_ptr<float>(), p.W.data_ptr<w_t>(), opt_ptr<int64_t>(p.class_index), inv_all,
-            s.sumsq.defined() ? s.sumsq.data_ptr<float>() : nullptr, n0 * p.K, ncK, p.K, p.D,
-            scale_dd, gW.data_ptr<w_t>());
+            s.sumsq.defined() ? s.sumsq.data_ptr<float>() : nullptr, n0 * p.K, p.K, p.D, scale_dd,
+            gW.data_ptr<w_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (per_column) {  // rows class·K + k of the chunk's columns, summed in (deterministic)
           const Tensor wrows = (classes.unsqueeze(1) * p.K + sub).reshape({-1});
