@@ -396,7 +396,7 @@ def cuda_plan(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[int, int]:
     """(classes per chunk, epilogue splits) as csrc/cuda/tc_gemm.h ``plan_chunks`` picks them for
     the ArcFace step (K = 1, no bias): the backward's tile — fp32 T plus the 16-bit DD (none for
     fp32: DD is written over T) — within half the L2, the fp32 G tile (nc × D) too, at least 128
-    columns, whole 128-column cuBLAS tiles from 256 up."""
+    columns, whole 128-column cuBLAS tiles from 256 up; rows split while B < 4 blocks per SM."""
     e = ELT[dtype]
     per_logit = 4 + (0 if e == 4 else e)
     budget = gpu.l2_bytes // 2
@@ -404,7 +404,7 @@ def cuda_plan(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[int, int]:
     if nc >= 256:
         nc = nc // 128 * 128
     nc = max(1, min(nc, max(C, 1)))
-    splits = min(max(_cdiv(8 * gpu.sms, B), 1), min(max(nc // 256, 1), 64))
+    splits = min(max(_cdiv(4 * gpu.sms, B), 1), min(max(nc // 256, 1), 64))
     return nc, splits
 
 
@@ -476,9 +476,9 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
                    hbm=W)]
     if e != 4:
         out.append(Launch(f"backward: ∂F .to({dtype})", l2=B * D * 4 + Fb, hbm=B * D * 4 + Fb))
-    for launch in out:
-        launch.note = launch.note or (f"{n} chunks of {nc} classes, {S} split(s)"
-                                      if launch.count >= n > 1 or launch.grid == B * S else "")
+    for launch in out:   # the per-chunk launches
+        if launch.count >= n:
+            launch.note = f"{n} chunks of {nc} classes, {S} split(s)"
     return out
 
 

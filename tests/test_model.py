@@ -62,8 +62,8 @@ def test_triton_bf16_counts_by_hand():
 
 def test_cuda_fp32_counts_by_hand():
     """B=64, C=1000, D=32 fp32 on A100 (40 MiB L2): plan_chunks' budget is 20 MiB; 4 bytes per
-    logit (DD is written over T) → 81920 columns, capped at C: one chunk; splits: ceil(8·108/64) =
-    14 capped at 1000 // 256 = 3. fp32 GEMMs at torch's default: IEEE fp32 (CUDA cores)."""
+    logit (DD is written over T) → 81920 columns, capped at C: one chunk; splits: ceil(4·108/64) =
+    7 capped at 1000 // 256 = 3. fp32 GEMMs at torch's default: IEEE fp32 (CUDA cores)."""
     B, C, D = 64, 1000, 32
     a100 = pm.GPUS["a100"]
     assert pm.cuda_plan(B, C, D, "float32", a100) == (1000, 3)

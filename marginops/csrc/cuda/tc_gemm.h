@@ -128,9 +128,10 @@ inline ChunkPlan plan_chunks(const c10::Device& dev, int64_t B, int64_t K, int64
   int64_t nc = std::max(floor_nc, rows / std::max<int64_t>(1, K));
   if (nc >= 256) nc = nc / 128 * 128;
   nc = std::max<int64_t>(1, std::min(nc, std::max<int64_t>(N, 1)));
-  // Epilogue grid (B, splits) of 256-thread blocks: 8 per SM fill its 2048 threads, so rows are
-  // split only when B alone gives fewer than 8 blocks per SM; a split keeps >= 256 columns.
-  const int64_t want = (8 * prop->multiProcessorCount + B - 1) / std::max<int64_t>(1, B);
+  // Epilogue grid (B, splits) of 256-thread blocks: rows are split only when B alone gives fewer
+  // than 4 blocks per SM (half its 2048 threads; B = 1024 on 132 SMs does not split, which saves
+  // the merge kernel's launch per chunk); a split keeps >= 256 columns.
+  const int64_t want = (4 * prop->multiProcessorCount + B - 1) / std::max<int64_t>(1, B);
   const int64_t splits = std::clamp<int64_t>(want, 1, std::clamp<int64_t>(nc / 256, 1, 64));
   return {nc, splits};
 }
