@@ -117,6 +117,18 @@ def test_cuda_bf16_counts_by_hand():
                                            + 3 * B * 4 + B * D * 4 + Fb)
 
 
+def test_cuda_fp16_normalises_a_chunk_for_the_feature_gradient():
+    """fp16 (max 65504) cannot hold dd/‖W_r‖: the backward multiplies DD by a normalised fp16
+    chunk instead, one extra launch per chunk (read W's chunk, write it: 2·C·D·2 bytes of L2);
+    bf16 has fp32's range and reads W as it is."""
+    h100 = pm.GPUS["h100"]
+    half = _by_name(pm.cuda_launches(4096, 10000, 512, "float16", h100))
+    extra = half["backward: load_chunk_kernel (normalised fp16 rows for ∂F)"]
+    assert extra.count == 10 and extra.l2 == 2 * 10000 * 512 * 2 + 10000 * 4 and extra.hbm == 0
+    assert not any("load_chunk" in x.name for x in pm.cuda_launches(4096, 10000, 512, "bfloat16",
+                                                                    h100))
+
+
 def test_cuda_tile_beyond_l2_spills_to_hbm():
     """B = 65536 bf16: 128 columns (the floor) × 6 bytes = 48 MiB > the 25 MiB budget; the
     excess share 1 − 25/48 of T goes to HBM and back."""
