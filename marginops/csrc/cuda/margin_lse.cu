@@ -10,7 +10,9 @@
 //      dtype: W_c is the weight's own rows (a pointer into W, no copy) unless class_index gathers
 //      them or the weight's dtype differs from the features' — then load_chunk_kernel writes the
 //      chunk's nc·K × D rows in the features' dtype (bf16 activations with fp32 master weights run
-//      bf16 GEMMs, as autocast's F.linear would). Never a normalised or fp32 copy of W or F.
+//      bf16 GEMMs, as autocast's F.linear would; fp32 features with a bf16 weight convert the
+//      chunk up, exactly). F is never copied; W at most one chunk at a time (these rows, and
+//      fp16's normalised rows below), never in full.
 //   2. epilogue kernels — grid (row, split), one read of the tile: d = T·(1/wn) (the weight
 //      normalisation, exact to the contract, applied to the fp32 dots — epi::subcenter_max),
 //      sub-center max, target mask, filtering, hard-negative modulation, scale, bias; forward:

@@ -11,9 +11,9 @@
 // `torch.backends.cuda.matmul.allow_tf32` / `torch.set_float32_matmul_precision("high" or
 // "medium")`, read per call from at::globalContext().allowTF32CuBLAS() and not inside a
 // NoTF32Guard — else IEEE fp32 (CUBLAS_COMPUTE_32F on a handle whose math mode torch has set to
-// CUBLAS_DEFAULT_MATH). There is no 3×TF32 mode: cuBLAS has none on sm_80/sm_90 (its BF16x9
-// emulation is a Blackwell feature), so "highest" costs the fp32 CUDA-core rate (67 TFLOP/s on an
-// H100 against 495 for TF32), as it does for torch.mm.
+// CUBLAS_DEFAULT_MATH). There is no 3×TF32 mode: cuBLAS offers none for sm_80/sm_90
+// (CUBLAS_COMPUTE_32F_EMULATED_16BFX9 targets Blackwell), so "highest" costs the fp32 CUDA-core
+// rate (67 TFLOP/s on an H100 against 495 for TF32), as it does for torch.mm.
 //
 // Alignment. cuBLAS takes any leading dimension and pointer: with D (or a chunk width) that is not
 // a multiple of 8 elements (16 bytes of bf16) it picks kernels without 16-byte vector loads —
@@ -90,19 +90,19 @@ inline void gemm_f32out(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const
 // the device's L2 (cudaDeviceProp::l2CacheSize, which torch caches per device: no driver call per
 // op); the other half holds what the GEMMs stream — F (B × D) and the chunk's weight rows.
 //
-//   H100 (50 MB L2, budget 25 MB), B = 4096, D = 512, bf16, no bias: 4 + 2 = 6 bytes per logit →
-//   25 MB / (4096 · 6) = 1066 → nc = 1024 (whole 128-column cuBLAS tiles): T = 16 MB, DD = 8 MB,
-//   F = 4 MB, the weight chunk 1 MB. Each GEMM is 2·4096·1024·512 = 4.3 GFLOP (4.3 µs at peak)
+//   H100 (50 MiB L2, budget 25 MiB), B = 4096, D = 512, bf16, no bias: 4 + 2 = 6 bytes per logit
+//   → 25 MiB / (4096 · 6) = 1066 → nc = 1024 (whole 128-column cuBLAS tiles): T = 16 MiB, DD =
+//   8 MiB, F = 4 MiB, the weight chunk 1 MiB. Each GEMM is 2·4096·1024·512 = 4.3 GFLOP (4.3 µs)
 //   against 16 MiB of tile read once by the epilogue (2.4 µs from L2 at the 7 TB/s
 //   benchmarks/model.py assumes, 5.0 µs from HBM — and as much again to write it).
-//   B = 1024: nc = 4224, the same 4.3 GFLOP and 16 MB per chunk — the budget fixes the tile, so
-//   the GEMM work per chunk, 2·D·budget/bytes_per_logit, does not depend on B.
+//   B = 1024: nc = 4224, 4.4 GFLOP and 16.5 MiB per chunk — the budget fixes the tile, so the
+//   GEMM work per chunk, about 2·D·budget/bytes_per_logit, does not depend on B.
 //
 // The fp32 weight-gradient tile G (nc·K × D) is bounded by the same budget (at D = 512: 12800
 // rows), so it too is read back from L2 by the normalisation-Jacobian kernel; this bound is what
 // limits small batches (B = 64 would otherwise take 68K columns). Below 128 columns a cuBLAS GEMM
-// wastes most of its tiles, so nc never goes under 128 (B > 34K at 6 bytes per logit and a 25 MB
-// budget then overflows the budget rather than the tile shrinking further).
+// wastes part of every output tile, so nc never goes under 128 (B > 34K at 6 bytes per logit and
+// a 25 MiB budget then overflows the budget rather than the tile shrinking further).
 //
 // MARGINOPS_CUDA_TILE_KB (read per call; a test knob like the CPU's MARGINOPS_CPU_TILE_KB) sets
 // the budget in KiB and drops the 128-column floor, so small problems span several chunks.
