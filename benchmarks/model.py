@@ -36,8 +36,9 @@ Assumptions (what the figures mean; change a constant to test another):
 * CUDA-core work of the epilogues is ``EPILOGUE_FWD`` / ``EPILOGUE_BWD`` fp32 operations per logit
   (scale, mask, max, subtract, margin, compare, select...; an estimate, not a count of SASS).
 * cuBLAS calls (``cuda`` backend, naive loss) run at the peak of their dtype with 128 × 128 output
-  tiles (their L2 traffic) and whole waves. The ``cuda`` backend's GEMMs run on fp32 copies with
-  ``torch.backends.cuda.matmul.allow_tf32 = False`` (torch's default): the fp32 CUDA-core peak.
+  tiles (their L2 traffic) and whole waves. The ``cuda`` backend's GEMMs take the inputs' dtype
+  (bf16/fp16 on the tensor cores, fp32 output); fp32 follows torch's default
+  ``allow_tf32 = False`` (``CUDA_FP32_TF32``): the fp32 CUDA-core peak.
 * Triton fp32 inputs run ``tl.dot`` as 3×TF32 (three TF32 products) at the TF32 peak.
 * Occupancy: registers allocated per warp in units of 256, 1 KB of shared memory reserved per CTA,
   at most 2048 threads and 32 CTAs per SM (marginops/triton/waves.py, which the launcher uses
@@ -337,52 +338,99 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch
     ]
 
 
-def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
-    """marginops/csrc/cuda/margin_lse.cu ``margin_lse_cuda`` + ``margin_lse_backward_cuda``:
-    per chunk of ``nc`` columns (``pick_chunk``), gather + normalise the rows into an fp32 Ŵc, one
-    fp32 cuBLAS GEMM into the fp32 tile T (B × nc), epilogue kernels; backward: the same, then
-    ∂F += DD·Ŵc and G = DDᵀ·F (fp32 cuBLAS) and the Jacobian kernel."""
+# torch's default for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32 = False): the ``cuda``
+# backend follows it (csrc/cuda/tc_gemm.h), so fp32 GEMMs run at the fp32 CUDA-core peak.
+CUDA_FP32_TF32 = False
+
+
+def cuda_plan(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[int, int]:
+    """(classes per chunk, epilogue splits) as csrc/cuda/tc_gemm.h ``plan_chunks`` picks them for
+    the ArcFace step (K = 1, no bias): the backward's tile — fp32 T plus the 16-bit DD (none for
+    fp32: DD is written over T) — within half the L2, the fp32 G tile (nc × D) too, at least 128
+    columns, whole 128-column cuBLAS tiles from 256 up; rows split while B < 4 blocks per SM."""
     e = ELT[dtype]
-    nc = min((1 << 24) // max(B, 1), (1 << 23) // max(D, 1))
-    nc = max(1, min(max(256, min(nc, 65536)), max(C, 1)))
+    per_logit = 4 + (0 if e == 4 else e)
+    budget = gpu.l2_bytes // 2
+    nc = max(128, min(budget // max(1, B * per_logit), budget // max(1, D * 4)))
+    if nc >= 256:
+        nc = nc // 128 * 128
+    nc = max(1, min(nc, max(C, 1)))
+    splits = min(max(_cdiv(4 * gpu.sms, B), 1), min(max(nc // 256, 1), 64))
+    return nc, splits
+
+
+def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
+    """marginops/csrc/cuda/margin_lse.cu ``margin_lse_cuda`` + ``margin_lse_backward_cuda`` of an
+    ArcFace step: 1/‖W_r‖ of every row once per pass, then per chunk of ``nc`` classes
+    (``cuda_plan``) a cuBLAS GEMM in the inputs' dtype straight from W (no copy) into the fp32
+    tile T (B × nc), the epilogue kernels (one read of T, 1/‖W‖ applied there); backward: the same,
+    the softmax gradient DD in the GEMM dtype, ∂F += DD·W_c and G = DDᵀ·F (fp32 out), the
+    Jacobian kernel writing grad_W in W's dtype. fp16 adds a normalised fp16 chunk for ∂F.
+
+    Bytes: cuBLAS GEMMs with 128 × 128 output tiles re-read an operand once per tile of the other
+    dimension (L2); from HBM they read W once per pass and F once in all (resident across chunks).
+    The chunk's tile set (T, DD: B × nc × 6 bytes for 16-bit inputs) is sized to half the L2, so it
+    and the chunk's G tile and weight rows are served by L2; if a tile set exceeds that half (B so
+    large that even 128 columns do not fit), its excess fraction is written to and read from HBM.
+    Each epilogue block reads the chunk's 1/‖W‖ vector (nc floats) through its SM's L1: counted
+    once per SM and chunk."""
+    e = ELT[dtype]
+    nc, S = cuda_plan(B, C, D, dtype, gpu)
     n = _cdiv(C, nc)
-    S = max(1, min((nc + 1023) // 1024, 64))
-    T = B * C * 4                 # every chunk's T tile, summed over the chunks
-    W, W32, F32 = C * D * e, C * D * 4, B * D * 4
-    t_hit = T / n                 # one tile's size: the working set of the epilogue after the GEMM
+    widths = [nc] * (n - 1) + [C - (n - 1) * nc]
+    unit = "bf16" if e == 2 else ("tf32" if CUDA_FP32_TF32 else "fp32")
+    dd_e = 4 if e == 4 else e                 # DD: fp32 (over T) or the 16-bit dtype
+    W, Fb, T = C * D * e, B * D * e, B * C * 4
+    DD = B * C * dd_e
+    tile_set = B * nc * (4 + (0 if e == 4 else e))
+    spill = max(0.0, 1.0 - (gpu.l2_bytes / 2) / tile_set)   # share of the tile set missing L2
+    inv_l1 = gpu.sms * C * 4                   # 1/‖W‖ per chunk, once per SM
+    partials = n * 3 * B * S * 4 if S > 1 else 0
+    kernels = 2 if S > 1 else 1
 
-    def gemm(name: str, m: int, k: int, cols: int, reads: float, writes: float) -> Launch:
-        """fp32 cuBLAS GEMM (m × cols) = (m × k)(k × cols), summed over n chunks: 128×128 tiles."""
-        l2 = n * (m * k * 4 * _cdiv(cols, 128) + k * cols * 4 * _cdiv(m, 128) + m * cols * 4)
-        return Launch(name, count=n, tc_flops=2 * B * C * D, unit="fp32", l2=l2,
-                      hbm=reads + writes, reuse_set=(m * k + k * cols) * 4)
+    def gemm(name: str, m, k, cols, ea: int, eb: int, accumulate: bool, hbm: float) -> Launch:
+        """Σ over chunks of (m × cols) = (m × k)(k × cols); m, k, cols map a chunk width to a size."""
+        l2 = sum(m(w) * k(w) * ea * _cdiv(cols(w), 128) + k(w) * cols(w) * eb * _cdiv(m(w), 128)
+                 + m(w) * cols(w) * 4 * (2 if accumulate else 1) for w in widths)
+        return Launch(name, count=n, tc_flops=2 * B * C * D, unit=unit, l2=l2, hbm=hbm)
 
-    out = [Launch("prepare: features .to(fp32) (forward and backward)", count=2 if e != 4 else 0,
-                  l2=2 * (B * D * e + F32) if e != 4 else 0, hbm=2 * (B * D * e + F32) if e != 4
-                  else 0)]
-    for phase in ("forward", "backward"):
-        out.append(Launch(f"{phase}: load_rows_kernel (gather, normalise to fp32 Ŵc)", count=n,
-                          grid=nc, alu_flops=3 * C * D, l2=W + W32, hbm=W + W32))
-        out.append(gemm(f"{phase}: at::mm T = F·Ŵcᵀ (fp32 cuBLAS)", B, D, nc,
-                        reads=n * F32 + W32, writes=T))
-    out.insert(3, Launch("forward: forward_epilogue_kernel + merge_partials_kernel", count=2 * n,
-                         grid=B * S, alu_flops=EPILOGUE_FWD * B * C, exps=B * C,
-                         l2=T + 3 * B * S * 4 * n, hbm=T * (1 - min(1.0, gpu.l2_bytes / t_hit))
-                         + 3 * B * S * 4 * n))
-    out.append(Launch("backward: backward_epilogue_kernel (DD into T) + sum_partials_kernel",
-                      count=2 * n, grid=B * S, alu_flops=EPILOGUE_BWD * B * C, exps=B * C,
-                      l2=2 * T, hbm=2 * T * (1 - min(1.0, gpu.l2_bytes / t_hit))))
-    out.append(gemm("backward: gF.addmm_(DD, Ŵc) (fp32 cuBLAS)", B, nc, D,
-                    reads=T + W32 + n * 2 * F32, writes=0))
-    out.append(gemm("backward: at::mm G = DDᵀ·F (fp32 cuBLAS)", nc, B, D,
-                    reads=T + n * F32, writes=W32))
-    out.append(Launch("backward: weight_grad_kernel (normalisation Jacobian)", count=n, grid=nc,
-                      alu_flops=6 * C * D, l2=2 * W32 + W, hbm=2 * W32 + W))
-    out.append(Launch("backward: zeros gF, gW, gS; gF.to(dtype)", count=4,
-                      l2=F32 + W + F32 + B * D * e, hbm=F32 + W + F32 + B * D * e))
-    for launch in out:
-        launch.note = launch.note or f"{n} chunks of {nc} classes"
-    return [launch for launch in out if launch.count]
+    def norms(phase: str) -> Launch:
+        return Launch(f"{phase}: row_norms_kernel (1/‖W_r‖, ‖W_r‖² of every row)",
+                      grid=_cdiv(C, 8), alu_flops=2 * C * D, l2=W + 8 * C, hbm=W + 8 * C)
+
+    def dots(phase: str) -> Launch:
+        return gemm(f"{phase}: GEMM T = F·Wᵀ (cuBLAS, {dtype} in, fp32 out)", lambda w: B,
+                    lambda w: D, lambda w: w, e, e, False,
+                    hbm=W + (Fb if phase == "forward" else 0) + T * spill * 2)
+
+    out = [norms("forward"), dots("forward"),
+           Launch("forward: forward_epilogue_kernel" + (" + merge_partials_kernel" if S > 1 else ""),
+                  count=kernels * n, grid=B * S, alu_flops=EPILOGUE_FWD * B * C, exps=B * C,
+                  l2=T + inv_l1 + partials, hbm=partials),
+           Launch("forward: finalize_kernel", l2=3 * B * 4, hbm=3 * B * 4),
+           Launch("backward: zeros ∂F (fp32), ∂scale (grad_W: no fill)", count=2,
+                  l2=B * D * 4 + B * 4, hbm=B * D * 4 + B * 4),
+           norms("backward"), dots("backward"),
+           Launch(f"backward: backward_epilogue_kernel (DD in {dtype})"
+                  + (" + sum_partials_kernel" if S > 1 else ""), count=kernels * n, grid=B * S,
+                  alu_flops=EPILOGUE_BWD * B * C, exps=B * C, l2=T + DD + inv_l1 + partials,
+                  hbm=DD * spill + partials)]
+    if dtype == "float16":
+        out.append(Launch("backward: load_chunk_kernel (normalised fp16 rows for ∂F)", count=n,
+                          grid=_cdiv(nc * D, 256), alu_flops=C * D, l2=2 * W + C * 4, hbm=0.0))
+    out += [gemm("backward: GEMM ∂F += DD·W_c (cuBLAS, fp32 accumulator)", lambda w: B,
+                 lambda w: w, lambda w: D, dd_e, e, True, hbm=DD * spill),
+            gemm("backward: GEMM G = DDᵀ·F (cuBLAS, fp32 out)", lambda w: w, lambda w: B,
+                 lambda w: D, dd_e, e, False, hbm=DD * spill),
+            Launch("backward: weight_grad_kernel (Jacobian, grad_W in W's dtype)", count=n,
+                   grid=nc, alu_flops=6 * C * D, l2=2 * C * D * 4 + 2 * W + W + 8 * C,
+                   hbm=W)]
+    if e != 4:
+        out.append(Launch(f"backward: ∂F .to({dtype})", l2=B * D * 4 + Fb, hbm=B * D * 4 + Fb))
+    for launch in out:   # the per-chunk launches
+        if launch.count >= n:
+            launch.note = f"{n} chunks of {nc} classes, {S} split(s)"
+    return out
 
 
 def naive_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:

@@ -7,7 +7,8 @@ already has. Stages, each under its own timeout, all output in ``--out``:
 
   env        nvidia-smi, versions, ``python -m marginops.info``                     env.txt
   build      the C++/CUDA extension against this torch, offline, all cores, this GPU's arch
-  tests      every GPU test (tests/test_triton_gpu.py, the CUDA cases of tests/test_cpp_op.py):
+  tests      every GPU test (tests/test_triton_gpu.py, the CUDA cases of tests/test_cpp_op.py,
+             the cuda backend's tensor-core paths in tests/test_cuda_gpu.py):
              backends × families × dtypes × odd shapes vs the reference, torch.compile,
              CUDA-graph capture of a full step with Partial FC, non-default stream, 2nd device
                                                                            junit-tests.xml, .log
@@ -52,7 +53,7 @@ PY = sys.executable
 # The tests get the most: Triton JIT-compiles every specialisation the family matrix launches.
 TIMEOUTS = {"env": 20, "build": 150, "tests": 180, "sanitizer": 60, "sweep": 50}
 BUDGET = 460
-GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_cpp_op.py"]
+GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_cpp_op.py", "tests/test_cuda_gpu.py"]
 
 # The sweep the issue asks for, before shrinking.
 SWEEP_BATCH = (1024, 2048, 4096, 8192)

@@ -99,20 +99,84 @@ def test_one_cta_per_sm_serialises_gemm_and_epilogue():
 
 
 def test_cuda_fp32_counts_by_hand():
-    """B=64, C=1000, D=32 fp32: pick_chunk = min(2^24/64, 2^23/32) clamped to 65536, capped at C:
-    one chunk of 1000 classes; the GEMMs are fp32 cuBLAS with 128×128 output tiles."""
+    """B=64, C=1000, D=32 fp32 on A100 (40 MiB L2): plan_chunks' budget is 20 MiB; 4 bytes per
+    logit (DD is written over T) → 81920 columns, capped at C: one chunk; splits: ceil(4·108/64) =
+    7 capped at 1000 // 256 = 3. fp32 GEMMs at torch's default: IEEE fp32 (CUDA cores)."""
     B, C, D = 64, 1000, 32
-    launches = pm.cuda_launches(B, C, D, "float32", pm.GPUS["a100"])
+    a100 = pm.GPUS["a100"]
+    assert pm.cuda_plan(B, C, D, "float32", a100) == (1000, 3)
+    launches = pm.cuda_launches(B, C, D, "float32", a100)
     la = _by_name(launches)
-    mm = la["forward: at::mm T = F·Ŵcᵀ (fp32 cuBLAS)"]
+    mm = la["forward: GEMM T = F·Wᵀ (cuBLAS, float32 in, fp32 out)"]
     assert mm.count == 1 and mm.unit == "fp32"
     assert mm.tc_flops == 2 * 64 * 1000 * 32 == 4_096_000
-    # F re-read per 128-column tile (8), Ŵc per 128-row tile (1), T written once
+    # F re-read per 128-column tile (8), W per 128-row tile (1), T written once
     assert mm.l2 == 64 * 32 * 4 * 8 + 32 * 1000 * 4 * 1 + 64 * 1000 * 4 == 449_536
-    assert mm.hbm == 64 * 32 * 4 + 1000 * 32 * 4 + 64 * 1000 * 4 == 392_192
-    assert "prepare: features .to(fp32) (forward and backward)" not in la   # fp32: no copy
-    assert sum(x.tc_flops for x in launches) == 8 * B * C * D   # 4 fp32 GEMMs
+    # from HBM: W and F once; the tile stays in L2 (no spill)
+    assert mm.hbm == 1000 * 32 * 4 + 64 * 32 * 4 == 136_192
+    epi = la["backward: backward_epilogue_kernel (DD in float32) + sum_partials_kernel"]
+    assert epi.count == 2 and epi.grid == 64 * 3
+    # T read, DD written over it (fp32), 1/‖W‖ once per SM, (m, s, Σ) partials per split and row
+    assert epi.l2 == 64 * 1000 * 4 * 2 + 108 * 1000 * 4 + 3 * 64 * 3 * 4 == 946_304
+    assert sum(x.tc_flops for x in launches) == 8 * B * C * D   # 4 GEMMs, none on a copy
     assert all(x.unit == "fp32" for x in launches if x.tc_flops)
+    assert not any("fp32 cop" in x.name or ".to(fp32)" in x.name for x in launches)
+
+
+def test_cuda_bf16_counts_by_hand():
+    """B=4096, C=10000, D=512 bf16 on H100 (50 MiB L2, budget 25 MiB): 6 bytes per logit (fp32 T +
+    bf16 DD) → 26214400 // 24576 = 1066 → 1024 columns (whole 128-column tiles); 10 chunks, the
+    last of 784; one split (4096 rows fill the SMs). GEMMs on the bf16 tensor cores, operands
+    read straight from W and F: HBM sees W twice (forward, backward), F once, grad_W once."""
+    B, C, D, e = 4096, 10000, 512, 2
+    h100 = pm.GPUS["h100"]
+    assert pm.cuda_plan(B, C, D, "bfloat16", h100) == (1024, 1)
+    launches = pm.cuda_launches(B, C, D, "bfloat16", h100)
+    la = _by_name(launches)
+    W, Fb = C * D * e, B * D * e                                    # 10240000, 4194304
+    tiles = 9 * 8 + 7                                              # 128-column tiles: 9 × 1024 + 784
+    mm = la["forward: GEMM T = F·Wᵀ (cuBLAS, bfloat16 in, fp32 out)"]
+    assert mm.count == 10 and mm.unit == "bf16"
+    assert mm.l2 == Fb * tiles + W * (B // 128) + B * C * 4 == 822_870_016
+    assert mm.hbm == W + Fb == 14_434_304
+    df = la["backward: GEMM ∂F += DD·W_c (cuBLAS, fp32 accumulator)"]
+    # DD (bf16) per 128-column tile of D (4), W per 128-row tile of B (32), ∂F read + written
+    assert df.l2 == B * C * e * 4 + W * 32 + 10 * B * D * 4 * 2 == 823_132_160
+    g = la["backward: GEMM G = DDᵀ·F (cuBLAS, fp32 out)"]
+    assert g.l2 == B * C * e * 4 + Fb * tiles + C * D * 4 == 679_510_016
+    wg = la["backward: weight_grad_kernel (Jacobian, grad_W in W's dtype)"]
+    assert wg.grid == 1024 and wg.hbm == W
+    assert sum(x.tc_flops for x in launches) == 8 * B * C * D
+    assert all(x.unit == "bf16" for x in launches if x.tc_flops)
+    # every HBM byte of the step: norms (W + 8 bytes per row) and T's GEMM per pass, F once,
+    # grad_W, the zeroed fp32 ∂F and ∂scale, finalize, ∂F's cast to bf16 — no fp32 copy of W or F
+    norms = W + 8 * C
+    assert sum(x.hbm for x in launches) == (2 * norms + 2 * W + Fb + W + B * D * 4 + B * 4
+                                           + 3 * B * 4 + B * D * 4 + Fb)
+
+
+def test_cuda_fp16_normalises_a_chunk_for_the_feature_gradient():
+    """fp16 (max 65504) cannot hold dd/‖W_r‖: the backward multiplies DD by a normalised fp16
+    chunk instead, one extra launch per chunk (read W's chunk, write it: 2·C·D·2 bytes of L2);
+    bf16 has fp32's range and reads W as it is."""
+    h100 = pm.GPUS["h100"]
+    half = _by_name(pm.cuda_launches(4096, 10000, 512, "float16", h100))
+    extra = half["backward: load_chunk_kernel (normalised fp16 rows for ∂F)"]
+    assert extra.count == 10 and extra.l2 == 2 * 10000 * 512 * 2 + 10000 * 4 and extra.hbm == 0
+    assert not any("load_chunk" in x.name for x in pm.cuda_launches(4096, 10000, 512, "bfloat16",
+                                                                    h100))
+
+
+def test_cuda_tile_beyond_l2_spills_to_hbm():
+    """B = 65536 bf16: 128 columns (the floor) × 6 bytes = 48 MiB > the 25 MiB budget; the
+    excess share 1 − 25/48 of T goes to HBM and back."""
+    B, C, D = 65536, 1000, 512
+    h100 = pm.GPUS["h100"]
+    assert pm.cuda_plan(B, C, D, "bfloat16", h100)[0] == 128
+    mm = _by_name(pm.cuda_launches(B, C, D, "bfloat16", h100))[
+        "forward: GEMM T = F·Wᵀ (cuBLAS, bfloat16 in, fp32 out)"]
+    spill = 1 - (h100.l2_bytes / 2) / (B * 128 * 6)
+    assert mm.hbm == pytest.approx(C * D * 2 + B * D * 2 + 2 * B * C * 4 * spill)
 
 
 def test_naive_gemms_by_hand():
