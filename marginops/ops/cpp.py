@@ -20,6 +20,13 @@ budget (``set_keep_budget(nbytes)``, default ``DEFAULT_KEEP_BUDGET`` = 32 MiB; 0
 recompute): 3 GEMMs instead of 4, the same results bit for bit; above the budget nothing of size
 B·C is kept. bf16 features run their GEMMs on the AVX512-BF16 units when the CPU has them (fp32
 sums and tiles); ``MARGINOPS_CPU_BF16_GEMM=0`` turns that off (a benchmarking knob).
+
+On CUDA (csrc/cuda/, tc_gemm.h) the GEMMs run on the tensor cores in the features' dtype with fp32
+output, reading W and F in place (a weight of another dtype, or a class_index gather, is converted
+one chunk at a time); fp32 inputs use TF32 exactly when torch's own matmuls would
+(``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``), IEEE fp32
+otherwise. Chunks are sized so the fp32 logit tile stays in half the GPU's L2;
+``MARGINOPS_CUDA_TILE_KB`` overrides that budget (a test knob, read per call).
 """
 
 from __future__ import annotations
