@@ -18,15 +18,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import not_interp, outside_interp, requires_interp, run_in_interpreter
 from tolerance import cosines
 
 import marginops as mo
 
 F64 = torch.float64
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-requires_interp = pytest.mark.skipif(
-    not INTERP, reason="runs in the TRITON_INTERPRET=1 child (test_triton_interpreter_child)")
-not_interp = pytest.mark.skipif(INTERP, reason="the interpreter child runs the triton cases only")
 
 B, D, C = 6, 8, 23           # C = 23 classes: 5 chunks of 5 classes, the last one of 3
 CHUNK_CLASSES = 5
@@ -494,16 +491,9 @@ def test_triton_partial_fc_class_index():
     train_pair(m, "sgd_momentum_wd", torch.float32, steps=6, loss_fn=partial_fc(m))
 
 
-@pytest.mark.skipif(INTERP, reason="already in the interpreter process")
+@outside_interp
 def test_triton_interpreter_child():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsxX",
-                        os.path.abspath(__file__), "-k", "test_triton_ and not child"],
-                       env=env, cwd=os.path.dirname(here), capture_output=True, text=True)
-    tail = (r.stdout + r.stderr)[-6000:]
-    assert r.returncode == 0, tail
+    tail = run_in_interpreter(__file__, "-k", "test_triton_ and not child")
     assert " passed" in tail and "skipped" not in tail, tail
 
 

@@ -2,19 +2,15 @@
 sample_rate 0.3) trained with the fused step equals the same module trained with torch.optim,
 and a replicated (non-sharded) classifier refuses to fuse.
 
-Reuses tests/test_distributed.py's spawn harness (its worker runs this file's cases).
+Runs on tests/gloo.py's spawn harness, with tests/test_distributed.py's ``Checks``.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-
+import gloo
 import pytest
 import test_distributed as td
 import torch
-import torch.multiprocessing as mp
 
 import marginops as mo
 from marginops.distributed import ShardedMarginLoss
@@ -112,23 +108,11 @@ CASES = {
 }
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    td.CASES = CASES  # test_distributed's worker, running this file's cases
-    td._worker(rank, world, store_path, out_dir)
-
-
 @pytest.fixture(scope="module")
 def results():
-    tmp = tempfile.mkdtemp(prefix="marginops_optim_dist_")
-    ctx = mp.start_processes(_worker, args=(WORLD, os.path.join(tmp, "store"), tmp),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    return td._collect(WORLD, ctx, tmp, time.monotonic() + td.SPAWN_DEADLINE_S)
+    return gloo.run_cases("test_optim_distributed", (WORLD,))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_optim_distributed(results, case):
-    per_rank, problem = results
-    missing = [r for r in range(WORLD) if case not in per_rank[r]]
-    assert not missing, f"ranks {missing} never finished {case!r}; {problem or ''}"
-    failures = {r: per_rank[r][case] for r in range(WORLD) if per_rank[r][case] != "ok"}
-    assert not failures, "\n".join(f"--- rank {r}:\n{tb}" for r, tb in failures.items())
+    gloo.check_case(results, WORLD, case)
