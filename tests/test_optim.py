@@ -112,6 +112,8 @@ def make(family, kw, dtype, backend):
     module = family(D, C, scale=16.0, backend=backend, dtype=dtype, **kw)
     with torch.no_grad():
         module.weight.normal_()
+        if module.bias is not None:  # zeros would make its comparison one of gradients
+            module.bias.normal_()
     return module
 
 
@@ -157,6 +159,34 @@ def partial_fc(m):
     """A loss_fn for train_pair: ``m`` and its twin draw the same class samples."""
     gens = {True: torch.Generator().manual_seed(3), False: torch.Generator().manual_seed(3)}
     return lambda module, x, y: partial_fc_loss(module, x, y, gens[module is m])
+
+
+def hard_negative_loss(module, x, y):
+    """The core op with CurricularFace's hard-negative modulation at a fixed threshold τ = 0.2,
+    t = 0.3 (the chunks split target_col as filtering does); cosines kept away from τ."""
+    x_hat = F.normalize(x, dim=1)
+    gap = (cosines(x, module.weight) - 0.2).abs().min()
+    assert gap > (1e-12 if x.dtype == F64 else 2e-6), "test data: a cosine at the threshold"
+    lse, dot = mo.margin_lse(x_hat, module.weight, y, 16.0, module.bias, backend=module.backend,
+                             hard_negative=(0.2, 0.3))
+    return F.softplus(lse - 16.0 * dot)[y >= 0].mean()
+
+
+@not_interp
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_hard_negatives(backend, dtype):
+    m = make(mo.ArcFaceLoss, dict(bias=True), dtype, backend)
+    train_pair(m, "sgd_momentum_wd", dtype, loss_fn=hard_negative_loss)
+
+
+@not_interp
+def test_bf16_features():
+    # bf16 embeddings (autocast's dtype) with fp32 master weights: the GEMMs run in bf16 with
+    # fp32 sums, per chunk; the fused steps follow torch.optim's to 1e-6 like fp32
+    m = make(mo.ArcFaceLoss, {}, torch.float32, "cpp")
+    train_pair(m, "sgd_momentum_wd", torch.float32,
+               loss_fn=lambda module, x, y: module(x.bfloat16(), y))
 
 
 @not_interp
