@@ -3,20 +3,24 @@
     python benchmarks/model.py --gpu h100 --batch 4096 --classes 1000000 --dim 512 --dtype bfloat16
     python benchmarks/model.py --gpu a100 ... --backend cuda      # triton | cuda | naive | auto
 
-For every kernel launch of the step (``Launch``: enumerated from marginops/triton/margin_lse.py and
-configs.py for ``triton``, marginops/csrc/cuda/margin_lse.cu for ``cuda``, marginops.reference's
-ArcFace for ``naive``) it counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials, the
-bytes between the SMs and L2, the bytes from HBM, the occupancy (CTAs per SM from the registers and
-shared memory of the ahead-of-time compiled Triton kernel) and the wave efficiency of its grid, and
-predicts its time. The last line printed is ``predicted: <ms> ms, <fraction> of peak``.
+For every kernel launch of the step (``Launch``: for ``triton`` the kernels of issue 12's design,
+``TRITON_DESIGN`` and the functions under "the Triton kernels"; marginops/csrc/cuda/margin_lse.cu
+for ``cuda``; marginops.reference's ArcFace for ``naive``) it counts the tensor-core FLOPs, the
+CUDA-core FLOPs, the exponentials, the bytes between the SMs and L2, the bytes from HBM, the
+occupancy (CTAs per SM from registers and shared memory) and the wave efficiency of its grid, and
+predicts its time. The last line printed is ``predicted: <ms> ms, <fraction> of peak``. These are
+predictions, not measurements: ``make gpu-check`` prints them beside measured times.
 
 Assumptions (what the figures mean; change a constant to test another):
 
 * Peaks are the public datasheet figures (``GPUS``: dense, no sparsity). A launch's time is the
   slowest of its five roofs — tensor cores, fp32 CUDA cores, MUFU exponentials (16 per SM per
-  clock), L2 bandwidth, HBM bandwidth — i.e. perfect overlap inside a launch (optimistic), divided
-  by the wave efficiency ``grid / (waves · slots)`` (slots = SMs × CTAs per SM: a CTA cannot use
-  more than its SM's share), plus ``LAUNCH_S`` per launch. Launches do not overlap each other.
+  clock), L2 bandwidth, HBM bandwidth — i.e. perfect overlap inside a launch (optimistic: loads
+  software-pipelined), divided by the wave efficiency ``grid / (waves · slots)`` (slots = SMs ×
+  CTAs per SM: a CTA cannot use more than its SM's share), plus ``LAUNCH_S`` per launch. Launches
+  do not overlap each other. Exception: with one CTA per SM, a kernel's tensor-core time and its
+  epilogue time (the larger of fp32 ALU and exp) add up — nothing fills the tensor cores while
+  the only CTA runs its epilogue (Triton does not warp-specialise these kernels).
 * L2 bandwidth is not on any datasheet: ``l2_bw`` is an assumed round figure (third-party
   microbenchmarks of the H100 report roughly 5.5-12 TB/s depending on the access pattern, e.g.
   chipsandcheese.com, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023).
@@ -32,18 +36,28 @@ Assumptions (what the figures mean; change a constant to test another):
 * CUDA-core work of the epilogues is ``EPILOGUE_FWD`` / ``EPILOGUE_BWD`` fp32 operations per logit
   (scale, mask, max, subtract, margin, compare, select...; an estimate, not a count of SASS).
 * cuBLAS calls (``cuda`` backend, naive loss) run at the peak of their dtype with 128 × 128 output
-  tiles (their L2 traffic) and whole waves. The ``cuda`` backend's GEMMs run on fp32 copies with
-  ``torch.backends.cuda.matmul.allow_tf32 = False`` (torch's default): the fp32 CUDA-core peak.
+  tiles (their L2 traffic) and whole waves. The ``cuda`` backend's GEMMs take the inputs' dtype
+  (bf16/fp16 on the tensor cores, fp32 output); fp32 follows torch's default
+  ``allow_tf32 = False`` (``CUDA_FP32_TF32``): the fp32 CUDA-core peak.
 * Triton fp32 inputs run ``tl.dot`` as 3×TF32 (three TF32 products) at the TF32 peak.
 * Occupancy: registers allocated per warp in units of 256, 1 KB of shared memory reserved per CTA,
-  at most 2048 threads and 32 CTAs per SM. The figures come from ``triton.compile(...,
-  target=GPUTarget("cuda", arch, 32))`` of the launcher's default configuration in the
-  specialisation of the ArcFace step (weight normalisation on; bias, class_index, hard negatives
-  off; K = 1; 16-byte aligned), cached in ``~/.cache/marginops/aot-figures.json``; without Triton
-  (or cuobjdump) the constants ``FALLBACK_FIGURES`` (Triton 3.9, heaviest specialisation,
-  benchmarks/README.md) are used and a note says so.
+  at most 2048 threads and 32 CTAs per SM (marginops/triton/waves.py, which the launcher uses
+  too). The redesigned Triton kernels are not in this checkout, so their registers are the
+  design's estimate (fp32 accumulator + S tile per thread + ``REG_OVERHEAD``) and their shared
+  memory the staged operand tiles; when they land, their AOT figures (waves.AOT_FIGURES, checked
+  against a fresh ``triton.compile`` by tests/test_triton_launch.py) replace the estimates.
+* Triton grids: class splits planned in whole waves by waves.plan_splits, as the launcher does.
 * Not modelled: the O(B)-sized torch ops of the loss around the core op (µs), the host, the
   ``triton`` autotuner (off by default), clocks below boost (power limits), L2 partitioning.
+
+The review findings of issue 12, in figures (H100, B = 4096, C = 1M, D = 512, bf16; this model):
+today's kernels (commit d28c1d1: 10·B·C·D, dF / G accumulated in global memory per 32-wide D
+chunk, grids of 2.42 waves) predict 128.9 ms, 0.132 of peak — fwd 17.4 ms (L2: 98 GB),
+bwd_df 52.2 ms (295 GB), bwd_dw 58.0 ms (401 GB), zeroing an fp32 grad_W copy 0.6 ms. The
+design below: 20.1 ms, 0.846 — fwd 9.8 ms (GEMMs 8.5 + exp epilogue 1.1, serial at 1 CTA/SM;
+66 GB of L2), bwd_dw 9.8 ms (L2-bound: 68 GB), norm 0.3 ms. One CTA per SM is kept on purpose:
+the 64 × 512 fp32 accumulator is 128 registers per thread at 8 warps and the staged tiles take
+192 KB of 228 KB; two CTAs per SM need 32-row tiles, which double the L2 traffic (39.1 ms, 0.433).
 
 The useful work of a forward+backward is 8·B·C·D FLOPs (the logits once, the two gradient GEMMs,
 and the logits again in the backward, which every streaming kernel pays). ``fraction of peak`` =
@@ -53,13 +67,8 @@ and the logits again in the backward, which every streaming kernel pays). ``frac
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,7 +76,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:   # configs.py imports nothing from triton or torch at module level
     sys.path.insert(0, ROOT)
 
-from marginops.triton import configs  # noqa: E402
+from marginops.triton import configs, waves  # noqa: E402
 
 # ----------------------------------------------------------------------------- the machines
 
@@ -121,23 +130,6 @@ EPILOGUE_FWD = 12        # fp32 CUDA-core ops per logit in a forward epilogue (e
 EPILOGUE_BWD = 20        # ... in a backward epilogue (recomputed logit + softmax gradient)
 ELT = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# Triton 3.9 figures of the default configurations (benchmarks/README.md, heaviest
-# specialisation): (registers per thread, shared memory bytes) per (kernel, variant, arch).
-FALLBACK_FIGURES = {
-    ("fwd", "half", 90): (194, 56 * 1024), ("fwd", "half", 80): (242, 48 * 1024),
-    ("bwd_df", "half", 90): (196, 28 * 1024), ("bwd_df", "half", 80): (216, 28 * 1024),
-    ("bwd_dw", "half", 90): (255, 32 * 1024), ("bwd_dw", "half", 80): (234, 32 * 1024),
-    ("fwd", "fp32", 90): (234, 12 * 1024), ("fwd", "fp32", 80): (234, 12 * 1024),
-    ("bwd_df", "fp32", 90): (234, 24 * 1024), ("bwd_df", "fp32", 80): (247, 24 * 1024),
-    ("bwd_dw", "fp32", 90): (201, 24 * 1024), ("bwd_dw", "fp32", 80): (183, 24 * 1024),
-    ("merge", "half", 90): (32, 0), ("merge", "half", 80): (32, 0),
-    ("norm", "half", 90): (32, 256), ("norm", "half", 80): (39, 256),
-}
-for (_k, _v, _a), _fig in list(FALLBACK_FIGURES.items()):
-    if _k in ("merge", "norm"):
-        FALLBACK_FIGURES[(_k, "fp32", _a)] = _fig
-
-
 # ----------------------------------------------------------------------------- one launch
 
 @dataclass
@@ -162,15 +154,11 @@ class Launch:
 
 
 def occupancy(launch: Launch, gpu: GPU) -> int:
-    """CTAs per SM from registers, shared memory, threads (0 figures: limited by threads only)."""
-    warps = -(-launch.threads // 32)
-    by_threads = gpu.max_threads_per_sm // launch.threads
-    by_regs = by_threads
-    if launch.regs:
-        regs_per_warp = -(-launch.regs * 32 // 256) * 256
-        by_regs = (gpu.regs_per_sm // regs_per_warp) // warps
-    by_smem = gpu.smem_per_sm // (launch.smem + 1024)
-    return max(0, min(by_threads, by_regs, by_smem, gpu.max_ctas_per_sm))
+    """CTAs per SM from registers, shared memory, threads (marginops/triton/waves.py's rules: the
+    launcher plans its grids with the same ones); 0 figures: limited by threads only."""
+    limits = waves.SMLimits(regs=gpu.regs_per_sm, threads=gpu.max_threads_per_sm,
+                            smem=gpu.smem_per_sm, ctas=gpu.max_ctas_per_sm)
+    return waves.ctas_per_sm(launch.regs, launch.smem, launch.threads, limits)
 
 
 def predict(launch: Launch, gpu: GPU) -> Launch:
@@ -178,119 +166,27 @@ def predict(launch: Launch, gpu: GPU) -> Launch:
     ctas = occupancy(launch, gpu) if launch.grid else 0
     if launch.grid:
         slots = gpu.sms * max(ctas, 1)
-        waves = -(-launch.grid // slots)
-        eff = launch.grid / (waves * slots)
+        n_waves = -(-launch.grid // slots)
+        eff = launch.grid / (n_waves * slots)
     else:
-        waves, eff = 0, 1.0
+        n_waves, eff = 0, 1.0
     hit = 1.0 if launch.reuse_set <= gpu.l2_bytes else gpu.l2_bytes / launch.reuse_set
     hbm = launch.hbm + (1.0 - hit) * max(launch.l2 - launch.hbm, 0.0)
     unit_peak = {"bf16": gpu.bf16, "tf32": gpu.tf32, "fp32": gpu.fp32}[launch.unit]
     roofs = {"tensor" if launch.unit != "fp32" else "fp32 GEMM": launch.tc_flops / unit_peak,
              "fp32 ALU": launch.alu_flops / gpu.fp32, "exp": launch.exps / gpu.exp_rate,
              "L2": launch.l2 / gpu.l2_bw, "HBM": hbm / gpu.hbm_bw}
+    if ctas == 1 and launch.tc_flops and (launch.alu_flops or launch.exps):
+        # one CTA per SM: a tile's epilogue waits for its GEMM and the next GEMM for the
+        # epilogue (no second CTA to fill the gap): tensor and CUDA-core/MUFU time add up
+        first = next(iter(roofs))
+        roofs[first + " + epilogue (1 CTA/SM)"] = roofs.pop(first) + max(
+            roofs.pop("fp32 ALU"), roofs.pop("exp"))
     bound = max(roofs, key=roofs.get)
     seconds = roofs[bound] / eff + launch.count * LAUNCH_S
-    launch.out = {"ctas_per_sm": ctas, "waves": waves, "wave_eff": eff, "hbm": hbm,
+    launch.out = {"ctas_per_sm": ctas, "waves": n_waves, "wave_eff": eff, "hbm": hbm,
                   "l2_hit": hit, "roofs": roofs, "bound": bound, "seconds": seconds}
     return launch
-
-
-# ----------------------------------------------------------------------------- AOT figures
-
-def _cache_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "marginops", "aot-figures.json")
-
-
-_NOTES: list[str] = []
-
-
-def _compile_figures(kernel: str, cfg: configs.KernelConfig, fdt: str, arch: int) -> tuple:
-    """(registers, shared bytes) of ``kernel`` compiled for sm_``arch`` in the ArcFace step's
-    specialisation (see the module docstring); the same recipe as tests/test_triton_aot.py."""
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from marginops.triton import margin_lse as ml
-
-    fn = {"fwd": ml._fwd_kernel, "bwd_df": ml._bwd_df_kernel, "bwd_dw": ml._bwd_dw_kernel,
-          "merge": ml._merge_kernel, "norm": ml._inv_norm_kernel}[kernel]
-    if kernel == "merge":
-        const = {"BLOCK_B": cfg.block_b}
-    elif kernel == "norm":
-        const = {"HAS_INDEX": False, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
-    else:
-        const = dict(cfg.meta(), NORMALIZE=True, HAS_SUB=False, HAS_BIAS=False, HAS_INDEX=False,
-                     HARD=False, FILTER=False, DOT_PREC="tf32x3" if fdt == "fp32" else "tf32")
-    if "K" in fn.arg_names:
-        const["K"] = 1
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in const:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + {"f_ptr": fdt, "w_ptr": fdt, "gw_ptr": fdt, "tcol_ptr": "i64",
-                               "cidx_ptr": "i64"}.get(name, "fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "thr":
-            sig[name] = "fp32"  # the interclass filtering threshold (unused with FILTER off)
-        else:
-            sig[name] = "i32"
-            if name in ("D", "stride_f", "stride_w"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.launch())
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(ck.asm["cubin"])
-        fh.flush()
-        res = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True,
-                             check=True).stdout
-    m = re.search(r"REG:(\d+)", res)
-    if not m:
-        raise RuntimeError(f"no register count in cuobjdump output: {res!r}")
-    return int(m.group(1)), int(ck.metadata.shared)
-
-
-@functools.cache
-def figures(kernel: str, var: str, dtype: str, arch: int, aot: bool = True) -> tuple[int, int]:
-    """(registers per thread, shared bytes per CTA) of a Triton kernel's default configuration."""
-    cfg = configs.default(kernel, var)
-    fdt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
-    fallback = FALLBACK_FIGURES[(kernel, var.replace("_sub", ""), arch)]
-    if not aot:
-        return fallback
-    try:
-        import triton
-        key = f"{triton.__version__}|{kernel}|{cfg}|{fdt}|sm{arch}|arcface"
-    except ImportError as err:
-        _note(f"Triton unavailable ({err}): register/shared figures are the constants "
-              "FALLBACK_FIGURES (Triton 3.9)")
-        return fallback
-    path = _cache_path()
-    try:
-        with open(path) as fh:
-            cache = json.load(fh)
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        try:
-            cache[key] = list(_compile_figures(kernel, cfg, fdt, arch))
-        except Exception as err:  # noqa: BLE001 - any failure: fall back, and say so
-            _note(f"AOT compilation of {kernel} failed ({type(err).__name__}: {err}); using "
-                  "FALLBACK_FIGURES (Triton 3.9)")
-            return fallback
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as fh:
-                json.dump(cache, fh, indent=0, sort_keys=True)
-        except OSError:
-            pass
-    regs, smem = cache[key]
-    return int(regs), int(smem)
 
 
 def _note(text: str) -> None:
@@ -298,140 +194,243 @@ def _note(text: str) -> None:
         _NOTES.append(text)
 
 
-# ----------------------------------------------------------------------------- the launches
+_NOTES: list[str] = []
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU, aot: bool = True
-                    ) -> list[Launch]:
-    """marginops/triton/margin_lse.py ``_forward`` + ``_backward`` of an ArcFace step (weight
-    normalisation on, no bias / class_index / hard negatives, K = 1, W in the features' dtype)."""
-    e = ELT[dtype]
-    var = "fp32" if dtype == "float32" else "half"   # configs.variant(features dtype, K=1)
-    unit, tc_mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # 3×TF32 for fp32
-    W, Fb = C * D * e, B * D * e
-    out: list[Launch] = []
+# ----------------------------------------------------------------------------- the Triton kernels
+#
+# The design the model predicts (issue 12; DESIGN.md §3). Every FLOP and byte formula of a Triton
+# kernel is in its function below; the tiles are TRITON_DESIGN's. The redesigned kernels are not
+# in this checkout: when they land, set TRITON_DESIGN to configs.py's defaults, put their AOT
+# figures in marginops/triton/waves.py (tests/test_triton_launch.py lists them) and adjust the
+# formulas a kernel changed.
+#
+#   norm    see below (launched first)
+#   fwd     FlashAttention-shaped forward, grid row tiles × class splits (whole waves:
+#           waves.plan_splits). Per column tile: S = F·Ŵᵀ (2·bB·bN·D), the epilogue (online max /
+#           sum-exp, target capture), then u += P·Ŵ (2·bB·bN·D), P = exp(z − m)·∂z/∂c: the
+#           feature-gradient direction, a bB × D fp32 accumulator in registers rescaled like
+#           FlashAttention's output. Per split: m, s, dot_y, σ = Σ_n p·d' (grad_scale) and u.
+#   merge   the splits' (m, s, dot_y, σ) and rescaled u → lse_neg, dot_y, u, σ.
+#   dF      (backward, torch, B-sized) grad_f = grad_lse·u + grad_dot·ŵ_y, grad_scale = grad_lse·σ.
+#   norm    1/‖W_r‖ before the forward (C × D read once), kept for the backward: the forward reads
+#           C fp32 per row tile instead of summing W's squares per row tile (2·rt·C·D CUDA-core
+#           FLOPs, 1 ms at the target shape).
+#   bwd_dw  one program per class tile, looping over row tiles: S recomputed (2·bN·bB·D), dd,
+#           G += ddᵀ·F (2·bN·bB·D), a bN × D fp32 accumulator in registers; epilogue: the
+#           normalisation Jacobian, grad_W written once in W's dtype (no fp32 copy, no zeroing).
+#
+# GEMM FLOPs: 8·B·C·D (padded to whole tiles). No global read-modify-write inside a loop.
+# Operand staging: when (accumulator-side tile + stages × streamed tile) × D × elt fits the SM's
+# shared memory, both operand tiles are staged full-D, so a W tile feeds both forward GEMMs and an
+# F tile both dW GEMMs (each read from L2 once per use); otherwise they are loaded in BLOCK_D
+# chunks per GEMM (read twice). An accumulator above ACC_REGS registers per thread splits D over
+# d_split programs, each recomputing S (more FLOPs, fewer registers).
 
-    def kernel(name: str, kname: str, grid: int, cfg: configs.KernelConfig, **kw) -> Launch:
-        regs, smem = figures(kname, var, dtype, gpu.arch, aot)
-        return Launch(name, grid=grid, threads=32 * cfg.num_warps, regs=regs, smem=smem, **kw)
+TRITON_DESIGN: dict[str, dict[str, configs.KernelConfig]] = {
+    # BLOCK_B (rows), BLOCK_N (classes), BLOCK_D (chunk when not staged), warps, stages
+    "half": {"fwd": configs.KernelConfig(64, 64, 64, 8, 2),
+             "bwd_dw": configs.KernelConfig(64, 64, 64, 8, 2)},
+    "fp32": {"fwd": configs.KernelConfig(32, 32, 32, 4, 2),
+             "bwd_dw": configs.KernelConfig(32, 32, 32, 4, 2)},
+}
+ACC_REGS = 128       # fp32 accumulator registers per thread at most (the rest: S tile, addresses)
+REG_OVERHEAD = 64    # registers besides the accumulator and the S tile (estimate: pointers,
+                     # loop state, operand fragments; today's kernels use 40–90)
+# merge / norm exist and stay: their registers / shared bytes (Triton 3.9, sm_90; tiny kernels)
+SMALL_FIGURES = {"merge": (32, 0), "norm": (40, 256)}
 
-    def split(cfg: configs.KernelConfig) -> tuple[int, int, int, int]:
-        """(row tiles, column tiles, splits, slots) as ``_split_columns`` computes them."""
-        rt, ct = _cdiv(B, cfg.block_b), max(_cdiv(C, cfg.block_n), 1)
-        s = configs.pick_splits(rt, ct, gpu.sms, False)
-        s = _cdiv(ct, _cdiv(ct, s))
-        return rt, ct, s, rt * s
 
-    # forward: _fwd_kernel over (row tiles × splits), then _merge_kernel
-    cfg = configs.default("fwd", var)
-    rt, ct, s, grid = split(cfg)
-    probe = kernel("", "fwd", grid, cfg)
-    w_passes = _cdiv(rt, gpu.sms * max(occupancy(probe, gpu), 1))   # see the docstring
+def _design_figures(cfg: configs.KernelConfig, acc_rows: int, D: int, e: int, gpu: GPU
+                    ) -> tuple[int, int, int, bool]:
+    """(registers per thread, shared bytes, d_split, staged) of a design kernel whose program
+    holds an acc_rows × D fp32 accumulator, with ``cfg``'s tiles."""
+    threads = 32 * cfg.num_warps
+    d_split = max(1, _cdiv(acc_rows * D, threads * ACC_REGS))
+    d_part = _cdiv(D, d_split)
+    regs = min(255, _cdiv(acc_rows * d_part, threads) + _cdiv(cfg.block_b * cfg.block_n, threads)
+               + REG_OVERHEAD)
+    streamed = cfg.block_n if acc_rows == cfg.block_b else cfg.block_b
+    staged_bytes = (acc_rows + cfg.num_stages * streamed) * D * e
+    staged = staged_bytes + 1024 <= gpu.smem_per_sm
+    smem = staged_bytes if staged else cfg.num_stages * (cfg.block_b + cfg.block_n) * cfg.block_d * e
+    return regs, smem, d_split, staged
+
+
+def _fwd(B: int, C: int, D: int, e: int, unit: str, mult: int, cfg, gpu: GPU
+         ) -> tuple[Launch, int]:
+    """The forward launch and its split count."""
+    regs, smem, d_split, staged = _design_figures(cfg, cfg.block_b, D, e, gpu)
+    threads = 32 * cfg.num_warps
+    occ = waves.ctas_per_sm(regs, smem, threads, _limits(gpu))
+    rt, ct = _cdiv(B, cfg.block_b), _cdiv(C, cfg.block_n)
+    s = waves.plan_splits(rt * d_split, ct, gpu.sms * occ)
     pad = rt * cfg.block_b * ct * cfg.block_n * D
-    out.append(kernel(
-        "_fwd_kernel", "fwd", grid, cfg, tc_flops=2 * pad * tc_mult, unit=unit,
-        alu_flops=EPILOGUE_FWD * B * C + 2 * rt * C * D, exps=B * C,
-        l2=rt * W + ct * Fb + 3 * s * B * 4, hbm=w_passes * W + Fb + 3 * s * B * 4,
-        note=f"{cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {s} splits; W read once per row tile ({rt})"))
-    mcfg = configs.default("merge", var)
-    out.append(kernel("_merge_kernel", "merge", _cdiv(B, mcfg.block_b), mcfg, exps=s * B,
-                      l2=3 * s * B * 4 + 2 * B * 4, hbm=3 * s * B * 4 + 2 * B * 4))
+    W, Fb = C * D * e, B * D * e
+    partials = s * B * (4 * 4 + D * 4)            # m, s, dot_y, σ and u, fp32
+    w_reads = (1 if staged else 2) * rt * W * d_split     # W tile: both GEMMs (or per GEMM)
+    f_reads = (s * Fb if staged else ct * Fb) * d_split   # F tile: once per program / column tile
+    w_passes = _cdiv(rt * d_split, gpu.sms * occ)  # row tiles of a split resident together
+    return Launch(
+        "fwd (logits + online softmax + u = P·Ŵ)", grid=rt * s * d_split, threads=threads,
+        regs=regs, smem=smem, tc_flops=(2 * d_split + 2) * pad * mult, unit=unit,
+        alu_flops=EPILOGUE_FWD * B * C * d_split, exps=B * C * d_split,
+        l2=w_reads + f_reads + rt * C * 4 * d_split + partials,
+        hbm=w_passes * W + Fb + C * 4 + partials,
+        note=f"{cfg.block_b}×{cfg.block_n}, {s} splits, D {'staged' if staged else 'chunked'}"
+             f"{f', D split {d_split}×' if d_split > 1 else ''}; W read once per row tile ({rt})"), s
 
-    # backward: zeroed outputs and buffers (torch), _inv_norm_kernel, _bwd_df_kernel, the sum of
-    # the per-split partials (torch), _bwd_dw_kernel
-    dcfg = configs.default("bwd_df", var)
-    rt_f, ct_f, s_f, grid_f = split(dcfg)
-    out.append(Launch("torch.zeros: grad_f, grad_w, grad_s", count=3, l2=Fb + W, hbm=Fb + W))
-    out.append(Launch(f"torch.zeros: dF partials ({s_f}×B×D fp32)", l2=s_f * B * D * 4,
-                      hbm=s_f * B * D * 4))
-    if e != 4:
-        out.append(Launch("torch.zeros: fp32 weight-gradient accumulator (C×D)", l2=C * D * 4,
-                          hbm=C * D * 4, note="bf16/fp16 weights only"))
+
+def _bwd_dw(B: int, C: int, D: int, e: int, unit: str, mult: int, cfg, gpu: GPU) -> Launch:
+    regs, smem, d_split, staged = _design_figures(cfg, cfg.block_n, D, e, gpu)
+    threads = 32 * cfg.num_warps
+    nt, rt = _cdiv(C, cfg.block_n), _cdiv(B, cfg.block_b)
+    pad = rt * cfg.block_b * nt * cfg.block_n * D
+    W, Fb = C * D * e, B * D * e
+    rows = 3 * B * 4 * nt * d_split                # lse, grad_lse, scale per class tile
+    w_reads = (W if staged else rt * W + W) * d_split     # + the epilogue's re-read when chunked
+    f_reads = (1 if staged else 2) * nt * Fb * d_split
+    return Launch(
+        "bwd_dw (recompute + G = ddᵀ·F + Jacobian)", grid=nt * d_split, threads=threads,
+        regs=regs, smem=smem, tc_flops=(2 * d_split + 2) * pad * mult, unit=unit,
+        alu_flops=EPILOGUE_BWD * B * C * d_split + 6 * C * D, exps=B * C * d_split,
+        l2=w_reads + f_reads + rows + C * 4 * (1 if staged else rt) + W,
+        hbm=W + Fb + C * 4 + 3 * B * 4 + W,
+        note=f"{cfg.block_n} classes × {cfg.block_b} rows, D {'staged' if staged else 'chunked'}"
+             f"{f', D split {d_split}×' if d_split > 1 else ''}; F read once per class tile "
+             f"({nt}); grad_W written once in W's dtype")
+
+
+def _limits(gpu: GPU) -> waves.SMLimits:
+    return waves.SMLimits(regs=gpu.regs_per_sm, threads=gpu.max_threads_per_sm,
+                          smem=gpu.smem_per_sm, ctas=gpu.max_ctas_per_sm)
+
+
+def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
+    """The Triton design's launches of an ArcFace step (weight normalisation on; no bias,
+    class_index or hard negatives; K = 1; W in the features' dtype, 16-byte aligned)."""
+    e = ELT[dtype]
+    var = "fp32" if dtype == "float32" else "half"
+    unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # fp32: 3×TF32 products
+    design = TRITON_DESIGN[var]
+    fwd, s = _fwd(B, C, D, e, unit, mult, design["fwd"], gpu)
+    mcfg = configs.default("merge", var)
+    small = lambda name: dict(zip(("regs", "smem"), SMALL_FIGURES[name]))  # noqa: E731
+    part = s * B * (4 * 4 + D * 4)
+    merged = B * (4 * 4 + D * 4)
     ncfg = configs.default("norm", var)
-    out.append(kernel("_inv_norm_kernel", "norm", _cdiv(C, ncfg.block_n), ncfg,
-                      alu_flops=2 * C * D, l2=W + C * 4, hbm=W + C * 4))
-    probe = kernel("", "bwd_df", grid_f, dcfg)
-    slots = gpu.sms * max(occupancy(probe, gpu), 1)
-    pad = rt_f * dcfg.block_b * ct_f * dcfg.block_n * D
-    df_rmw = ct_f * B * D * 4 * 2   # every column tile: read + write the program's BLOCK_B×D chunk
-    out.append(kernel(
-        "_bwd_df_kernel", "bwd_df", grid_f, dcfg, tc_flops=4 * pad * tc_mult, unit=unit,
-        alu_flops=EPILOGUE_BWD * B * C, exps=B * C,
-        l2=2 * rt_f * W + ct_f * Fb + 2 * rt_f * C * 4 + df_rmw + s_f * B * 4,
-        hbm=_cdiv(rt_f, slots) * W + Fb + C * 4 + 2 * s_f * B * D * 4 + s_f * B * 4,
-        reuse_set=min(grid_f, slots) * dcfg.block_b * D * 4 + Fb,
-        note=f"{dcfg.block_b}×{dcfg.block_n}×{dcfg.block_d}, {s_f} splits; recompute + dd·W, "
-             "dF accumulated in global memory per D chunk"))
-    out.append(Launch("torch: dF partials .sum(0).to(dtype), grad_scale .sum(0)", count=3,
-                      l2=s_f * B * D * 4 + B * D * 4 + Fb, hbm=s_f * B * D * 4 + B * D * 4 + Fb))
-    wcfg = configs.default("bwd_dw", var)
-    nt, rt_w = _cdiv(C, wcfg.block_n), _cdiv(B, wcfg.block_b)
-    probe = kernel("", "bwd_dw", nt, wcfg)
-    slots = gpu.sms * max(occupancy(probe, gpu), 1)
-    pad = rt_w * wcfg.block_b * nt * wcfg.block_n * D
-    g_rmw = rt_w * C * D * 4 * 2    # every row tile: read + write the program's BLOCK_N×D G tile
-    epilogue = 2 * W + 2 * C * D * 4 + W     # W and G twice (projection, gradient), grad_W once
-    gacc_hbm = C * D * 4 * 2   # the fp32 accumulator: first read (zeros) + final write-back
-    out.append(kernel(
-        "_bwd_dw_kernel", "bwd_dw", nt, wcfg, tc_flops=4 * pad * tc_mult, unit=unit,
-        alu_flops=EPILOGUE_BWD * B * C + 6 * C * D, exps=B * C,
-        l2=rt_w * W + 2 * nt * Fb + rt_w * C * 4 + g_rmw + epilogue,
-        hbm=W + Fb + gacc_hbm + (W if e != 4 else 0),
-        reuse_set=min(nt, slots) * wcfg.block_n * D * (4 + e) + Fb,
-        note=f"{wcfg.block_b}×{wcfg.block_n}×{wcfg.block_d}; recompute + ddᵀ·F, G accumulated "
-             "in global memory per D chunk"))
-    return out
+    return [
+        Launch("norm (1/‖W_r‖, kept for the backward)", grid=_cdiv(C, ncfg.block_n),
+               threads=32 * ncfg.num_warps, alu_flops=2 * C * D, l2=C * D * e + C * 4,
+               hbm=C * D * e + C * 4, **small("norm")),
+        fwd,
+        Launch("merge (splits → lse_neg, dot_y, u, σ)", grid=_cdiv(B, mcfg.block_b) * _cdiv(D, 64),
+               threads=32 * mcfg.num_warps, exps=s * B, alu_flops=3 * s * B * D,
+               l2=part + merged, hbm=part + merged, note="row blocks × 64-wide D chunks",
+               **small("merge")),
+        Launch("torch: grad_f = grad_lse·u + grad_dot·ŵ_y, grad_scale", count=3,
+               alu_flops=4 * B * D, l2=B * D * (4 + 2 * e) + B * 12, hbm=B * D * (4 + 2 * e) + B * 12),
+        _bwd_dw(B, C, D, e, unit, mult, design["bwd_dw"], gpu),
+    ]
+
+
+# torch's default for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32 = False): the ``cuda``
+# backend follows it (csrc/cuda/tc_gemm.h), so fp32 GEMMs run at the fp32 CUDA-core peak.
+CUDA_FP32_TF32 = False
+
+
+def cuda_plan(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[int, int]:
+    """(classes per chunk, epilogue splits) as csrc/cuda/tc_gemm.h ``plan_chunks`` picks them for
+    the ArcFace step (K = 1, no bias): the backward's tile — fp32 T plus the 16-bit DD (none for
+    fp32: DD is written over T) — within half the L2, the fp32 G tile (nc × D) too, at least 128
+    columns, whole 128-column cuBLAS tiles from 256 up; rows split while B < 4 blocks per SM."""
+    e = ELT[dtype]
+    per_logit = 4 + (0 if e == 4 else e)
+    budget = gpu.l2_bytes // 2
+    nc = max(128, min(budget // max(1, B * per_logit), budget // max(1, D * 4)))
+    if nc >= 256:
+        nc = nc // 128 * 128
+    nc = max(1, min(nc, max(C, 1)))
+    splits = min(max(_cdiv(4 * gpu.sms, B), 1), min(max(nc // 256, 1), 64))
+    return nc, splits
 
 
 def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
-    """marginops/csrc/cuda/margin_lse.cu ``margin_lse_cuda`` + ``margin_lse_backward_cuda``:
-    per chunk of ``nc`` columns (``pick_chunk``), gather + normalise the rows into an fp32 Ŵc, one
-    fp32 cuBLAS GEMM into the fp32 tile T (B × nc), epilogue kernels; backward: the same, then
-    ∂F += DD·Ŵc and G = DDᵀ·F (fp32 cuBLAS) and the Jacobian kernel."""
+    """marginops/csrc/cuda/margin_lse.cu ``margin_lse_cuda`` + ``margin_lse_backward_cuda`` of an
+    ArcFace step: 1/‖W_r‖ of every row once per pass, then per chunk of ``nc`` classes
+    (``cuda_plan``) a cuBLAS GEMM in the inputs' dtype straight from W (no copy) into the fp32
+    tile T (B × nc), the epilogue kernels (one read of T, 1/‖W‖ applied there); backward: the same,
+    the softmax gradient DD in the GEMM dtype, ∂F += DD·W_c and G = DDᵀ·F (fp32 out), the
+    Jacobian kernel writing grad_W in W's dtype. fp16 adds a normalised fp16 chunk for ∂F.
+
+    Bytes: cuBLAS GEMMs with 128 × 128 output tiles re-read an operand once per tile of the other
+    dimension (L2); from HBM they read W once per pass and F once in all (resident across chunks).
+    The chunk's tile set (T, DD: B × nc × 6 bytes for 16-bit inputs) is sized to half the L2, so it
+    and the chunk's G tile and weight rows are served by L2; if a tile set exceeds that half (B so
+    large that even 128 columns do not fit), its excess fraction is written to and read from HBM.
+    Each epilogue block reads the chunk's 1/‖W‖ vector (nc floats) through its SM's L1: counted
+    once per SM and chunk."""
     e = ELT[dtype]
-    nc = min((1 << 24) // max(B, 1), (1 << 23) // max(D, 1))
-    nc = max(1, min(max(256, min(nc, 65536)), max(C, 1)))
+    nc, S = cuda_plan(B, C, D, dtype, gpu)
     n = _cdiv(C, nc)
-    S = max(1, min((nc + 1023) // 1024, 64))
-    T = B * C * 4                 # every chunk's T tile, summed over the chunks
-    W, W32, F32 = C * D * e, C * D * 4, B * D * 4
-    t_hit = T / n                 # one tile's size: the working set of the epilogue after the GEMM
+    widths = [nc] * (n - 1) + [C - (n - 1) * nc]
+    unit = "bf16" if e == 2 else ("tf32" if CUDA_FP32_TF32 else "fp32")
+    dd_e = 4 if e == 4 else e                 # DD: fp32 (over T) or the 16-bit dtype
+    W, Fb, T = C * D * e, B * D * e, B * C * 4
+    DD = B * C * dd_e
+    tile_set = B * nc * (4 + (0 if e == 4 else e))
+    spill = max(0.0, 1.0 - (gpu.l2_bytes / 2) / tile_set)   # share of the tile set missing L2
+    inv_l1 = gpu.sms * C * 4                   # 1/‖W‖ per chunk, once per SM
+    partials = n * 3 * B * S * 4 if S > 1 else 0
+    kernels = 2 if S > 1 else 1
 
-    def gemm(name: str, m: int, k: int, cols: int, reads: float, writes: float) -> Launch:
-        """fp32 cuBLAS GEMM (m × cols) = (m × k)(k × cols), summed over n chunks: 128×128 tiles."""
-        l2 = n * (m * k * 4 * _cdiv(cols, 128) + k * cols * 4 * _cdiv(m, 128) + m * cols * 4)
-        return Launch(name, count=n, tc_flops=2 * B * C * D, unit="fp32", l2=l2,
-                      hbm=reads + writes, reuse_set=(m * k + k * cols) * 4)
+    def gemm(name: str, m, k, cols, ea: int, eb: int, accumulate: bool, hbm: float) -> Launch:
+        """Σ over chunks of (m × cols) = (m × k)(k × cols); m, k, cols map a chunk width to a size."""
+        l2 = sum(m(w) * k(w) * ea * _cdiv(cols(w), 128) + k(w) * cols(w) * eb * _cdiv(m(w), 128)
+                 + m(w) * cols(w) * 4 * (2 if accumulate else 1) for w in widths)
+        return Launch(name, count=n, tc_flops=2 * B * C * D, unit=unit, l2=l2, hbm=hbm)
 
-    out = [Launch("prepare: features .to(fp32) (forward and backward)", count=2 if e != 4 else 0,
-                  l2=2 * (B * D * e + F32) if e != 4 else 0, hbm=2 * (B * D * e + F32) if e != 4
-                  else 0)]
-    for phase in ("forward", "backward"):
-        out.append(Launch(f"{phase}: load_rows_kernel (gather, normalise to fp32 Ŵc)", count=n,
-                          grid=nc, alu_flops=3 * C * D, l2=W + W32, hbm=W + W32))
-        out.append(gemm(f"{phase}: at::mm T = F·Ŵcᵀ (fp32 cuBLAS)", B, D, nc,
-                        reads=n * F32 + W32, writes=T))
-    out.insert(3, Launch("forward: forward_epilogue_kernel + merge_partials_kernel", count=2 * n,
-                         grid=B * S, alu_flops=EPILOGUE_FWD * B * C, exps=B * C,
-                         l2=T + 3 * B * S * 4 * n, hbm=T * (1 - min(1.0, gpu.l2_bytes / t_hit))
-                         + 3 * B * S * 4 * n))
-    out.append(Launch("backward: backward_epilogue_kernel (DD into T) + sum_partials_kernel",
-                      count=2 * n, grid=B * S, alu_flops=EPILOGUE_BWD * B * C, exps=B * C,
-                      l2=2 * T, hbm=2 * T * (1 - min(1.0, gpu.l2_bytes / t_hit))))
-    out.append(gemm("backward: gF.addmm_(DD, Ŵc) (fp32 cuBLAS)", B, nc, D,
-                    reads=T + W32 + n * 2 * F32, writes=0))
-    out.append(gemm("backward: at::mm G = DDᵀ·F (fp32 cuBLAS)", nc, B, D,
-                    reads=T + n * F32, writes=W32))
-    out.append(Launch("backward: weight_grad_kernel (normalisation Jacobian)", count=n, grid=nc,
-                      alu_flops=6 * C * D, l2=2 * W32 + W, hbm=2 * W32 + W))
-    out.append(Launch("backward: zeros gF, gW, gS; gF.to(dtype)", count=4,
-                      l2=F32 + W + F32 + B * D * e, hbm=F32 + W + F32 + B * D * e))
-    for launch in out:
-        launch.note = launch.note or f"{n} chunks of {nc} classes"
-    return [launch for launch in out if launch.count]
+    def norms(phase: str) -> Launch:
+        return Launch(f"{phase}: row_norms_kernel (1/‖W_r‖, ‖W_r‖² of every row)",
+                      grid=_cdiv(C, 8), alu_flops=2 * C * D, l2=W + 8 * C, hbm=W + 8 * C)
+
+    def dots(phase: str) -> Launch:
+        return gemm(f"{phase}: GEMM T = F·Wᵀ (cuBLAS, {dtype} in, fp32 out)", lambda w: B,
+                    lambda w: D, lambda w: w, e, e, False,
+                    hbm=W + (Fb if phase == "forward" else 0) + T * spill * 2)
+
+    out = [norms("forward"), dots("forward"),
+           Launch("forward: forward_epilogue_kernel" + (" + merge_partials_kernel" if S > 1 else ""),
+                  count=kernels * n, grid=B * S, alu_flops=EPILOGUE_FWD * B * C, exps=B * C,
+                  l2=T + inv_l1 + partials, hbm=partials),
+           Launch("forward: finalize_kernel", l2=3 * B * 4, hbm=3 * B * 4),
+           Launch("backward: zeros ∂F (fp32), ∂scale (grad_W: no fill)", count=2,
+                  l2=B * D * 4 + B * 4, hbm=B * D * 4 + B * 4),
+           norms("backward"), dots("backward"),
+           Launch(f"backward: backward_epilogue_kernel (DD in {dtype})"
+                  + (" + sum_partials_kernel" if S > 1 else ""), count=kernels * n, grid=B * S,
+                  alu_flops=EPILOGUE_BWD * B * C, exps=B * C, l2=T + DD + inv_l1 + partials,
+                  hbm=DD * spill + partials)]
+    if dtype == "float16":
+        out.append(Launch("backward: load_chunk_kernel (normalised fp16 rows for ∂F)", count=n,
+                          grid=_cdiv(nc * D, 256), alu_flops=C * D, l2=2 * W + C * 4, hbm=0.0))
+    out += [gemm("backward: GEMM ∂F += DD·W_c (cuBLAS, fp32 accumulator)", lambda w: B,
+                 lambda w: w, lambda w: D, dd_e, e, True, hbm=DD * spill),
+            gemm("backward: GEMM G = DDᵀ·F (cuBLAS, fp32 out)", lambda w: w, lambda w: B,
+                 lambda w: D, dd_e, e, False, hbm=DD * spill),
+            Launch("backward: weight_grad_kernel (Jacobian, grad_W in W's dtype)", count=n,
+                   grid=nc, alu_flops=6 * C * D, l2=2 * C * D * 4 + 2 * W + W + 8 * C,
+                   hbm=W)]
+    if e != 4:
+        out.append(Launch(f"backward: ∂F .to({dtype})", l2=B * D * 4 + Fb, hbm=B * D * 4 + Fb))
+    for launch in out:   # the per-chunk launches
+        if launch.count >= n:
+            launch.note = f"{n} chunks of {nc} classes, {S} split(s)"
+    return out
 
 
 def naive_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
@@ -472,18 +471,27 @@ def naive_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]
 BACKENDS = ("auto", "triton", "cuda", "naive")
 
 
-def auto_backend(dtype: str) -> str:
-    """What ``backend="auto"`` picks for CUDA tensors (marginops.core: triton, then cuda, then
-    torch): triton, when Triton is installed; the cuda extension otherwise."""
+def auto_backend(dtype: str, gpu: GPU | None = None, shape: tuple[int, int, int] | None = None
+                 ) -> tuple[str, str]:
+    """(backend, why) ``backend="auto"`` picks on CUDA tensors of ``gpu`` (marginops.core
+    ``_resolve``): the measured-fastest from ``make gpu-check``'s table for this arch / dtype /
+    shape when the marginops cache has one (marginops/backend_table.py), else the static order:
+    triton when Triton is installed, else the cuda extension."""
+    if gpu is not None and shape is not None:
+        from marginops import backend_table
+
+        picked = backend_table.choose(f"{gpu.arch // 10}.{gpu.arch % 10}", dtype, *shape)
+        if picked in ("triton", "cuda"):
+            return picked, f"measured fastest ({backend_table.table_path()})"
     try:
         import triton  # noqa: F401
     except ImportError:
-        return "cuda"
-    return "triton"
+        return "cuda", "static order: Triton not installed"
+    return "triton", "static order (no gpu-check table for this arch and dtype)"
 
 
-def model(B: int, C: int, D: int, dtype: str, gpu: GPU | str, backend: str = "auto",
-          aot: bool = True) -> tuple[str, list[Launch], float, float]:
+def model(B: int, C: int, D: int, dtype: str, gpu: GPU | str, backend: str = "auto"
+          ) -> tuple[str, list[Launch], float, float]:
     """(backend, launches with ``out`` filled, predicted seconds, fraction of peak)."""
     if isinstance(gpu, str):
         gpu = GPUS[gpu]
@@ -492,9 +500,9 @@ def model(B: int, C: int, D: int, dtype: str, gpu: GPU | str, backend: str = "au
     if min(B, C, D) < 1:
         raise ValueError(f"B, C, D must be >= 1, got B={B}, C={C}, D={D}")
     if backend == "auto":
-        backend = auto_backend(dtype)
+        backend = auto_backend(dtype, gpu, (B, C, D))[0]
     if backend == "triton":
-        launches = triton_launches(B, C, D, dtype, gpu, aot)
+        launches = triton_launches(B, C, D, dtype, gpu)
     elif backend == "cuda":
         launches = cuda_launches(B, C, D, dtype, gpu)
     elif backend == "naive":
@@ -521,20 +529,23 @@ def table(launches: list[Launch]) -> str:
     return "\n".join(lines)
 
 
-def report(B: int, C: int, D: int, dtype: str, gpu: str, backend: str = "auto",
-           aot: bool = True) -> str:
+def report(B: int, C: int, D: int, dtype: str, gpu: str, backend: str = "auto") -> str:
     """The printed model: header, per-kernel table, notes, and the ``predicted:`` last line."""
     g = GPUS[gpu]
-    used, launches, seconds, fraction = model(B, C, D, dtype, g, backend, aot)
-    picked = f"{used} (what backend='auto' picks)" if backend == "auto" else used
+    used, launches, seconds, fraction = model(B, C, D, dtype, g, backend)
+    picked = used
+    if backend == "auto":
+        picked = f"{used} (what backend='auto' picks: {auto_backend(dtype, g, (B, C, D))[1]})"
     lines = [f"model: {g.name}, B={B} C={C} D={D} {dtype}, backend {picked}",
              f"peaks: {g.peak(dtype) / 1e12:.1f} TFLOP/s dense tensor ({dtype}), "
              f"{g.fp32 / 1e12:.1f} fp32, HBM {g.hbm_bw / 1e12:.2f} TB/s, L2 "
              f"{g.l2_bw / 1e12:.1f} TB/s (assumed), L2 {g.l2_bytes / 2**20:.0f} MB, {g.sms} SMs "
              f"— {g.source}",
              "", table(launches), ""]
-    if not aot and used == "triton":
-        _note("--no-aot: register/shared figures are the constants FALLBACK_FIGURES (Triton 3.9)")
+    if used == "triton":
+        _note("triton: the kernels of issue 12's design (TRITON_DESIGN); their registers and "
+              "shared memory are the design's estimates, not AOT figures: the kernels are not in "
+              "this checkout")
     lines += [f"note: {n}" for n in _NOTES]
     lines.append(f"useful work 8·B·C·D = {8 * B * C * D / 1e12:.2f} TFLOP")
     lines.append(f"predicted: {seconds * 1e3:.3f} ms, {fraction:.3f} of peak")
@@ -549,11 +560,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, required=True)
     p.add_argument("--dtype", choices=sorted(ELT), default="bfloat16")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--no-aot", action="store_true",
-                   help="skip AOT compilation: use the FALLBACK_FIGURES constants")
     args = p.parse_args(argv)
-    print(report(args.batch, args.classes, args.dim, args.dtype, args.gpu, args.backend,
-                 aot=not args.no_aot))
+    print(report(args.batch, args.classes, args.dim, args.dtype, args.gpu, args.backend))
     return 0
 
 

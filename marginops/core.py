@@ -63,10 +63,18 @@ def backend_status(device: torch.device | str = "cpu") -> dict[str, str | None]:
     return status
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """``"auto"``: triton, then cuda, then torch on CUDA tensors (fp64 goes to torch: the GPU
-    kernels have no fp64 path); cpp, then torch on CPU."""
-    return _resolve(backend, device.type, dtype == torch.float64)
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                    shape: tuple | None = None) -> str:
+    """``"auto"``: on CUDA tensors the measured-fastest of triton and cuda for this GPU, dtype and
+    ``shape`` = (B, C, D) when ``make gpu-check`` has written its table (marginops/backend_table.py),
+    else triton, then cuda (what the performance model predicts faster), then torch (fp64 goes to
+    torch: the GPU kernels have no fp64 path); cpp, then torch on CPU."""
+    sizes = (None, None, None)
+    if shape is not None and device.type == "cuda":
+        # symbolic sizes (torch.compile, dynamic shapes) are not looked up: they match any
+        sizes = tuple(n if type(n) is int else None for n in shape)
+    return _resolve(backend, device.type, dtype == torch.float64, str(dtype).split(".")[-1],
+                    device.index, *sizes)
 
 
 @functools.cache
@@ -74,15 +82,30 @@ def _backend_available(name: str, device_type: str) -> str | None:
     return backend_status(torch.device(device_type))[name]
 
 
+@functools.cache
+def _cuda_arch(index: int | None) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{major}.{minor}"
+
+
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str, fp64: bool) -> str:
-    # Answers are cached per device type: which extensions imported does not change in a
-    # process, and torch.compile treats the choice as a constant of the graph.
+def _resolve(backend: str, device_type: str, fp64: bool, dtype: str = "float32",
+             index: int | None = None, B: int | None = None, C: int | None = None,
+             D: int | None = None) -> str:
+    # Every argument is a Python constant and the answer depends on nothing else that changes in a
+    # process (extensions imported, the table file read once): torch.compile treats it as a
+    # constant of the graph. No GPU work: a cached device-property query and a cached file read.
     device = torch.device(device_type)
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
         if fp64:
             order = tuple(name for name in order if name not in ("triton", "cuda"))
+        elif device.type == "cuda":
+            from . import backend_table
+
+            fastest = backend_table.choose(_cuda_arch(index), dtype, B, C, D)
+            if fastest is not None:
+                order = (fastest, *(name for name in order if name != fastest))
         return next(name for name in order if _backend_available(name, device_type) is None)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of 'auto', "
@@ -234,7 +257,8 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
         tau, t = hard_negative
         hard_tau = _row_vector("hard_negative tau", tau, batch, features).detach()
         hard_t = _scalar("hard_negative t", t, features)
-    name = resolve_backend(backend, features.device, features.dtype)
+    name = resolve_backend(backend, features.device, features.dtype,
+                           (batch, num_local, features.shape[1]))
     target_col = target_columns(labels, num_local, (start, num_local), class_index)
     lse_neg, dot_y = _backend_module(name).margin_lse(
         features.contiguous(), weight.contiguous(), scale_rows, bias, target_col, class_index,

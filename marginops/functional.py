@@ -73,6 +73,7 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
                          scale: float | Tensor = 64.0, bias: Tensor | None = None,
                          normalize_weight: bool = True, subcenters: int = 1,
                          hard_negative: tuple[Tensor | float, Tensor | float] | None = None,
+                         interclass_filtering_threshold: float = 0.0,
                          reduction: str = "mean", backend: str = "auto",
                          validate: str = "device") -> Tensor:
     """Scaled cosine cross-entropy with a margin on the target logit.
@@ -85,6 +86,9 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
         scale: float, 0-d or (B,) tensor s (differentiable).
         bias: optional (C,) class bias (added to every logit, target included).
         normalize_weight: False gives plain (un-normalised) weight rows (Crystal loss).
+        interclass_filtering_threshold: insightface arcface_torch's option; 0 (default)
+            disables it. When > 0, every non-target cosine above it enters the softmax as 0
+            (logit ``scale·0 + bias``) with no gradient (see :func:`marginops.margin_lse`).
         validate: "device" (default: value checks are device-side asserts, no host sync; NaN/inf
             propagate to a NaN loss) or "full" (host-side checks listing the bad values, NaN/inf
             included).
@@ -106,7 +110,9 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
     x_hat, _ = normalize_rows(embeddings)
     lse_neg, dot_y = margin_lse(x_hat, weight, labels, scale, bias,
                                 normalize_weight=normalize_weight, hard_negative=hard_negative,
-                                subcenters=subcenters, backend=backend, validate=validate)
+                                subcenters=subcenters,
+                                interclass_filtering_threshold=interclass_filtering_threshold,
+                                backend=backend, validate=validate)
     psi = dot_y if target_fn is None else target_fn(dot_y)
     target = scale_times(scale, psi)
     if bias is not None:
@@ -123,30 +129,35 @@ def scale_times(scale: float | Tensor, value: Tensor) -> Tensor:
 
 def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0,
                  margin: float = 0.5, angle_policy: str = "fallback", grad_mode: str = "exact",
-                 reduction: str = "mean", backend: str = "auto",
-                 validate: str = "device") -> Tensor:
+                 interclass_filtering_threshold: float = 0.0, reduction: str = "mean",
+                 backend: str = "auto", validate: str = "device") -> Tensor:
     """ArcFace: target s·cos(θ_y + m), others s·cos θ_j (arXiv 1801.07698); margin in radians."""
     check_margin("margin", margin)
     return margin_cross_entropy(
         embeddings, weight, labels,
         lambda c: margins.arcface(c, margin, angle_policy=angle_policy, grad_mode=grad_mode),
-        scale=scale, reduction=reduction, backend=backend, validate=validate)
+        scale=scale, interclass_filtering_threshold=interclass_filtering_threshold,
+        reduction=reduction, backend=backend, validate=validate)
 
 
 def cosface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0,
-                 margin: float = 0.35, reduction: str = "mean", backend: str = "auto",
+                 margin: float = 0.35, interclass_filtering_threshold: float = 0.0,
+                 reduction: str = "mean", backend: str = "auto",
                  validate: str = "device") -> Tensor:
     """CosFace: target s·(cos θ_y − m), others s·cos θ_j (arXiv 1801.09414); m is a cosine
     offset, checked like the angular margins (above π/2 looks like degrees)."""
     check_margin("margin", margin)
     return margin_cross_entropy(embeddings, weight, labels, lambda c: margins.cosface(c, margin),
-                                scale=scale, reduction=reduction, backend=backend,
-                                validate=validate)
+                                scale=scale,
+                                interclass_filtering_threshold=interclass_filtering_threshold,
+                                reduction=reduction, backend=backend, validate=validate)
 
 
 def normface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *,
-                  scale: float | Tensor = 64.0, reduction: str = "mean",
-                  backend: str = "auto", validate: str = "device") -> Tensor:
+                  scale: float | Tensor = 64.0, interclass_filtering_threshold: float = 0.0,
+                  reduction: str = "mean", backend: str = "auto",
+                  validate: str = "device") -> Tensor:
     """NormFace: s·cos θ for every class, no margin (arXiv 1704.06369)."""
     return margin_cross_entropy(embeddings, weight, labels, None, scale=scale,
+                                interclass_filtering_threshold=interclass_filtering_threshold,
                                 reduction=reduction, backend=backend, validate=validate)

@@ -7,7 +7,8 @@ already has. Stages, each under its own timeout, all output in ``--out``:
 
   env        nvidia-smi, versions, ``python -m marginops.info``                     env.txt
   build      the C++/CUDA extension against this torch, offline, all cores, this GPU's arch
-  tests      every GPU test (tests/test_triton_gpu.py, the CUDA cases of tests/test_cpp_op.py):
+  tests      every GPU test (tests/test_triton_gpu.py, the CUDA cases of tests/test_cpp_op.py,
+             the cuda backend's tensor-core paths in tests/test_cuda_gpu.py):
              backends × families × dtypes × odd shapes vs the reference, torch.compile,
              CUDA-graph capture of a full step with Partial FC, non-default stream, 2nd device
                                                                            junit-tests.xml, .log
@@ -16,6 +17,10 @@ already has. Stages, each under its own timeout, all output in ``--out``:
   sweep      benchmarks/bench_fused.py (its CLI only): bf16 and fp32, D = 512, ArcFace and plain
              CE, B = 1024…8192, C = 100K…4M — shrunk until its estimate fits the time left
                                                                            bench/ (CSV, PNG, md)
+  model      benchmarks/model.py's prediction beside every sweep measurement, the model's pick and
+             the measured-fastest backend per point; that winner table is what backend="auto"
+             reads (marginops/backend_table.py), written into marginops' cache
+                                         model-vs-measured.md, auto-backend.json (+ the cache)
   summary    summary.md (and the one-screen summary printed at the end)
 
 The budget (460 s, under the 8 minutes asked) is split between stages; every stage is killed at
@@ -26,7 +31,8 @@ estimate, and a bench call that would start with less than 10 s left is skipped 
 script and test file present), prints the build command and checks that its pieces import, plans
 the sweep and checks its sizes against the issue's ranges and the bench CLI (``--help``), runs the
 CPU-side parts (GPU tests collected by pytest; the small case on CPU with the cpp backend), and
-writes the same summary.md.
+writes the same summary.md; the model stage tabulates the planned points with no measurement and
+writes auto-backend.json into ``--out`` only (the cache is left alone).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ PY = sys.executable
 # The tests get the most: Triton JIT-compiles every specialisation the family matrix launches.
 TIMEOUTS = {"env": 20, "build": 150, "tests": 180, "sanitizer": 60, "sweep": 50}
 BUDGET = 460
-GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_cpp_op.py"]
+GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_cpp_op.py", "tests/test_cuda_gpu.py"]
 
 # The sweep the issue asks for, before shrinking.
 SWEEP_BATCH = (1024, 2048, 4096, 8192)
@@ -176,7 +182,8 @@ def sweep_commands(plan, out: str, budget_s: float) -> list[tuple[str, list[str]
                     PY, "benchmarks/bench_fused.py", "--gpu", "--classes", classes,
                     "--batch", str(B), "--dim", str(SWEEP_DIM), "--dtypes", dtype,
                     "--families", fam, "--reps", str(SWEEP_REPS), "--warmup", str(SWEEP_WARMUP),
-                    "--time-budget", f"{share:.0f}", "--out", os.path.join(out, "bench"),
+                    "--time-budget", f"{share:.0f}",
+                    "--out", os.path.join(out, "bench", f"{dtype}-{fam}-B{B}"),
                     "--machine", "gpu-check"], share + 20))
     return cmds
 
@@ -316,6 +323,50 @@ def stage_sweep(out: str, dry: bool, budget_s: float) -> Stage:
     return st
 
 
+def stage_model(out: str, dry: bool) -> Stage:
+    """The model beside the sweep's measurements; the measured-fastest backends for ``auto``.
+    In-process and quick (the model is arithmetic): it runs in the budget's start-up slack."""
+    import csv
+    import glob
+
+    st = Stage("model")
+    t0 = time.monotonic()
+    sys.path[:0] = [p for p in (os.path.join(ROOT, "benchmarks"), ROOT) if p not in sys.path]
+    from marginbench import modelreport
+
+    from marginops import backend_table
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out, "bench", "**", "bench*.csv"), recursive=True)):
+        with open(path, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    with open(os.path.join(out, "sweep-plan.json")) as fh:
+        planned = json.load(fh)["points"]
+    points = [(dtype, B, C, SWEEP_DIM) for dtype, pts in planned.items() for B, C in pts]
+    if dry:
+        gpu, arch = "h100", "9.0"
+    else:
+        import torch
+
+        gpu = modelreport.gpu_key("cuda", None)[0]
+        arch = "{}.{}".format(*torch.cuda.get_device_capability(0))
+    text, entries = modelreport.side_by_side(points, rows, gpu, arch)
+    with open(os.path.join(out, "model-vs-measured.md"), "w") as fh:
+        fh.write(text)
+    meta = dict(written_by="scripts/gpu_check.py", gpu=gpu, arch=arch)
+    backend_table.write(os.path.join(out, "auto-backend.json"), [dict(e) for e in entries], **meta)
+    st.files = ["model-vs-measured.md", "auto-backend.json"]
+    where = "out only (dry run)"
+    if not dry and entries:
+        backend_table.write(backend_table.table_path(), [dict(e) for e in entries], **meta)
+        where = backend_table.table_path()
+    st.status = "planned" if dry else "ok"
+    st.detail = (f"{len(points)} points modelled, {len(entries)} measured winners -> "
+                 f"auto-backend.json ({where})")
+    st.seconds = time.monotonic() - t0
+    return st
+
+
 def check_plan() -> list[str]:
     errors = []
     if sum(TIMEOUTS.values()) > BUDGET:
@@ -366,7 +417,14 @@ def main(argv=None) -> int:
     # they ran to their timeouts); the dry run plans its nominal slot
     left = max(BUDGET - (time.monotonic() - t0), 0.0)
     stages.append(stage_sweep(out, dry, left if not dry else TIMEOUTS["sweep"]))
+    try:
+        stages.append(stage_model(out, dry))
+    except Exception as err:  # noqa: BLE001 - the measurements above must still be summarised
+        stages.append(Stage("model", f"failed ({type(err).__name__}: {err})"))
     text = summary(stages, out, dry, time.monotonic() - t0)
+    side = os.path.join(out, "model-vs-measured.md")
+    if os.path.exists(side):
+        text += "\n" + open(side).read()
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write(text)
     print(text)

@@ -6,24 +6,17 @@ branch (CosFace, m1/m2 ignored) or ArcFace cos(arccos c + m2) with no fallback a
 straight-through gradient; cross-entropy over the gathered batch, each row's reported loss capped
 at −log(1e-30), rows labelled −1 counting that cap in the mean (and, in marginops, getting no
 gradient — the documented difference); embedding gradients times the world size; Partial-FC
-sampling. The distributed cases run on 1 and 2 gloo ranks, one spawn per world size; each case
-finishes its collectives before it asserts (failures are collected), so a failing case cannot
-hang the next.
+sampling. The distributed cases run on 1 and 2 gloo ranks, one spawn per world size
+(tests/gloo.py); each case finishes its collectives before it asserts (failures are collected), so
+a failing case cannot hang the next.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import tempfile
-import time
-import traceback
-
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tolerance import assert_tight
 from torch import nn
@@ -222,62 +215,18 @@ CASES = {
 }
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    if os.path.exists("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    torch.manual_seed(1234)  # module init (the weight before it is loaded) and the sampling seed
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    results: dict[str, str] = {}
-    for name, case in CASES.items():
-        try:
-            case(rank, world)
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported by the pytest side
-            results[name] = traceback.format_exc()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(results, fh)
-    dist.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------- pytest side
 
 @pytest.fixture(scope="module")
 def results():
-    started = {}
-    for world in WORLD_SIZES:
-        tmp = tempfile.mkdtemp(prefix=f"marginops_compat{world}_")
-        started[world] = (mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), tmp),
-                                             nprocs=world, join=False, start_method="spawn"), tmp)
-    deadline, out = time.monotonic() + SPAWN_DEADLINE_S, {}
-    for world, (ctx, tmp) in started.items():
-        problem = None
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    problem = f"world {world}: still running after {SPAWN_DEADLINE_S}s"
-                    break
-        except Exception as err:  # noqa: BLE001 - a worker died outside a case
-            problem = f"world {world}: {type(err).__name__}: {err}"
-        finally:
-            for proc in ctx.processes:  # only the processes this test started
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(5)
-        ranks = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
-        out[world] = ([json.load(open(p)) if os.path.exists(p) else {} for p in ranks], problem)
-    return out
+    return gloo.run_cases("test_compat_insightface", WORLD_SIZES, pg_timeout_s=PG_TIMEOUT_S,
+                          deadline_s=SPAWN_DEADLINE_S)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_partial_fc_v2(results, world, case):
-    per_rank, problem = results[world]
-    missing = [r for r in range(world) if case not in per_rank[r]]
-    assert not missing, f"ranks {missing} never finished {case!r}; {problem or ''}"
-    failures = {r: per_rank[r][case] for r in range(world) if per_rank[r][case] != "ok"}
-    assert not failures, "\n".join(f"--- rank {r}:\n{tb}" for r, tb in failures.items())
+    gloo.check_case(results, world, case)
 
 
 # ----------------------------------------------------------------------------- single process

@@ -47,8 +47,10 @@ def _skip_unless_available(device: str) -> None:
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """16-column chunks on CPU, so a handful of classes spans several chunks."""
+    """16-column chunks on CPU, a few columns per chunk on CUDA (1 KiB tiles), so a handful of
+    classes spans several chunks."""
     monkeypatch.setenv("MARGINOPS_CPU_TILE_KB", "1")
+    monkeypatch.setenv("MARGINOPS_CUDA_TILE_KB", "1")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,3 +535,32 @@ def test_cuda_op_refuses_a_tensor_on_another_device(name):
             "features", "weight", "scale", "bias", "target_col", "class_index", "hard_tau",
             "hard_t", "normalize_weight", "subcenters")))
     torch.cuda.synchronize()  # the context is still alive
+
+
+def _fp32_copy_problems(src: str, gemm_src: str) -> list[str]:
+    """Why margin_lse.cu (``src``) / tc_gemm.h (``gemm_src``) would run GEMMs on fp32 copies."""
+    problems = []
+    body = src[src.index("inline Prepared prepare("):]
+    body = body[:body.index("\n}\n")]
+    for name in ("features", "weight"):
+        line = next(ln for ln in body.splitlines() if f"= {name}.detach()" in ln)
+        if ".to(" in line:
+            problems.append(f"prepare() converts {name}: {line.strip()}")
+    for call in ("at::mm", "mm_out(", "addmm", "matmul("):
+        if call in src:
+            problems.append(f"margin_lse.cu calls {call} (ATen GEMM in the tile's dtype)")
+    if "cublasGemmEx" not in gemm_src or "CUBLAS_COMPUTE_32F_FAST_TF32" not in gemm_src:
+        problems.append("tc_gemm.h: no cublasGemmEx with a TF32 compute type")
+    if "allowTF32CuBLAS()" not in gemm_src or "l2CacheSize" not in gemm_src:
+        problems.append("tc_gemm.h: TF32 not tied to torch's switch, or chunks not sized to L2")
+    return problems
+
+
+@runs_without_extension
+def test_cuda_gemms_read_the_inputs_in_their_dtype():
+    """Static check (no GPU here) of issue 12's cuda item: F and W reach the GEMMs in their own
+    dtype (no fp32 copies, no ATen fp32 GEMMs), through cublasGemmEx with fp32 output, TF32 only
+    by torch's switch, chunks sized from the device's L2. tests/test_cuda_gpu.py checks the
+    numbers on a GPU."""
+    gemm = (_CU.parent / "tc_gemm.h").read_text() if (_CU.parent / "tc_gemm.h").exists() else ""
+    assert _fp32_copy_problems(_CU.read_text(), gemm) == []

@@ -2,31 +2,24 @@
 reference on the same global batch (fp64, tight), stateful families across ranks, DDP gradient
 scaling, checkpoints across world sizes, and fail-fast on inconsistent inputs.
 
-Spawning is the slow part (a torch import per process), so each world size (2 and 3) is ONE
-spawn that runs every case below in sequence, rank-locally recording "ok" or the traceback; the
-pytest tests then only read those records. Each case does all of its collectives before it
-asserts anything (failures are collected, see ``Checks``), so one failing case cannot desynchronise
-the ranks for the next. The process group has a short timeout and the spawn a deadline: a hang
-fails the tests instead of blocking CI.
+Each world size (2 and 3) is ONE spawn that runs every case below in sequence (tests/gloo.py);
+each case does all of its collectives before it asserts anything (failures are collected, see
+``Checks``), so one failing case cannot desynchronise the ranks for the next.
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import math
 import os
 import tempfile
 import time
-import traceback
 
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from seeding import seed_everything
 from tolerance import MIN_GAP, assert_tight, assert_within_budget, cosines, routing_gap
 from torch import nn
 
@@ -711,73 +704,18 @@ CASES = {
 }
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    if os.path.exists("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    results: dict[str, str] = {}
-    out = os.path.join(out_dir, f"rank{rank}.json")
-    for name, case in CASES.items():
-        # the same seed on every rank and in any case order: module inits and draws agree
-        seed_everything(f"tests/test_distributed.py::{name}")
-        try:
-            case(rank, world)
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - recorded and reported by the pytest side
-            results[name] = traceback.format_exc()
-        with open(out + ".tmp", "w") as fh:  # incremental: a later hang keeps earlier verdicts
-            json.dump(results, fh)
-        os.replace(out + ".tmp", out)
-    dist.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------- pytest side
-
-def _spawn(world: int):
-    tmp = tempfile.mkdtemp(prefix=f"marginops_dist{world}_")
-    ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), tmp),
-                             nprocs=world, join=False, start_method="spawn")
-    return ctx, tmp
-
-
-def _collect(world: int, ctx, tmp: str, deadline: float):
-    problem = None
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                problem = f"world {world}: workers still running after {SPAWN_DEADLINE_S}s"
-                break
-    except Exception as err:  # noqa: BLE001 - a worker died outside a case
-        problem = f"world {world}: {type(err).__name__}: {err}"
-    finally:
-        for proc in ctx.processes:  # only the processes this test started
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    per_rank = []
-    for r in range(world):
-        path = os.path.join(tmp, f"rank{r}.json")
-        per_rank.append(json.load(open(path)) if os.path.exists(path) else {})
-    return per_rank, problem
-
 
 @pytest.fixture(scope="module")
 def results():
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    started = {w: _spawn(w) for w in WORLD_SIZES}  # both worlds run concurrently
-    return {w: _collect(w, *started[w], deadline) for w in WORLD_SIZES}
+    return gloo.run_cases("test_distributed", WORLD_SIZES, pg_timeout_s=PG_TIMEOUT_S,
+                          deadline_s=SPAWN_DEADLINE_S)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_distributed(results, world, case):
-    per_rank, problem = results[world]
-    missing = [r for r in range(world) if case not in per_rank[r]]
-    assert not missing, f"ranks {missing} never finished {case!r}; {problem or ''}"
-    failures = {r: per_rank[r][case] for r in range(world) if per_rank[r][case] != "ok"}
-    assert not failures, "\n".join(f"--- rank {r}:\n{tb}" for r, tb in failures.items())
+    gloo.check_case(results, world, case)
 
 
 def test_shard_range_partitions_the_classes():

@@ -14,23 +14,16 @@ rows whatever their summation order.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import not_interp, outside_interp, requires_interp, run_in_interpreter
 from tolerance import MIN_GAP, assert_tight
 
 import marginops as mo
 from marginops.compat.insightface import CombinedMarginLoss
 
 F64 = torch.float64
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-requires_interp = pytest.mark.skipif(
-    not INTERP, reason="runs in the TRITON_INTERPRET=1 child (test_triton_interpreter_child)")
-not_interp = pytest.mark.skipif(INTERP, reason="the interpreter child runs the triton cases only")
 # numpy warns on log(0) inside the interpreter even where tl.where discards the result
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
@@ -314,6 +307,26 @@ def test_cosface_family_option():
     assert "interclass_filtering_threshold=0.45" in repr(module)
 
 
+@not_interp
+@pytest.mark.parametrize("loss_name", ["arcface_loss", "cosface_loss", "normface_loss"])
+def test_functional_losses_take_the_option(loss_name):
+    """marginops.functional's losses pass the threshold through: equal to the module with it, and
+    different from the unfiltered loss (so the argument is not dropped on the way)."""
+    x, w, labels, _, _, kw = gapped_case("plain")
+    thr = kw["interclass_filtering_threshold"]
+    family = {"arcface_loss": mo.ArcFaceLoss, "cosface_loss": mo.CosFaceLoss,
+              "normface_loss": mo.NormFaceLoss}[loss_name]
+    module = family(x.shape[1], w.shape[0], scale=30.0, interclass_filtering_threshold=thr,
+                    backend="torch").to(F64)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    fn = getattr(mo.functional, loss_name)
+    filtered = fn(x, w, labels, scale=30.0, interclass_filtering_threshold=thr, backend="torch")
+    plain = fn(x, w, labels, scale=30.0, backend="torch")
+    assert_tight(filtered, module(x, labels), rtol=1e-12, atol=1e-12, name="loss")
+    assert (filtered - plain).abs() > 1e-6
+
+
 # ----------------------------------------------------------------------------- Triton (interpreter)
 
 @requires_interp
@@ -356,16 +369,9 @@ def test_triton_opcheck():
                           (gl, gd, lse, *args))
 
 
-@pytest.mark.skipif(INTERP, reason="already in the interpreter process")
+@outside_interp
 def test_triton_interpreter_child():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsxX",
-                        os.path.abspath(__file__), "-k", "test_triton_ and not child"],
-                       env=env, cwd=os.path.dirname(here), capture_output=True, text=True)
-    tail = (r.stdout + r.stderr)[-6000:]
-    assert r.returncode == 0, tail
+    tail = run_in_interpreter(__file__, "-k", "test_triton_ and not child")
     assert " passed" in tail and "skipped" not in tail, tail
 
 

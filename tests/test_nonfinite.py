@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from contract_oracle import dense_cosines, margin_lse_dense
+from interpreter import outside_interp, requires_interp, run_in_interpreter
 from tolerance import assert_tight
 
 import marginops
@@ -399,9 +397,6 @@ def test_softmax_rows_without_negatives_is_zero():
 # its checks: Triton fixes interpreter vs compiled mode when a kernel is defined, so a child
 # pytest with TRITON_INTERPRET=1 runs the test_triton_* cases below.
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-requires_interp = pytest.mark.skipif(
-    not INTERP, reason="runs in the TRITON_INTERPRET=1 child (test_triton_interpreter_child)")
 
 
 def _triton_binding():
@@ -426,14 +421,7 @@ def test_triton_topk_nan_ranks_first_ties_by_column(nan_rows):
     check_topk_nan(_triton_binding(), nan_rows, 3)  # Triton's top-k takes k <= 16
 
 
-@pytest.mark.skipif(INTERP, reason="already in the interpreter process")
+@outside_interp
 def test_triton_interpreter_child():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rxX",
-                        os.path.abspath(__file__), "-k", "test_triton_ and not child"],
-                       env=env, cwd=os.path.dirname(here), capture_output=True, text=True)
-    tail = (r.stdout + r.stderr)[-6000:]
-    assert r.returncode == 0, tail
+    tail = run_in_interpreter(__file__, "-k", "test_triton_ and not child")
     assert " passed" in tail or " xfailed" in tail, tail

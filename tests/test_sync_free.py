@@ -21,13 +21,11 @@ device-side asserts, eager on CPU), see tests/test_validation.py.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+from interpreter import INTERP, outside_interp, run_in_interpreter
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -36,7 +34,6 @@ import marginops.distributed.sharded
 from marginops.core import backend_status
 from marginops.distributed import ShardedMarginLoss
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # numpy warns on log(0) inside the interpreter even where tl.where discards the result
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
@@ -194,7 +191,7 @@ def one_gloo_rank():
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(INTERP, reason="covered in the main process")
+@outside_interp
 @pytest.mark.parametrize("consistency", ["off", "device", "host"])
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSHARDABLE])
@@ -217,15 +214,8 @@ def test_sharded_forward_backward_is_sync_free(one_gloo_rank, monkeypatch, famil
     assert hits == (["Tensor.tolist"] * 2 if consistency == "host" else [])
 
 
-@pytest.mark.skipif(INTERP, reason="already in the interpreter process")
+@outside_interp
 def test_triton_backend_in_interpreter_subprocess():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        os.path.abspath(__file__), "-k", "module_forward_backward"],
-                       env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       capture_output=True, text=True)
-    tail = (r.stdout + r.stderr)[-6000:]
-    assert r.returncode == 0, tail
+    tail = run_in_interpreter(__file__, "-k", "module_forward_backward")
     passed = f"{len(FAMILIES) - len(KNOWN_SYNCS)} passed"  # every family ran in the child
     assert passed in tail and (not KNOWN_SYNCS or f"{len(KNOWN_SYNCS)} xfailed" in tail), tail

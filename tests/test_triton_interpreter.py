@@ -18,20 +18,13 @@ tests/test_triton_aot.py compiles it.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from contract_oracle import margin_lse_dense, topk_dense  # noqa: E402
-from tolerance import MIN_GAP, assert_within_budget, routing_gap  # noqa: E402
+from contract_oracle import margin_lse_dense, topk_dense
+from interpreter import INTERP, outside_interp, run_in_interpreter
+from tolerance import MIN_GAP, assert_within_budget, routing_gap
 
 # numpy warns on log(0) inside the interpreter even where tl.where discards the result
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
@@ -40,17 +33,11 @@ requires_interp = pytest.mark.skipif(
     not INTERP, reason="runs under TRITON_INTERPRET=1 (see test_interpreter_subprocess)")
 
 
-@pytest.mark.skipif(INTERP, reason="already in the interpreter process")
+@outside_interp
 def test_interpreter_subprocess():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        os.path.abspath(__file__)], env=env, cwd=os.path.dirname(HERE),
-                       capture_output=True, text=True)
-    tail = (r.stdout + r.stderr)[-6000:]
+    tail = run_in_interpreter(__file__)
     print(f"interpreter run took {time.time() - t0:.0f}s\n{tail}")
-    assert r.returncode == 0, tail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +396,40 @@ def test_fp16_weight_gradient_does_not_underflow():
     with configs.force(splits=1, fwd=wide, bwd_df=wide, bwd_dw=wide):
         ours = _fraction_zero_rows(_ops().margin_lse, p, torch.float16)
     assert ours == oracle, f"{ours:.1%} of fp16 weight-gradient rows are 0 (fp32 oracle: {oracle:.1%})"
+
+
+@requires_interp
+@pytest.mark.parametrize("index", [False, True], ids=["all-classes", "class_index"])
+def test_half_weight_gradient_has_no_fp32_copy(index):
+    """Half-precision weights: the dW kernel stores grad_W once, in the weight's dtype, from its
+    register accumulator — no fp32 (R, D) buffer in the backward (12 GB at R = 6M, D = 512).
+    fp16 weights take bf16's path (bf16 cannot run here). With class_index only the per-column
+    (N, D) fp32 buffer exists (N < R)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from marginops.triton import margin_lse as ml
+
+    p = _problem(37, 129, 40, 1, bias=True, index=index)
+    R, D = p["w"].shape
+    f, w = p["f"].half(), p["w"].half()
+    scale, bias = p["scale"].float(), p["bias"].float()
+    a = ml._Args(f, w, scale, bias, p["tcol"], p["cidx"], None, None, True, 1)
+    lse, _dot = ml._forward(a)
+    fp32_rd = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= R * D:
+                    fp32_rd.append((str(func), tuple(t.shape)))
+            return out
+
+    ones = torch.ones(37)
+    with Allocations():
+        grad_f, grad_w, _gs, _gb = ml._backward(a, lse, ones, ones)
+    assert grad_w.dtype == torch.float16 and grad_w.shape == (R, D)
+    assert not fp32_rd, f"fp32 buffers of ≥ R·D elements in the backward: {fp32_rd}"
 
 
 @requires_interp

@@ -134,3 +134,125 @@ def test_every_input_must_be_on_the_features_device(name):
     args[name] = args[name].to("meta")
     with pytest.raises(ValueError, match=f"{name} is on meta but features are on cpu"):
         ml._Args(**args, normalize_weight=True, subcenters=1)
+
+
+# --- grids in whole waves (marginops/triton/waves.py, launch._split_columns) -----------------
+
+SPLIT_KERNELS = ("fwd", "bwd_df", "topk")   # row tiles × class splits: the launcher plans these
+GPUS = {"H100 (132 SMs, sm_90)": (132, 9, 0), "A100 (108 SMs, sm_80)": (108, 8, 0)}
+
+
+def _fake_cuda(monkeypatch, n_sm: int, major: int, minor: int):
+    """torch.cuda.get_device_properties as a GPU with ``n_sm`` SMs would answer (no GPU needed)."""
+    from types import SimpleNamespace
+
+    from marginops.triton import launch
+
+    smem = (228 if major >= 9 else 164) * 1024
+    props = SimpleNamespace(major=major, minor=minor, multi_processor_count=n_sm,
+                            regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                            shared_memory_per_multiprocessor=smem)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
+    if hasattr(launch, "_device_slots_info"):
+        launch._device_slots_info.cache_clear()
+        monkeypatch.setattr(launch, "_device_slots_info", launch._device_slots_info.__wrapped__)
+
+
+def _programs_per_sm(cfg, arch: int, kernel: str, variant: str) -> int:
+    """Occupancy from the AOT figures, by the CUDA occupancy rules (written out independently of
+    waves.ctas_per_sm): registers per warp rounded up to 256, 1 KB shared reserved per CTA."""
+    from marginops.triton import waves
+
+    regs, smem = waves.figures(arch, cfg, kernel, variant)
+    warps = cfg.num_warps
+    by_regs = 65536 // (-(-regs * 32 // 256) * 256) // warps
+    by_smem = (228 if arch >= 90 else 164) * 1024 // (smem + 1024)
+    return max(1, min(2048 // (32 * warps), by_regs, by_smem, 32))
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_split_grids_are_whole_waves(monkeypatch, gpu):
+    """For every configuration the launcher can pick (every variant, default and autotune) of the
+    row-tile × split kernels, B ≥ 1024 and C from 100K to 10M classes: the grid the launcher plans
+    wastes < 10 % of the GPU's program slots. Efficiency = useful column-tile steps / (waves ×
+    slots × the longest program's steps): a partial last wave and a short last split both count
+    as idle."""
+    from marginops.triton import configs
+
+    n_sm, major, minor = GPUS[gpu]
+    _fake_cuda(monkeypatch, n_sm, major, minor)
+    device = torch.device("cuda", 0)
+    worst = (1.0, None)
+    for var in configs.VARIANTS:
+        for kernel in SPLIT_KERNELS:
+            for cfg in configs.gpu_configs(kernel, var):
+                slots = n_sm * _programs_per_sm(cfg, 10 * major + minor, kernel, var)
+                for B in (1024, 1025, 1536, 2000, 3000, 4096, 5000, 8192, 12288, 16384, 65536):
+                    for C in (100_000, 123_457, 1_000_000, 4_000_000, 10_000_000):
+                        splits, cps = ml._split_columns(B, C, cfg, device, kernel, var)
+                        rt, ct = -(-B // cfg.block_b), -(-C // cfg.block_n)
+                        per_split = cps // cfg.block_n
+                        assert cps % cfg.block_n == 0 and (splits - 1) * per_split < ct
+                        waves = -(-(rt * splits) // slots)
+                        eff = rt * ct / (waves * slots * per_split)
+                        if eff < worst[0]:
+                            worst = (eff, (kernel, var, cfg, B, C, splits))
+    assert worst[0] >= 0.90, f"wave efficiency {worst[0]:.1%} at {worst[1]}"
+
+
+def test_split_plan_examples():
+    """Hand-checked plans on 132 slots (one program per SM), C = 1M, 128-column tiles (7813)."""
+    from marginops.triton import waves
+
+    # B = 4096, 64-row tiles: 64 × 2 = 128 programs, one wave (old rule: 5 splits, 2.42 waves)
+    assert waves.plan_splits(64, 7813, 132) == 2
+    assert waves.efficiency(64, 7813, 2, 132) == pytest.approx(64 * 7813 / (132 * 3907))
+    # B = 1024: 16 × 8 = 128 programs (97 %); B = 1536: 24 × 11 = 264 = two whole waves
+    assert waves.plan_splits(16, 7813, 132) == 8
+    assert waves.plan_splits(24, 7813, 132) == 11
+    # few column tiles: at least 4 per split, so at most 2 splits of 8 tiles
+    assert waves.plan_splits(1, 8, 132) == 2
+
+
+def test_forced_splits_and_the_interpreter_rule(monkeypatch):
+    from marginops.triton import configs
+
+    _fake_cuda(monkeypatch, 132, 9, 0)
+    cfg = configs.default("fwd", "half")
+    with configs.force(splits=3):
+        assert ml._split_columns(4096, 1_000_000, cfg, torch.device("cuda", 0))[0] == 3
+    assert ml._split_columns(4096, 1_000_000, cfg, torch.device("cpu"))[0] == 2
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="AOT compilation needs compiled-mode kernels (run without "
+                           "TRITON_INTERPRET)")
+def test_aot_figures_give_the_compiled_occupancy():
+    """waves.AOT_FIGURES must give every GPU configuration of the split and weight-gradient
+    kernels the programs per SM its fresh AOT compile (tests/test_triton_aot.py's recipe, heaviest
+    specialisation) gives. When a kernel or configuration changes, the failure lists the entries to
+    write into AOT_FIGURES."""
+    import test_triton_aot as aot
+
+    from marginops.triton import configs, waves
+
+    wrong = []
+    for var in configs.VARIANTS:
+        base = var.split("_")[0]
+        aligned = not var.endswith("_unaligned")
+        k_const = aligned and not var.endswith("_sub")
+        fdt, wdt = ("fp32", "fp32") if base == "fp32" else ("bf16", "bf16")
+        for kernel in (*SPLIT_KERNELS, "bwd_dw"):
+            for cfg in configs.gpu_configs(kernel, var):
+                for arch in (80, 90):
+                    st = aot.compile_stats(kernel, cfg, fdt, wdt, arch, True, k_const, aligned)
+                    limits = waves.ARCH_LIMITS[arch]
+                    threads = 32 * cfg.num_warps
+                    want = waves.ctas_per_sm(st["regs"], st["shared"], threads, limits)
+                    have = waves.ctas_per_sm(*waves.figures(arch, cfg, kernel, var), threads,
+                                             limits)
+                    if want != have:
+                        key = (kernel, var, arch, cfg.block_b, cfg.block_n, cfg.block_d,
+                               cfg.num_warps, cfg.num_stages)
+                        wrong.append(f"{key}: ({st['regs']}, {st['shared']}),")
+    assert not wrong, "stale waves.AOT_FIGURES entries:\n" + "\n".join(wrong)

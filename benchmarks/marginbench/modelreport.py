@@ -64,3 +64,57 @@ def model_report(plan: Plan, rows: list[dict], device: str, requested_gpu: str |
         details.append(f"### {label}\n\n" + perfmodel.report(case.B, case.C, case.D, case.dtype,
                                                               gpu))
     return "\n".join(out) + "\n\n" + "\n\n".join(details)
+
+
+# --- make gpu-check: the model beside the sweep's measurements, and auto's table ------------
+
+SIDE_BY_SIDE = {"triton": "triton", "cuda": "cuda", "reference": "naive"}   # provider -> model
+
+
+def measured_ms(rows: list[dict], family: str = "arcface") -> dict[tuple, float]:
+    """{(dtype, B, C, D, provider): forward+backward median ms} of the bench CSV rows (strings,
+    as csv.DictReader gives them) that ran ok."""
+    out = {}
+    for r in rows:
+        if (r.get("mode") == "forward+backward" and r.get("status") == "ok"
+                and r.get("family") == family and r.get("median_ms")):
+            key = (r["dtype"], int(r["B"]), int(r["C"]), int(r["D"]), r["provider"])
+            out[key] = float(r["median_ms"])
+    return out
+
+
+def side_by_side(points: list[tuple[str, int, int, int]], rows: list[dict], gpu: str,
+                 arch: str) -> tuple[str, list[dict]]:
+    """(markdown table, backend-table entries) for the ArcFace step at ``points`` = (dtype, B, C,
+    D): per backend the model's prediction on ``gpu`` (a benchmarks/model.py key) beside the
+    measured median; per point the model's pick and the measured-fastest of triton / cuda. An
+    entry (marginops/backend_table.py) is written for every point where one of them ran."""
+    import model as perfmodel
+
+    ms = measured_ms(rows)
+    lines = [f"## Model ({perfmodel.GPUS[gpu].name}) vs measurement, ArcFace forward+backward",
+             "", "| case | backend | predicted ms | measured ms | measured ÷ predicted (1 = as "
+             "modelled; higher = slower than modelled) |", "|---|---|---|---|---|"]
+    picks = ["", "| case | model picks | measured fastest | auto will pick |", "|---|---|---|---|"]
+    entries = []
+    for dtype, B, C, D in points:
+        label = f"{dtype} B={B} C={fmt_count(C)} D={D}"
+        predicted = {}
+        for provider, backend in SIDE_BY_SIDE.items():
+            predicted[provider] = perfmodel.model(B, C, D, dtype, gpu, backend)[2] * 1e3
+            got = ms.get((dtype, B, C, D, provider))
+            shown = f"{got:.4g}" if got else "not measured"
+            ratio = f"{got / predicted[provider]:.2f}" if got else ""
+            lines.append(f"| {label} | {LABELS[provider]} | {predicted[provider]:.4g} | {shown} "
+                         f"| {ratio} |")
+        by_model = min(("triton", "cuda"), key=predicted.get)
+        timed = {p: ms[(dtype, B, C, D, p)] for p in ("triton", "cuda")
+                 if (dtype, B, C, D, p) in ms}
+        fastest = min(timed, key=timed.get) if timed else None
+        picks.append(f"| {label} | {by_model} | {fastest or 'not measured'} "
+                     f"| {fastest or 'triton (static order)'} |")
+        if fastest:
+            entries.append(dict(arch=arch, dtype=dtype, B=B, C=C, D=D, backend=fastest,
+                                source="measured", ms=timed,
+                                model_ms={p: round(predicted[p], 4) for p in ("triton", "cuda")}))
+    return "\n".join(lines + picks) + "\n", entries

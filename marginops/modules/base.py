@@ -36,6 +36,7 @@ from .._validation import (
 )
 from ..core import BACKENDS, MarginLSE, margin_lse, resolve_backend, topk_dot
 from ..functional import normalize_rows, reduce_rows, scale_times, softmax_rows
+from ..optim import tag_classifier_weight
 
 # State buffers have shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d
 # fp64 buffers, and one shape for every dtype keeps state_dicts uniform.
@@ -92,6 +93,7 @@ class MarginSoftmaxLoss(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.subcenters,
                                                self.embedding_size, **factory))
+        tag_classifier_weight(self.weight, self)  # marginops.optim may fuse its step
         self.bias = nn.Parameter(torch.zeros(self.num_classes, **factory)) if bias else None
         self.reset_parameters()
 
@@ -110,6 +112,13 @@ class MarginSoftmaxLoss(nn.Module):
             forward.__doc__, forward.__annotations__ = inherited.__doc__, inherited.__annotations__
             forward.__qualname__ = f"{cls.__qualname__}.forward"
             cls.forward = forward
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and unpickling rebuild the module here: tag its new weight as well
+        super().__setstate__(state)
+        weight = self._parameters.get("weight")
+        if isinstance(weight, Tensor):
+            tag_classifier_weight(weight, self)
 
     def reset_parameters(self) -> None:
         """N(0, 0.01) like insightface (the rows are normalised, so only directions matter)."""

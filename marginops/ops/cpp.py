@@ -22,6 +22,13 @@ B·C is kept. On CPUs with AVX-512 the chunk GEMMs run on the extension's own ke
 tiles): fp32 operands on the fp32 FMA units, bf16 features on the AVX512-BF16 units when the CPU has
 them; ``MARGINOPS_CPU_F32_GEMM=0`` / ``MARGINOPS_CPU_BF16_GEMM=0`` send them to ATen's GEMM instead
 (benchmarking knobs). fp64, and CPUs without AVX-512, use ATen's GEMM.
+
+On CUDA (csrc/cuda/, tc_gemm.h) the GEMMs run on the tensor cores in the features' dtype with fp32
+output, reading W and F in place (a weight of another dtype, or a class_index gather, is converted
+one chunk at a time); fp32 inputs use TF32 exactly when torch's own matmuls would
+(``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``), IEEE fp32
+otherwise. Chunks are sized so the fp32 logit tile stays in half the GPU's L2;
+``MARGINOPS_CUDA_TILE_KB`` overrides that budget (a test knob, read per call).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
     topk.py        streaming per-row top-k of cosines (no logits in memory)
     tiles.py       tile helpers both inline (cosine tile, logit epilogue, second-GEMM operand)
     launch.py      device guard, dot precision, configurations, class splits, autotuning
+    waves.py       class splits planned in whole waves of the SMs × programs per SM (pure Python)
     configs.py     every kernel configuration the launcher can pick
     _compat.py     support for the oldest Triton supported (3.5) in the interpreter
 

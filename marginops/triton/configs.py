@@ -23,9 +23,16 @@ Kernels:
 
 Register budget notes (≤ 255 registers per thread): the kernels are register-bound, not
 shared-memory-bound. Besides the BLOCK_B × BLOCK_N fp32 dot / epilogue tiles, the 64-bit pointer
-tensors of the indirect (class_index) W loads and of the read-modify-write chunks cost a lot. The
-sizes below are the largest tried for which ``cuobjdump -res-usage`` reports STACK:0 on both
-sm_80 and sm_90 (see benchmarks/README.md).
+tensors of the indirect (class_index) W loads cost a lot, and the backward kernels hold their
+second GEMM's fp32 accumulator (BLOCK_B or BLOCK_N rows × ``block_do`` columns) in registers:
+64 × 256 over 8 warps is 64 registers per thread. ``block_do`` = 512 (one D chunk at D = 512)
+spilled 8–1048 B on sm_80 or sm_90 in every half configuration tried (bwd_df 64×{32,64,128}×
+{32,64}, bwd_dw {32,64}×64×{32,64}; 8 and 16 warps), so the half tables use 256 (two chunks
+at D = 512: see margin_lse.py for what that costs). The sizes below are the largest tried for
+which ``cuobjdump -res-usage`` reports STACK:0 on both sm_80 and sm_90 under Triton 3.9 and 3.5
+(``tests/test_triton_aot.py``). The half backward runs 3 stages: its TTGIR then issues the D
+loop's loads two tiles ahead (``async_copy_global_to_local`` into 3-slot buffers); the speed
+difference is not measured.
 """
 
 from __future__ import annotations
@@ -41,9 +48,15 @@ class KernelConfig:
     block_d: int  # embedding chunk per tl.dot step
     num_warps: int = 4
     num_stages: int = 2
+    # backward kernels only: D columns of the register accumulator per program (BLOCK_DO); the
+    # launcher clamps it to the next power of two ≥ D, and 0 means "that power of two"
+    block_do: int = 0
 
     def meta(self) -> dict:
-        return {"BLOCK_B": self.block_b, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
+        m = {"BLOCK_B": self.block_b, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
+        if self.block_do:
+            m["BLOCK_DO"] = self.block_do
+        return m
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -83,22 +96,22 @@ _NORM_UNALIGNED = C(64, 64, 32, num_warps=4, num_stages=1)
 DEFAULT: dict[str, dict[str, KernelConfig]] = {
     "half": {
         "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
-        "bwd_df": C(64, 128, 32, num_warps=8, num_stages=2),
-        "bwd_dw": C(64, 128, 32, num_warps=8, num_stages=2),
+        "bwd_df": C(64, 32, 64, num_warps=8, num_stages=3, block_do=256),  # 64×64×32 spills
+        "bwd_dw": C(64, 64, 64, num_warps=8, num_stages=3, block_do=256),
         "topk": C(64, 32, 64, num_warps=4, num_stages=2),  # 64×64 spills 8–16 B (NaN policy)
         "merge": _MERGE, "norm": _NORM,
     },
     "half_sub": {
         "fwd": C(64, 128, 64, num_warps=8, num_stages=3),
-        "bwd_df": C(64, 32, 32, num_warps=4, num_stages=2),
-        "bwd_dw": C(32, 64, 32, num_warps=4, num_stages=2),
+        "bwd_df": C(64, 32, 64, num_warps=8, num_stages=3, block_do=256),
+        "bwd_dw": C(64, 64, 32, num_warps=8, num_stages=3, block_do=128),  # 256 spills 8–16 B
         "topk": C(64, 32, 64, num_warps=4, num_stages=2),  # 64×64 spills 8–16 B (NaN policy)
         "merge": _MERGE, "norm": _NORM,
     },
     "fp32": {
         "fwd": C(32, 64, 32, num_warps=4, num_stages=2),
-        "bwd_df": C(32, 32, 32, num_warps=8, num_stages=2),  # 32×64 spills 16 B (sm_80)
-        "bwd_dw": C(32, 64, 32, num_warps=8, num_stages=2),
+        "bwd_df": C(32, 32, 32, num_warps=8, num_stages=2, block_do=256),
+        "bwd_dw": C(32, 64, 32, num_warps=8, num_stages=2, block_do=128),  # 256 spills
         "topk": C(32, 64, 32, num_warps=4, num_stages=2),
         "merge": _MERGE, "norm": _NORM,
     },
@@ -106,22 +119,22 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
     # under Triton 3.5 and 3.9 (larger ones spill 8–1336 B)
     "half_unaligned": {
         "fwd": C(32, 32, 32, num_warps=4, num_stages=1),
-        "bwd_df": C(32, 32, 32, num_warps=4, num_stages=1),
-        "bwd_dw": C(32, 32, 16, num_warps=4, num_stages=1),  # fp16 dd scaling: 32×32×32 spills
+        "bwd_df": C(32, 32, 32, num_warps=8, num_stages=1, block_do=128),  # 4 warps spill
+        "bwd_dw": C(32, 32, 16, num_warps=4, num_stages=1, block_do=128),
         "topk": C(32, 32, 32, num_warps=4, num_stages=1),
         "merge": _MERGE, "norm": _NORM_UNALIGNED,
     },
     "fp32_unaligned": {
         "fwd": C(16, 32, 32, num_warps=4, num_stages=1),
-        "bwd_df": C(16, 32, 32, num_warps=4, num_stages=1),
-        "bwd_dw": C(16, 32, 16, num_warps=4, num_stages=1),
+        "bwd_df": C(16, 32, 32, num_warps=8, num_stages=1, block_do=128),  # 4 warps spill
+        "bwd_dw": C(16, 32, 16, num_warps=4, num_stages=1, block_do=128),
         "topk": C(32, 32, 32, num_warps=4, num_stages=1),
         "merge": _MERGE, "norm": _NORM_UNALIGNED,
     },
     "fp32_sub": {
         "fwd": C(32, 64, 32, num_warps=4, num_stages=2),
-        "bwd_df": C(16, 64, 32, num_warps=4, num_stages=2),
-        "bwd_dw": C(32, 64, 32, num_warps=8, num_stages=2),
+        "bwd_df": C(16, 32, 32, num_warps=4, num_stages=2, block_do=128),  # 16×64 spills
+        "bwd_dw": C(32, 64, 32, num_warps=8, num_stages=2, block_do=128),
         "topk": C(32, 64, 32, num_warps=4, num_stages=2),
         "merge": _MERGE, "norm": _NORM,
     },
@@ -132,15 +145,19 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
 AUTOTUNE: dict[str, dict[str, tuple[KernelConfig, ...]]] = {
     "half": {
         "fwd": (C(128, 64, 64, num_warps=8, num_stages=3), C(64, 64, 64, num_warps=4, num_stages=3)),
-        "bwd_df": (C(64, 64, 32, num_warps=4, num_stages=2),),
+        # 2 stages: lets autotuning measure the 3-stage defaults' choice (made from the IR)
+        "bwd_df": (C(64, 32, 64, num_warps=8, num_stages=2, block_do=256),),
+        "bwd_dw": (C(64, 64, 64, num_warps=8, num_stages=2, block_do=256),),
     },
     "fp32": {
-        "bwd_df": (C(32, 32, 32, num_warps=4, num_stages=2),),
+        "bwd_df": (C(32, 32, 32, num_warps=8, num_stages=2, block_do=128),),
     },
 }
 
-INTERPRETER: dict[str, KernelConfig] = {k: C(16, 16, 16, num_warps=1, num_stages=1)
-                                        for k in KERNELS}
+# block_do = 32 in the backward: D = 40 and 130 cross D-chunk boundaries too
+INTERPRETER: dict[str, KernelConfig] = {
+    k: C(16, 16, 16, num_warps=1, num_stages=1, block_do=32 if k.startswith("bwd") else 0)
+    for k in KERNELS}
 
 
 def default(kernel: str, var: str) -> KernelConfig:
@@ -208,16 +225,3 @@ def forced(kernel: str) -> KernelConfig | None:
 def forced_splits() -> int | None:
     return _forced_splits
 
-
-def pick_splits(row_tiles: int, col_tiles: int, n_sm: int, interpreter: bool) -> int:
-    """How many programs share one row tile's classes.
-
-    Enough programs to fill the GPU twice over, but each split keeps at least 4 class tiles so the
-    per-split partials (and, for the feature gradient, the splits × B × D buffer) stay cheap.
-    """
-    if _forced_splits is not None:
-        return max(1, min(_forced_splits, col_tiles))
-    if interpreter:
-        return max(1, min(2, col_tiles))
-    want = -(-2 * n_sm // max(row_tiles, 1))
-    return max(1, min(want, max(col_tiles // 4, 1)))

@@ -1,9 +1,11 @@
 """Launch-side helpers of the Triton kernels: device guard, dot precision, configurations,
-class splits and autotuning (shared by margin_lse.py and topk.py)."""
+class splits in whole waves (planned by waves.py) and autotuning (shared by margin_lse.py and
+topk.py)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import TYPE_CHECKING
 
@@ -11,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from . import _compat, configs
+from . import _compat, configs, waves
 from .tiles import interpreting
 
 if TYPE_CHECKING:
@@ -62,10 +64,19 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _n_sm(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+@functools.cache
+def _device_slots_info(index: int) -> tuple[int, int, waves.SMLimits]:
+    """(SM count, arch ×10, per-SM limits) of CUDA device ``index``: read once per device (a
+    host-side property query, no synchronisation)."""
+    props = torch.cuda.get_device_properties(index)
+    arch = 10 * props.major + props.minor
+    base = waves.ARCH_LIMITS[90 if arch >= 90 else 80]
+    limits = waves.SMLimits(
+        regs=getattr(props, "regs_per_multiprocessor", base.regs),
+        threads=getattr(props, "max_threads_per_multi_processor", base.threads),
+        smem=getattr(props, "shared_memory_per_multiprocessor", base.smem),
+    )
+    return props.multi_processor_count, arch, limits
 
 
 def _config(kernel: str, a: _Args) -> configs.KernelConfig:
@@ -78,11 +89,25 @@ def _config(kernel: str, a: _Args) -> configs.KernelConfig:
     return configs.default(kernel, a.variant)
 
 
-def _split_columns(B: int, N: int, cfg: configs.KernelConfig, device) -> tuple[int, int]:
-    """(splits, cols_per_split): cols_per_split is a multiple of BLOCK_N, every split non-empty."""
+def _split_columns(B: int, N: int, cfg: configs.KernelConfig, device, kernel: str | None = None,
+                   variant: str | None = None) -> tuple[int, int]:
+    """(splits, cols_per_split) of a row-tile × class-split grid: cols_per_split is a multiple of
+    BLOCK_N, every split non-empty. On a GPU the grid is planned in whole waves of the device's
+    SMs × the programs per SM of ``kernel`` in ``variant`` with ``cfg`` (waves.py; without them, the
+    most conservative figures of ``cfg``); ``configs.force(splits=...)`` pins the
+    count; the interpreter uses 2 splits (so its tests cross a split boundary)."""
     row_tiles = triton.cdiv(B, cfg.block_b)
     col_tiles = max(triton.cdiv(N, cfg.block_n), 1)
-    splits = configs.pick_splits(row_tiles, col_tiles, _n_sm(device), interpreting())
+    forced = configs.forced_splits()
+    if forced is not None:
+        splits = max(1, min(forced, col_tiles))
+    elif interpreting() or device.type != "cuda":
+        splits = max(1, min(2, col_tiles))
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        n_sm, arch, limits = _device_slots_info(index)
+        splits = waves.plan_splits(row_tiles, col_tiles, waves.slots(cfg, n_sm, arch, limits,
+                                                                  kernel, variant))
     tiles_per_split = triton.cdiv(col_tiles, splits)
     return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_n
 

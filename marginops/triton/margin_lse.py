@@ -26,35 +26,59 @@ hard-negative modulation, scale, bias, online max / sum-exp). Each program write
 vectors (m, s, dot_y) to a (splits × B) buffer; ``_merge_kernel`` combines the splits. Nothing
 B×C-sized is ever stored.
 
-Backward: logits are recomputed, never stored.
-  * ``_bwd_df_kernel`` (row tiles × class splits): dd_in (see contract), then
-    dF_i += Σ_n dd_in ŵ_{r*} with ŵ = W/wn of the argmax row; each split accumulates into its
-    own slice of an fp32 (splits × B × D) buffer that torch sums afterwards (deterministic, no
-    atomics). It also produces grad_scale_i = Σ_n g_in d'_in per split.
-  * ``_bwd_dw_kernel`` (one program per class tile, looping over the whole batch): G_r = Σ_i dd_in f_i
-    for the rows r that are an argmax, grad_bias, and — in the epilogue, once G_r is complete —
-    the normalisation Jacobian grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r. A class tile belongs to one
-    program, so dW needs no atomics.
+Backward: logits are recomputed, never stored; every accumulator lives in registers and every
+output element is stored exactly once (no zero-fill, no read-modify-write of global memory, no
+atomics: deterministic).
+  * ``_bwd_df_kernel`` (row tiles × class splits × D chunks): dd_in (see contract), then
+    dF_i = Σ_n dd_in ŵ_{r*}[chunk] with ŵ = W/wn of the argmax row, in a BLOCK_B × BLOCK_DO fp32
+    register accumulator carried across the split's column tiles; stored once into the split's
+    slice of an fp32 (splits × B × D) buffer that torch sums afterwards. It also produces
+    grad_scale_i = Σ_n g_in d'_in per split.
+  * ``_bwd_dw_kernel`` (class tiles × sub-centers × D chunks, looping over the whole batch):
+    G_r = Σ_i dd_in f_i[chunk] for the rows r that are an argmax, in a BLOCK_N × BLOCK_DO register
+    accumulator, grad_bias, and the normalisation Jacobian grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r
+    in the epilogue, stored once in the weight's dtype (no fp32 copy of grad_W). ŵ_r·G_r is
+    Σ_i dd_ir d_ir, summed from the cosines at hand, so a chunk never needs the others.
 
-The second GEMM of each backward kernel (dd·W and ddᵀ·F) accumulates into a program-owned fp32
-chunk of global memory (read, ``tl.dot``-accumulate, write back, barrier) one BLOCK_D chunk at a
-time. That keeps the register footprint independent of D (D = 512 would otherwise need a
-BLOCK × 512 fp32 accumulator per program and spill), at the cost of re-reading that chunk once per
-tile, which the L1/L2 serve since the same program just wrote it.
+Cost (K = 1; q = ⌈D / BLOCK_DO⌉ D chunks; BB, BN = BLOCK_B, BLOCK_N of that kernel; e = bytes
+per element; s = splits; "L2" = bytes the programs load, L2 hits beyond the compulsory HBM bytes):
 
-Why not the FlashAttention-shaped forward (emitting the feature-gradient partial from the forward)?
-It saves one of five B·C·D GEMM-equivalents (8 vs 10 · B·C·D FLOPs) but (a) needs the same
-BLOCK_B × D accumulator, carried through the online-softmax rescaling, (b) makes every forward —
-including evaluation and no-grad calls — pay the extra GEMM and a splits × B × D buffer, and
-(c) its benefit cannot be measured on the GPU-less machines this was written on. The split kept
-here is the simpler, measurable baseline; the forward stays a pure reduction.
+    kernel   tensor-core FLOPs  L2 → SM bytes (F; W)                      HBM (compulsory)
+    bwd_df   (2q + 2)·B·C·D     q·⌈C/BN⌉·B·D·e;  (q + 1)·⌈B/BB⌉·C·D·e     F, W read; s·B·D·4 written
+    bwd_dw   (2q + 2)·B·C·D     (q + 1)·⌈C/BN⌉·B·D·e;  (q·⌈B/BB⌉ + 1)·C·D·e   F, W read; grad_W C·D·e
+                                                                          written (fp32 with index)
+
+(plus 1/‖W‖ reads, 4 B per column per pass, and the per-row vectors.) Sub-centers multiply the dW
+programs by K, each recomputing all K rows: its recompute costs 2q·K²·B·C·D. BLOCK_DO
+(configs.py) is the widest that compiles without spills: 256 in half precision, so D ≤ 256 costs
+4·B·C·D per kernel and D = 512 costs 6·B·C·D (two chunks, each recomputing the logit tile).
+At B = 8192, C = 2^20, D = 512, bf16, default tiles: fwd 2 + dF 6 + dW 6 = 14·B·C·D = 61.6 TFLOP;
+L2 → SM ≈ 0.96 TB (dF) + 0.69 TB (dW). The previous design (10·B·C·D = 44 TFLOP) loaded
+≈ 0.62 TB and read-modified-wrote a global fp32 chunk per tile and 32-wide D chunk,
+8·B·C·D·(1/BN + 1/BB) ≈ 0.83 TB more, behind a synchronous wgmma and a barrier each time. This
+design has no global write inside any loop (every output element is stored once), pipelined D
+loops (asynchronous wgmma with same-dtype half inputs on sm_90), and no fp32 (R, D) buffer —
+but more FLOPs and L2 loads at D = 512 than before, and than the 8·B·C·D floor. Not measured on a
+GPU (none was available): counts, not timings. Next step: keep the row tile (dF) / class tile
+(dW) resident in shared memory over the whole D, so each streamed tile feeds both GEMMs and the
+loop over tiles is the pipelined innermost loop (FlashAttention's shape); the register
+accumulator must then hold 512 columns, which spills today.
+
+Why not 8·B·C·D (cut-cross-entropy's one recompute feeding both gradients)? One of the two
+gradients must then be reduced across programs: fp32 atomics on global memory or a B×C-sized dd
+buffer. Per 64×64 tile at D = 512, 6·64·64·512 = 12.6 MFLOP meet an atomic update of a 64×512
+fp32 block (128 KB read + written): 48 FLOP/B, where an H100 needs ≈ 300 FLOP/B of L2 atomic
+traffic (989 TFLOP/s over an estimated ≈ 3.3 TB/s) to stay compute-bound; and atomics make the
+result non-deterministic. Nor the FlashAttention-shaped forward emitting the dF partial: every
+forward (evaluation, no-grad) would pay the extra GEMM, a splits × B × D buffer and the same
+BLOCK_B × D accumulator that spills here.
 
 dtypes: features fp32 / fp16 / bf16; weight any of those (fp32 master weights with half features are
 read as they are and converted tile by tile, as autocast would). fp64 is refused (the torch and
 C++ backends serve fp64). fp32 dots use 3×TF32 (fp32-level accuracy) unless torch allows TF32
 matmuls (``_tf32_allowed``). The second GEMMs' dd operand is cast to the features' dtype; for fp16
-it is first scaled per output row by a power of two (``_dot_operand``) so small gradients do not
-flush to zero. bf16 cannot run under the interpreter (its tl.dot is wrong there): refused.
+it is first scaled per output row by a running power of two (``_rescaled``) so small gradients
+do not flush to zero. bf16 cannot run under the interpreter (its tl.dot is wrong there): refused.
 Duplicate ``class_index`` entries accumulate, as on every backend: the dW kernel writes per
 column and the launcher sums columns into their classes (``_scatter_to_classes``).
 """
@@ -74,9 +98,10 @@ from .tiles import (  # noqa: F401  (NEG_INF, interpreting: part of this module'
     NEG_INF,
     _class_of,
     _cosine_tile,
-    _dot_operand,
     _logit_tile,
+    _rescaled,
     _split_range,
+    _up_start,
     interpreting,
 )
 
@@ -193,15 +218,18 @@ def _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr, lse
 @triton.jit
 def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
                    lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
-                   df_ptr, gs_ptr,  # (splits, B, D) and (splits, B) fp32, df zero-initialised
+                   df_ptr, gs_ptr,  # (splits, B, D) and (splits, B) fp32, each element written once
                    B, N, D, K, cols_per_split, stride_f, stride_w, thr,
                    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
                    FILTER: tl.constexpr,
                    NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad_f_i = Σ_n dd_in W_{r*} / wn_{r*} and grad_scale_i = Σ_n g_in d'_in over one split."""
+                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DO: tl.constexpr):
+    """grad_f_i = Σ_n dd_in W_{r*} / wn_{r*} over one split, for the D columns of one chunk
+    (program axis 2), accumulated in registers; grad_scale_i = Σ_n g_in d'_in (chunk 0 stores it)."""
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
+    pid_d = tl.program_id(2)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -216,8 +244,10 @@ def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
         tau = scale
         t = 0.0
     dot_ty = f_ptr.dtype.element_ty
-    offs = tl.arange(0, BLOCK_D)
-    df_base = df_ptr + split.to(tl.int64) * B * D
+    dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dmask = dcol < D
+    acc = tl.zeros((BLOCK_B, BLOCK_DO), tl.float32)  # up · Σ_n dd_in ŵ_{r*}[dcol]
+    up = _up_start(dot_ty, BLOCK_B)  # fp16 operand scale per row (_rescaled)
     gs = tl.zeros((BLOCK_B,), tl.float32)
     n_start, n_end = _split_range(split, cols_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -230,32 +260,26 @@ def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
         g, dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
                                    lse, glse, gdot, HAS_BIAS, HARD, FILTER)
         gs += tl.sum(g * dmod, axis=1)
+        acc, dd, up = _rescaled(acc, dd, up, dot_ty, 1)
         for k in range(K):
             # d_in = f_i·W_r*/wn_r*: the gradient reaches f_i through W_r*/wn_r* (argmax row only)
             if HAS_SUB:
                 ddk = tl.where(kb == k, dd, 0.0)
             else:
                 ddk = dd
-            ddk, undo = _dot_operand(ddk, dot_ty, 1)
+            wrow = cls * K + k
+            w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
+                        mask=col_mask[:, None] & dmask[None, :], other=0.0)
             if NORMALIZE:
                 # ŵ = W/wn (|ŵ| ≤ 1) rather than dd/wn: a zero row (wn = 1e-12) would turn
                 # dd/wn into ±inf in half precision and inf · 0 into NaN.
                 inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=0.0)
-            wrow = cls * K + k
-            for d0 in range(0, D, BLOCK_D):
-                dcol = d0 + offs
-                dmask = dcol < D
-                w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :],
-                            mask=col_mask[:, None] & dmask[None, :], other=0.0)
-                if NORMALIZE:
-                    w = w.to(tl.float32) * inv[:, None]
-                ptrs = df_base + rows[:, None] * D + dcol[None, :]
-                omask = row_mask[:, None] & dmask[None, :]
-                acc = tl.load(ptrs, mask=omask, other=0.0)
-                acc += tl.dot(ddk, w.to(dot_ty), input_precision=DOT_PREC) * undo[:, None]
-                tl.store(ptrs, acc, mask=omask)
-                tl.debug_barrier()  # the next read of this chunk may come from another thread
-    tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
+                w = w.to(tl.float32) * inv[:, None]
+            acc = tl.dot(ddk.to(dot_ty), w.to(dot_ty), acc, input_precision=DOT_PREC)
+    out = split.to(tl.int64) * B * D + rows[:, None] * D + dcol[None, :]
+    tl.store(df_ptr + out, acc / up[:, None], mask=row_mask[:, None] & dmask[None, :])
+    if pid_d == 0:
+        tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
 
 
 @triton.jit
@@ -271,26 +295,34 @@ def _out_row(cols, cls, K, k, HAS_INDEX: tl.constexpr):
 @triton.jit
 def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
                    lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
-                   gacc_ptr,  # (R, D) fp32 zero-initialised accumulator for G (may alias gw_ptr)
-                   gw_ptr,  # (R, D) grad_weight in weight's dtype, zero-initialised
+                   gw_ptr,  # (R, D) grad_weight in weight's dtype, each element written once
                    gb_ptr,  # (C_local,) fp32 grad_bias
-                   # with HAS_INDEX all three are per column: (N·K, D), (N·K, D) fp32, (N,)
+                   # with HAS_INDEX both are per column: (N·K, D) fp32 and (N,)
                    B, N, D, K, stride_f, stride_w, thr,
                    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
                    FILTER: tl.constexpr,
                    NORMALIZE: tl.constexpr, HAS_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program owns BLOCK_N columns (all K sub-center rows of each) and loops over the batch:
-    G_r = Σ_i dd_in f_i (argmax rows only), grad_bias_c = Σ_i g_in, then the Jacobian of W/‖W‖."""
+                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DO: tl.constexpr):
+    """One program owns BLOCK_N columns, one sub-center k and one D chunk (program axis 1 is
+    k · chunks + chunk) and loops over the batch: G_r = Σ_i dd_in f_i (argmax rows only) in
+    registers, grad_bias_c = Σ_i g_in (the k = 0, chunk 0 program stores it), then the Jacobian
+    of W/‖W‖ and one store of grad_W in the weight's dtype."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
+    chunks = tl.cdiv(D, BLOCK_DO)
+    k_own = tl.program_id(1) // chunks
+    dcol = (tl.program_id(1) % chunks) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dmask = dcol < D
     dot_ty = f_ptr.dtype.element_ty
-    offs = tl.arange(0, BLOCK_D)
     if HARD:
         t = tl.load(t_ptr).to(tl.float32)
     else:
         t = 0.0
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)  # up · G_r[dcol]
+    up = _up_start(dot_ty, BLOCK_N)  # fp16 operand scale per column (_rescaled)
+    proj = tl.zeros((BLOCK_N,), tl.float32)  # ŵ_r·G_r, over the whole D (see below)
     gb = tl.zeros((BLOCK_N,), tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
@@ -311,62 +343,35 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
                                     lse, glse, gdot, HAS_BIAS, HARD, FILTER)
         if HAS_BIAS:
             gb += tl.sum(g, axis=0)
-        for k in range(K):
-            if HAS_SUB:
-                ddk = tl.where(kb == k, dd, 0.0)
-            else:
-                ddk = dd
-            ddk, undo = _dot_operand(ddk, dot_ty, 0)
-            orow = _out_row(cols, cls, K, k, HAS_INDEX)
-            for d0 in range(0, D, BLOCK_D):
-                dcol = d0 + offs
-                dmask = dcol < D
-                f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
-                            mask=row_mask[:, None] & dmask[None, :], other=0.0)
-                ptrs = gacc_ptr + orow[:, None] * D + dcol[None, :]
-                omask = col_mask[:, None] & dmask[None, :]
-                acc = tl.load(ptrs, mask=omask, other=0.0)
-                # G_r += Σ_i dd_in f_i
-                acc += tl.dot(tl.trans(ddk), f, input_precision=DOT_PREC) * undo[:, None]
-                tl.store(ptrs, acc, mask=omask)
-                tl.debug_barrier()
-    if HAS_BIAS:
+        if HAS_SUB:
+            dd = tl.where(kb == k_own, dd, 0.0)
+        if NORMALIZE:
+            # ŵ_r·G_r = Σ_i dd_ir (ŵ_r·f_i) = Σ_i dd_ir d_ir: the projection the Jacobian needs,
+            # from the cosines at hand, so a D chunk never needs the other chunks of G_r
+            proj += tl.sum(dd * d, axis=0)
+        acc, dd, up = _rescaled(acc, dd, up, dot_ty, 0)
+        f = tl.load(f_ptr + rows[:, None] * stride_f + dcol[None, :],
+                    mask=row_mask[:, None] & dmask[None, :], other=0.0)
+        # G_r += Σ_i dd_in f_i
+        acc = tl.dot(tl.trans(dd.to(dot_ty)), f, acc, input_precision=DOT_PREC)
+    if HAS_BIAS and tl.program_id(1) == 0:
         if HAS_INDEX:
             tl.store(gb_ptr + cols, gb, mask=col_mask)  # per column, summed per class after
         else:
             tl.store(gb_ptr + cls, gb, mask=col_mask)
 
-    # Epilogue: grad_W_r = (G_r − W_r (W_r·G_r)/wn_r²) / wn_r  (= (G − ŵ(ŵ·G))/wn), per row r.
-    for k in range(K):
-        wrow = cls * K + k
-        orow = _out_row(cols, cls, K, k, HAS_INDEX)
-        if NORMALIZE:
-            wg = tl.zeros((BLOCK_N,), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dcol = d0 + offs
-                omask = col_mask[:, None] & (dcol < D)[None, :]
-                w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :], mask=omask,
-                            other=0.0).to(tl.float32)
-                G = tl.load(gacc_ptr + orow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
-                wg += tl.sum(w * G, axis=1)
-            inv = tl.load(inv_ptr + cols * K + k, mask=col_mask, other=1.0)
-            proj = wg * inv * inv  # (W·G)/wn²; W = 0 gives wg = 0, so grad = G / 1e-12 there
-        else:
-            inv = tl.full((BLOCK_N,), 1.0, tl.float32)
-            proj = tl.zeros((BLOCK_N,), tl.float32)
-        tl.debug_barrier()  # gw may alias gacc: every read of this row block precedes any write
-        for d0 in range(0, D, BLOCK_D):
-            dcol = d0 + offs
-            omask = col_mask[:, None] & (dcol < D)[None, :]
-            G = tl.load(gacc_ptr + orow[:, None] * D + dcol[None, :], mask=omask, other=0.0)
-            if NORMALIZE:
-                w = tl.load(w_ptr + wrow[:, None] * stride_w + dcol[None, :], mask=omask,
-                            other=0.0).to(tl.float32)
-                grad = (G - w * proj[:, None]) * inv[:, None]
-            else:
-                grad = G
-            tl.store(gw_ptr + orow[:, None] * D + dcol[None, :],
-                     grad.to(gw_ptr.dtype.element_ty), mask=omask)
+    # Epilogue: grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r with ŵ = W/wn, per row r.
+    grad = acc / up[:, None]
+    omask = col_mask[:, None] & dmask[None, :]
+    if NORMALIZE:
+        inv = tl.load(inv_ptr + cols * K + k_own, mask=col_mask, other=1.0)
+        w = tl.load(w_ptr + (cls * K + k_own)[:, None] * stride_w + dcol[None, :], mask=omask,
+                    other=0.0).to(tl.float32)
+        # W = 0: d = 0 so proj = 0, and grad = G / 1e-12 there
+        grad = (grad - w * (proj * inv)[:, None]) * inv[:, None]
+    orow = _out_row(cols, cls, K, k_own, HAS_INDEX)
+    tl.store(gw_ptr + orow[:, None] * D + dcol[None, :], grad.to(gw_ptr.dtype.element_ty),
+             mask=omask)
 
 
 # =============================================================================================
@@ -440,7 +445,7 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
         return lse.to(a.acc), dot_y.to(a.acc)
     cfg = cfg or _config("fwd", a)
     merge_cfg = merge_cfg or _config("merge", a)
-    splits, cps = _split_columns(a.B, a.N, cfg, dev)
+    splits, cps = _split_columns(a.B, a.N, cfg, dev, "fwd", a.variant)
     part = torch.empty((3, splits, a.B), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
     with device_guard(dev):
@@ -468,45 +473,57 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     norm_cfg = _config("norm", a)
     df_cfg = df_cfg or _config("bwd_df", a)
     dw_cfg = dw_cfg or _config("bwd_dw", a)
-    splits, cps = _split_columns(a.B, a.N, df_cfg, dev)
+    splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant)
     inv = lse  # dummy pointer, never read without normalisation
     if a.normalize:  # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes need it per column
         inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
-    # feature gradient and grad_scale: rows × splits, partial buffers summed below
-    df = torch.zeros((splits, a.B, a.D), dtype=torch.float32, device=dev)
+    # feature gradient and grad_scale: rows × splits × D chunks, partial buffers summed below;
+    # every element is written exactly once (no zero-fill)
+    df_do, dw_do = _d_chunk(df_cfg, a.D), _d_chunk(dw_cfg, a.D)
+    df = torch.empty((splits, a.B, a.D), dtype=torch.float32, device=dev)
     gs = torch.empty((splits, a.B), dtype=torch.float32, device=dev)
-    # weight gradient and grad_bias: one program per column tile, no atomics. With class_index
-    # the kernel writes per *column* (rows n·K + k of an (N·K, D) buffer, bias per column), and
-    # columns naming the same class are summed below: duplicates accumulate (the contract).
+    # weight gradient and grad_bias: one program per (column tile, sub-center, D chunk), no
+    # atomics, G in registers, grad_W stored once in the weight's dtype (no fp32 copy). With
+    # class_index the kernel writes per *column* (rows n·K + k of an (N·K, D) buffer, bias per
+    # column), and columns naming the same class are summed below: duplicates accumulate.
     if a.cidx is not None:
-        gacc = torch.zeros((a.N * a.K, a.D), dtype=torch.float32, device=dev)
-        gw = gacc
-        gb = torch.zeros(a.N, dtype=torch.float32, device=dev)
+        gw = torch.empty((a.N * a.K, a.D), dtype=torch.float32, device=dev)
+        gb = torch.empty(a.N, dtype=torch.float32, device=dev)
     else:
-        grad_w = torch.zeros_like(a.w)
-        gacc = grad_w if grad_w.dtype == torch.float32 else torch.zeros(
-            grad_w.shape, dtype=torch.float32, device=dev)
-        gw = grad_w
-        gb = torch.zeros(a.bias.shape, dtype=torch.float32, device=dev) if a.bias is not None else gs
+        gw = grad_w = torch.empty_like(a.w)
+        gb = torch.empty(a.bias.shape, dtype=torch.float32, device=dev) if a.bias is not None else gs
 
     with device_guard(dev):
         if a.normalize:
             _inv_norm_kernel[(triton.cdiv(a.N, norm_cfg.block_n),)](
                 a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
                 BLOCK_N=norm_cfg.block_n, BLOCK_D=norm_cfg.block_d, **norm_cfg.launch())
-        _bwd_df_kernel[(triton.cdiv(a.B, df_cfg.block_b), splits)](
+        _bwd_df_kernel[(triton.cdiv(a.B, df_cfg.block_b), splits, triton.cdiv(a.D, df_do))](
             *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps,
-            a.f.stride(0), a.w.stride(0), a.thr, **a.flags, **df_cfg.meta(), **df_cfg.launch())
-        _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n),)](
-            *a.ptrs, lse, grad_lse, grad_dot, inv, gacc, gw, gb, *common,
-            a.f.stride(0), a.w.stride(0), a.thr, **a.flags, **dw_cfg.meta(), **dw_cfg.launch())
+            a.f.stride(0), a.w.stride(0), a.thr, **a.flags, **_meta(df_cfg, df_do), **df_cfg.launch())
+        _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n), a.K * triton.cdiv(a.D, dw_do))](
+            *a.ptrs, lse, grad_lse, grad_dot, inv, gw, gb, *common,
+            a.f.stride(0), a.w.stride(0), a.thr, **a.flags, **_meta(dw_cfg, dw_do), **dw_cfg.launch())
     grad_f = df.sum(0).to(a.f.dtype)
     grad_s = gs.sum(0).to(a.acc)
     if a.cidx is not None:
-        grad_w, gb = _scatter_to_classes(a, gacc, gb)
+        grad_w, gb = _scatter_to_classes(a, gw, gb)
     if a.bias is not None:
         grad_b = gb.to(a.bias.dtype)
     return grad_f, grad_w, grad_s, grad_b
+
+
+def _d_chunk(cfg: configs.KernelConfig, D: int) -> int:
+    """D columns per program of a backward kernel (its register accumulator's width, BLOCK_DO):
+    the configuration's ``block_do``, or the next power of two ≥ D (≥ 16, tl.dot's minimum)
+    when that is smaller — a padded accumulator wastes registers and tensor-core work."""
+    whole = max(16, triton.next_power_of_2(D))
+    return min(cfg.block_do, whole) if cfg.block_do else whole
+
+
+def _meta(cfg: configs.KernelConfig, d_chunk: int) -> dict:
+    """A backward kernel's constexpr tile sizes, with the D chunk the launch uses."""
+    return {**cfg.meta(), "BLOCK_DO": d_chunk}
 
 
 def _scatter_to_classes(a: _Args, g_cols: Tensor, gb_cols: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@
 
     _cosine_tile   (BLOCK_B, BLOCK_N) cosines d_in = max_k f_i·W_r / wn_r, fp32 accumulation
     _logit_tile    the epilogue: target mask, filtering, hard-negative modulation, scale, bias → z
-    _dot_operand   dd as the operand of a second GEMM (fp16: scaled per output row)
+    _up_start, _rescaled   dd as the operand of a register-accumulated second GEMM (fp16: running scale)
     _split_range / _class_of   a split's columns, a column's class
 
 ``interpreting()`` tells whether these were defined under TRITON_INTERPRET=1.
@@ -126,26 +126,38 @@ def _class_of(cols, col_mask, cidx_ptr, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
-def _dot_operand(dd, dot_ty: tl.constexpr, AXIS: tl.constexpr):
-    """dd (fp32) as the operand of a second GEMM in dtype ``dot_ty``, and the fp32 factor that
-    undoes its scaling on the GEMM's output rows: ``dot(dd, X) == dot(op, X) * undo``.
+def _up_start(dot_ty: tl.constexpr, SIZE: tl.constexpr):
+    """Initial per-row operand scale of ``_rescaled``: 2^110 for fp16 (the largest it can
+    pick; any first non-zero tile lowers it), 1 for the other dtypes (never changed)."""
+    if dot_ty == tl.float16:
+        return tl.full((SIZE,), 2.0 ** 110, tl.float32)
+    return tl.full((SIZE,), 1.0, tl.float32)
+
+
+@triton.jit
+def _rescaled(acc, dd, up, dot_ty: tl.constexpr, AXIS: tl.constexpr):
+    """Prepare dd (fp32) as the operand of a second GEMM whose fp32 accumulator ``acc`` stays in
+    registers across many tiles: returns (acc', dd', up') with ``acc' = acc · up'/up`` (per acc
+    row) and ``dd' = dd · up'`` (per output row), so ``tl.dot(dd'.to(dot_ty), X, acc')`` keeps the
+    invariant ``acc == up · Σ_tiles dd·X``; the caller divides by ``up`` once, at the end.
 
     fp16 has 5 exponent bits: softmax gradients are tiny (grad_lse · p · s, e.g. 1/8192 · p · 64)
     and would flush to zero when cast as they are (42 % of weight-gradient rows at C = 4096). So
-    for fp16 each output row's dd values (the reduction runs along the other axis: AXIS = 1 for
-    dF = dd·W, AXIS = 0 for G = ddᵀ·F) are scaled by a power of two bringing their largest
-    magnitude into [2^14, 2^15); the fp32 result is scaled back. bf16 has fp32's exponent range
-    and fp32 needs no cast: for those this is the plain cast with undo = 1.
+    for fp16 each output row (the reduction runs along the other axis: AXIS = 1 for dF = dd·W,
+    AXIS = 0 for G = ddᵀ·F) carries a running power of two ``up`` (from ``_up_start``) that
+    brings the largest |dd| seen so far into [2^14, 2^15). Like the running max of an online
+    softmax it only decreases, and the partial sums already in ``acc`` are rescaled by
+    up'/up ≤ 1: exact (powers of two), and what it pushes below fp32's range was below 2^-96 of
+    the row's largest term. All-zero rows keep their ``up``. A ±inf dd gives up' = 0 and a NaN
+    result (NaN in, NaN out). bf16 has fp32's exponent range and fp32 needs no cast: for those
+    acc, dd and up (ones) are returned unchanged.
     """
     if dot_ty == tl.float16:
         m = tl.max(tl.abs(dd), axis=AXIS)
-        # e ≥ −96 keeps up ≤ 2^110 finite (a subnormal m would give inf, and 0 · inf = NaN);
-        # rows below 2^-96 hold nothing an fp32 sum of them would notice
+        # e ≥ −96 keeps up ≤ 2^110 finite (a subnormal m would give inf, and 0 · inf = NaN)
         e = tl.maximum(tl.floor(tl.log2(tl.where(m > 0.0, m, 1.0))), -96.0)
-        up = tl.exp2(14.0 - e)
-        op = (dd * tl.expand_dims(up, AXIS)).to(dot_ty)
-        undo = 1.0 / up
-    else:
-        op = dd.to(dot_ty)
-        undo = tl.full((dd.shape[1 - AXIS],), 1.0, tl.float32)
-    return op, undo
+        up_new = tl.where(m > 0.0, tl.minimum(up, tl.exp2(14.0 - e)), up)
+        acc = acc * (up_new / up)[:, None]
+        dd = dd * tl.expand_dims(up_new, AXIS)
+        up = up_new
+    return acc, dd, up

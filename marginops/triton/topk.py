@@ -109,7 +109,7 @@ def _topk(features: Tensor, weight: Tensor, exclude_col: Tensor, k: int, normali
                 torch.empty((0, k), dtype=torch.int64, device=dev))
     cfg = cfg or _config("topk", a)
     kp = triton.next_power_of_2(k)
-    splits, cps = _split_columns(a.B, a.N, cfg, dev)
+    splits, cps = _split_columns(a.B, a.N, cfg, dev, "topk", a.variant)
     vals = torch.empty((splits, a.B, kp), dtype=torch.float32, device=dev)
     cols = torch.empty((splits, a.B, kp), dtype=torch.int32, device=dev)
     grid = (triton.cdiv(a.B, cfg.block_b), splits)

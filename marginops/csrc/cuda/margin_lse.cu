@@ -1,18 +1,38 @@
 // CUDA kernels of the marginops core op: margin_lse, margin_lse_backward, topk.
 //
-// Same structure as the CPU code (csrc/cpu/margin_lse.cpp), chunk by chunk over the class columns,
-// all on the current stream:
-//   1. load_rows_kernel   — gather the chunk's weight rows (indirectly through class_index),
-//                           convert to fp32 and normalise into a nc·K × D workspace Ŵc;
-//   2. at::mm (cuBLAS)    — T = F · Ŵcᵀ (B × nc·K) into a workspace;
-//   3. epilogue kernels   — grid (row, split): sub-center max, target mask, hard-negative
-//                           modulation, scale, bias; forward: per-split (max, Σexp) partials, merged
-//                           by a small kernel in fixed order; backward: DD (the softmax gradient),
-//                           then at::addmm_ for ∂F and at::mm for G = DDᵀ·F, and a kernel applying
-//                           the normalisation Jacobian to the rows the chunk owns.
-// The scalar math is csrc/include/epilogue.h, shared with the CPU kernels. Inputs may be
-// bf16/fp16/fp32; everything accumulates in fp32 and fp32 master weights are read as they are.
-// Nothing of size B×C is allocated: the workspaces are B×nc·K and nc·K×D.
+// Same structure as the CPU code (csrc/cpu/margin_lse.cpp), chunk by chunk over the class columns
+// (the kernels are in csrc/cuda/kernels.h, the GEMMs and the chunk size in csrc/cuda/tc_gemm.h),
+// all on the current stream. Once per call:
+//   row_norms_kernel  — 1/wn and ‖W_r‖² of every iterated weight row (normalize_weight only).
+// Per chunk of nc classes (nc·K weight rows; nc from plan_chunks, csrc/cuda/tc_gemm.h: the fp32
+// tile stays in L2):
+//   1. GEMM (tc_gemm.h) — T = F · W_cᵀ (B × nc·K, fp32) on the tensor cores, in the features'
+//      dtype: W_c is the weight's own rows (a pointer into W, no copy) unless class_index gathers
+//      them or the weight's dtype differs from the features' — then load_chunk_kernel writes the
+//      chunk's nc·K × D rows in the features' dtype (bf16 activations with fp32 master weights run
+//      bf16 GEMMs, as autocast's F.linear would; fp32 features with a bf16 weight convert the
+//      chunk up, exactly). F is never copied; W at most one chunk at a time (these rows, and
+//      fp16's normalised rows below), never in full.
+//   2. epilogue kernels — grid (row, split), one read of the tile: d = T·(1/wn) (the weight
+//      normalisation, exact to the contract, applied to the fp32 dots — epi::subcenter_max),
+//      sub-center max, target mask, filtering, hard-negative modulation, scale, bias; forward:
+//      (max, Σexp), merged into each row's running pair; backward: DD = ∂L/∂d (the softmax
+//      gradient), written in the GEMMs' dtype, then ∂F += DD·W_c and G = DDᵀ·F (fp32 out) and a
+//      kernel applying the normalisation Jacobian to G, written in the weight's dtype chunk by
+//      chunk (no (R, D) fp32 buffer).
+// The scalar math is csrc/include/epilogue.h, shared with the CPU kernels. Everything accumulates
+// in fp32 (dots, max, Σexp, ∂F, G); only the GEMM operands are 16-bit for 16-bit inputs.
+//
+// Where 1/wn goes in the backward. With d_ir = (f_i·W_r)·inv_r, ∂L/∂f_i = Σ_r (dd_ir·inv_r)·W_r and
+// G'_r = Σ_i (dd_ir·inv_r)·f_i = inv_r·G_r, so grad_W_r = G'_r − ŵ_r(ŵ_r·G'_r): the epilogue writes
+// DD' = dd·inv and both GEMMs read the raw W. That needs DD' representable in the GEMM dtype: fine
+// for fp32 and bf16 (fp32's exponent range), not for fp16 (max 65504), where a row of tiny norm
+// (inv up to 1e12) would overflow. So with fp16 and normalize_weight the epilogue writes the
+// unscaled dd, ∂F reads a chunk of normalised rows Ŵc (fp16, entries in [−1, 1]) and the Jacobian
+// multiplies by inv: grad_W_r = (G_r − ŵ_r(ŵ_r·G_r))·inv_r.
+//
+// Nothing of size B×C is allocated: the workspaces are B × nc·K and nc·K × D, and the per-row
+// vectors (1/wn, ‖W‖², bias per column) are N·K.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,276 +40,23 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
-#include "epilogue.h"
+#include "kernels.h"
+#include "tc_gemm.h"
 
 namespace marginops {
 namespace cuda {
 
 using at::Tensor;
-namespace epi = marginops::epi;
-
-constexpr int kThreads = 256;
-
-// ------------------------------------------------------------------------------------------------
-// Block reductions (deterministic tree order)
-// ------------------------------------------------------------------------------------------------
-
-__device__ float block_sum(float v, float* sh) {
-  sh[threadIdx.x] = v;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) sh[threadIdx.x] += sh[threadIdx.x + stride];
-    __syncthreads();
-  }
-  float r = sh[0];
-  __syncthreads();
-  return r;
-}
-
-// Merge per-thread (max, Σexp) pairs; the result is valid in thread 0.
-__device__ void block_lse(float& m, float& s, float* shm, float* shs) {
-  shm[threadIdx.x] = m;
-  shs[threadIdx.x] = s;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      float a = shm[threadIdx.x], b = shs[threadIdx.x];
-      epi::lse_merge(a, b, shm[threadIdx.x + stride], shs[threadIdx.x + stride]);
-      shm[threadIdx.x] = a;
-      shs[threadIdx.x] = b;
-    }
-    __syncthreads();
-  }
-  m = shm[0];
-  s = shs[0];
-  __syncthreads();
-}
-
-// ------------------------------------------------------------------------------------------------
-// Chunk load: one block per weight row of the chunk
-// ------------------------------------------------------------------------------------------------
-
-template <typename w_t>
-__global__ void load_rows_kernel(const w_t* __restrict__ W, const int64_t* __restrict__ class_index,
-                                 const float* __restrict__ bias, int64_t n0, int64_t K, int64_t D,
-                                 bool normalize, float* __restrict__ Wc, float* __restrict__ inv,
-                                 float* __restrict__ sumsq, float* __restrict__ bias_c) {
-  __shared__ float sh[kThreads];
-  const int64_t r = blockIdx.x, j = r / K, k = r % K;
-  const int64_t c = class_index ? class_index[n0 + j] : n0 + j;
-  const w_t* src = W + (c * K + k) * D;
-  float* dst = Wc + r * D;
-  float ss = 0.f;
-  for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
-    const float v = static_cast<float>(src[e]);
-    dst[e] = v;
-    ss += v * v;
-  }
-  ss = block_sum(ss, sh);
-  const float iv = epi::inv_norm(ss, normalize);
-  if (normalize)
-    for (int64_t e = threadIdx.x; e < D; e += blockDim.x) dst[e] *= iv;
-  if (threadIdx.x == 0) {
-    inv[r] = iv;
-    sumsq[r] = ss;
-    if (k == 0) bias_c[j] = bias ? bias[c] : 0.f;
-  }
-}
-
-// Per-row epilogue parameters.
-struct RowArgs {
-  const int64_t* target;  // B
-  const float* scale;     // B
-  const float* tau;       // B or null
-  const float* hard_t;    // 0-d or null
-  int64_t n0, nc, K;
-  float thr;              // interclass filtering threshold
-  bool filter;            // threshold > 0 (decided in double on the host: a tiny positive
-                          // threshold that rounds to 0.f still filters, as on the other backends)
-};
-
-// Column range [j0, j1) of split blockIdx.y.
-__device__ inline void split_range(int64_t nc, int64_t* j0, int64_t* j1) {
-  const int64_t per = (nc + gridDim.y - 1) / gridDim.y;
-  *j0 = blockIdx.y * per;
-  *j1 = min(nc, *j0 + per);
-}
-
-// ------------------------------------------------------------------------------------------------
-// Forward epilogue: grid (B, S). Writes the split's (max, Σexp) and, for the target, dot_y.
-// ------------------------------------------------------------------------------------------------
-
-__global__ void forward_epilogue_kernel(const float* __restrict__ T, const float* __restrict__ bias_c,
-                                        RowArgs a, float* __restrict__ part_m,
-                                        float* __restrict__ part_s, float* __restrict__ dot_out) {
-  __shared__ float shm[kThreads], shs[kThreads];
-  const int64_t i = blockIdx.x, ncK = a.nc * a.K;
-  int64_t j0, j1;
-  split_range(a.nc, &j0, &j1);
-  const int64_t tl = a.target[i] - a.n0;
-  const float s = a.scale[i];
-  const bool hard = a.tau != nullptr;
-  const float tau = hard ? a.tau[i] : 0.f, t = hard ? *a.hard_t : 0.f;
-  float m = epi::neg_inf<float>(), sum = 0.f;
-  for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-    int64_t argk;
-    const float d = epi::subcenter_max(T + i * ncK + j * a.K, a.K, &argk);
-    if (j == tl) {
-      dot_out[i] = d;  // exactly one thread of one chunk sees a row's target
-      continue;
-    }
-    const bool f = epi::is_filtered(d, a.thr, a.filter);  // d' = 0 (insightface)
-    const float dm = f ? 0.f : epi::modulate(d, t, epi::is_hard(d, tau, hard));
-    const float z = epi::logit(dm, s, bias_c[j]);
-    epi::lse_merge(m, sum, z, 1.f);
-  }
-  block_lse(m, sum, shm, shs);
-  if (threadIdx.x == 0) {
-    part_m[i * gridDim.y + blockIdx.y] = m;
-    part_s[i * gridDim.y + blockIdx.y] = sum;
-  }
-}
-
-// Fold the S split partials of this chunk into the running (max, Σexp) of each row, in order.
-__global__ void merge_partials_kernel(const float* __restrict__ part_m, const float* __restrict__ part_s,
-                                      int64_t B, int64_t S, float* run_m, float* run_s) {
-  const int64_t i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= B) return;
-  float m = run_m[i], s = run_s[i];
-  for (int64_t sp = 0; sp < S; ++sp) epi::lse_merge(m, s, part_m[i * S + sp], part_s[i * S + sp]);
-  run_m[i] = m;
-  run_s[i] = s;
-}
-
-__global__ void finalize_kernel(const float* run_m, const float* run_s, int64_t B, float* lse) {
-  const int64_t i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < B) lse[i] = epi::lse_finalize(run_m[i], run_s[i]);
-}
-
-// ------------------------------------------------------------------------------------------------
-// Backward epilogue: grid (B, S). T (B × nc·K) → DD in place; P (B × nc) = softmax weights when
-// a bias gradient is needed; per-split Σ g·d' for ∂scale.
-// ------------------------------------------------------------------------------------------------
-
-__global__ void backward_epilogue_kernel(float* __restrict__ T, const float* __restrict__ bias_c,
-                                         RowArgs a, const float* __restrict__ grad_lse,
-                                         const float* __restrict__ grad_dot,
-                                         const float* __restrict__ lse_neg, float* __restrict__ P,
-                                         float* __restrict__ part_gs) {
-  __shared__ float sh[kThreads];
-  const int64_t i = blockIdx.x, ncK = a.nc * a.K;
-  int64_t j0, j1;
-  split_range(a.nc, &j0, &j1);
-  const int64_t tl = a.target[i] - a.n0;
-  const float s = a.scale[i], gl = grad_lse[i], lse = lse_neg[i], gd = grad_dot[i];
-  const bool hard = a.tau != nullptr;
-  const float tau = hard ? a.tau[i] : 0.f, t = hard ? *a.hard_t : 0.f;
-  float gsum = 0.f;
-  for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-    float* cell = T + i * ncK + j * a.K;
-    int64_t argk;
-    const float d = epi::subcenter_max(cell, a.K, &argk);
-    const bool h = epi::is_hard(d, tau, hard);
-    const bool f = epi::is_filtered(d, a.thr, a.filter);  // d' = 0 with slope 0 (insightface)
-    const float dm = f ? 0.f : epi::modulate(d, t, h);
-    const float p = j == tl ? 0.f : epi::softmax_grad(epi::logit(dm, s, bias_c[j]), lse, gl);
-    gsum += p * dm;
-    if (P) P[i * a.nc + j] = p;
-    const float dd = p * s * (f ? 0.f : epi::modulate_grad(d, t, h)) + (j == tl ? gd : 0.f);
-    for (int64_t k = 0; k < a.K; ++k) cell[k] = k == argk ? dd : 0.f;
-  }
-  gsum = block_sum(gsum, sh);
-  if (threadIdx.x == 0) part_gs[i * gridDim.y + blockIdx.y] = gsum;
-}
-
-__global__ void sum_partials_kernel(const float* __restrict__ part, int64_t B, int64_t S,
-                                    float* __restrict__ out) {
-  const int64_t i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= B) return;
-  float acc = out[i];
-  for (int64_t sp = 0; sp < S; ++sp) acc += part[i * S + sp];
-  out[i] = acc;
-}
-
-// ∂bias for the chunk's columns, Σ_i P[i, j]: one thread per column, coalesced over j. Without
-// class_index column j is class n0 + j, owned by this thread alone (chunks run one after another
-// on the stream): gbias[n0 + j] += directly. With class_index two columns may name one class, so
-// the sum goes to gcol[j] and the host adds columns into classes with a deterministic reduction.
-__global__ void bias_grad_kernel(const float* __restrict__ P, int64_t B, int64_t nc, int64_t n0,
-                                 float* __restrict__ gbias, float* __restrict__ gcol) {
-  const int64_t j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= nc) return;
-  float acc = 0.f;
-  for (int64_t i = 0; i < B; ++i) acc += P[i * nc + j];
-  if (gcol)
-    gcol[j] = acc;
-  else
-    gbias[n0 + j] += acc;
-}
-
-// Normalisation Jacobian, one block per weight row r of the chunk:
-//   ∂W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r  (projection only when normalising a non-zero row)
-// Without class_index row r is weight row n0·K + r, written by this block alone. With class_index
-// two columns may name one class (the contract accumulates them), so the result overwrites G_r in
-// place (each thread reads g[e] before writing it; proj is complete after block_sum's barrier)
-// and the host adds the chunk's rows into their classes (deterministic, no racing blocks).
-template <typename w_t>
-__global__ void weight_grad_kernel(float* __restrict__ G, const float* __restrict__ Wc,
-                                   const float* __restrict__ inv, const float* __restrict__ sumsq,
-                                   bool per_column, int64_t n0, int64_t K, int64_t D,
-                                   bool normalize, w_t* __restrict__ gW) {
-  __shared__ float sh[kThreads];
-  const int64_t r = blockIdx.x;
-  float* g = G + r * D;
-  const float* w = Wc + r * D;
-  float proj = 0.f;
-  if (epi::norm_projects(sumsq[r], normalize)) {
-    for (int64_t e = threadIdx.x; e < D; e += blockDim.x) proj += w[e] * g[e];
-    proj = block_sum(proj, sh);
-  }
-  const float iv = inv[r];
-  w_t* dst = gW + (n0 * K + r) * D;
-  for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
-    const float v = epi::normalize_backward(g[e], w[e], proj, iv);
-    if (per_column)
-      g[e] = v;
-    else
-      dst[e] = static_cast<w_t>(v);
-  }
-}
-
-// topk helper: sub-center max with the excluded column set to −inf, T (B × nc·K) → Dm (B × nc).
-__global__ void topk_reduce_kernel(const float* __restrict__ T, const int64_t* __restrict__ exclude,
-                                   int64_t B, int64_t nc, int64_t K, int64_t n0,
-                                   float* __restrict__ Dm) {
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= B * nc) return;
-  const int64_t i = idx / nc, j = idx % nc;
-  int64_t argk;
-  const float d = epi::subcenter_max(T + i * nc * K + j * K, K, &argk);
-  Dm[idx] = (exclude[i] - n0 == j) ? epi::neg_inf<float>() : d;
-}
 
 // ================================================================================================
 // Host side
 // ================================================================================================
 
-inline unsigned blocks_for(int64_t n, int threads = kThreads) {
-  return static_cast<unsigned>((n + threads - 1) / threads);
+inline unsigned blocks_for(int64_t n, int per_block = kThreads) {
+  return static_cast<unsigned>((n + per_block - 1) / per_block);
 }
-
-// Columns per chunk: T (B × nc·K) up to 16M fp32 elements (64 MB) and Ŵc / G (nc·K × D) up to
-// 8M (32 MB each), so the cuBLAS GEMMs are large but the workspaces stay bounded.
-inline int64_t pick_chunk(int64_t B, int64_t K, int64_t D, int64_t N) {
-  int64_t nc = std::min((int64_t(1) << 24) / std::max<int64_t>(1, B * K),
-                        (int64_t(1) << 23) / std::max<int64_t>(1, K * D));
-  nc = std::clamp<int64_t>(nc, 256, 65536);
-  return std::max<int64_t>(1, std::min(nc, std::max<int64_t>(N, 1)));
-}
-
-// Splits per row: each block of the epilogue covers about 1024 columns.
-inline int64_t pick_splits(int64_t nc) { return std::clamp<int64_t>((nc + 1023) / 1024, 1, 64); }
 
 struct Prepared {
   Tensor F, W, scale, target;
@@ -312,7 +79,7 @@ inline void check_device(const std::optional<Tensor>& t, const char* name, const
 
 // Checks every argument (devices first), then makes the features' device current in `guard`
 // (kernels and cuBLAS calls below run on that device and its current stream), then lays the
-// inputs out as the kernels want them.
+// inputs out as the kernels want them. F and W keep their dtypes (bf16 / fp16 / fp32).
 inline Prepared prepare(c10::cuda::OptionalCUDAGuard& guard, const Tensor& features,
                         const Tensor& weight, const Tensor& scale,
                         const std::optional<Tensor>& bias, const Tensor& target_col,
@@ -340,7 +107,7 @@ inline Prepared prepare(c10::cuda::OptionalCUDAGuard& guard, const Tensor& featu
   guard.set_device(dev);
   Prepared p;
   // detach(): the ATen calls inside must not be recorded by autograd.
-  p.F = features.detach().to(at::kFloat).contiguous();
+  p.F = features.detach().contiguous();
   p.W = weight.detach().contiguous();
   p.scale = scale.detach().to(at::kFloat).contiguous();
   p.target = target_col.detach().to(at::kLong).contiguous();
@@ -361,44 +128,86 @@ inline const T* opt_ptr(const std::optional<Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-// Dispatch over the weight dtype (bf16 / fp16 / fp32).
+// Calls f(w_t(0), c_t(0)) for the weight's and the features' dtypes (bf16 / fp16 / fp32 each).
 template <typename Fn>
-void dispatch_weight(at::ScalarType wt, Fn&& f) {
-  if (wt == at::kFloat) {
-    f(float(0));
-  } else if (wt == at::kHalf) {
-    f(at::Half(0));
-  } else if (wt == at::kBFloat16) {
-    f(at::BFloat16(0));
-  } else {
-    TORCH_CHECK(false, "marginops: unsupported weight dtype ", wt);
-  }
+void dispatch_dtypes(at::ScalarType wt, at::ScalarType ct, Fn&& f) {
+  auto one = [](at::ScalarType t, auto&& g) {
+    if (t == at::kFloat)
+      g(float(0));
+    else if (t == at::kHalf)
+      g(at::Half(0));
+    else if (t == at::kBFloat16)
+      g(at::BFloat16(0));
+    else
+      TORCH_CHECK(false, "marginops: unsupported dtype ", t, " (bf16, fp16 or fp32)");
+  };
+  one(wt, [&](auto w0) { one(ct, [&](auto c0) { f(w0, c0); }); });
 }
 
-// Chunk workspaces.
-struct Chunk {
-  Tensor Wc, inv, sumsq, bias_c, T;
-  Chunk(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt)
-      : Wc(at::empty({nc * K, D}, opt)),
-        inv(at::empty({nc * K}, opt)),
-        sumsq(at::empty({nc * K}, opt)),
-        bias_c(at::empty({nc}, opt)),
-        T(at::empty({B * nc * K}, opt)) {}
+// What a call streams over: 1/wn and ‖W‖² of its N·K rows (normalize_weight only, else empty),
+// the bias of each column (gathered through class_index), the chunk plan, the row arguments.
+struct Sweep {
+  Tensor inv, sumsq, bias_cols;
+  ChunkPlan plan;
+  bool needs_rows;  // the GEMM operand is a gathered / converted copy of the chunk's rows
 };
 
-// Load columns [n0, n0+nc) and compute T = F·Ŵcᵀ; returns the (B, nc·K) view of T.
+// Tile bytes per logit in the backward (the forward and topk use the same plan, so a backward
+// recomputes the forward's logits with the same GEMM shapes): T (fp32) + DD in the GEMM dtype
+// unless that is fp32 (DD is then written over T) + P (fp32) when there is a bias.
+inline int64_t bytes_per_logit(const Prepared& p) {
+  return 4 + (p.F.scalar_type() == at::kFloat ? 0 : p.F.element_size()) + (p.bias ? 4 : 0);
+}
+
 template <typename w_t>
-Tensor load_and_gemm(const Prepared& p, Chunk& ws, int64_t n0, int64_t nc, bool normalize,
-                     cudaStream_t stream) {
-  const int64_t ncK = nc * p.K;
-  load_rows_kernel<w_t><<<static_cast<unsigned>(ncK), kThreads, 0, stream>>>(
-      p.W.data_ptr<w_t>(), opt_ptr<int64_t>(p.class_index), opt_ptr<float>(p.bias), n0, p.K, p.D,
-      normalize, ws.Wc.data_ptr<float>(), ws.inv.data_ptr<float>(), ws.sumsq.data_ptr<float>(),
-      ws.bias_c.data_ptr<float>());
+Sweep begin_sweep(const Prepared& p, bool normalize, cudaStream_t stream) {
+  Sweep s;
+  const auto opt = p.F.options().dtype(at::kFloat);
+  if (normalize && p.N > 0) {
+    const int64_t rows = p.N * p.K;
+    s.inv = at::empty({rows}, opt);
+    s.sumsq = at::empty({rows}, opt);
+    row_norms_kernel<w_t><<<blocks_for(rows, kWarps), kThreads, 0, stream>>>(
+        p.W.data_ptr<w_t>(), opt_ptr<int64_t>(p.class_index), rows, p.K, p.D,
+        s.inv.data_ptr<float>(), s.sumsq.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (p.bias.has_value())
+    s.bias_cols = p.class_index.has_value() ? p.bias->index_select(0, *p.class_index) : *p.bias;
+  s.plan = plan_chunks(p.F.device(), p.B, p.K, p.D, p.N, bytes_per_logit(p));
+  s.needs_rows = p.class_index.has_value() || p.W.scalar_type() != p.F.scalar_type();
+  return s;
+}
+
+RowArgs row_args(const Prepared& p, const Sweep& s, int64_t n0, int64_t nc, double thr) {
+  return RowArgs{p.target.data_ptr<int64_t>(), p.scale.data_ptr<float>(), opt_ptr<float>(p.tau),
+                 opt_ptr<float>(p.t), s.inv.defined() ? s.inv.data_ptr<float>() + n0 * p.K : nullptr,
+                 s.bias_cols.defined() ? s.bias_cols.data_ptr<float>() + n0 : nullptr, n0, nc, p.K,
+                 static_cast<float>(thr), thr > 0};
+}
+
+// The chunk's rows n0·K … (n0+nc)·K − 1 as a GEMM operand in the features' dtype c_t: a pointer
+// into W itself when nothing has to change, else load_chunk_kernel's copy in `buf` (gathered,
+// converted, and multiplied by inv when `inv` is given).
+template <typename w_t, typename c_t>
+const c_t* chunk_rows(const Prepared& p, int64_t n0, int64_t nc, const float* inv, Tensor& buf,
+                      cudaStream_t stream) {
+  const int64_t r0 = n0 * p.K, rows = nc * p.K;
+  if (!inv && !p.class_index.has_value() && std::is_same<w_t, c_t>::value)
+    return static_cast<const c_t*>(p.W.data_ptr()) + r0 * p.D;
+  if (rows * p.D == 0) return buf.data_ptr<c_t>();  // D = 0: nothing to load (no empty grid)
+  load_chunk_kernel<w_t, c_t><<<blocks_for(rows * p.D), kThreads, 0, stream>>>(
+      p.W.data_ptr<w_t>(), opt_ptr<int64_t>(p.class_index), r0, rows, p.K, p.D, inv,
+      buf.data_ptr<c_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  Tensor T = ws.T.narrow(0, 0, p.B * ncK).view({p.B, ncK});
-  at::mm_out(T, p.F, ws.Wc.narrow(0, 0, ncK).t());  // cuBLAS on the current stream
-  return T;
+  return buf.data_ptr<c_t>();
+}
+
+// T (B × rows, fp32) = F · W_cᵀ on the tensor cores.
+inline void chunk_dots(const Prepared& p, const void* Wc, int64_t rows, float* T,
+                       cudaStream_t stream) {
+  gemm_f32out(false, true, p.B, rows, p.D, p.F.data_ptr(), p.D, Wc, p.D, 0.f, T, rows,
+              p.F.scalar_type(), stream);
 }
 
 std::tuple<Tensor, Tensor> margin_lse_cuda(const Tensor& features, const Tensor& weight,
@@ -412,34 +221,37 @@ std::tuple<Tensor, Tensor> margin_lse_cuda(const Tensor& features, const Tensor&
   c10::cuda::OptionalCUDAGuard guard;
   Prepared p = prepare(guard, features, weight, scale, bias, target_col, class_index, hard_tau,
                        hard_t, subcenters);
-  const auto opt = p.F.options();
+  const auto opt = p.F.options().dtype(at::kFloat);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor lse = at::empty({p.B}, opt);
   Tensor dot = at::zeros({p.B}, opt);
   Tensor run_m = at::full({p.B}, -std::numeric_limits<float>::infinity(), opt);
   Tensor run_s = at::zeros({p.B}, opt);
   if (p.B == 0) return {lse, dot};
-  const int64_t nc_max = pick_chunk(p.B, p.K, p.D, p.N);
-  Chunk ws(p.B, p.D, p.K, nc_max, opt);
-  const int64_t S = pick_splits(nc_max);
-  Tensor part_m = at::empty({p.B * S}, opt), part_s = at::empty({p.B * S}, opt);
-  dispatch_weight(p.W.scalar_type(), [&](auto w0) {
+  dispatch_dtypes(p.W.scalar_type(), p.F.scalar_type(), [&](auto w0, auto c0) {
     using w_t = decltype(w0);
+    using c_t = decltype(c0);
+    const Sweep s = begin_sweep<w_t>(p, normalize_weight, stream);
+    const int64_t nc_max = s.plan.nc, S = s.plan.splits;
+    Tensor T = at::empty({p.B * nc_max * p.K}, opt);
+    Tensor rows = s.needs_rows ? at::empty({nc_max * p.K, p.D}, p.F.options()) : Tensor();
+    Tensor part_m = S > 1 ? at::empty({p.B * S}, opt) : Tensor();
+    Tensor part_s = S > 1 ? at::empty({p.B * S}, opt) : Tensor();
     for (int64_t n0 = 0; n0 < p.N; n0 += nc_max) {
-      const int64_t nc = std::min(nc_max, p.N - n0);
-      Tensor T = load_and_gemm<w_t>(p, ws, n0, nc, normalize_weight, stream);
-      const int64_t s = std::min<int64_t>(S, nc);
-      RowArgs a{p.target.data_ptr<int64_t>(), p.scale.data_ptr<float>(), opt_ptr<float>(p.tau),
-                opt_ptr<float>(p.t), n0, nc, p.K, static_cast<float>(filter_threshold),
-                filter_threshold > 0};
-      forward_epilogue_kernel<<<dim3(p.B, s), kThreads, 0, stream>>>(
-          T.data_ptr<float>(), ws.bias_c.data_ptr<float>(), a, part_m.data_ptr<float>(),
-          part_s.data_ptr<float>(), dot.data_ptr<float>());
+      const int64_t nc = std::min(nc_max, p.N - n0), sp = std::min<int64_t>(S, nc);
+      chunk_dots(p, chunk_rows<w_t, c_t>(p, n0, nc, nullptr, rows, stream), nc * p.K,
+                 T.data_ptr<float>(), stream);
+      forward_epilogue_kernel<<<dim3(p.B, sp), kThreads, 0, stream>>>(
+          T.data_ptr<float>(), row_args(p, s, n0, nc, filter_threshold),
+          sp > 1 ? part_m.data_ptr<float>() : nullptr, sp > 1 ? part_s.data_ptr<float>() : nullptr,
+          run_m.data_ptr<float>(), run_s.data_ptr<float>(), dot.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      merge_partials_kernel<<<blocks_for(p.B), kThreads, 0, stream>>>(
-          part_m.data_ptr<float>(), part_s.data_ptr<float>(), p.B, s, run_m.data_ptr<float>(),
-          run_s.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (sp > 1) {
+        merge_partials_kernel<<<blocks_for(p.B), kThreads, 0, stream>>>(
+            part_m.data_ptr<float>(), part_s.data_ptr<float>(), p.B, sp, run_m.data_ptr<float>(),
+            run_s.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   });
   finalize_kernel<<<blocks_for(p.B), kThreads, 0, stream>>>(run_m.data_ptr<float>(),
@@ -461,44 +273,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
   check_device(grad_lse, "grad_lse", features.device());
   check_device(grad_dot, "grad_dot", features.device());
   check_device(lse_neg, "lse_neg", features.device());
-  const auto opt = p.F.options();
+  const auto opt = p.F.options().dtype(at::kFloat);
+  const at::ScalarType ct = p.F.scalar_type();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor gl = grad_lse.detach().to(at::kFloat).contiguous();
   Tensor gd = grad_dot.detach().to(at::kFloat).contiguous();
   Tensor ln = lse_neg.detach().to(at::kFloat).contiguous();
-  Tensor gF = at::zeros({p.B, p.D}, opt);
-  Tensor gW = at::zeros_like(p.W);  // rows never iterated (class_index) stay exactly zero
+  const bool work = p.B > 0 && p.N > 0;
+  // class_index: per-column results are added into their classes (duplicates accumulate),
+  // directly in the weight's dtype — no C·K × D fp32 buffer for Partial FC's huge C. Without it
+  // every weight row is written by weight_grad_kernel, so grad_W needs no zero fill.
+  const bool per_column = p.class_index.has_value();
+  Tensor gF = at::zeros({p.B, p.D}, opt);  // fp32 accumulator over the chunks
+  Tensor gW = work && !per_column ? at::empty_like(p.W) : at::zeros_like(p.W);
   Tensor gS = at::zeros({p.B}, opt);
   Tensor gBias = p.bias.has_value() ? at::zeros_like(*p.bias) : at::empty({0}, opt);
-  // class_index: per-column results are added into their classes (duplicates accumulate),
-  // directly in the weight's dtype — no C·K × D fp32 buffer for Partial FC's huge C.
-  const bool per_column = p.class_index.has_value();
-  if (p.B > 0 && p.N > 0) {
-    const int64_t nc_max = pick_chunk(p.B, p.K, p.D, p.N);
-    Chunk ws(p.B, p.D, p.K, nc_max, opt);
-    const int64_t S = pick_splits(nc_max);
-    Tensor part_gs = at::empty({p.B * S}, opt);
-    Tensor P = p.bias.has_value() ? at::empty({p.B * nc_max}, opt) : Tensor();
-    Tensor G = at::empty({nc_max * p.K, p.D}, opt);
-    Tensor gbias_col = per_column && p.bias.has_value() ? at::empty({nc_max}, opt) : Tensor();
-    const Tensor sub = at::arange(p.K, opt.dtype(at::kLong));
-    dispatch_weight(p.W.scalar_type(), [&](auto w0) {
+  // DD' = dd·inv in the GEMM dtype, except fp16 with normalisation (see the file comment).
+  const bool scale_dd = !(ct == at::kHalf && normalize_weight);
+  if (work) {
+    dispatch_dtypes(p.W.scalar_type(), ct, [&](auto w0, auto c0) {
       using w_t = decltype(w0);
+      using c_t = decltype(c0);
+      const Sweep s = begin_sweep<w_t>(p, normalize_weight, stream);
+      const int64_t nc_max = s.plan.nc, S = s.plan.splits, rows_max = nc_max * p.K;
+      Tensor T = at::empty({p.B * rows_max}, opt);
+      Tensor DD = ct == at::kFloat ? T : at::empty({p.B * rows_max}, p.F.options());
+      Tensor rows = s.needs_rows ? at::empty({rows_max, p.D}, p.F.options()) : Tensor();
+      Tensor rows_hat = scale_dd ? Tensor() : at::empty({rows_max, p.D}, p.F.options());
+      Tensor G = at::empty({rows_max, p.D}, opt);
+      Tensor part_gs = S > 1 ? at::empty({p.B * S}, opt) : Tensor();
+      Tensor P = p.bias.has_value() ? at::empty({p.B * nc_max}, opt) : Tensor();
+      Tensor gbias_col = per_column && p.bias.has_value() ? at::empty({nc_max}, opt) : Tensor();
+      const Tensor sub = at::arange(p.K, opt.dtype(at::kLong));
+      const float* inv_all = s.inv.defined() ? s.inv.data_ptr<float>() : nullptr;
       for (int64_t n0 = 0; n0 < p.N; n0 += nc_max) {
         const int64_t nc = std::min(nc_max, p.N - n0), ncK = nc * p.K;
-        Tensor T = load_and_gemm<w_t>(p, ws, n0, nc, normalize_weight, stream);
-        const int64_t s = std::min<int64_t>(S, nc);
-        RowArgs a{p.target.data_ptr<int64_t>(), p.scale.data_ptr<float>(), opt_ptr<float>(p.tau),
-                  opt_ptr<float>(p.t), n0, nc, p.K, static_cast<float>(filter_threshold),
-                  filter_threshold > 0};
+        const int64_t sp = std::min<int64_t>(S, nc);
+        const c_t* Wc = chunk_rows<w_t, c_t>(p, n0, nc, nullptr, rows, stream);
+        chunk_dots(p, Wc, ncK, T.data_ptr<float>(), stream);
         float* Pp = P.defined() ? P.data_ptr<float>() : nullptr;
-        backward_epilogue_kernel<<<dim3(p.B, s), kThreads, 0, stream>>>(
-            T.data_ptr<float>(), ws.bias_c.data_ptr<float>(), a, gl.data_ptr<float>(),
-            gd.data_ptr<float>(), ln.data_ptr<float>(), Pp, part_gs.data_ptr<float>());
+        backward_epilogue_kernel<c_t><<<dim3(p.B, sp), kThreads, 0, stream>>>(
+            T.data_ptr<float>(), row_args(p, s, n0, nc, filter_threshold), gl.data_ptr<float>(),
+            gd.data_ptr<float>(), ln.data_ptr<float>(), scale_dd, DD.data_ptr<c_t>(), Pp,
+            sp > 1 ? part_gs.data_ptr<float>() : nullptr, gS.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        sum_partials_kernel<<<blocks_for(p.B), kThreads, 0, stream>>>(
-            part_gs.data_ptr<float>(), p.B, s, gS.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (sp > 1) {
+          sum_partials_kernel<<<blocks_for(p.B), kThreads, 0, stream>>>(
+              part_gs.data_ptr<float>(), p.B, sp, gS.data_ptr<float>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
         const Tensor classes = per_column ? p.class_index->narrow(0, n0, nc) : Tensor();
         if (Pp) {
           float* gcol = per_column ? gbias_col.data_ptr<float>() : nullptr;
@@ -509,24 +332,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cuda(
             gBias.index_put_(c10::List<std::optional<Tensor>>({classes}),
                              gbias_col.narrow(0, 0, nc), /*accumulate=*/true);
         }
-        const Tensor Wv = ws.Wc.narrow(0, 0, ncK);
-        gF.addmm_(T, Wv);                       // ∂F += DD · Ŵc
-        Tensor Gv = G.narrow(0, 0, ncK);
-        at::mm_out(Gv, T.t(), p.F);             // G = DDᵀ · F
+        // ∂F += DD'·W_c (or DD·Ŵc for fp16), G = DDᵀ·F: fp32 outputs
+        const c_t* Wf = scale_dd ? Wc : chunk_rows<w_t, c_t>(p, n0, nc, inv_all, rows_hat, stream);
+        gemm_f32out(false, false, p.B, p.D, ncK, DD.data_ptr<c_t>(), ncK, Wf, p.D, 1.f,
+                    gF.data_ptr<float>(), p.D, ct, stream);
+        gemm_f32out(true, false, ncK, p.D, p.B, DD.data_ptr<c_t>(), ncK, p.F.data_ptr(), p.D, 0.f,
+                    G.data_ptr<float>(), p.D, ct, stream);
         weight_grad_kernel<w_t><<<static_cast<unsigned>(ncK), kThreads, 0, stream>>>(
-            Gv.data_ptr<float>(), ws.Wc.data_ptr<float>(), ws.inv.data_ptr<float>(),
-            ws.sumsq.data_ptr<float>(), per_column, n0, p.K, p.D, normalize_weight,
+            G.data_ptr<float>(), p.W.data_ptr<w_t>(), opt_ptr<int64_t>(p.class_index), inv_all,
+            s.sumsq.defined() ? s.sumsq.data_ptr<float>() : nullptr, n0 * p.K, p.K, p.D, scale_dd,
             gW.data_ptr<w_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (per_column) {  // rows class·K + k of the chunk's columns, summed in (deterministic)
-          const Tensor rows = (classes.unsqueeze(1) * p.K + sub).reshape({-1});
-          gW.index_put_(c10::List<std::optional<Tensor>>({rows}), Gv.to(p.W.scalar_type()),
-                        /*accumulate=*/true);
+          const Tensor wrows = (classes.unsqueeze(1) * p.K + sub).reshape({-1});
+          gW.index_put_(c10::List<std::optional<Tensor>>({wrows}),
+                        G.narrow(0, 0, ncK).to(p.W.scalar_type()), /*accumulate=*/true);
         }
       }
     });
   }
-  return {gF.to(features.scalar_type()), gW, gS, gBias};
+  return {ct == at::kFloat ? gF : gF.to(ct), gW, gS, gBias};
 }
 
 std::tuple<Tensor, Tensor> topk_cuda(const Tensor& features, const Tensor& weight,
@@ -537,7 +362,7 @@ std::tuple<Tensor, Tensor> topk_cuda(const Tensor& features, const Tensor& weigh
   Prepared p = prepare(guard, features, weight, scale, std::nullopt, exclude_col, std::nullopt,
                        std::nullopt, std::nullopt, subcenters);
   TORCH_CHECK(k >= 0 && k <= p.N, "marginops: topk needs 0 <= k <= number of classes (", p.N, ")");
-  const auto opt = p.F.options();
+  const auto opt = p.F.options().dtype(at::kFloat);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // Running best (B × ≤k), values descending with ties in ascending column order. A stable
   // descending sort keeps equal values in their input order, and the running list always holds
@@ -545,17 +370,20 @@ std::tuple<Tensor, Tensor> topk_cuda(const Tensor& features, const Tensor& weigh
   Tensor best_v = at::empty({p.B, 0}, opt);
   Tensor best_c = at::empty({p.B, 0}, opt.dtype(at::kLong));
   if (p.B == 0 || k == 0) return {at::empty({p.B, k}, opt), at::empty({p.B, k}, opt.dtype(at::kLong))};
-  const int64_t nc_max = pick_chunk(p.B, p.K, p.D, p.N);
-  Chunk ws(p.B, p.D, p.K, nc_max, opt);
-  Tensor Dm = at::empty({p.B * nc_max}, opt);
-  dispatch_weight(p.W.scalar_type(), [&](auto w0) {
+  dispatch_dtypes(p.W.scalar_type(), p.F.scalar_type(), [&](auto w0, auto c0) {
     using w_t = decltype(w0);
+    using c_t = decltype(c0);
+    const Sweep s = begin_sweep<w_t>(p, normalize_weight, stream);
+    const int64_t nc_max = s.plan.nc;
+    Tensor T = at::empty({p.B * nc_max * p.K}, opt);
+    Tensor rows = s.needs_rows ? at::empty({nc_max * p.K, p.D}, p.F.options()) : Tensor();
+    Tensor Dm = at::empty({p.B * nc_max}, opt);
     for (int64_t n0 = 0; n0 < p.N; n0 += nc_max) {
       const int64_t nc = std::min(nc_max, p.N - n0);
-      Tensor T = load_and_gemm<w_t>(p, ws, n0, nc, normalize_weight, stream);
+      chunk_dots(p, chunk_rows<w_t, c_t>(p, n0, nc, nullptr, rows, stream), nc * p.K,
+                 T.data_ptr<float>(), stream);
       topk_reduce_kernel<<<blocks_for(p.B * nc), kThreads, 0, stream>>>(
-          T.data_ptr<float>(), p.target.data_ptr<int64_t>(), p.B, nc, p.K, n0,
-          Dm.data_ptr<float>());
+          T.data_ptr<float>(), row_args(p, s, n0, nc, 0.0), p.B, Dm.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       Tensor dv = Dm.narrow(0, 0, p.B * nc).view({p.B, nc});
       auto [cv, ci] = at::sort(dv, /*stable=*/true, /*dim=*/1, /*descending=*/true);

@@ -160,14 +160,17 @@ MO_HD T softmax_grad(T z, T lse_neg, T grad_lse) {
 // Sub-center max: class column n owns rows n·K .. n·K+K−1 of the tile; its value is the max, and
 // the gradient flows to the first row attaining it (argmax). NaN wins, like torch.max: the first
 // NaN row is the max and its argmax.
+// With `inv` (the K rows' 1/wn), the values are row[k]·inv[k]: the CUDA kernels multiply the raw
+// weight rows on the tensor cores and normalise the fp32 dots here, in their one read of the tile.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-MO_HD T subcenter_max(const T* row, int64_t K, int64_t* argk) {
-  T best = row[0];
+MO_HD T subcenter_max(const T* row, int64_t K, int64_t* argk, const T* inv = nullptr) {
+  T best = inv ? row[0] * inv[0] : row[0];
   int64_t a = 0;
   for (int64_t k = 1; k < K; ++k) {
-    if (row[k] > best || (row[k] != row[k] && best == best)) {
-      best = row[k];
+    const T v = inv ? row[k] * inv[k] : row[k];
+    if (v > best || (v != v && best == best)) {
+      best = v;
       a = k;
     }
   }
