@@ -473,13 +473,14 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     norm_cfg = _config("norm", a)
     df_cfg = df_cfg or _config("bwd_df", a)
     dw_cfg = dw_cfg or _config("bwd_dw", a)
-    splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant)
+    df_do, dw_do = _d_chunk(df_cfg, a.D), _d_chunk(dw_cfg, a.D)
+    splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant,
+                                 triton.cdiv(a.D, df_do))
     inv = lse  # dummy pointer, never read without normalisation
     if a.normalize:  # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes need it per column
         inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
     # feature gradient and grad_scale: rows × splits × D chunks, partial buffers summed below;
     # every element is written exactly once (no zero-fill)
-    df_do, dw_do = _d_chunk(df_cfg, a.D), _d_chunk(dw_cfg, a.D)
     df = torch.empty((splits, a.B, a.D), dtype=torch.float32, device=dev)
     gs = torch.empty((splits, a.B), dtype=torch.float32, device=dev)
     # weight gradient and grad_bias: one program per (column tile, sub-center, D chunk), no
