@@ -91,7 +91,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops import register_core_autograd
-from . import configs
+from . import configs, waves
 from .launch import _config, _dot_precision, _pick, _split_columns, device_guard  # noqa: F401
 from .tiles import (  # noqa: F401  (NEG_INF, interpreting: part of this module's interface)
     _NEG_INF,
@@ -517,9 +517,9 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
 def _d_chunk(cfg: configs.KernelConfig, D: int) -> int:
     """D columns per program of a backward kernel (its register accumulator's width, BLOCK_DO):
     the configuration's ``block_do``, or the next power of two ≥ D (≥ 16, tl.dot's minimum)
-    when that is smaller — a padded accumulator wastes registers and tensor-core work."""
-    whole = max(16, triton.next_power_of_2(D))
-    return min(cfg.block_do, whole) if cfg.block_do else whole
+    when that is smaller — a padded accumulator wastes registers and tensor-core work
+    (waves.d_chunk, which benchmarks/model.py uses too)."""
+    return waves.d_chunk(cfg.block_do, D)
 
 
 def _meta(cfg: configs.KernelConfig, d_chunk: int) -> dict:

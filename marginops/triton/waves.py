@@ -170,6 +170,15 @@ def figures(arch: int, cfg, kernel: str | None = None, variant: str | None = Non
     return max(r for r, _ in hits), max(sm for _, sm in hits)
 
 
+def d_chunk(block_do: int, D: int) -> int:
+    """D columns per program of a backward kernel (its register accumulator's width, BLOCK_DO):
+    ``block_do``, or the next power of two ≥ D (≥ 16, tl.dot's minimum) when that is smaller or
+    ``block_do`` is 0 — a padded accumulator wastes registers and tensor-core work. The grid has
+    ceil(D / d_chunk) D chunks (margin_lse._backward)."""
+    whole = max(16, 1 << max(D - 1, 0).bit_length())
+    return min(block_do, whole) if block_do else whole
+
+
 def ctas_per_sm(regs: int, smem: int, threads: int, limits: SMLimits) -> int:
     """Resident CTAs per SM (≥ 1): the tightest of the thread, register, shared-memory and CTA
     limits. Registers: ceil(regs · 32 / 256) · 256 per warp."""
