@@ -3,13 +3,13 @@
     python benchmarks/model.py --gpu h100 --batch 4096 --classes 1000000 --dim 512 --dtype bfloat16
     python benchmarks/model.py --gpu a100 ... --backend cuda      # triton | cuda | naive | auto
 
-For every kernel launch of the step (``Launch``: for ``triton`` the kernels of
-marginops/triton/margin_lse.py as merged, under "the Triton kernels"; marginops/csrc/cuda/
-margin_lse.cu for ``cuda``; marginops.reference's ArcFace for ``naive``) it counts the tensor-core FLOPs, the
-CUDA-core FLOPs, the exponentials, the bytes between the SMs and L2, the bytes from HBM, the
-occupancy (CTAs per SM from registers and shared memory) and the wave efficiency of its grid, and
-predicts its time. The last line printed is ``predicted: <ms> ms, <fraction> of peak``. These are
-predictions, not measurements: ``make gpu-check`` prints them beside measured times.
+For every kernel launch of the step (``Launch``: marginops/triton/margin_lse.py's kernels as
+merged for ``triton``; marginops/csrc/cuda/margin_lse.cu for ``cuda``; marginops.reference's
+ArcFace for ``naive``) it counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials,
+the bytes between the SMs and L2, the bytes from HBM, the occupancy (CTAs per SM from registers
+and shared memory) and the wave efficiency of its grid, and predicts its time. The last line
+printed is ``predicted: <ms> ms, <fraction> of peak``. These are predictions, not measurements:
+``make gpu-check`` prints them beside measured times.
 
 Assumptions (what the figures mean; change a constant to test another):
 
@@ -31,8 +31,6 @@ Assumptions (what the figures mean; change a constant to test another):
   re-reads that misses L2: the re-reads hit in proportion ``min(1, L2 size / working set)``, where
   the working set is what the resident programs touch between two reuses (e.g. for the weight
   gradient the fp32 accumulator tiles of all resident programs).
-* Rows of W are read once from HBM by all row tiles of a class split when those row tiles are
-  resident together (programs launch row tile fastest); otherwise once per wave of row tiles.
 * CUDA-core work of the epilogues is ``EPILOGUE_FWD`` / ``EPILOGUE_BWD`` fp32 operations per logit
   (scale, mask, max, subtract, margin, compare, select...; an estimate, not a count of SASS).
 * cuBLAS calls (``cuda`` backend, naive loss) run at the peak of their dtype with 128 × 128 output
@@ -201,32 +199,16 @@ def _cdiv(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------- the Triton kernels
 #
 # marginops/triton/margin_lse.py as merged (its module docstring has the cost table these formulas
-# follow), with the default tiles of the launch's variant (configs.py), occupancy from the AOT
-# figures (waves.AOT_FIGURES: the heaviest specialisation, every option flag on — the ArcFace
-# kernel needs no more registers than that) and the launcher's class splits (waves.plan_splits,
-# counting the dF grid's D chunks). The step modelled: weight normalisation on; no bias,
-# class_index, hard negatives or filtering; K = 1; W in the features' dtype. Launches, in order:
-#
-#   forward   torch.full / zeros: lse_neg and dot_y (B each)
-#             _fwd_kernel       rt × s programs. Per column tile: S = F·Wᵀ over D in BLOCK_D
-#                               chunks, ‖W_r‖² summed from the same W tiles (once per row tile),
-#                               the epilogue (online max / sum-exp, target capture).
-#             _merge_kernel     the splits' (m, s, dot_y) → lse_neg, dot_y
-#   backward  torch.zeros: grad_f (B × D, replaced later: a wasted fill) and grad_scale (B)
-#             _inv_norm_kernel  1/‖W_r‖ of every row, (C,) fp32
-#             _bwd_df_kernel    rt × s × q programs, q = ⌈D / BLOCK_DO⌉: per column tile S
-#                               recomputed over the whole D, dd, then dF[:, chunk] += dd·Ŵ[:, chunk]
-#                               into a BLOCK_B × BLOCK_DO fp32 register accumulator; the partial
-#                               dF stored once per split, (s, B, D) fp32.
-#             _bwd_dw_kernel    nt × q programs, each looping over the batch: per row tile S
-#                               recomputed, dd, G[:, chunk] += ddᵀ·F[:, chunk]; the Jacobian;
-#                               grad_W stored once in W's dtype.
-#             torch             dF partials summed over the splits and cast to the features'
-#                               dtype, grad_scale partials summed.
-#
-# GEMM FLOPs (K = 1; padded tiles): forward 2·B·C·D, each backward kernel (2q + 2)·B·C·D — 6·B·C·D
-# each at D = 512 in half precision (BLOCK_DO = 256: q = 2), 14·B·C·D in all against the
-# 8·B·C·D floor of a streaming kernel (benchmarks/README.md: what closes the gap).
+# follow): the default tiles of the launch's variant (configs.py), occupancy from waves.AOT_FIGURES
+# (heaviest specialisation: the ArcFace kernel needs no more registers), the launcher's splits
+# (waves.plan_splits, counting the dF grid's D chunks) and D chunks (waves.d_chunk). The step:
+# weight normalisation on; no bias, class_index, hard negatives or filtering; K = 1; W in the
+# features' dtype. Forward: torch fills, _fwd_kernel (rt × s; ‖W_r‖² summed from the W tiles it
+# loads, once per row tile), _merge_kernel. Backward: torch zeros (grad_f is filled, then
+# replaced), _inv_norm_kernel, _bwd_df_kernel (rt × s × q, q = ⌈D / BLOCK_DO⌉: each chunk program
+# recomputes S over the whole D), _bwd_dw_kernel (nt × q, each looping over the batch), torch's
+# sum of the dF partials over splits and cast. GEMM FLOPs (padded tiles): forward 2·B·C·D, each
+# backward kernel (2q + 2)·B·C·D: 14·B·C·D in all at D = 512 in half precision (BLOCK_DO = 256).
 
 ROW_BYTES_FWD = 12    # per batch row a forward program loads: scale (fp32), target column (int64)
 ROW_BYTES_BWD = 24    # ... a backward program: scale, target column, lse, grad_lse, grad_dot
@@ -345,12 +327,10 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch
     logits = rt * wc.block_b * nt * wc.block_n
     d_pad = _cdiv(D, wc.block_d) * wc.block_d
     # a class tile's q chunk programs are nt apart in launch order: in q different waves once
-    # nt ≥ the resident programs, each streaming the tile's W rows again
-    passes = q if nt >= wslots else None
-    tiles = [(wc.block_n * D * e, passes or _waves_touching(
-        [n + nt * c for c in range(q)], 1, wslots)) for n in range(1 if passes else nt)]
-    w_hbm = W + (W * (q - 1) if passes else sum(b * (p - 1) for b, p in tiles)) * (
-        1.0 - min(1.0, gpu.l2_bytes / W))
+    # nt ≥ the resident programs, each streaming the tile's W rows from HBM again
+    regions = [(W, q)] if nt >= wslots else [
+        (min(wc.block_n, C - n * wc.block_n) * D * e,
+         _waves_touching([n + nt * c for c in range(q)], 1, wslots)) for n in range(nt)]
     bwd_dw = Launch(
         "bwd_dw (S recomputed, G[:, chunk] = ddᵀ·F in registers, Jacobian)", grid=nt * q, **wocc,
         tc_flops=2 * q * logits * (d_pad + do) * mult, unit=unit,
@@ -358,7 +338,7 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch
         + JACOBIAN_OPS * C * D, exps=q * logits,
         l2=(q + 1) * nt * Fb + (q * rt + 1) * W + (q * rt + q) * C * 4
         + nt * q * B * ROW_BYTES_BWD + W,
-        hbm=w_hbm + Fb + C * 4 + B * ROW_BYTES_BWD + W,
+        hbm=_w_from_hbm(regions, W, gpu) + Fb + C * 4 + B * ROW_BYTES_BWD + W,
         reuse_set=Fb + wslots * wc.block_n * D * e,
         note=f"{wc.block_n}×{wc.block_b}×{wc.block_d}, BLOCK_DO {do}: {nt} class tiles × {q} D "
              f"chunk(s); F read (q + 1)× per class tile, W q× per row tile ({rt}); grad_W "
@@ -484,7 +464,7 @@ def naive_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]
     the target column, F.cross_entropy; every B×C tensor goes through HBM (B·C·e ≫ L2)."""
     e = ELT[dtype]
     BC, W, Fb = B * C, C * D * e, B * D * e
-    unit = "tf32" if dtype == "float32" else "bf16"
+    unit = "bf16" if e == 2 else ("tf32" if CUDA_FP32_TF32 else "fp32")   # torch's matmul default
     cols = lambda n: BC * n   # noqa: E731 - bytes of n B×C passes
 
     def ew(name, reads, writes, exps=0.0, count=1):

@@ -241,6 +241,10 @@ def test_naive_gemms_by_hand():
     assert cos.tc_flops == 2 * B * C * D and cos.unit == "bf16"
     assert cos.hbm == C * D * e + B * D * e + B * C * e == 196_096
     assert sum(x.tc_flops for x in la.values()) == 6 * B * C * D
+    # fp32: torch's matmul default (allow_tf32 = False) runs cuBLAS on the CUDA cores, as the
+    # cuda backend's model assumes (CUDA_FP32_TF32)
+    fp32 = _by_name(pm.naive_launches(B, C, D, "float32", pm.GPUS["h200"]))
+    assert {x.unit for x in fp32.values() if x.tc_flops} == {"fp32"}
 
 
 def test_occupancy_and_waves_by_hand():
