@@ -3,13 +3,13 @@
     python benchmarks/model.py --gpu h100 --batch 4096 --classes 1000000 --dim 512 --dtype bfloat16
     python benchmarks/model.py --gpu a100 ... --backend cuda      # triton | cuda | naive | auto
 
-For every kernel launch of the step (``Launch``: for ``triton`` the kernels of issue 12's design,
-``TRITON_DESIGN`` and the functions under "the Triton kernels"; marginops/csrc/cuda/margin_lse.cu
-for ``cuda``; marginops.reference's ArcFace for ``naive``) it counts the tensor-core FLOPs, the
-CUDA-core FLOPs, the exponentials, the bytes between the SMs and L2, the bytes from HBM, the
-occupancy (CTAs per SM from registers and shared memory) and the wave efficiency of its grid, and
-predicts its time. The last line printed is ``predicted: <ms> ms, <fraction> of peak``. These are
-predictions, not measurements: ``make gpu-check`` prints them beside measured times.
+For every kernel launch of the step (``Launch``: marginops/triton/margin_lse.py's kernels as
+merged for ``triton``; marginops/csrc/cuda/margin_lse.cu for ``cuda``; marginops.reference's
+ArcFace for ``naive``) it counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials,
+the bytes between the SMs and L2, the bytes from HBM, the occupancy (CTAs per SM from registers
+and shared memory) and the wave efficiency of its grid, and predicts its time. The last line
+printed is ``predicted: <ms> ms, <fraction> of peak``. These are predictions, not measurements:
+``make gpu-check`` prints them beside measured times.
 
 Assumptions (what the figures mean; change a constant to test another):
 
@@ -31,8 +31,6 @@ Assumptions (what the figures mean; change a constant to test another):
   re-reads that misses L2: the re-reads hit in proportion ``min(1, L2 size / working set)``, where
   the working set is what the resident programs touch between two reuses (e.g. for the weight
   gradient the fp32 accumulator tiles of all resident programs).
-* Rows of W are read once from HBM by all row tiles of a class split when those row tiles are
-  resident together (programs launch row tile fastest); otherwise once per wave of row tiles.
 * CUDA-core work of the epilogues is ``EPILOGUE_FWD`` / ``EPILOGUE_BWD`` fp32 operations per logit
   (scale, mask, max, subtract, margin, compare, select...; an estimate, not a count of SASS).
 * cuBLAS calls (``cuda`` backend, naive loss) run at the peak of their dtype with 128 × 128 output
@@ -42,22 +40,26 @@ Assumptions (what the figures mean; change a constant to test another):
 * Triton fp32 inputs run ``tl.dot`` as 3×TF32 (three TF32 products) at the TF32 peak.
 * Occupancy: registers allocated per warp in units of 256, 1 KB of shared memory reserved per CTA,
   at most 2048 threads and 32 CTAs per SM (marginops/triton/waves.py, which the launcher uses
-  too). The redesigned Triton kernels are not in this checkout, so their registers are the
-  design's estimate (fp32 accumulator + S tile per thread + ``REG_OVERHEAD``) and their shared
-  memory the staged operand tiles; when they land, their AOT figures (waves.AOT_FIGURES, checked
-  against a fresh ``triton.compile`` by tests/test_triton_launch.py) replace the estimates.
-* Triton grids: class splits planned in whole waves by waves.plan_splits, as the launcher does.
+  too). Triton kernels: registers and shared memory from waves.AOT_FIGURES (``triton.compile``
+  for sm_80 / sm_90, Triton 3.9, the heaviest specialisation of the default configuration;
+  checked against a fresh compile by tests/test_triton_launch.py); A100 uses the sm_80 figures,
+  H100 / H200 the sm_90 ones.
+* Triton grids: the launcher's (margin_lse.py): class splits planned in whole waves by
+  waves.plan_splits (the dF grid's D chunks counted), D chunks by waves.d_chunk.
+* W from HBM (Triton): the programs of one wave that read the same rows of W (the row tiles of a
+  class split; a class tile's D-chunk programs) read them once from HBM; a later wave reading
+  them again streams them again, unless W fits in L2 (hit share min(1, L2 size / W bytes)).
+  Operand re-reads within a wave are L2 traffic (``l2``), missing only as ``reuse_set`` says.
 * Not modelled: the O(B)-sized torch ops of the loss around the core op (µs), the host, the
   ``triton`` autotuner (off by default), clocks below boost (power limits), L2 partitioning.
 
-The review findings of issue 12, in figures (H100, B = 4096, C = 1M, D = 512, bf16; this model):
-today's kernels (commit d28c1d1: 10·B·C·D, dF / G accumulated in global memory per 32-wide D
-chunk, grids of 2.42 waves) predict 128.9 ms, 0.132 of peak — fwd 17.4 ms (L2: 98 GB),
-bwd_df 52.2 ms (295 GB), bwd_dw 58.0 ms (401 GB), zeroing an fp32 grad_W copy 0.6 ms. The
-design below: 20.1 ms, 0.846 — fwd 9.8 ms (GEMMs 8.5 + exp epilogue 1.1, serial at 1 CTA/SM;
-66 GB of L2), bwd_dw 9.8 ms (L2-bound: 68 GB), norm 0.3 ms. One CTA per SM is kept on purpose:
-the 64 × 512 fp32 accumulator is 128 registers per thread at 8 warps and the staged tiles take
-192 KB of 228 KB; two CTAs per SM need 32-row tiles, which double the L2 traffic (39.1 ms, 0.433).
+Figures (H100, B = 4096, C = 1M, D = 512, bf16; this model, to be measured): ``triton`` 130.3 ms,
+0.130 of peak — its backward kernels run (2q + 2)·B·C·D GEMM FLOPs each with q = 2 D chunks
+(14·B·C·D in all) and load 460 GB (dF) and 333 GB (dW) from L2; ``cuda`` 73.2 ms, 0.232, which
+``auto`` therefore picks there. The issue's target (≥ 0.5 for auto's backend) is not met on the
+model; benchmarks/README.md ("The GPU performance model") says where the time goes and what
+would close the gap. An earlier version of this file modelled a FlashAttention-shaped Triton
+design that was never implemented (8·B·C·D; 0.846 on this model's assumptions): it is removed.
 
 The useful work of a forward+backward is 8·B·C·D FLOPs (the logits once, the two gradient GEMMs,
 and the logits again in the backward, which every streaming kernel pays). ``fraction of peak`` =
@@ -125,6 +127,7 @@ GPUS = {
                 "(BF16 989 TFLOP/s dense), HBM3e 4.8 TB/s, 141 GB; GH100: 132 SMs, 50 MB L2"),
 }
 
+TARGET = 0.5            # issue 12: forward+backward ≥ 50 % of dense tensor-core peak (auto's backend)
 LAUNCH_S = 3e-6          # seconds of launch latency per kernel (assumed)
 EPILOGUE_FWD = 12        # fp32 CUDA-core ops per logit in a forward epilogue (estimate)
 EPILOGUE_BWD = 20        # ... in a backward epilogue (recomputed logit + softmax gradient)
@@ -189,153 +192,175 @@ def predict(launch: Launch, gpu: GPU) -> Launch:
     return launch
 
 
-def _note(text: str) -> None:
-    if text not in _NOTES:
-        _NOTES.append(text)
-
-
-_NOTES: list[str] = []
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 # ----------------------------------------------------------------------------- the Triton kernels
 #
-# The design the model predicts (issue 12; DESIGN.md §3). Every FLOP and byte formula of a Triton
-# kernel is in its function below; the tiles are TRITON_DESIGN's. The redesigned kernels are not
-# in this checkout: when they land, set TRITON_DESIGN to configs.py's defaults, put their AOT
-# figures in marginops/triton/waves.py (tests/test_triton_launch.py lists them) and adjust the
-# formulas a kernel changed.
-#
-#   norm    see below (launched first)
-#   fwd     FlashAttention-shaped forward, grid row tiles × class splits (whole waves:
-#           waves.plan_splits). Per column tile: S = F·Ŵᵀ (2·bB·bN·D), the epilogue (online max /
-#           sum-exp, target capture), then u += P·Ŵ (2·bB·bN·D), P = exp(z − m)·∂z/∂c: the
-#           feature-gradient direction, a bB × D fp32 accumulator in registers rescaled like
-#           FlashAttention's output. Per split: m, s, dot_y, σ = Σ_n p·d' (grad_scale) and u.
-#   merge   the splits' (m, s, dot_y, σ) and rescaled u → lse_neg, dot_y, u, σ.
-#   dF      (backward, torch, B-sized) grad_f = grad_lse·u + grad_dot·ŵ_y, grad_scale = grad_lse·σ.
-#   norm    1/‖W_r‖ before the forward (C × D read once), kept for the backward: the forward reads
-#           C fp32 per row tile instead of summing W's squares per row tile (2·rt·C·D CUDA-core
-#           FLOPs, 1 ms at the target shape).
-#   bwd_dw  one program per class tile, looping over row tiles: S recomputed (2·bN·bB·D), dd,
-#           G += ddᵀ·F (2·bN·bB·D), a bN × D fp32 accumulator in registers; epilogue: the
-#           normalisation Jacobian, grad_W written once in W's dtype (no fp32 copy, no zeroing).
-#
-# GEMM FLOPs: 8·B·C·D (padded to whole tiles). No global read-modify-write inside a loop.
-# Operand staging: when (accumulator-side tile + stages × streamed tile) × D × elt fits the SM's
-# shared memory, both operand tiles are staged full-D, so a W tile feeds both forward GEMMs and an
-# F tile both dW GEMMs (each read from L2 once per use); otherwise they are loaded in BLOCK_D
-# chunks per GEMM (read twice). An accumulator above ACC_REGS registers per thread splits D over
-# d_split programs, each recomputing S (more FLOPs, fewer registers).
+# marginops/triton/margin_lse.py as merged (its module docstring has the cost table these formulas
+# follow): the default tiles of the launch's variant (configs.py), occupancy from waves.AOT_FIGURES
+# (heaviest specialisation: the ArcFace kernel needs no more registers), the launcher's splits
+# (waves.plan_splits, counting the dF grid's D chunks) and D chunks (waves.d_chunk). The step:
+# weight normalisation on; no bias, class_index, hard negatives or filtering; K = 1; W in the
+# features' dtype. Forward: torch fills, _fwd_kernel (rt × s; ‖W_r‖² summed from the W tiles it
+# loads, once per row tile), _merge_kernel. Backward: torch zeros (grad_f is filled, then
+# replaced), _inv_norm_kernel, _bwd_df_kernel (rt × s × q, q = ⌈D / BLOCK_DO⌉: each chunk program
+# recomputes S over the whole D), _bwd_dw_kernel (nt × q, each looping over the batch), torch's
+# sum of the dF partials over splits and cast. GEMM FLOPs (padded tiles): forward 2·B·C·D, each
+# backward kernel (2q + 2)·B·C·D: 14·B·C·D in all at D = 512 in half precision (BLOCK_DO = 256).
 
-TRITON_DESIGN: dict[str, dict[str, configs.KernelConfig]] = {
-    # BLOCK_B (rows), BLOCK_N (classes), BLOCK_D (chunk when not staged), warps, stages
-    "half": {"fwd": configs.KernelConfig(64, 64, 64, 8, 2),
-             "bwd_dw": configs.KernelConfig(64, 64, 64, 8, 2)},
-    "fp32": {"fwd": configs.KernelConfig(32, 32, 32, 4, 2),
-             "bwd_dw": configs.KernelConfig(32, 32, 32, 4, 2)},
-}
-ACC_REGS = 128       # fp32 accumulator registers per thread at most (the rest: S tile, addresses)
-REG_OVERHEAD = 64    # registers besides the accumulator and the S tile (estimate: pointers,
-                     # loop state, operand fragments; today's kernels use 40–90)
-# merge / norm exist and stay: their registers / shared bytes (Triton 3.9, sm_90; tiny kernels)
-SMALL_FIGURES = {"merge": (32, 0), "norm": (40, 256)}
+ROW_BYTES_FWD = 12    # per batch row a forward program loads: scale (fp32), target column (int64)
+ROW_BYTES_BWD = 24    # ... a backward program: scale, target column, lse, grad_lse, grad_dot
+SCALE_OPS = 3         # CUDA-core ops per W element the dF kernel normalises in registers
+                      # (convert, multiply by 1/‖W_r‖, convert back; estimate)
+JACOBIAN_OPS = 4      # per grad_W element of the dW epilogue (estimate)
+RESCALE_FP16_OPS = 3  # per dd element, fp16 only: the running operand scale (estimate)
 
 
-def _design_figures(cfg: configs.KernelConfig, acc_rows: int, D: int, e: int, gpu: GPU
-                    ) -> tuple[int, int, int, bool]:
-    """(registers per thread, shared bytes, d_split, staged) of a design kernel whose program
-    holds an acc_rows × D fp32 accumulator, with ``cfg``'s tiles."""
+def triton_variant(dtype: str, D: int) -> str:
+    """configs.variant of the modelled step: fp16/bf16 → "half", fp32 → "fp32"; D not a multiple
+    of 16 → the "_unaligned" tables (the launcher's rule; 16-byte aligned pointers assumed)."""
+    return ("fp32" if dtype == "float32" else "half") + ("" if D % 16 == 0 else "_unaligned")
+
+
+def _triton_kernel(kernel: str, var: str, gpu: GPU) -> tuple[configs.KernelConfig, dict, int]:
+    """(default configuration, Launch occupancy fields, programs resident on the GPU)."""
+    cfg = configs.default(kernel, var)
+    regs, smem = waves.figures(gpu.arch, cfg, kernel, var)
     threads = 32 * cfg.num_warps
-    d_split = max(1, _cdiv(acc_rows * D, threads * ACC_REGS))
-    d_part = _cdiv(D, d_split)
-    regs = min(255, _cdiv(acc_rows * d_part, threads) + _cdiv(cfg.block_b * cfg.block_n, threads)
-               + REG_OVERHEAD)
-    streamed = cfg.block_n if acc_rows == cfg.block_b else cfg.block_b
-    staged_bytes = (acc_rows + cfg.num_stages * streamed) * D * e
-    staged = staged_bytes + 1024 <= gpu.smem_per_sm
-    smem = staged_bytes if staged else cfg.num_stages * (cfg.block_b + cfg.block_n) * cfg.block_d * e
-    return regs, smem, d_split, staged
+    slots = gpu.sms * waves.ctas_per_sm(regs, smem, threads, _limits(gpu))
+    return cfg, dict(threads=threads, regs=regs, smem=smem), slots
 
 
-def _fwd(B: int, C: int, D: int, e: int, unit: str, mult: int, cfg, gpu: GPU
-         ) -> tuple[Launch, int]:
-    """The forward launch and its split count."""
-    regs, smem, d_split, staged = _design_figures(cfg, cfg.block_b, D, e, gpu)
-    threads = 32 * cfg.num_warps
-    occ = waves.ctas_per_sm(regs, smem, threads, _limits(gpu))
-    rt, ct = _cdiv(B, cfg.block_b), _cdiv(C, cfg.block_n)
-    s = waves.plan_splits(rt * d_split, ct, gpu.sms * occ)
-    pad = rt * cfg.block_b * ct * cfg.block_n * D
+def _waves_touching(starts, length: int, slots: int) -> int:
+    """Distinct waves (of ``slots`` programs, launched in program order) holding a program of
+    [a, a + length) for some a in ``starts``: how often a region these programs read streams
+    from HBM, if it does not stay in L2 between waves."""
+    hit = set()
+    for a in starts:
+        hit.update(range(a // slots, (a + length - 1) // slots + 1))
+    return len(hit)
+
+
+def _w_from_hbm(region_passes: list[tuple[float, int]], W: float, gpu: GPU) -> float:
+    """HBM bytes of W: every (bytes, passes) region once, and again in every later wave that reads
+    it unless W stays in L2 meanwhile (hit share min(1, L2 size / W))."""
+    again = sum(b * (p - 1) for b, p in region_passes)
+    return W + again * (1.0 - min(1.0, gpu.l2_bytes / W))
+
+
+def _split_grid_w(rt: int, s: int, q: int, t: int, BN: int, C: int, D: int, e: int, slots: int
+                  ) -> list[tuple[float, int]]:
+    """(W bytes, HBM passes) per class split of an rt × s (× q) grid (program rt·(σ + s·c) + r:
+    row tile fastest, then split σ, then D chunk c): the row tiles of a split read its W rows
+    together while they share a wave."""
+    out = []
+    for sigma in range(s):
+        cols = max(0, min(t * BN, C - sigma * t * BN))
+        starts = [rt * (sigma + s * c) for c in range(q)]
+        out.append((cols * D * e, _waves_touching(starts, rt, slots)))
+    return out
+
+
+def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
+    """The ``triton`` backend's launches of an ArcFace forward+backward (see above)."""
+    e = ELT[dtype]
+    var = triton_variant(dtype, D)
+    unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # fp32: 3×TF32 products
     W, Fb = C * D * e, B * D * e
-    partials = s * B * (4 * 4 + D * 4)            # m, s, dot_y, σ and u, fp32
-    w_reads = (1 if staged else 2) * rt * W * d_split     # W tile: both GEMMs (or per GEMM)
-    f_reads = (s * Fb if staged else ct * Fb) * d_split   # F tile: once per program / column tile
-    w_passes = _cdiv(rt * d_split, gpu.sms * occ)  # row tiles of a split resident together
-    return Launch(
-        "fwd (logits + online softmax + u = P·Ŵ)", grid=rt * s * d_split, threads=threads,
-        regs=regs, smem=smem, tc_flops=(2 * d_split + 2) * pad * mult, unit=unit,
-        alu_flops=EPILOGUE_FWD * B * C * d_split, exps=B * C * d_split,
-        l2=w_reads + f_reads + rt * C * 4 * d_split + partials,
-        hbm=w_passes * W + Fb + C * 4 + partials,
-        note=f"{cfg.block_b}×{cfg.block_n}, {s} splits, D {'staged' if staged else 'chunked'}"
-             f"{f', D split {d_split}×' if d_split > 1 else ''}; W read once per row tile ({rt})"), s
+    fp16 = dtype == "float16"
 
+    # forward: rt × s, S over D in BLOCK_D steps (a partial last step is a full tl.dot)
+    fc, focc, fslots = _triton_kernel("fwd", var, gpu)
+    rt, ct = _cdiv(B, fc.block_b), _cdiv(C, fc.block_n)
+    s = waves.plan_splits(rt, ct, fslots)
+    t = _cdiv(ct, s)
+    logits = rt * fc.block_b * ct * fc.block_n               # padded tiles
+    d_pad = _cdiv(D, fc.block_d) * fc.block_d
+    fwd = Launch(
+        "fwd (S = F·Wᵀ, ‖W‖² per row tile, online softmax)", grid=rt * s, **focc,
+        tc_flops=2 * logits * d_pad * mult, unit=unit,
+        alu_flops=EPILOGUE_FWD * logits + 2 * rt * ct * fc.block_n * d_pad, exps=logits,
+        l2=ct * Fb + rt * W + s * B * ROW_BYTES_FWD + 3 * s * B * 4,
+        hbm=_w_from_hbm(_split_grid_w(rt, s, 1, t, fc.block_n, C, D, e, fslots), W, gpu)
+        + Fb + B * ROW_BYTES_FWD + 3 * s * B * 4,
+        reuse_set=min(rt * fc.block_b, fslots * fc.block_b) * D * e + fslots * fc.block_n * D * e,
+        note=f"{fc.block_b}×{fc.block_n}×{fc.block_d}, {s} split(s); F read per column tile "
+             f"({ct}), W per row tile ({rt})")
+    mc, mocc, _ = _triton_kernel("merge", var, gpu)
+    merge = Launch("merge (splits → lse_neg, dot_y)", grid=_cdiv(B, mc.block_b), **mocc,
+                   exps=s * B, alu_flops=6 * s * B, l2=3 * s * B * 4 + 2 * B * 4,
+                   hbm=3 * s * B * 4 + 2 * B * 4)
 
-def _bwd_dw(B: int, C: int, D: int, e: int, unit: str, mult: int, cfg, gpu: GPU) -> Launch:
-    regs, smem, d_split, staged = _design_figures(cfg, cfg.block_n, D, e, gpu)
-    threads = 32 * cfg.num_warps
-    nt, rt = _cdiv(C, cfg.block_n), _cdiv(B, cfg.block_b)
-    pad = rt * cfg.block_b * nt * cfg.block_n * D
-    W, Fb = C * D * e, B * D * e
-    rows = 3 * B * 4 * nt * d_split                # lse, grad_lse, scale per class tile
-    w_reads = (W if staged else rt * W + W) * d_split     # + the epilogue's re-read when chunked
-    f_reads = (1 if staged else 2) * nt * Fb * d_split
-    return Launch(
-        "bwd_dw (recompute + G = ddᵀ·F + Jacobian)", grid=nt * d_split, threads=threads,
-        regs=regs, smem=smem, tc_flops=(2 * d_split + 2) * pad * mult, unit=unit,
-        alu_flops=EPILOGUE_BWD * B * C * d_split + 6 * C * D, exps=B * C * d_split,
-        l2=w_reads + f_reads + rows + C * 4 * (1 if staged else rt) + W,
-        hbm=W + Fb + C * 4 + 3 * B * 4 + W,
-        note=f"{cfg.block_n} classes × {cfg.block_b} rows, D {'staged' if staged else 'chunked'}"
-             f"{f', D split {d_split}×' if d_split > 1 else ''}; F read once per class tile "
-             f"({nt}); grad_W written once in W's dtype")
+    # backward: 1/‖W‖, then the two kernels, each recomputing S over the whole D per D chunk
+    nc, nocc, _ = _triton_kernel("norm", var, gpu)
+    norm = Launch("norm (1/‖W_r‖, C fp32)", grid=_cdiv(C, nc.block_n), **nocc,
+                  alu_flops=2 * C * D, l2=W + C * 4, hbm=W + C * 4)
+
+    dc, docc, dslots = _triton_kernel("bwd_df", var, gpu)
+    do = waves.d_chunk(dc.block_do, D)
+    q = _cdiv(D, do)
+    rt, ct = _cdiv(B, dc.block_b), _cdiv(C, dc.block_n)
+    sd = waves.plan_splits(rt, ct, dslots, q)
+    t = _cdiv(ct, sd)
+    logits = rt * dc.block_b * ct * dc.block_n
+    d_pad = _cdiv(D, dc.block_d) * dc.block_d
+    w_regions = _split_grid_w(rt, sd, q, t, dc.block_n, C, D, e, dslots)
+    bwd_df = Launch(
+        "bwd_df (S recomputed, dF[:, chunk] = dd·Ŵ in registers)", grid=rt * sd * q, **docc,
+        tc_flops=2 * q * logits * (d_pad + do) * mult, unit=unit,
+        alu_flops=(EPILOGUE_BWD + (RESCALE_FP16_OPS if fp16 else 0)) * q * logits
+        + SCALE_OPS * rt * ct * dc.block_n * q * do, exps=q * logits,
+        l2=q * ct * Fb + (q + 1) * rt * W + 2 * q * rt * C * 4 + sd * q * B * ROW_BYTES_BWD
+        + sd * B * D * 4 + sd * B * 4,
+        hbm=_w_from_hbm(w_regions, W, gpu) + Fb + C * 4 + B * ROW_BYTES_BWD
+        + sd * B * D * 4 + sd * B * 4,
+        reuse_set=min(rt * dc.block_b, dslots * dc.block_b) * D * e + dslots * dc.block_n * D * e,
+        note=f"{dc.block_b}×{dc.block_n}×{dc.block_d}, BLOCK_DO {do}: {q} D chunk(s) × {sd} "
+             f"split(s); F read per column tile and chunk, W (q + 1)× per row tile ({rt})")
+
+    wc, wocc, wslots = _triton_kernel("bwd_dw", var, gpu)
+    do = waves.d_chunk(wc.block_do, D)
+    q = _cdiv(D, do)
+    nt, rt = _cdiv(C, wc.block_n), _cdiv(B, wc.block_b)
+    logits = rt * wc.block_b * nt * wc.block_n
+    d_pad = _cdiv(D, wc.block_d) * wc.block_d
+    # a class tile's q chunk programs are nt apart in launch order: in q different waves once
+    # nt ≥ the resident programs, each streaming the tile's W rows from HBM again
+    regions = [(W, q)] if nt >= wslots else [
+        (min(wc.block_n, C - n * wc.block_n) * D * e,
+         _waves_touching([n + nt * c for c in range(q)], 1, wslots)) for n in range(nt)]
+    bwd_dw = Launch(
+        "bwd_dw (S recomputed, G[:, chunk] = ddᵀ·F in registers, Jacobian)", grid=nt * q, **wocc,
+        tc_flops=2 * q * logits * (d_pad + do) * mult, unit=unit,
+        alu_flops=(EPILOGUE_BWD + (RESCALE_FP16_OPS if fp16 else 0)) * q * logits
+        + JACOBIAN_OPS * C * D, exps=q * logits,
+        l2=(q + 1) * nt * Fb + (q * rt + 1) * W + (q * rt + q) * C * 4
+        + nt * q * B * ROW_BYTES_BWD + W,
+        hbm=_w_from_hbm(regions, W, gpu) + Fb + C * 4 + B * ROW_BYTES_BWD + W,
+        reuse_set=Fb + wslots * wc.block_n * D * e,
+        note=f"{wc.block_n}×{wc.block_b}×{wc.block_d}, BLOCK_DO {do}: {nt} class tiles × {q} D "
+             f"chunk(s); F read (q + 1)× per class tile, W q× per row tile ({rt}); grad_W "
+             "stored once in W's dtype")
+
+    out = [Launch("forward: torch fills (lse_neg = −inf, dot_y = 0)", count=2, l2=2 * B * 4,
+                  hbm=2 * B * 4),
+           fwd, merge,
+           Launch("backward: torch zeros (grad_f, grad_scale)", count=2, l2=Fb + B * 4,
+                  hbm=Fb + B * 4),
+           norm, bwd_df, bwd_dw,
+           Launch("backward: torch sum of the dF / grad_scale partials over splits", count=2,
+                  l2=sd * B * (D + 1) * 4 + B * (D + 1) * 4, hbm=sd * B * (D + 1) * 4 + B * (D + 1) * 4,
+                  alu_flops=sd * B * (D + 1))]
+    if e != 4:
+        out.append(Launch(f"backward: dF .to({dtype})", l2=B * D * 4 + Fb, hbm=B * D * 4 + Fb))
+    return out
 
 
 def _limits(gpu: GPU) -> waves.SMLimits:
     return waves.SMLimits(regs=gpu.regs_per_sm, threads=gpu.max_threads_per_sm,
                           smem=gpu.smem_per_sm, ctas=gpu.max_ctas_per_sm)
-
-
-def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
-    """The Triton design's launches of an ArcFace step (weight normalisation on; no bias,
-    class_index or hard negatives; K = 1; W in the features' dtype, 16-byte aligned)."""
-    e = ELT[dtype]
-    var = "fp32" if dtype == "float32" else "half"
-    unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # fp32: 3×TF32 products
-    design = TRITON_DESIGN[var]
-    fwd, s = _fwd(B, C, D, e, unit, mult, design["fwd"], gpu)
-    mcfg = configs.default("merge", var)
-    small = lambda name: dict(zip(("regs", "smem"), SMALL_FIGURES[name]))  # noqa: E731
-    part = s * B * (4 * 4 + D * 4)
-    merged = B * (4 * 4 + D * 4)
-    ncfg = configs.default("norm", var)
-    return [
-        Launch("norm (1/‖W_r‖, kept for the backward)", grid=_cdiv(C, ncfg.block_n),
-               threads=32 * ncfg.num_warps, alu_flops=2 * C * D, l2=C * D * e + C * 4,
-               hbm=C * D * e + C * 4, **small("norm")),
-        fwd,
-        Launch("merge (splits → lse_neg, dot_y, u, σ)", grid=_cdiv(B, mcfg.block_b) * _cdiv(D, 64),
-               threads=32 * mcfg.num_warps, exps=s * B, alu_flops=3 * s * B * D,
-               l2=part + merged, hbm=part + merged, note="row blocks × 64-wide D chunks",
-               **small("merge")),
-        Launch("torch: grad_f = grad_lse·u + grad_dot·ŵ_y, grad_scale", count=3,
-               alu_flops=4 * B * D, l2=B * D * (4 + 2 * e) + B * 12, hbm=B * D * (4 + 2 * e) + B * 12),
-        _bwd_dw(B, C, D, e, unit, mult, design["bwd_dw"], gpu),
-    ]
 
 
 # torch's default for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32 = False): the ``cuda``
@@ -377,7 +402,7 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
     e = ELT[dtype]
     nc, S = cuda_plan(B, C, D, dtype, gpu)
     n = _cdiv(C, nc)
-    widths = [nc] * (n - 1) + [C - (n - 1) * nc]
+    widths = ((nc, n - 1), (C - (n - 1) * nc, 1))   # (chunk width, chunks of that width)
     unit = "bf16" if e == 2 else ("tf32" if CUDA_FP32_TF32 else "fp32")
     dd_e = 4 if e == 4 else e                 # DD: fp32 (over T) or the 16-bit dtype
     W, Fb, T = C * D * e, B * D * e, B * C * 4
@@ -390,8 +415,9 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
 
     def gemm(name: str, m, k, cols, ea: int, eb: int, accumulate: bool, hbm: float) -> Launch:
         """Σ over chunks of (m × cols) = (m × k)(k × cols); m, k, cols map a chunk width to a size."""
-        l2 = sum(m(w) * k(w) * ea * _cdiv(cols(w), 128) + k(w) * cols(w) * eb * _cdiv(m(w), 128)
-                 + m(w) * cols(w) * 4 * (2 if accumulate else 1) for w in widths)
+        l2 = sum(count * (m(w) * k(w) * ea * _cdiv(cols(w), 128)
+                          + k(w) * cols(w) * eb * _cdiv(m(w), 128)
+                          + m(w) * cols(w) * 4 * (2 if accumulate else 1)) for w, count in widths)
         return Launch(name, count=n, tc_flops=2 * B * C * D, unit=unit, l2=l2, hbm=hbm)
 
     def norms(phase: str) -> Launch:
@@ -438,7 +464,7 @@ def naive_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]
     the target column, F.cross_entropy; every B×C tensor goes through HBM (B·C·e ≫ L2)."""
     e = ELT[dtype]
     BC, W, Fb = B * C, C * D * e, B * D * e
-    unit = "tf32" if dtype == "float32" else "bf16"
+    unit = "bf16" if e == 2 else ("tf32" if CUDA_FP32_TF32 else "fp32")   # torch's matmul default
     cols = lambda n: BC * n   # noqa: E731 - bytes of n B×C passes
 
     def ew(name, reads, writes, exps=0.0, count=1):
@@ -475,19 +501,62 @@ def auto_backend(dtype: str, gpu: GPU | None = None, shape: tuple[int, int, int]
                  ) -> tuple[str, str]:
     """(backend, why) ``backend="auto"`` picks on CUDA tensors of ``gpu`` (marginops.core
     ``_resolve``): the measured-fastest from ``make gpu-check``'s table for this arch / dtype /
-    shape when the marginops cache has one (marginops/backend_table.py), else the static order:
-    triton when Triton is installed, else the cuda extension."""
-    if gpu is not None and shape is not None:
-        from marginops import backend_table
+    shape when the marginops cache has one, else this model's pick at the shape's power-of-two
+    bucket (backend_table.MODEL_PICKS, from ``static_picks``), else triton, then cuda; triton only
+    when Triton is installed."""
+    from marginops import backend_table
 
-        picked = backend_table.choose(f"{gpu.arch // 10}.{gpu.arch % 10}", dtype, *shape)
-        if picked in ("triton", "cuda"):
-            return picked, f"measured fastest ({backend_table.table_path()})"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "cuda", "static order: Triton not installed"
-    return "triton", "static order (no gpu-check table for this arch and dtype)"
+    picked, why = None, "static order (no measurement, no model for this arch and dtype)"
+    if gpu is not None and shape is not None:
+        arch = f"{gpu.arch // 10}.{gpu.arch % 10}"
+        picked = backend_table.choose(arch, dtype, *shape)
+        why = f"measured fastest ({backend_table.table_path()})"
+        if picked is None:
+            picked = backend_table.static_choice(arch, dtype, *shape)
+            gpu_name = backend_table.MODEL_GPUS.get(gpu.arch // 10, "?")
+            why = (f"the model's faster on {gpu_name} at the power-of-two bucket of this shape, "
+                   "no gpu-check table")
+    picked = picked or "triton"
+    if picked == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "cuda", "Triton not installed"
+    return picked, why
+
+
+def static_picks() -> dict[tuple[str, str], dict[int, str]]:
+    """backend_table.MODEL_PICKS as this model computes it: per modelled GPU, dtype and D, one
+    character per (B, C) of its grid (B-major), "t" where triton is predicted faster, else "c"."""
+    from marginops import backend_table as bt
+
+    out = {}
+    for gpu in bt.MODEL_GPUS.values():
+        for dtype in ELT:
+            out[gpu, dtype] = {
+                D: "".join("t" if model(B, C, D, dtype, gpu, "triton")[2]
+                           < model(B, C, D, dtype, gpu, "cuda")[2] else "c"
+                           for B in bt.MODEL_B for C in bt.MODEL_C)
+                for D in bt.MODEL_D}
+    return out
+
+
+def static_picks_source() -> str:
+    """``static_picks()`` as the Python source of backend_table.MODEL_PICKS."""
+    from marginops import backend_table as bt
+
+    n = len(bt.MODEL_C)
+    lines = ["MODEL_PICKS: dict[tuple[str, str], dict[int, str]] = {"]
+    for (gpu, dtype), by_d in static_picks().items():
+        lines.append(f'    ("{gpu}", "{dtype}"): {{')
+        for D, row in by_d.items():
+            groups = [f'"{row[i:i + n]}"' for i in range(0, len(row), n)]
+            head = f"        {D}: ("
+            lines.append(head + " ".join(groups[:5]))
+            lines.append(" " * len(head) + " ".join(groups[5:]) + "),")
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def model(B: int, C: int, D: int, dtype: str, gpu: GPU | str, backend: str = "auto"
@@ -543,10 +612,15 @@ def report(B: int, C: int, D: int, dtype: str, gpu: str, backend: str = "auto") 
              f"— {g.source}",
              "", table(launches), ""]
     if used == "triton":
-        _note("triton: the kernels of issue 12's design (TRITON_DESIGN); their registers and "
-              "shared memory are the design's estimates, not AOT figures: the kernels are not in "
-              "this checkout")
-    lines += [f"note: {n}" for n in _NOTES]
+        lines.append("note: triton: marginops/triton/margin_lse.py's kernels as merged, default "
+                     "tiles; registers and shared memory from waves.AOT_FIGURES (heaviest "
+                     "specialisation)")
+    top = sorted(launches, key=lambda la: -la.out["seconds"])[:3]
+    lines.append("largest: " + "; ".join(
+        f"{la.name.split(' (')[0]} {la.out['seconds'] * 1e3:.1f} ms ({la.out['bound']}-bound)"
+        for la in top))
+    met = "met" if fraction >= TARGET else "NOT met"
+    lines.append(f"target: ≥ {TARGET} of peak (issue 12) — {met} on this model ({fraction:.3f})")
     lines.append(f"useful work 8·B·C·D = {8 * B * C * D / 1e12:.2f} TFLOP")
     lines.append(f"predicted: {seconds * 1e3:.3f} ms, {fraction:.3f} of peak")
     return "\n".join(lines)
@@ -555,12 +629,20 @@ def report(B: int, C: int, D: int, dtype: str, gpu: str, backend: str = "auto") 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--classes", type=int, required=True)
-    p.add_argument("--dim", type=int, required=True)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--classes", type=int)
+    p.add_argument("--dim", type=int)
     p.add_argument("--dtype", choices=sorted(ELT), default="bfloat16")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--static-picks", action="store_true",
+                   help="print marginops/backend_table.py's MODEL_PICKS as this model computes it")
     args = p.parse_args(argv)
+    if args.static_picks:
+        print(static_picks_source())
+        return 0
+    missing = [f"--{n}" for n in ("batch", "classes", "dim") if getattr(args, n) is None]
+    if missing:
+        p.error(f"{', '.join(missing)} required (or --static-picks)")
     print(report(args.batch, args.classes, args.dim, args.dtype, args.gpu, args.backend))
     return 0
 

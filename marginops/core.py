@@ -67,11 +67,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
                     shape: tuple | None = None) -> str:
     """``"auto"``: on CUDA tensors the measured-fastest of triton and cuda for this GPU, dtype and
     ``shape`` = (B, C, D) when ``make gpu-check`` has written its table (marginops/backend_table.py),
-    else triton, then cuda (what the performance model predicts faster), then torch (fp64 goes to
-    torch: the GPU kernels have no fp64 path); cpp, then torch on CPU."""
+    else the one the performance model predicts faster at the shape's power-of-two bucket
+    (backend_table.static_choice), the other next, then torch (fp64 goes to torch: the GPU kernels
+    have no fp64 path; a GPU the model has no figures for: triton, cuda, torch); cpp, then torch
+    on CPU."""
     sizes = (None, None, None)
     if shape is not None and device.type == "cuda":
-        # symbolic sizes (torch.compile, dynamic shapes) are not looked up: they match any
+        # symbolic sizes (torch.compile, dynamic shapes) are not looked up: they match any table
+        # entry, and the model's pick takes backend_table.MODEL_SHAPE's size
         sizes = tuple(n if type(n) is int else None for n in shape)
     return _resolve(backend, device.type, dtype == torch.float64, str(dtype).split(".")[-1],
                     device.index, *sizes)
@@ -103,7 +106,10 @@ def _resolve(backend: str, device_type: str, fp64: bool, dtype: str = "float32",
         elif device.type == "cuda":
             from . import backend_table
 
-            fastest = backend_table.choose(_cuda_arch(index), dtype, B, C, D)
+            # measured by gpu-check, else the performance model's pick for the shape's bucket
+            arch = _cuda_arch(index)
+            fastest = (backend_table.choose(arch, dtype, B, C, D)
+                       or backend_table.static_choice(arch, dtype, B, C, D))
             if fastest is not None:
                 order = (fastest, *(name for name in order if name != fastest))
         return next(name for name in order if _backend_available(name, device_type) is None)

@@ -80,10 +80,13 @@ def test_unreadable_table_is_ignored_with_a_warning(tmp_path):
 
 
 def test_auto_follows_the_table(cuda_like):
-    assert _auto((4096, 1_000_000, 512)) == "triton"               # no table: static order
-    bt.write(bt.table_path(), [_entry("cuda")])
-    assert _auto((4096, 1_000_000, 512)) == "cuda"                 # measured faster
-    assert _auto((4096, 1_000_000, 512), torch.float16) == "triton"   # not measured in fp16
+    # no table: the model's pick at the bucket (benchmarks/model.py predicts cuda faster at
+    # D = 512 on the H100, triton at D = 128: tests/test_model.py checks MODEL_PICKS against it)
+    assert _auto((4096, 1_000_000, 512)) == "cuda"
+    assert _auto((4096, 1_000_000, 128)) == "triton"
+    bt.write(bt.table_path(), [_entry("triton")])
+    assert _auto((4096, 1_000_000, 512)) == "triton"               # measured faster: wins
+    assert _auto((4096, 1_000_000, 512), torch.float16) == "cuda"  # not measured in fp16: model
     assert _auto((4096, 1_000_000, 512), torch.float64) == "torch"    # no GPU kernel for fp64
     # explicit choices are never overridden
     assert core.resolve_backend("triton", torch.device("cuda", 0), torch.bfloat16,
@@ -96,14 +99,50 @@ def test_auto_skips_a_measured_backend_that_cannot_run(cuda_like):
     assert _auto((4096, 1_000_000, 512)) == "triton"
 
 
+def test_auto_skips_the_models_pick_when_it_cannot_run(cuda_like):
+    cuda_like["cuda"] = "the extension was built without CUDA"
+    assert _auto((4096, 1_000_000, 512)) == "triton"
+    cuda_like["cuda"], cuda_like["triton"] = None, "Triton is not installed"
+    assert _auto((4096, 1_000_000, 128)) == "cuda"
+
+
+def test_static_choice_by_shape_bucket():
+    """The model's picks (MODEL_PICKS) looked up by the shape's power-of-two bucket, clamped to
+    the grid; unknown sizes take MODEL_SHAPE's; sm_8x reads the A100 picks, sm_9x the H100's; an
+    arch or dtype without a model gives None (core falls back to triton, then cuda)."""
+    grid = bt.MODEL_PICKS["h100", "bfloat16"]
+    i = bt.MODEL_B.index(4096) * len(bt.MODEL_C) + bt.MODEL_C.index(1 << 20)
+    assert grid[512][i] == "c" and grid[128][i] == "t"
+    assert bt.static_choice("9.0", "bfloat16", 3000, 1_000_000, 512) == "cuda"
+    assert bt.static_choice("9.0", "bfloat16", 3000, 1_000_000, 100) == "triton"   # D → 128
+    assert bt.static_choice("9.0", "bfloat16", None, None, None) == "cuda"    # MODEL_SHAPE
+    assert bt.static_choice("9.0", "bfloat16", None, None, 128) == "triton"
+    # clamped: B = 8 → 256, C = 10^9 → 2^24, D = 4096 → 1024
+    last = bt.MODEL_PICKS["a100", "float32"]
+    assert bt.static_choice("8.6", "float32", 8, 10**9, 4096) == {"t": "triton", "c": "cuda"}[
+        last[1024][len(bt.MODEL_C) - 1]]
+    # A100 fp32 at D = 512: cuda's fp32 GEMMs run on the CUDA cores (torch's default), triton's
+    # on 3×TF32: triton is modelled faster there
+    assert bt.static_choice("8.0", "float32", 4096, 1_000_000, 512) == "triton"
+    assert bt.static_choice("10.0", "bfloat16", 4096, 1_000_000, 512) is None
+    assert bt.static_choice("9.0", "float64", 4096, 1_000_000, 512) is None
+
+
+def test_unmodelled_arch_keeps_the_static_order(cuda_like, monkeypatch):
+    monkeypatch.setattr(core, "_cuda_arch", lambda index: "12.0")
+    assert _auto((4096, 1_000_000, 512)) == "triton"
+
+
 def test_symbolic_sizes_match_any_entry(cuda_like):
     """Under torch.compile with dynamic shapes the sizes are SymInts: not looked up (no guard,
-    no specialisation), the arch and dtype still select the table's entries."""
-    bt.write(bt.table_path(), [_entry("cuda")])
+    no specialisation), the arch and dtype still select the table's entries; without a table the
+    model's pick takes MODEL_SHAPE's size for them."""
 
     class Sym:   # stands for a SymInt: not a Python int
         pass
 
+    assert _auto((Sym(), 1_000_000, 128)) == "triton"
+    bt.write(bt.table_path(), [_entry("cuda")])
     assert _auto((Sym(), 1_000_000, 512)) == "cuda"
 
 
@@ -174,7 +213,8 @@ def test_model_stage_tabulates_and_writes_the_measured_winners(tmp_path, monkeyp
     assert all(set(e["model_ms"]) == {"triton", "cuda"} for e in table["entries"])
     text = (tmp_path / "model-vs-measured.md").read_text()
     assert "| bfloat16 B=1024 C=100K D=512 | marginops cuda |" in text
-    assert "| bfloat16 B=4096 C=100K D=512 | triton | not measured | triton (static order) |" in text
+    # not measured: the model's pick (cuda at D = 512 on the H100, benchmarks/model.py)
+    assert "| bfloat16 B=4096 C=100K D=512 | cuda | not measured | cuda (model) |" in text
     assert not (tmp_path / "cache").exists()
 
 

@@ -329,14 +329,15 @@ def test_flags_off_variant(kernel, arch):
 
 def static_table() -> str:
     """Markdown table of the static figures (benchmarks/README.md, "Triton static figures")."""
-    lines = ["| kernel | variant | config (B×N×D, warps, stages) | dtype f/w | sm | regs "
+    lines = ["| kernel | variant | config (B×N×D, warps, stages[, BLOCK_DO]) | dtype f/w | sm | regs "
              "| smem (KB) | spills (stack B) | wgmma |", "|---|---|---|---|---|---|---|---|---|"]
     for p in _cases():
         kernel, var, cfg, fdt, wdt, arch, kc, al = p.values
         s = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=kc, aligned=al)
+        do = f", {cfg.block_do}" if cfg.block_do else ""   # backward kernels: the D chunk
         lines.append(
             f"| {kernel} | {var} | {cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {cfg.num_warps}, "
-            f"{cfg.num_stages} | {fdt}/{wdt} | {arch} | {s['regs']} | {s['shared'] / 1024:.1f} "
+            f"{cfg.num_stages}{do} | {fdt}/{wdt} | {arch} | {s['regs']} | {s['shared'] / 1024:.1f} "
             f"| {s['stack']} | {'yes' if s['wgmma'] else 'no'} |")
     return "\n".join(lines)
 

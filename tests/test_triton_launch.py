@@ -170,13 +170,19 @@ def _programs_per_sm(cfg, arch: int, kernel: str, variant: str) -> int:
     return max(1, min(2048 // (32 * warps), by_regs, by_smem, 32))
 
 
+# D of the feature-gradient grids checked: aligned D (tables "half", "fp32", "_sub") and D not a
+# multiple of 16 ("_unaligned"): q = ceil(D / BLOCK_DO) D chunks per row tile and split
+GRID_DIMS = {True: (64, 128, 256, 512, 1024), False: (100, 500, 1000)}
+
+
 @pytest.mark.parametrize("gpu", sorted(GPUS))
 def test_split_grids_are_whole_waves(monkeypatch, gpu):
     """For every configuration the launcher can pick (every variant, default and autotune) of the
     row-tile × split kernels, B ≥ 1024 and C from 100K to 10M classes: the grid the launcher plans
     wastes < 10 % of the GPU's program slots. Efficiency = useful column-tile steps / (waves ×
     slots × the longest program's steps): a partial last wave and a short last split both count
-    as idle."""
+    as idle. The feature-gradient grid is row tiles × splits × D chunks: every D chunk's program
+    walks its split's columns, so the chunks count as programs (D from GRID_DIMS)."""
     from marginops.triton import configs
 
     n_sm, major, minor = GPUS[gpu]
@@ -185,18 +191,22 @@ def test_split_grids_are_whole_waves(monkeypatch, gpu):
     worst = (1.0, None)
     for var in configs.VARIANTS:
         for kernel in SPLIT_KERNELS:
+            dims = GRID_DIMS[not var.endswith("_unaligned")] if kernel == "bwd_df" else (None,)
             for cfg in configs.gpu_configs(kernel, var):
                 slots = n_sm * _programs_per_sm(cfg, 10 * major + minor, kernel, var)
-                for B in (1024, 1025, 1536, 2000, 3000, 4096, 5000, 8192, 12288, 16384, 65536):
-                    for C in (100_000, 123_457, 1_000_000, 4_000_000, 10_000_000):
-                        splits, cps = ml._split_columns(B, C, cfg, device, kernel, var)
-                        rt, ct = -(-B // cfg.block_b), -(-C // cfg.block_n)
-                        per_split = cps // cfg.block_n
-                        assert cps % cfg.block_n == 0 and (splits - 1) * per_split < ct
-                        waves = -(-(rt * splits) // slots)
-                        eff = rt * ct / (waves * slots * per_split)
-                        if eff < worst[0]:
-                            worst = (eff, (kernel, var, cfg, B, C, splits))
+                for D in dims:
+                    q = -(-D // ml._d_chunk(cfg, D)) if D else 1
+                    for B in (1024, 1025, 1536, 2000, 3000, 4096, 5000, 8192, 12288, 16384,
+                              65536):
+                        for C in (100_000, 123_457, 1_000_000, 4_000_000, 10_000_000):
+                            splits, cps = ml._split_columns(B, C, cfg, device, kernel, var, q)
+                            rt, ct = -(-B // cfg.block_b), -(-C // cfg.block_n)
+                            per_split = cps // cfg.block_n
+                            assert cps % cfg.block_n == 0 and (splits - 1) * per_split < ct
+                            waves = -(-(rt * q * splits) // slots)
+                            eff = rt * q * ct / (waves * slots * per_split)
+                            if eff < worst[0]:
+                                worst = (eff, (kernel, var, cfg, D, B, C, splits))
     assert worst[0] >= 0.90, f"wave efficiency {worst[0]:.1%} at {worst[1]}"
 
 
@@ -214,6 +224,27 @@ def test_split_plan_examples():
     assert waves.plan_splits(1, 8, 132) == 2
 
 
+def test_feature_gradient_plan_counts_its_d_chunks(monkeypatch):
+    """The dF grid is row tiles × splits × D chunks. H100, half precision, D = 512 (BLOCK_DO =
+    256: 2 chunks), B = 1024 (16 row tiles of 64), C = 1M (31250 column tiles of 32), one program
+    per SM (204 registers × 8 warps): 4 splits give 16·4·2 = 128 programs, one wave at
+    16·2·31250 / (132·7813) = 97 %, and 1–3 splits do not reach 95 % (32, 64, 96 programs).
+    Counting row tiles only planned 8 splits: 256 programs in two waves, twice the partials."""
+    from marginops.triton import configs, waves
+
+    _fake_cuda(monkeypatch, 132, 9, 0)
+    cfg = configs.default("bwd_df", "half")
+    assert ml._d_chunk(cfg, 512) == 256 and waves.slots(cfg, 132, 90, None, "bwd_df", "half") == 132
+    splits, cps = ml._split_columns(1024, 1_000_000, cfg, torch.device("cuda", 0), "bwd_df",
+                                    "half", 2)
+    assert (splits, cps) == (4, 7813 * 32)
+    assert waves.efficiency(16, 31250, 4, 132, 2) == pytest.approx(16 * 2 * 31250 / (132 * 7813))
+    assert all(waves.efficiency(16, 31250, s, 132, 2) < waves.TARGET for s in (1, 2, 3))
+    # one D chunk (D ≤ 256): the forward's rule, 8 splits of 16 row tiles
+    assert ml._split_columns(1024, 1_000_000, cfg, torch.device("cuda", 0), "bwd_df", "half",
+                             1)[0] == 8
+
+
 def test_forced_splits_and_the_interpreter_rule(monkeypatch):
     from marginops.triton import configs
 
@@ -224,35 +255,46 @@ def test_forced_splits_and_the_interpreter_rule(monkeypatch):
     assert ml._split_columns(4096, 1_000_000, cfg, torch.device("cpu"))[0] == 2
 
 
+FIGURE_KERNELS = (*SPLIT_KERNELS, "bwd_dw", "merge", "norm")   # the kernels of waves.AOT_FIGURES
+
+
+def aot_figures(kernel: str, var: str, cfg, arch: int) -> dict:
+    """A fresh AOT compile of ``cfg`` in the heaviest specialisation ``var`` launches with
+    (tests/test_triton_aot.py's recipe: every option flag on; bf16 / fp32 inputs; K = 1 as a
+    constant unless sub-centers; unaligned D and strides for the ``_unaligned`` variants)."""
+    import test_triton_aot as aot
+
+    base = var.split("_")[0]
+    aligned = not var.endswith("_unaligned")
+    k_const = aligned and not var.endswith("_sub")
+    fdt, wdt = ("fp32", "fp32") if base == "fp32" else ("bf16", "bf16")
+    if kernel == "merge":   # fp32 partials only, no K, no D
+        fdt, wdt, k_const, aligned = "fp32", "fp32", True, True
+    return aot.compile_stats(kernel, cfg, fdt, wdt, arch, True, k_const, aligned)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                     reason="AOT compilation needs compiled-mode kernels (run without "
                            "TRITON_INTERPRET)")
 def test_aot_figures_give_the_compiled_occupancy():
-    """waves.AOT_FIGURES must give every GPU configuration of the split and weight-gradient
-    kernels the programs per SM its fresh AOT compile (tests/test_triton_aot.py's recipe, heaviest
-    specialisation) gives. When a kernel or configuration changes, the failure lists the entries to
-    write into AOT_FIGURES."""
-    import test_triton_aot as aot
-
+    """Every GPU configuration of the split, weight-gradient, merge and norm kernels (default and
+    autotune, every variant) has a waves.AOT_FIGURES entry, and the entry gives the programs per
+    SM its fresh AOT compile gives (``aot_figures``). When a kernel or configuration changes, the
+    failure lists the entries to write into AOT_FIGURES."""
     from marginops.triton import configs, waves
 
     wrong = []
-    for var in configs.VARIANTS:
-        base = var.split("_")[0]
-        aligned = not var.endswith("_unaligned")
-        k_const = aligned and not var.endswith("_sub")
-        fdt, wdt = ("fp32", "fp32") if base == "fp32" else ("bf16", "bf16")
-        for kernel in (*SPLIT_KERNELS, "bwd_dw"):
+    for kernel in FIGURE_KERNELS:
+        for var in configs.VARIANTS:
             for cfg in configs.gpu_configs(kernel, var):
                 for arch in (80, 90):
-                    st = aot.compile_stats(kernel, cfg, fdt, wdt, arch, True, k_const, aligned)
+                    st = aot_figures(kernel, var, cfg, arch)
+                    key = waves.figure_key(kernel, var, arch, cfg)
                     limits = waves.ARCH_LIMITS[arch]
                     threads = 32 * cfg.num_warps
                     want = waves.ctas_per_sm(st["regs"], st["shared"], threads, limits)
-                    have = waves.ctas_per_sm(*waves.figures(arch, cfg, kernel, var), threads,
+                    have = waves.ctas_per_sm(*waves.AOT_FIGURES.get(key, (255, 0)), threads,
                                              limits)
-                    if want != have:
-                        key = (kernel, var, arch, cfg.block_b, cfg.block_n, cfg.block_d,
-                               cfg.num_warps, cfg.num_stages)
+                    if key not in waves.AOT_FIGURES or want != have:
                         wrong.append(f"{key}: ({st['regs']}, {st['shared']}),")
-    assert not wrong, "stale waves.AOT_FIGURES entries:\n" + "\n".join(wrong)
+    assert not wrong, "missing or stale waves.AOT_FIGURES entries:\n" + "\n".join(wrong)

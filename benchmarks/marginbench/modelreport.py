@@ -87,9 +87,13 @@ def side_by_side(points: list[tuple[str, int, int, int]], rows: list[dict], gpu:
                  arch: str) -> tuple[str, list[dict]]:
     """(markdown table, backend-table entries) for the ArcFace step at ``points`` = (dtype, B, C,
     D): per backend the model's prediction on ``gpu`` (a benchmarks/model.py key) beside the
-    measured median; per point the model's pick and the measured-fastest of triton / cuda. An
-    entry (marginops/backend_table.py) is written for every point where one of them ran."""
+    measured median; per point the model's pick, the measured-fastest of triton / cuda and what
+    ``auto`` will pick (the measured-fastest, else backend_table.static_choice: the model's pick
+    at the shape's bucket). An entry (marginops/backend_table.py) is written for every point where
+    one of them ran."""
     import model as perfmodel
+
+    from marginops import backend_table
 
     ms = measured_ms(rows)
     lines = [f"## Model ({perfmodel.GPUS[gpu].name}) vs measurement, ArcFace forward+backward",
@@ -111,8 +115,9 @@ def side_by_side(points: list[tuple[str, int, int, int]], rows: list[dict], gpu:
         timed = {p: ms[(dtype, B, C, D, p)] for p in ("triton", "cuda")
                  if (dtype, B, C, D, p) in ms}
         fastest = min(timed, key=timed.get) if timed else None
+        unmeasured = f"{backend_table.static_choice(arch, dtype, B, C, D) or 'triton'} (model)"
         picks.append(f"| {label} | {by_model} | {fastest or 'not measured'} "
-                     f"| {fastest or 'triton (static order)'} |")
+                     f"| {fastest or unmeasured} |")
         if fastest:
             entries.append(dict(arch=arch, dtype=dtype, B=B, C=C, D=D, backend=fastest,
                                 source="measured", ms=timed,

@@ -90,12 +90,14 @@ def _config(kernel: str, a: _Args) -> configs.KernelConfig:
 
 
 def _split_columns(B: int, N: int, cfg: configs.KernelConfig, device, kernel: str | None = None,
-                   variant: str | None = None) -> tuple[int, int]:
-    """(splits, cols_per_split) of a row-tile × class-split grid: cols_per_split is a multiple of
-    BLOCK_N, every split non-empty. On a GPU the grid is planned in whole waves of the device's
-    SMs × the programs per SM of ``kernel`` in ``variant`` with ``cfg`` (waves.py; without them, the
-    most conservative figures of ``cfg``); ``configs.force(splits=...)`` pins the
-    count; the interpreter uses 2 splits (so its tests cross a split boundary)."""
+                   variant: str | None = None, d_chunks: int = 1) -> tuple[int, int]:
+    """(splits, cols_per_split) of a row-tile × class-split (× ``d_chunks`` D chunks: the
+    feature-gradient kernel) grid: cols_per_split is a multiple of BLOCK_N, every split
+    non-empty. On a GPU the grid is planned in whole waves of the device's SMs × the programs per
+    SM of ``kernel`` in ``variant`` with ``cfg`` (waves.py, counting all row tiles × splits ×
+    d_chunks programs; without kernel / variant, the most conservative figures of ``cfg``);
+    ``configs.force(splits=...)`` pins the count; the interpreter uses 2 splits (so its tests
+    cross a split boundary)."""
     row_tiles = triton.cdiv(B, cfg.block_b)
     col_tiles = max(triton.cdiv(N, cfg.block_n), 1)
     forced = configs.forced_splits()
@@ -106,8 +108,8 @@ def _split_columns(B: int, N: int, cfg: configs.KernelConfig, device, kernel: st
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         n_sm, arch, limits = _device_slots_info(index)
-        splits = waves.plan_splits(row_tiles, col_tiles, waves.slots(cfg, n_sm, arch, limits,
-                                                                  kernel, variant))
+        slots = waves.slots(cfg, n_sm, arch, limits, kernel, variant)
+        splits = waves.plan_splits(row_tiles, col_tiles, slots, d_chunks)
     tiles_per_split = triton.cdiv(col_tiles, splits)
     return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_n
 

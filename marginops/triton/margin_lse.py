@@ -91,7 +91,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops import register_core_autograd
-from . import configs
+from . import configs, waves
 from .launch import _config, _dot_precision, _pick, _split_columns, device_guard  # noqa: F401
 from .tiles import (  # noqa: F401  (NEG_INF, interpreting: part of this module's interface)
     _NEG_INF,
@@ -473,13 +473,14 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     norm_cfg = _config("norm", a)
     df_cfg = df_cfg or _config("bwd_df", a)
     dw_cfg = dw_cfg or _config("bwd_dw", a)
-    splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant)
+    df_do, dw_do = _d_chunk(df_cfg, a.D), _d_chunk(dw_cfg, a.D)
+    splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant,
+                                 triton.cdiv(a.D, df_do))
     inv = lse  # dummy pointer, never read without normalisation
     if a.normalize:  # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes need it per column
         inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
     # feature gradient and grad_scale: rows × splits × D chunks, partial buffers summed below;
     # every element is written exactly once (no zero-fill)
-    df_do, dw_do = _d_chunk(df_cfg, a.D), _d_chunk(dw_cfg, a.D)
     df = torch.empty((splits, a.B, a.D), dtype=torch.float32, device=dev)
     gs = torch.empty((splits, a.B), dtype=torch.float32, device=dev)
     # weight gradient and grad_bias: one program per (column tile, sub-center, D chunk), no
@@ -516,9 +517,9 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
 def _d_chunk(cfg: configs.KernelConfig, D: int) -> int:
     """D columns per program of a backward kernel (its register accumulator's width, BLOCK_DO):
     the configuration's ``block_do``, or the next power of two ≥ D (≥ 16, tl.dot's minimum)
-    when that is smaller — a padded accumulator wastes registers and tensor-core work."""
-    whole = max(16, triton.next_power_of_2(D))
-    return min(cfg.block_do, whole) if cfg.block_do else whole
+    when that is smaller — a padded accumulator wastes registers and tensor-core work
+    (waves.d_chunk, which benchmarks/model.py uses too)."""
+    return waves.d_chunk(cfg.block_do, D)
 
 
 def _meta(cfg: configs.KernelConfig, d_chunk: int) -> dict:

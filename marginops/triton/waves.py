@@ -3,25 +3,31 @@
 A launch of G programs, each resident on an SM with P programs per SM (its *occupancy*, from its
 registers and shared memory), runs on S SMs in ``ceil(G / (S·P))`` waves. When the last wave is
 partial, its empty slots idle while the longest programs finish. The launchers of fwd / bwd_df /
-topk choose the number of class splits s (grid = row tiles × s) so that
+topk choose the number of class splits s; the grid is rt × s programs (fwd, topk) or
+rt × s × q (bwd_df: q = ⌈D / BLOCK_DO⌉ D chunks, each chunk's program walking the same columns),
+so with r = rt·q "rows" of programs (q = 1 for fwd / topk)
 
     efficiency(s) = useful tile steps / (waves · slots · tile steps of the longest program)
-                  = rt·ct / (ceil(rt·s' / slots) · slots · t),   t = ceil(ct / s), s' = ceil(ct / t)
+                  = r·ct / (ceil(r·s' / slots) · slots · t),   t = ceil(ct / s), s' = ceil(ct / t)
 
 (rt row tiles, ct column tiles, slots = S·P; the last split may hold fewer than t column tiles,
 which counts as idle time too) is at least ``TARGET`` with the fewest splits (every split adds
 per-split partials: 3·B fp32 for the forward, B·D fp32 for the feature gradient), and at least
 ``MIN_TILES_PER_SPLIT`` column tiles per split. The previous rule (grid ≈ 2·S programs) gave
 69 % (B = 1024) to 81 % (B = 4096) on 132 SMs: e.g. B = 4096, 64-row tiles, 1 program per SM:
-64 × 5 = 320 programs = 2.42 waves of 132. Now: 64 × 2 = 128 programs, 97 %.
+64 × 5 = 320 programs = 2.42 waves of 132. Now: 64 × 2 = 128 programs, 97 %. The feature-gradient
+kernel at D = 512 in half precision (BLOCK_DO = 256: q = 2), B = 1024, C = 1M on 132 SMs: 16 row
+tiles × 4 splits × 2 chunks = 128 programs, one wave at 97 %; planning from the row tiles alone
+gave 8 splits — 256 programs, two waves at the same 97 %, and twice the fp32 partial feature
+gradient (8 × B × D × 4 = 16 MiB written, read and summed instead of 8 MiB).
 
 Occupancy comes from the ahead-of-time figures below (``triton.compile`` for sm_80 / sm_90, the
 heaviest specialisation, Triton 3.9: the recipe of tests/test_triton_aot.py) and the SM's limits,
 read once per device from ``torch.cuda.get_device_properties`` by the launcher, which passes the
 kernel and variant of each launch. A configuration missing from the table is assumed to use all
-255 registers (conservative: fewer programs per SM). ``tests/test_triton_launch.py`` checks the
-table's occupancy against a fresh AOT compile of every GPU configuration (default and autotune)
-of these kernels, and that the plan is ≥ 90 % efficient for B ≥ 1024 on 132 and 108 SMs.
+255 registers (conservative: fewer programs per SM). ``tests/test_triton_launch.py`` checks that
+every GPU configuration (default and autotune) of these kernels has an entry giving the occupancy
+a fresh AOT compile gives, and that the plan is ≥ 90 % efficient for B ≥ 1024 on 132 and 108 SMs.
 
 Nothing here imports torch or Triton: benchmarks/model.py plans its grids with the same code.
 """
@@ -50,68 +56,103 @@ class SMLimits:
 # sm_80 (A100: 164 KB shared per SM) and sm_90 (H100/H200: 228 KB); other archs use the nearest.
 ARCH_LIMITS = {80: SMLimits(smem=164 * 1024), 90: SMLimits(smem=228 * 1024)}
 
-# (kernel, variant, arch, BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages) ->
-# (registers per thread, shared bytes per CTA) of every GPU configuration (configs.gpu_configs) of
-# the row-tile × split kernels and the weight-gradient kernel, as tests/test_triton_aot.py compiles
-# them (heaviest specialisation; bf16 or fp32 inputs), Triton 3.9.
+# waves.figure_key(kernel, variant, arch, cfg) = (kernel, variant, arch, BLOCK_B, BLOCK_N, BLOCK_D,
+# num_warps, num_stages, BLOCK_DO) -> (registers per thread, shared bytes per CTA) of every GPU
+# configuration (configs.gpu_configs) of the row-tile × split kernels, the weight-gradient kernel
+# and the small merge / norm kernels, as tests/test_triton_launch.py compiles them (heaviest
+# specialisation; bf16 or fp32 inputs), Triton 3.9. BLOCK_DO is the configuration's backward
+# D chunk (0 for the other kernels): the launcher narrows it for D < BLOCK_DO, which needs fewer
+# registers than listed (conservative). Regenerate: the test's failure lists every entry.
 AOT_FIGURES: dict[tuple, tuple[int, int]] = {
-    ("fwd", "half", 80, 64, 64, 64, 4, 3): (248, 32768),
-    ("fwd", "half", 90, 64, 64, 64, 4, 3): (187, 40960),
-    ("fwd", "half", 80, 64, 128, 64, 8, 3): (242, 49152),
-    ("fwd", "half", 90, 64, 128, 64, 8, 3): (194, 57344),
-    ("fwd", "half", 80, 128, 64, 64, 8, 3): (239, 49152),
-    ("fwd", "half", 90, 128, 64, 64, 8, 3): (187, 65536),
-    ("fwd", "half_sub", 80, 64, 128, 64, 8, 3): (255, 49152),
-    ("fwd", "half_sub", 90, 64, 128, 64, 8, 3): (224, 57344),
-    ("fwd", "half_unaligned", 80, 32, 32, 32, 4, 1): (168, 4096),
-    ("fwd", "half_unaligned", 90, 32, 32, 32, 4, 1): (168, 4096),
-    ("fwd", "fp32", 80, 32, 64, 32, 4, 2): (234, 12288),
-    ("fwd", "fp32", 90, 32, 64, 32, 4, 2): (234, 12288),
-    ("fwd", "fp32_sub", 80, 32, 64, 32, 4, 2): (255, 12288),
-    ("fwd", "fp32_sub", 90, 32, 64, 32, 4, 2): (255, 12288),
-    ("fwd", "fp32_unaligned", 80, 16, 32, 32, 4, 1): (184, 4096),
-    ("fwd", "fp32_unaligned", 90, 16, 32, 32, 4, 1): (157, 4096),
-    ("bwd_df", "half", 80, 64, 64, 32, 4, 2): (251, 16384),
-    ("bwd_df", "half", 90, 64, 64, 32, 4, 2): (202, 16384),
-    ("bwd_df", "half", 80, 64, 128, 32, 8, 2): (234, 24576),
-    ("bwd_df", "half", 90, 64, 128, 32, 8, 2): (194, 28672),
-    ("bwd_df", "half_sub", 80, 64, 32, 32, 4, 2): (247, 12288),
-    ("bwd_df", "half_sub", 90, 64, 32, 32, 4, 2): (208, 12288),
-    ("bwd_df", "half_unaligned", 80, 32, 32, 32, 4, 1): (240, 6144),
-    ("bwd_df", "half_unaligned", 90, 32, 32, 32, 4, 1): (246, 6144),
-    ("bwd_df", "fp32", 80, 32, 32, 32, 4, 2): (233, 8192),
-    ("bwd_df", "fp32", 90, 32, 32, 32, 4, 2): (229, 8192),
-    ("bwd_df", "fp32", 80, 32, 32, 32, 8, 2): (212, 8192),
-    ("bwd_df", "fp32", 90, 32, 32, 32, 8, 2): (249, 8192),
-    ("bwd_df", "fp32_sub", 80, 16, 64, 32, 4, 2): (229, 16384),
-    ("bwd_df", "fp32_sub", 90, 16, 64, 32, 4, 2): (230, 16384),
-    ("bwd_df", "fp32_unaligned", 80, 16, 32, 32, 4, 1): (210, 8192),
-    ("bwd_df", "fp32_unaligned", 90, 16, 32, 32, 4, 1): (203, 8192),
-    ("bwd_dw", "half", 80, 64, 128, 32, 8, 2): (255, 32768),
-    ("bwd_dw", "half", 90, 64, 128, 32, 8, 2): (254, 32768),
-    ("bwd_dw", "half_sub", 80, 32, 64, 32, 4, 2): (210, 12288),
-    ("bwd_dw", "half_sub", 90, 32, 64, 32, 4, 2): (203, 12288),
-    ("bwd_dw", "half_unaligned", 80, 32, 32, 16, 4, 1): (163, 5120),
-    ("bwd_dw", "half_unaligned", 90, 32, 32, 16, 4, 1): (164, 5120),
-    ("bwd_dw", "fp32", 80, 32, 64, 32, 8, 2): (181, 24576),
-    ("bwd_dw", "fp32", 90, 32, 64, 32, 8, 2): (199, 24576),
-    ("bwd_dw", "fp32_sub", 80, 32, 64, 32, 8, 2): (219, 24576),
-    ("bwd_dw", "fp32_sub", 90, 32, 64, 32, 8, 2): (217, 24576),
-    ("bwd_dw", "fp32_unaligned", 80, 16, 32, 16, 4, 1): (128, 6144),
-    ("bwd_dw", "fp32_unaligned", 90, 16, 32, 16, 4, 1): (126, 6144),
-    ("topk", "half", 80, 64, 32, 64, 4, 2): (128, 12288),
-    ("topk", "half", 90, 64, 32, 64, 4, 2): (128, 20480),
-    ("topk", "half_sub", 80, 64, 32, 64, 4, 2): (168, 12288),
-    ("topk", "half_sub", 90, 64, 32, 64, 4, 2): (128, 20480),
-    ("topk", "half_unaligned", 80, 32, 32, 32, 4, 1): (168, 4096),
-    ("topk", "half_unaligned", 90, 32, 32, 32, 4, 1): (128, 4096),
-    ("topk", "fp32", 80, 32, 64, 32, 4, 2): (224, 12288),
-    ("topk", "fp32", 90, 32, 64, 32, 4, 2): (224, 12288),
-    ("topk", "fp32_sub", 80, 32, 64, 32, 4, 2): (248, 12288),
-    ("topk", "fp32_sub", 90, 32, 64, 32, 4, 2): (250, 12288),
-    ("topk", "fp32_unaligned", 80, 32, 32, 32, 4, 1): (255, 4096),
-    ("topk", "fp32_unaligned", 90, 32, 32, 32, 4, 1): (247, 4096),
+    ('fwd', 'half', 80, 64, 128, 64, 8, 3, 0): (242, 49152),
+    ('fwd', 'half', 90, 64, 128, 64, 8, 3, 0): (194, 57344),
+    ('fwd', 'half', 80, 128, 64, 64, 8, 3, 0): (239, 49152),
+    ('fwd', 'half', 90, 128, 64, 64, 8, 3, 0): (187, 65536),
+    ('fwd', 'half', 80, 64, 64, 64, 4, 3, 0): (248, 32768),
+    ('fwd', 'half', 90, 64, 64, 64, 4, 3, 0): (187, 40960),
+    ('fwd', 'half_sub', 80, 64, 128, 64, 8, 3, 0): (255, 49152),
+    ('fwd', 'half_sub', 90, 64, 128, 64, 8, 3, 0): (224, 57344),
+    ('fwd', 'fp32', 80, 32, 64, 32, 4, 2, 0): (234, 12288),
+    ('fwd', 'fp32', 90, 32, 64, 32, 4, 2, 0): (234, 12288),
+    ('fwd', 'fp32_sub', 80, 32, 64, 32, 4, 2, 0): (255, 12288),
+    ('fwd', 'fp32_sub', 90, 32, 64, 32, 4, 2, 0): (255, 12288),
+    ('fwd', 'half_unaligned', 80, 32, 32, 32, 4, 1, 0): (168, 4096),
+    ('fwd', 'half_unaligned', 90, 32, 32, 32, 4, 1, 0): (168, 4096),
+    ('fwd', 'fp32_unaligned', 80, 16, 32, 32, 4, 1, 0): (184, 4096),
+    ('fwd', 'fp32_unaligned', 90, 16, 32, 32, 4, 1, 0): (157, 4096),
+    ('bwd_df', 'half', 80, 64, 32, 64, 8, 3, 256): (233, 24576),
+    ('bwd_df', 'half', 90, 64, 32, 64, 8, 3, 256): (204, 65536),
+    ('bwd_df', 'half', 80, 64, 32, 64, 8, 2, 256): (215, 16384),
+    ('bwd_df', 'half', 90, 64, 32, 64, 8, 2, 256): (205, 65536),
+    ('bwd_df', 'half_sub', 80, 64, 32, 64, 8, 3, 256): (255, 37120),
+    ('bwd_df', 'half_sub', 90, 64, 32, 64, 8, 3, 256): (254, 65536),
+    ('bwd_df', 'fp32', 80, 32, 32, 32, 8, 2, 256): (255, 32768),
+    ('bwd_df', 'fp32', 90, 32, 32, 32, 8, 2, 256): (249, 32768),
+    ('bwd_df', 'fp32', 80, 32, 32, 32, 8, 2, 128): (239, 16384),
+    ('bwd_df', 'fp32', 90, 32, 32, 32, 8, 2, 128): (239, 16384),
+    ('bwd_df', 'fp32_sub', 80, 16, 32, 32, 4, 2, 128): (227, 20608),
+    ('bwd_df', 'fp32_sub', 90, 16, 32, 32, 4, 2, 128): (226, 20608),
+    ('bwd_df', 'half_unaligned', 80, 32, 32, 32, 8, 1, 128): (255, 16384),
+    ('bwd_df', 'half_unaligned', 90, 32, 32, 32, 8, 1, 128): (254, 16384),
+    ('bwd_df', 'fp32_unaligned', 80, 16, 32, 32, 8, 1, 128): (249, 16384),
+    ('bwd_df', 'fp32_unaligned', 90, 16, 32, 32, 8, 1, 128): (239, 16384),
+    ('topk', 'half', 80, 64, 32, 64, 4, 2, 0): (128, 12288),
+    ('topk', 'half', 90, 64, 32, 64, 4, 2, 0): (128, 20480),
+    ('topk', 'half_sub', 80, 64, 32, 64, 4, 2, 0): (168, 12288),
+    ('topk', 'half_sub', 90, 64, 32, 64, 4, 2, 0): (128, 20480),
+    ('topk', 'fp32', 80, 32, 64, 32, 4, 2, 0): (224, 12288),
+    ('topk', 'fp32', 90, 32, 64, 32, 4, 2, 0): (224, 12288),
+    ('topk', 'fp32_sub', 80, 32, 64, 32, 4, 2, 0): (248, 12288),
+    ('topk', 'fp32_sub', 90, 32, 64, 32, 4, 2, 0): (250, 12288),
+    ('topk', 'half_unaligned', 80, 32, 32, 32, 4, 1, 0): (168, 4096),
+    ('topk', 'half_unaligned', 90, 32, 32, 32, 4, 1, 0): (128, 4096),
+    ('topk', 'fp32_unaligned', 80, 32, 32, 32, 4, 1, 0): (255, 4096),
+    ('topk', 'fp32_unaligned', 90, 32, 32, 32, 4, 1, 0): (247, 4096),
+    ('bwd_dw', 'half', 80, 64, 64, 64, 8, 3, 256): (255, 40960),
+    ('bwd_dw', 'half', 90, 64, 64, 64, 8, 3, 256): (254, 65536),
+    ('bwd_dw', 'half', 80, 64, 64, 64, 8, 2, 256): (255, 40960),
+    ('bwd_dw', 'half', 90, 64, 64, 64, 8, 2, 256): (254, 65536),
+    ('bwd_dw', 'half_sub', 80, 64, 64, 32, 8, 3, 128): (254, 24576),
+    ('bwd_dw', 'half_sub', 90, 64, 64, 32, 8, 3, 128): (239, 32768),
+    ('bwd_dw', 'fp32', 80, 32, 64, 32, 8, 2, 128): (248, 16384),
+    ('bwd_dw', 'fp32', 90, 32, 64, 32, 8, 2, 128): (234, 49152),
+    ('bwd_dw', 'fp32_sub', 80, 32, 64, 32, 8, 2, 128): (244, 16384),
+    ('bwd_dw', 'fp32_sub', 90, 32, 64, 32, 8, 2, 128): (246, 49152),
+    ('bwd_dw', 'half_unaligned', 80, 32, 32, 16, 4, 1, 128): (255, 16384),
+    ('bwd_dw', 'half_unaligned', 90, 32, 32, 16, 4, 1, 128): (255, 16384),
+    ('bwd_dw', 'fp32_unaligned', 80, 16, 32, 16, 4, 1, 128): (255, 16384),
+    ('bwd_dw', 'fp32_unaligned', 90, 16, 32, 16, 4, 1, 128): (255, 16384),
+    ('merge', 'half', 80, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'half', 90, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'half_sub', 80, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'half_sub', 90, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'fp32', 80, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'fp32', 90, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'fp32_sub', 80, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'fp32_sub', 90, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'half_unaligned', 80, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'half_unaligned', 90, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'fp32_unaligned', 80, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('merge', 'fp32_unaligned', 90, 128, 16, 16, 4, 1, 0): (32, 0),
+    ('norm', 'half', 80, 16, 64, 64, 4, 2, 0): (39, 256),
+    ('norm', 'half', 90, 16, 64, 64, 4, 2, 0): (32, 256),
+    ('norm', 'half_sub', 80, 16, 64, 64, 4, 2, 0): (55, 256),
+    ('norm', 'half_sub', 90, 16, 64, 64, 4, 2, 0): (56, 256),
+    ('norm', 'fp32', 80, 16, 64, 64, 4, 2, 0): (56, 256),
+    ('norm', 'fp32', 90, 16, 64, 64, 4, 2, 0): (48, 256),
+    ('norm', 'fp32_sub', 80, 16, 64, 64, 4, 2, 0): (96, 256),
+    ('norm', 'fp32_sub', 90, 16, 64, 64, 4, 2, 0): (96, 256),
+    ('norm', 'half_unaligned', 80, 64, 64, 32, 4, 1, 0): (159, 256),
+    ('norm', 'half_unaligned', 90, 64, 64, 32, 4, 1, 0): (148, 256),
+    ('norm', 'fp32_unaligned', 80, 64, 64, 32, 4, 1, 0): (161, 256),
+    ('norm', 'fp32_unaligned', 90, 64, 64, 32, 4, 1, 0): (149, 256),
 }
+
+
+def figure_key(kernel: str, variant: str, arch: int, cfg) -> tuple:
+    """The AOT_FIGURES key of ``cfg`` (a configs.KernelConfig) for ``kernel`` in ``variant``."""
+    return (kernel, variant, arch, cfg.block_b, cfg.block_n, cfg.block_d, cfg.num_warps,
+            cfg.num_stages, cfg.block_do)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -121,12 +162,21 @@ def figures(arch: int, cfg, kernel: str | None = None, variant: str | None = Non
     for < 90, sm_90 for ≥ 90). Without ``kernel`` / ``variant``: the largest figures of any entry
     with this configuration; for a configuration not in the table, 255 registers (conservative)."""
     arch = 90 if arch >= 90 else 80
-    tiles = (cfg.block_b, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.num_stages)
-    hits = [fig for (k, v, a, *t), fig in AOT_FIGURES.items()
-            if a == arch and tuple(t) == tiles and kernel in (None, k) and variant in (None, v)]
+    tiles = figure_key("", "", arch, cfg)[2:]
+    hits = [fig for (k, v, *t), fig in AOT_FIGURES.items()
+            if tuple(t) == tiles and kernel in (None, k) and variant in (None, v)]
     if not hits:
         return 255, 0
     return max(r for r, _ in hits), max(sm for _, sm in hits)
+
+
+def d_chunk(block_do: int, D: int) -> int:
+    """D columns per program of a backward kernel (its register accumulator's width, BLOCK_DO):
+    ``block_do``, or the next power of two ≥ D (≥ 16, tl.dot's minimum) when that is smaller or
+    ``block_do`` is 0 — a padded accumulator wastes registers and tensor-core work. The grid has
+    ceil(D / d_chunk) D chunks (margin_lse._backward)."""
+    whole = max(16, 1 << max(D - 1, 0).bit_length())
+    return min(block_do, whole) if block_do else whole
 
 
 def ctas_per_sm(regs: int, smem: int, threads: int, limits: SMLimits) -> int:
@@ -150,23 +200,26 @@ def slots(cfg, n_sm: int, arch: int, limits: SMLimits | None = None, kernel: str
     return n_sm * ctas_per_sm(regs, smem, 32 * cfg.num_warps, limits)
 
 
-def efficiency(row_tiles: int, col_tiles: int, splits: int, n_slots: int) -> float:
-    """Wave efficiency of a row_tiles × splits grid (module docstring), in (0, 1]."""
+def efficiency(row_tiles: int, col_tiles: int, splits: int, n_slots: int, d_chunks: int = 1
+               ) -> float:
+    """Wave efficiency of a row_tiles × splits × d_chunks grid (module docstring), in (0, 1]."""
+    rows = row_tiles * d_chunks
     per_split = -(-col_tiles // splits)
     used = -(-col_tiles // per_split)          # splits actually non-empty
-    waves = -(-(row_tiles * used) // n_slots)
-    return row_tiles * col_tiles / (waves * n_slots * per_split)
+    waves = -(-(rows * used) // n_slots)
+    return rows * col_tiles / (waves * n_slots * per_split)
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_splits(row_tiles: int, col_tiles: int, n_slots: int) -> int:
-    """The fewest splits whose grid reaches ``TARGET`` wave efficiency (else the most efficient),
-    each split keeping ≥ MIN_TILES_PER_SPLIT column tiles. Returns the non-empty split count."""
-    row_tiles, col_tiles = max(row_tiles, 1), max(col_tiles, 1)
-    most = max(1, min(col_tiles // MIN_TILES_PER_SPLIT, -(-MAX_WAVES * n_slots // row_tiles)))
-    best, best_eff = 1, efficiency(row_tiles, col_tiles, 1, n_slots)
+def plan_splits(row_tiles: int, col_tiles: int, n_slots: int, d_chunks: int = 1) -> int:
+    """The fewest splits whose row_tiles × splits × d_chunks grid reaches ``TARGET`` wave
+    efficiency (else the most efficient), each split keeping ≥ MIN_TILES_PER_SPLIT column tiles.
+    Returns the non-empty split count."""
+    rows, col_tiles = max(row_tiles, 1) * max(d_chunks, 1), max(col_tiles, 1)
+    most = max(1, min(col_tiles // MIN_TILES_PER_SPLIT, -(-MAX_WAVES * n_slots // rows)))
+    best, best_eff = 1, efficiency(rows, col_tiles, 1, n_slots)
     for s in range(1, most + 1):
-        eff = efficiency(row_tiles, col_tiles, s, n_slots)
+        eff = efficiency(rows, col_tiles, s, n_slots)
         if eff > best_eff + 1e-12:
             best, best_eff = s, eff
         if eff >= TARGET:
