@@ -10,7 +10,7 @@ The loss streams over the classifier in tiles and never materialises the B×C lo
 what this install can run.
 """
 
-from . import distributed, eval, functional, margins, reference
+from . import distributed, eval, functional, margins, optim, reference
 from .core import BACKENDS, MarginLSE, backend_status, margin_lse, topk_dot
 from .functional import margin_cross_entropy
 from .modules import (
@@ -41,6 +41,6 @@ __all__ = [
     "CurricularFaceLoss", "ElasticArcFaceLoss", "ElasticCosFaceLoss", "L2SoftmaxLoss",
     "LH2FaceLoss", "MagFaceLoss", "MarginLSE", "MarginSoftmaxLoss", "NPTLoss", "NormFaceLoss",
     "SphereFaceLoss", "SubCenterArcFaceLoss", "UncertaintyMarginLoss", "backend_status",
-    "crystal_alpha_low", "distributed", "eval", "functional", "margin_cross_entropy", "margin_lse", "margins",
-    "reference", "topk_dot",
+    "crystal_alpha_low", "distributed", "eval", "functional", "margin_cross_entropy", "margin_lse",
+    "margins", "optim", "reference", "topk_dot",
 ]

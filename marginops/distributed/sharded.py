@@ -20,6 +20,7 @@ from .._validation import assert_values, check_embeddings, check_labels
 from ..core import topk_dot
 from ..functional import normalize_rows
 from ..modules import MarginSoftmaxLoss, NPTLoss, UncertaintyMarginLoss, _ElasticMixin
+from ..optim import tag_classifier_weight
 from .collectives import (
     _DTYPE_CODES,
     _agreed_seed,
@@ -134,6 +135,7 @@ class ShardedMarginLoss(nn.Module):
         family.class_start, family.local_classes = start, n
         family.weight = nn.Parameter(torch.empty(n * K, self.embedding_size, device=device,
                                                  dtype=dtype))
+        tag_classifier_weight(family.weight, family)  # marginops.optim may fuse its step
         had_bias = family.bias is not None
         family.bias = None  # the global-index bias of the base pipeline is replaced by shard_bias
         family.register_parameter("shard_bias", nn.Parameter(

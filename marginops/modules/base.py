@@ -36,6 +36,7 @@ from .._validation import (
 )
 from ..core import BACKENDS, MarginLSE, margin_lse, resolve_backend, topk_dot
 from ..functional import normalize_rows, reduce_rows, scale_times, softmax_rows
+from ..optim import tag_classifier_weight
 
 # State buffers have shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d
 # fp64 buffers, and one shape for every dtype keeps state_dicts uniform.
@@ -92,6 +93,7 @@ class MarginSoftmaxLoss(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.subcenters,
                                                self.embedding_size, **factory))
+        tag_classifier_weight(self.weight, self)  # marginops.optim may fuse its step
         self.bias = nn.Parameter(torch.zeros(self.num_classes, **factory)) if bias else None
         self.reset_parameters()
 

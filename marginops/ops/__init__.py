@@ -91,6 +91,13 @@ Every backward op takes ``(grad_lse, grad_dot, lse_neg, <the forward's inputs>)`
 from collections.abc import Callable
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+# Classifier weights whose optimizer step is fused into this backward (``marginops.optim``
+# registers them): weight -> callable(backward_op, kept, <the backward op's arguments>) returning
+# (grad_features, None, grad_scale, grad_bias) after stepping the weight in place, or None when
+# its optimizer is gone. Keyed by the Parameter itself (the saved input is that same object).
+FUSED_STEPS = WeakTensorKeyDictionary()
 
 
 def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False) -> None:
@@ -126,9 +133,12 @@ def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False
             return (None,) * 10
         grad_lse = torch.zeros_like(lse_neg) if grad_lse is None else grad_lse.contiguous()
         grad_dot = torch.zeros_like(lse_neg) if grad_dot is None else grad_dot.contiguous()
-        grads = backward_op(grad_lse, grad_dot, lse_neg, *extra, features, weight, scale, bias,
-                            target_col, class_index, hard_tau, hard_t, ctx.normalize_weight,
-                            ctx.subcenters, ctx.filter_threshold)
+        args = (features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+                ctx.normalize_weight, ctx.subcenters, ctx.filter_threshold)
+        fused = FUSED_STEPS.get(weight) if needs[1] else None
+        grads = fused(backward_op, extra, grad_lse, grad_dot, lse_neg, *args) if fused is not None else None
+        if grads is None:
+            grads = backward_op(grad_lse, grad_dot, lse_neg, *extra, *args)
         grads = [g if need else None for g, need in zip(grads, needs[:4])]
         if bias is None:
             grads[3] = None
