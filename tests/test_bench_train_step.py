@@ -120,12 +120,13 @@ def test_capacity_from_csv_round_trip(tmp_path):
 def test_tiny_train_step_run_of_the_three_paths(tmp_path):
     """A real run in fresh processes at C = 8000 and 16000, D = 128 (W = 4 and 8 MB): the torch.optim
     path holds W.grad on top of W + momentum, the naive one also Ŵ, its gradient and the logits;
-    the fused path neither (when marginops.optim is there)."""
+    the fused path neither (when marginops.optim is there): its chunks of 512 KiB (1024 classes)
+    are small next to W, as its default 64 MiB chunks are next to a 2 GB W at C = 1M."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_fused.py"), "--train-step",
          "--cpu", "--classes", "8000,16000", "--batch", "8", "--dim", "128", "--reps", "1",
-         "--threads", "1", "--out", str(tmp_path)],
+         "--threads", "1", "--chunk-bytes", "524288", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| path | bytes per class (fit)" in proc.stdout

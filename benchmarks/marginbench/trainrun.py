@@ -66,7 +66,7 @@ def train_cases(args, device: str) -> tuple[list[TrainCase], list[str], int]:
         raise SystemExit("--reps: --train-step times at least one step after the warm-up step")
     paths = parse_names(args.paths, PATHS) if args.paths else list(PATHS)
     backend = fused_default_backend(device)
-    cases = [TrainCase(b, c, d, t, device, args.optimizer, backend)
+    cases = [TrainCase(b, c, d, t, device, args.optimizer, backend, args.chunk_bytes)
              for t, b, d, c in itertools.product(dtypes, batches, dims, classes)]
     return cases, paths, reps
 

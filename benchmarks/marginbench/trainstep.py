@@ -68,6 +68,7 @@ class TrainCase:
     device: str
     optimizer: str
     backend: str   # marginops' backend for the two marginops paths
+    chunk_bytes: int | None = None   # marginops.optim's chunk_bytes (None: its default)
 
     @property
     def label(self) -> str:
@@ -143,10 +144,12 @@ def build_head(path: str, case: TrainCase, n_batches: int, seed: int = 0) -> Hea
     else:
         loss_fn = marginops.ArcFaceLoss(case.D, case.C, scale=SCALE, margin=ARC_MARGIN,
                                         backend=case.backend, **factory)
-    kwargs = OPT_KWARGS[case.optimizer]
+    kwargs = dict(OPT_KWARGS[case.optimizer])
     if path == "fused":
         import marginops.optim as mopt
         cls = mopt.SGD if case.optimizer == "sgd" else mopt.AdamW
+        if case.chunk_bytes:
+            kwargs["chunk_bytes"] = case.chunk_bytes
     else:
         cls = torch.optim.SGD if case.optimizer == "sgd" else torch.optim.AdamW
     optimizer = cls(loss_fn.parameters(), **kwargs)
