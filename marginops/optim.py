@@ -23,9 +23,9 @@ Design
 * A parameter is *fused* when it is a marginops classifier ``weight`` (tagged by its module at
   construction: every ``MarginSoftmaxLoss`` family, and ``ShardedMarginLoss``'s shard). Its entry
   in ``marginops.ops.FUSED_STEPS`` makes the core op's one autograd backward
-  (``marginops.ops.register_core_autograd``, every backend) call :func:`_fused_backward` instead
+  (``marginops.ops.register_core_autograd``, every backend) call `_fused_backward` instead
   of returning grad W.
-* :func:`_fused_backward` loops over chunks of classes: it calls the backend's own backward op on
+* `_fused_backward` loops over chunks of classes: it calls the backend's own backward op on
   the chunk's rows (``bias``, ``target_col`` and the kept dots sliced to the chunk, the global
   ``lse_neg``), sums grad_features / grad_scale, and hands the chunk's weight gradient to
   torch.optim's *own functional update* (``torch.optim.sgd.sgd`` / ``torch.optim.adam.adam``,
@@ -59,6 +59,13 @@ What cannot work raises (each before anything changes) or is documented:
   torch.optim (the same update) and warns once that the memory saving is lost. Run the loss
   eagerly (compile the backbone only) to fuse.
 * ``step(closure)``, ``zero_grad(set_to_none=False)``, ``add_param_group`` work as in torch.optim.
+  One difference: the weight's gradient is never accumulated across steps (there is no
+  ``.grad``), as if ``zero_grad()`` ran after every step — which training loops do anyway.
+* One optimizer per classifier weight (a second marginops optimizer over it raises). Deep copies
+  and unpickled modules are classifiers too (``MarginSoftmaxLoss.__setstate__`` tags them).
+
+The CUDA backend goes through the same Python loop (its registered backward op per chunk); it is
+exercised on CPU only here (no GPU in CI).
 """
 
 from __future__ import annotations
@@ -72,21 +79,30 @@ from torch import Tensor
 from torch.optim.adam import adam as _adam
 from torch.optim.optimizer import _get_scalar_dtype
 from torch.optim.sgd import sgd as _sgd
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .ops import FUSED_STEPS
 
 __all__ = ["SGD", "AdamW", "DEFAULT_CHUNK_BYTES", "tag_classifier_weight"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+"""Bytes of weight gradient per chunk of the fused backward (64 MiB: 32768 classes at D = 512
+fp32). Large enough for efficient GEMMs, small beside W; the extra memory of a step is a few
+chunks (the gradient chunk, the update's temporaries), whatever the number of classes."""
+
+
+# classifier weight -> weak reference to its module. A registry, not an attribute of the
+# Parameter: a weakref attribute would make torch.save(module) fail (weakrefs do not pickle).
+_OWNERS = WeakTensorKeyDictionary()
 
 
 def tag_classifier_weight(weight: Tensor, module) -> None:
     """Mark ``weight`` as the classifier weight of ``module`` (fusable by marginops.optim)."""
-    weight._marginops_owner = weakref.ref(module)
+    _OWNERS[weight] = weakref.ref(module)
 
 
 def _owner(p: Tensor):
-    ref = getattr(p, "_marginops_owner", None)
+    ref = _OWNERS.get(p)
     return ref() if ref is not None else None
 
 
@@ -124,7 +140,11 @@ class _Fused:
     def add_param_group(self, param_group: dict) -> None:
         """torch.optim's, then the group's classifier weights are fused (checked first)."""
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch.optim raises its own error for a set
+            params = list(params)          # a generator is read once: hand torch the list
+            param_group = {**param_group, "params": params}
         fused = []
         for p in params:
             owner = _owner(p) if isinstance(p, Tensor) else None
@@ -225,11 +245,14 @@ class _BoundStep:
         return _fused_backward(optimizer, *args)
 
 
-def _rows_update(opt, group: dict, state: dict, p: Tensor, grad: Tensor, rows) -> None:
+def _rows_update(opt, group: dict, state: dict, p: Tensor, grad: Tensor, rows,
+                 gathered: Tensor | None = None) -> None:
     """Step rows ``rows`` (a slice, or a LongTensor of sorted unique rows) of the 2-D ``p`` (and
-    of its state) with their gradient ``grad``, in place, by torch.optim's functional update."""
+    of its state) with their gradient ``grad``, in place, by torch.optim's functional update.
+    ``gathered``: ``p[rows]`` already gathered (a copy, reused rather than gathered again)."""
     names = opt._state_names(group)
-    sub, subs = p[rows], [state[n][rows] for n in names]  # views (slice) or gathered copies
+    sub = p[rows] if gathered is None else gathered       # a view (slice) or a gathered copy
+    subs = [state[n][rows] for n in names]
     opt._update(group, state, sub, grad, subs)
     if not isinstance(rows, slice):
         p.index_copy_(0, rows, sub)
@@ -242,11 +265,11 @@ def _masked_zero_update(opt, group: dict, state: dict, p: Tensor, rows: slice,
     """The zero-gradient update of the rows in ``rows`` where ``keep`` (rows,) is False."""
     names = opt._state_names(group)
     sub, subs = p[rows].clone(), [state[n][rows].clone() for n in names]
-    opt._update(group, state, sub, torch.zeros_like(sub), subs)
+    zero = sub.new_zeros(()).expand_as(sub)  # a zero gradient that allocates nothing
+    opt._update(group, state, sub, zero, subs)
     keep = keep[:, None]
-    p[rows].copy_(torch.where(keep, p[rows], sub))
-    for n, s in zip(names, subs):
-        state[n][rows].copy_(torch.where(keep, state[n][rows], s))
+    for target, new in ((p[rows], sub), *((state[n][rows], s) for n, s in zip(names, subs))):
+        target.copy_(torch.where(keep, target, new, out=new))  # no third chunk-sized buffer
 
 
 @torch.no_grad()
@@ -297,10 +320,11 @@ def _fused_backward(opt, backward_op, kept, grad_lse, grad_dot, lse_neg, feature
             cols = slice(n0, min(N, n0 + chunk))
             idx = class_index[cols]
             b_rows = bias[idx] if bias is not None else None
-            gw, gb = chunk_backward(p2[idx].view(-1, D), cols, b_rows)
+            w_sub = p2[idx]  # gathered once: read by the backward, then stepped, scattered
+            gw, gb = chunk_backward(w_sub.view(-1, D), cols, b_rows)
             if bias is not None:
                 grad_b.index_add_(0, idx, gb)
-            _rows_update(opt, group, st2, p2, gw, idx)
+            _rows_update(opt, group, st2, p2, gw, idx, gathered=w_sub)
         sampled = torch.zeros(C, dtype=torch.bool, device=weight.device)
         sampled[class_index] = True
         for c0 in range(0, C, chunk):
@@ -330,7 +354,7 @@ class SGD(_Fused, torch.optim.SGD):
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._setup_fused(chunk_bytes)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, foreach=False)
+                         weight_decay=weight_decay, nesterov=nesterov)
 
     @staticmethod
     def _state_names(group: dict) -> tuple[str, ...]:
@@ -345,7 +369,7 @@ class SGD(_Fused, torch.optim.SGD):
         bufs = list(states) if states and not self._first else [None]
         _sgd([p], [grad], bufs, foreach=False, weight_decay=group["weight_decay"],
              momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-             nesterov=group["nesterov"], maximize=False)
+             nesterov=group["nesterov"], maximize=group.get("maximize", False))
         if self._first and states:
             states[0].copy_(bufs[0])
 
@@ -370,8 +394,7 @@ class AdamW(_Fused, torch.optim.AdamW):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._setup_fused(chunk_bytes)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         foreach=False)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     @staticmethod
     def _state_names(group: dict) -> tuple[str, ...]:
@@ -390,7 +413,7 @@ class AdamW(_Fused, torch.optim.AdamW):
         _adam([p], [grad], [states[0]], [states[1]], [], [step], foreach=False,
               decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
               lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-              maximize=False)
+              maximize=group.get("maximize", False))
 
     def _finish_state(self, group: dict, state: dict) -> None:
         state["step"] += 1

@@ -113,6 +113,13 @@ class MarginSoftmaxLoss(nn.Module):
             forward.__qualname__ = f"{cls.__qualname__}.forward"
             cls.forward = forward
 
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and unpickling rebuild the module here: tag its new weight as well
+        super().__setstate__(state)
+        weight = self._parameters.get("weight")
+        if isinstance(weight, Tensor):
+            tag_classifier_weight(weight, self)
+
     def reset_parameters(self) -> None:
         """N(0, 0.01) like insightface (the rows are normalised, so only directions matter)."""
         nn.init.normal_(self.weight, std=0.01)

@@ -111,6 +111,10 @@ def register_core_autograd(forward_op, backward_op: Callable, kept: bool = False
     ``kept=True``: the forward op returns a third, non-differentiable output (tiles it kept, e.g.
     the cpp backend's dots when they fit its budget), saved and passed to ``backward_op`` right
     after ``lse_neg``.
+
+    A weight registered in ``FUSED_STEPS`` (``marginops.optim``) has its optimizer step fused
+    here: the registered callable runs ``backward_op`` chunk by chunk, steps the weight in place
+    and returns no weight gradient (every backend: this is the one backward they all pass through).
     """
 
     def setup_context(ctx, inputs, output):
