@@ -61,10 +61,38 @@ def test_state_bytes_and_mem_cap_skip():
     assert trainstep.estimated_bytes("naive", case) == 6 * 2_048_000_000 + 6 * 64 * 10**6 * 4
     tasks, decided = trainrun.train_tasks([case], ["naive", "torch_optim"], 3, mem_cap=0.5,
                                           mem_total=16 * 2**30)
-    assert [t.path for t in tasks] == ["torch_optim"]
+    assert [(t.paths, t.reps) for t in tasks] == [(["torch_optim"], 3)]   # alone: timed there
     # (12.288 + 1.536) GB = 13.824e9 B = 12.87 GiB > 8 GiB
     assert decided[(case, "naive")]["status"].startswith("skipped: needs ~12.9 GiB")
     assert "--mem-cap" in decided[(case, "naive")]["status"]
+
+
+def test_round_robin_timing_leaves_out_what_does_not_fit_beside_the_others():
+    """C = 1M, SGD, 23.5 GiB at --mem-cap 0.6 (15.14e9 B): W + momentum = 4.096e9 B per head;
+    all three heads = 3 × 4.096e9 + the naive step's transient 9.728e9 = 22.0e9 B: too much;
+    without naive 2 × 4.096e9 + torch.optim's transient 4.096e9 = 12.3e9 B: fits."""
+    case = trainstep.TrainCase(64, 1_000_000, 512, "float32", "cpu", "sgd", "cpp")
+    mem_total = int(23.5 * 2**30)
+    assert trainrun.round_robin_paths(case, list(trainstep.PATHS), 0.6, mem_total) == [
+        "torch_optim", "fused"]
+    assert trainrun.round_robin_paths(case, list(trainstep.PATHS), 0.3, mem_total) == []
+    tasks, decided = trainrun.train_tasks([case], list(trainstep.PATHS), 3, 0.6, mem_total)
+    assert not decided
+    # naive is timed alone (3 steps); the others' memory processes time one step, then together
+    assert [(t.paths, t.reps) for t in tasks] == [
+        (["naive"], 3), (["torch_optim"], 1), (["fused"], 1), (["torch_optim", "fused"], 3)]
+    # the round-robin's times replace the memory process's; a failed one keeps them, saying so
+    ok = {"status": "ok", "fwd": [1.0], "bwd": [1.0], "opt": [1.0], "loss": 2.0}
+    outcomes = [dict(ok), dict(ok), dict(ok),
+                {"round_robin": {"torch_optim": {"status": "ok", "fwd": [3.0, 4.0],
+                                                 "bwd": [0.0, 0.0], "opt": [0.0, 0.0]},
+                                 "fused": {"status": "oom: x", "fwd": [], "bwd": [], "opt": []}}}]
+    results = trainrun.merge_outcomes(tasks, outcomes, {})
+    assert results[(case, "torch_optim")]["fwd"] == [3.0, 4.0]
+    assert results[(case, "torch_optim")]["note"] == "timed round-robin (torch_optim, fused)"
+    assert results[(case, "fused")]["fwd"] == [1.0]
+    assert results[(case, "fused")]["note"].startswith("round-robin timing failed (oom: x)")
+    assert results[(case, "naive")]["note"] == "timed alone"
 
 
 def _rows(path: str, points: list[tuple[int, float]], status: str = "ok") -> list[dict]:
@@ -144,6 +172,7 @@ def test_tiny_train_step_run_of_the_three_paths(tmp_path):
         assert peak["torch_optim"] >= float(topt["persistent_mb"]) + 0.9 * w_mb   # + W.grad
         assert peak["naive"] >= peak["torch_optim"] + 0.5 * w_mb
         assert float(topt["rel_loss_diff"]) < 1e-4   # same W, same batch: the same loss
+        assert int(topt["reps"]) == 1 and "timed round-robin" in topt["note"]
         if HAS_OPTIM:
             assert fused["status"] == "ok", fused
             assert peak["fused"] <= peak["torch_optim"] - 0.5 * w_mb

@@ -39,13 +39,15 @@ MEMORY_BANDWIDTH = {"cpu": 5e9, "cuda": 1e12}   # bytes/s assumed for the optimi
 @dataclass
 class TrainTask:
     case: TrainCase
-    path: str
+    paths: list[str]   # one path: its memory process; several: their round-robin timing
     reps: int
     est_s: float
 
     @property
     def label(self) -> str:
-        return f"{self.case.label}: {LABELS[self.path]}"
+        if len(self.paths) == 1:
+            return f"{self.case.label}: {LABELS[self.paths[0]]}"
+        return f"{self.case.label}: time round-robin"
 
 
 def train_cases(args, device: str) -> tuple[list[TrainCase], list[str], int]:
@@ -71,12 +73,32 @@ def train_cases(args, device: str) -> tuple[list[TrainCase], list[str], int]:
     return cases, paths, reps
 
 
+def round_robin_paths(case: TrainCase, paths: list[str], mem_cap: float,
+                      mem_total: int) -> list[str]:
+    """The paths timed together in one process: all of them while their persistent state (W +
+    optimizer state each) plus the largest one's step transient (``estimated_bytes``) fits in
+    ``mem_cap`` of the memory, else without the most memory-hungry, then the next; [] if fewer
+    than two are left."""
+    keep = case.weight_bytes + case.state_bytes
+
+    def need(ps: list[str]) -> int:
+        return len(ps) * keep + max(estimated_bytes(p, case) - keep for p in ps)
+
+    rr = list(paths)
+    while len(rr) > 1 and need(rr) > mem_cap * mem_total:
+        rr.remove(max(rr, key=lambda p: estimated_bytes(p, case)))
+    return rr if len(rr) >= 2 else []
+
+
 def train_tasks(cases: list[TrainCase], paths: list[str], reps: int, mem_cap: float,
                 mem_total: int) -> tuple[list[TrainTask], dict]:
-    """One task per (case, path), in case order; the statuses decided without running anything
-    (a path that cannot run, or would need more than ``mem_cap`` of the memory)."""
+    """Per case: one memory process per path (it also times the path, ``reps`` steps, when the
+    path is not in the round-robin; else one step), then the round-robin timing process; and the
+    statuses decided without running anything (a path that cannot run, or would need more than
+    ``mem_cap`` of the memory)."""
     tasks, decided = [], {}
     for case in cases:
+        runnable, step_s = [], {}
         for p in paths:
             reason = path_reason(p)
             need = estimated_bytes(p, case)
@@ -86,11 +108,46 @@ def train_tasks(cases: list[TrainCase], paths: list[str], reps: int, mem_cap: fl
             if reason is not None:
                 decided[(case, p)] = {"status": reason}
                 continue
+            runnable.append(p)
             flops = 8 * case.B * case.C * case.D * (3 if p == "naive" else 1)
-            step_s = flops / STEP_FLOPS[(case.device, case.dtype == "float32")] + (
+            step_s[p] = flops / STEP_FLOPS[(case.device, case.dtype == "float32")] + (
                 8 * case.weight_bytes / MEMORY_BANDWIDTH[case.device])
-            tasks.append(TrainTask(case, p, reps, 2 + (3 + reps) * step_s))
+        rr = round_robin_paths(case, runnable, mem_cap, mem_total)
+        for p in runnable:
+            n = 1 if p in rr else reps
+            tasks.append(TrainTask(case, [p], n, 2 + (3 + n) * step_s[p]))
+        if rr:
+            tasks.append(TrainTask(case, rr, reps, 2 + (1 + reps) * sum(step_s[p] for p in rr)))
     return tasks, decided
+
+
+def merge_outcomes(tasks: list[TrainTask], outcomes: list[dict], decided: dict) -> dict:
+    """{(case, path): result}: the memory process's result, its times replaced by the
+    round-robin's where that process ran the path (a note says which timing a row has)."""
+    results = dict(decided)
+    for task, outcome in zip(tasks, outcomes):
+        if len(task.paths) == 1:
+            results[(task.case, task.paths[0])] = (
+                {"status": outcome["fatal"]} if "fatal" in outcome else outcome)
+    for task, outcome in zip(tasks, outcomes):
+        if len(task.paths) == 1:
+            continue
+        others = ", ".join(task.paths)
+        for p in task.paths:
+            r = results.get((task.case, p))
+            if r is None or r.get("status") != "ok":
+                continue
+            rr = outcome.get("round_robin", {}).get(p, {"status": outcome.get("fatal", "?")})
+            if rr["status"] == "ok" and rr["fwd"]:
+                r.update(fwd=rr["fwd"], bwd=rr["bwd"], opt=rr["opt"])
+                note = f"timed round-robin ({others})"
+            else:
+                note = f"round-robin timing failed ({rr['status']}): one step timed alone"
+            r["note"] = "; ".join(n for n in (r.get("note", ""), note) if n)
+    for r in results.values():
+        if r.get("status") == "ok" and r.get("fwd") and "round-robin" not in r.get("note", ""):
+            r["note"] = "; ".join(n for n in (r.get("note", ""), "timed alone") if n)
+    return results
 
 
 def run_train_step(args, device: str, info: dict, t_start: float, cmd: str) -> int:
@@ -112,21 +169,21 @@ def run_train_step(args, device: str, info: dict, t_start: float, cmd: str) -> i
           f"each, {len(tasks)} fresh processes" + (f", time budget {budget:.0f} s" if budget
                                                   else ""))
     for c in cases:
-        print(f"  - {c.label} (marginops backend {c.backend})")
+        rr = next((t.paths for t in tasks if t.case == c and len(t.paths) > 1), [])
+        print(f"  - {c.label} (marginops backend {c.backend}" + (
+            f"; timed round-robin: {', '.join(rr)})" if rr else "; each path timed alone)"))
     sys.stdout.flush()
 
     timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
     def spec_of(task: TrainTask) -> dict:
-        return {"case": asdict(task.case), "path": task.path, "reps": task.reps,
-                "log": log_path, "address_space_extra": address_extra, "threads": args.threads}
+        which = {"path": task.paths[0]} if len(task.paths) == 1 else {"paths": task.paths}
+        return {"case": asdict(task.case), **which, "reps": task.reps, "log": log_path,
+                "address_space_extra": address_extra, "threads": args.threads}
 
     outcomes = run_fresh(tasks, spec_of, train_worker, PRELOAD, args.task_timeout, log_path,
                          deadline, budget)
-    results = dict(decided)
-    for task, outcome in zip(tasks, outcomes):
-        results[(task.case, task.path)] = (
-            {"status": outcome["fatal"]} if "fatal" in outcome else outcome)
+    results = merge_outcomes(tasks, outcomes, decided)
     rows = build_rows(cases, paths, results, info, timestamp)
     write_csv(rows, files["csv"])
     table = markdown_table(rows)

@@ -28,7 +28,12 @@ resident set at once). ``base`` = resident memory (CPU: ``VmRSS``; GPU:
 
 Time: the first full step is the warm-up (it also allocates the optimizer state); the next
 ``reps`` steps are timed by phase (forward, backward, optimizer step + zero_grad; synchronised on
-a GPU) and reported as the median with p20 and p80 of the whole step.
+a GPU) and reported as the median with p20 and p80 of the whole step. Where the heads fit in
+memory together, the paths are timed round-robin in one more fresh process (``time_round_robin``:
+every head built and warmed up, then step r of each path before step r+1 of any), so the load of a
+shared machine drifts over them alike, as in the main benchmark; the memory processes then time a
+single step. A path left out of the round-robin (the naive one at large C) is timed alone, in its
+memory process.
 """
 
 from __future__ import annotations
@@ -210,27 +215,28 @@ def train_worker(spec: dict, conn) -> None:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
-        result = measure_train_step(TrainCase(**spec["case"]), spec["path"], spec["reps"],
-                                    threads=spec.get("threads"),
-                                    address_space_extra=spec.get("address_space_extra"))
+        case = TrainCase(**spec["case"])
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        if case.device == "cpu":
+            _limit_address_space(spec.get("address_space_extra"))
+        if "paths" in spec:
+            result = time_round_robin(case, spec["paths"], spec["reps"])
+        else:
+            result = measure_train_step(case, spec["path"], spec["reps"])
     except BaseException as err:  # noqa: BLE001 - report anything, the parent records it
         result = {"fatal": failure(err), "trace": traceback.format_exc()}
     conn.send(result)
     conn.close()
 
 
-def measure_train_step(case: TrainCase, path: str, reps: int, threads: int | None = None,
-                       address_space_extra: int | None = None) -> dict:
+def measure_train_step(case: TrainCase, path: str, reps: int) -> dict:
     """Memory and time of ``path``'s training step for ``case`` (see the module docstring), in
     this process. Returns bytes (built, persistent, peak) and per-step seconds."""
     reason = path_reason(path)
     if reason is not None:
         return {"status": reason}
-    if threads:
-        torch.set_num_threads(threads)
     dev = case.device
-    if dev == "cpu":
-        _limit_address_space(address_space_extra)
     print(f"[train step] {case.label} {path}", flush=True)
     small = build_head(path, replace(case, C=min(case.C, 4096)), n_batches=2, seed=1)
     for i in range(2):   # twice: the first allocates the optimizer state, the second uses it
@@ -266,3 +272,33 @@ def measure_train_step(case: TrainCase, path: str, reps: int, threads: int | Non
     except Exception as err:  # noqa: BLE001
         out["status"] = failure(err)
     return out
+
+
+def time_round_robin(case: TrainCase, paths: list[str], reps: int) -> dict:
+    """Every path's head built and given its warm-up step, then ``reps`` rounds of one step of
+    each path in turn: {path: {"status", "fwd", "bwd", "opt", "loss"}}. A path that fails is
+    dropped from the later rounds, the others go on."""
+    print(f"[train step] {case.label} round-robin {', '.join(paths)}", flush=True)
+    heads, out = {}, {}
+    for p in paths:
+        out[p] = {"status": "ok", "fwd": [], "bwd": [], "opt": []}
+        try:
+            heads[p] = build_head(p, case, n_batches=1 + reps)
+            out[p]["loss"] = train_step(heads[p], 0, case.device)[3]
+        except Exception as err:  # noqa: BLE001
+            out[p]["status"] = failure(err)
+            heads.pop(p, None)
+            gc.collect()
+    for i in range(1, 1 + reps):
+        for p in list(heads):
+            try:
+                f, b, o, _ = train_step(heads[p], i, case.device)
+            except Exception as err:  # noqa: BLE001
+                out[p]["status"] = failure(err)
+                del heads[p]
+                gc.collect()
+                continue
+            out[p]["fwd"].append(f)
+            out[p]["bwd"].append(b)
+            out[p]["opt"].append(o)
+    return {"round_robin": out}
