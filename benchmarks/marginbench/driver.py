@@ -41,6 +41,8 @@ How it measures (each point in the module named):
 * ``--time-budget`` (CPU default 255 s): tasks run in priority order (classes-axis timing, its
   memory, the memory-only sizes, then the other axes); a task that would not finish in time,
   judged from its FLOPs and the speed measured so far, is recorded as skipped.
+* ``--train-step`` measures a whole training step of the head instead (``trainrun``); how, in
+  ``trainstep``'s docstring.
 """
 
 from __future__ import annotations
