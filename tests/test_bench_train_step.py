@@ -173,10 +173,14 @@ def test_tiny_train_step_run_of_the_three_paths(tmp_path):
         assert peak["naive"] >= peak["torch_optim"] + 0.5 * w_mb
         assert float(topt["rel_loss_diff"]) < 1e-4   # same W, same batch: the same loss
         assert int(topt["reps"]) == 1 and "timed round-robin" in topt["note"]
+        assert float(naive["rel_diff_after_update"]) < 1e-4
         if HAS_OPTIM:
             assert fused["status"] == "ok", fused
             assert peak["fused"] <= peak["torch_optim"] - 0.5 * w_mb
             assert float(fused["rel_loss_diff"]) < 1e-4
+            # after one update by marginops.optim inside the backward, the same loss as after
+            # torch.optim's step
+            assert float(fused["rel_diff_after_update"]) < 1e-4
         else:
             assert fused["status"].startswith("unavailable: marginops.optim"), fused
     assert (tmp_path / "train-step.png").stat().st_size > 0

@@ -24,7 +24,7 @@ TRAIN_CSV_FIELDS = (["timestamp"] + INFO_FIELDS + [
     "reps", "median_ms", "p20_ms", "p80_ms", "forward_ms", "backward_ms", "optimizer_ms",
     "first_step_ms", "weight_mb", "state_mb", "built_mb", "persistent_mb", "peak_mb",
     "transient_mb", "peak_over_w_state", "speedup_vs_torch_optim", "loss", "rel_loss_diff",
-    "status", "note"])
+    "loss_after_update", "rel_diff_after_update", "status", "note"])
 
 
 def build_rows(cases: list[TrainCase], paths: list[str], results: dict, info: dict,
@@ -33,12 +33,16 @@ def build_rows(cases: list[TrainCase], paths: list[str], results: dict, info: di
     per-phase seconds)."""
     rows = []
     for case in cases:
-        medians, losses = {}, {}
+        medians, losses, after = {}, {}, {}
         for p in paths:
             r = results.get((case, p), {})
             if r.get("status") == "ok" and r.get("fwd"):
                 medians[p] = quantile(_totals(r), 0.5)
-                losses[p] = r.get("loss")
+                losses[p], after[p] = r.get("loss"), r.get("loss_after_update")
+        # the loss of the second step (after one update) against torch.optim's (naive's if
+        # absent): the same W, batches and update give the same loss up to rounding
+        ref_after = next((after[p] for p in ("torch_optim", "naive") if after.get(p) is not None),
+                         None)
         for p in paths:
             r = results.get((case, p), {"status": "skipped: not run"})
             row = dict(info)
@@ -63,6 +67,11 @@ def build_rows(cases: list[TrainCase], paths: list[str], results: dict, info: di
                 ref = losses.get("naive")
                 if ref is not None and p != "naive":
                     row["rel_loss_diff"] = abs(r["loss"] - ref) / max(abs(ref), 1e-12)
+                if r.get("loss_after_update") is not None:
+                    row["loss_after_update"] = r["loss_after_update"]
+                    if ref_after is not None:
+                        row["rel_diff_after_update"] = (abs(r["loss_after_update"] - ref_after)
+                                                        / max(abs(ref_after), 1e-12))
                 row["note"] = "; ".join(n for n in (row["note"], r.get("mem_note", "")) if n)
             rows.append(row)
     return rows

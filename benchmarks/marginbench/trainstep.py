@@ -261,8 +261,10 @@ def measure_train_step(case: TrainCase, path: str, reps: int) -> dict:
         peak, reset = 0, True
         for i in range(1, 1 + reps):
             reset = _reset_peak(dev) and reset
-            f, b, o, _ = train_step(head, i, dev)
+            f, b, o, loss = train_step(head, i, dev)
             peak = max(peak, _peak(dev) - base)
+            if i == 1:   # W has been stepped once: equal losses say the updates are the same
+                out["loss_after_update"] = loss
             out["fwd"].append(f)
             out["bwd"].append(b)
             out["opt"].append(o)
