@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.marginops-installed
 DOCS_STAMP  := $(VENV)/.marginops-docs-installed
 EXT_SOURCES := $(shell find marginops/csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: setup bench test lint cuda-check gpu-check test-triton-oldest clean docs browser
+.PHONY: setup bench bench-train-step test lint cuda-check gpu-check test-triton-oldest clean docs browser
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(EXT_SOURCES)
 
 bench: setup
 	$(PY) benchmarks/bench_fused.py
+
+# Memory and time of a whole training step of the classifier head (naive + torch.optim, marginops +
+# torch.optim, marginops fused step): benchmarks/results/<machine>/train-step.*
+bench-train-step: setup
+	$(PY) benchmarks/bench_fused.py --train-step
 
 # CI runs exactly this. The CUDA extension build (no GPU needed) comes first so that pytest's
 # summary is the last thing printed.

@@ -6,6 +6,8 @@
     python benchmarks/bench_fused.py --quick                   # tiny smoke run (used by a test)
     python benchmarks/bench_fused.py --classes 1m --batch 4096 --dim 512 --dtype bfloat16 --model
                                                                # exactly that case, with the model
+    python benchmarks/bench_fused.py --train-step              # a whole training step of the head:
+                                                               # memory and time, 3 optimizer paths
 
 Providers, as the tables name them: naive PyTorch, naive + torch.compile, marginops torch / cpp /
 cuda / triton, F.linear_cross_entropy (plain CE), pytorch-metric-learning, bare GEMMs; each one
@@ -13,7 +15,9 @@ that cannot run here is recorded with the reason in the CSV's ``status``.
 
 The code is the package ``benchmarks/marginbench``: ``providers`` (what is timed), ``worker`` (the
 fresh measurement process), ``planning`` (cases and tasks), ``report`` (rows, table, CSV, plots),
-``driver`` (command line and the run; its docstring says how everything is measured).
+``driver`` (command line and the run; its docstring says how everything is measured);
+``--train-step``: ``trainstep`` (the three paths and their measurement process), ``trainrun``
+(cases and run), ``trainreport`` (rows, tables, plot, bytes per class and GPU capacity).
 ``benchmarks/model.py`` is the GPU roofline model printed by ``--model``.
 
 Output, in ``benchmarks/results/<machine>/`` (``--out`` to change): ``bench.csv`` (one tidy row per

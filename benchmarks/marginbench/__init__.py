@@ -7,4 +7,7 @@
     report     tidy rows, the Markdown table, the CSV, the plots
     modelreport the roofline model (benchmarks/model.py) beside the measured times (--model)
     driver     the command line and the run; its docstring says how everything is measured
+    trainstep  --train-step: the three optimizer paths, one (case, path) per fresh process
+    trainrun   --train-step: its cases, tasks and run
+    trainreport --train-step: rows, CSV, tables, plot, bytes per class and GPU capacity
 """

@@ -41,6 +41,8 @@ How it measures (each point in the module named):
 * ``--time-budget`` (CPU default 255 s): tasks run in priority order (classes-axis timing, its
   memory, the memory-only sizes, then the other axes); a task that would not finish in time,
   judged from its FLOPs and the speed measured so far, is recorded as skipped.
+* ``--train-step`` measures a whole training step of the head instead (``trainrun``); how, in
+  ``trainstep``'s docstring.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ import marginops
 
 from .common import (
     FAMILIES,
-    Plan,
     loadavg,
     machine_info,
     mem_available_bytes,
@@ -75,6 +76,8 @@ from .report import build_rows, markdown_table, plot, write_csv
 from .worker import worker
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRELOAD = ["torch", "torch._dynamo", "marginops", "marginops.reference",
+           "pytorch_metric_learning.losses", "marginbench.worker"]
 
 
 class Progress:
@@ -113,11 +116,14 @@ class Progress:
                   flush=True)
 
 
-def _run_tasks(tasks: list[Task], plan: Plan, args, log_path: str, address_extra: int | None,
-               deadline: float | None, budget_s: float) -> list[dict]:
+def run_fresh(tasks: list, spec_of, target, preload: list[str], task_timeout: float,
+              log_path: str, deadline: float | None, budget_s: float) -> list[dict]:
+    """Run each task (``.label``, ``.est_s``) as ``target(spec_of(task), conn)`` in a fresh
+    process forked from a forkserver that imported ``preload``; the outcome of each, in order: the
+    dict ``target`` sent, or ``{"fatal": reason}`` (skipped for the time budget, timeout, killed,
+    crashed)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "marginops", "marginops.reference",
-                                "pytorch_metric_learning.losses", "marginbench.worker"])
+    ctx.set_forkserver_preload(preload)
     outcomes: list[dict] = []
     # progress is weighted by each task's estimated work (FLOPs), so the ETA means something
     weights = [t.est_s for t in tasks]
@@ -133,15 +139,11 @@ def _run_tasks(tasks: list[Task], plan: Plan, args, log_path: str, address_extra
             bar.update(task.est_s * scale)
             continue
         t_task = time.monotonic()
-        spec = {"case": asdict(task.case), "providers": task.providers,
-                "memory_for": task.memory_for, "reps": task.reps, "warmup": plan.warmup,
-                "compile_static": args.compile_static, "log": log_path,
-                "address_space_extra": address_extra, "threads": args.threads}
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=worker, args=(spec, child), daemon=True)
+        proc = ctx.Process(target=target, args=(spec_of(task), child), daemon=True)
         proc.start()
         child.close()
-        timeout = args.task_timeout
+        timeout = task_timeout
         if deadline is not None:   # a task that overruns the budget is stopped soon after it
             timeout = min(timeout, max(deadline - time.monotonic(), 0) + 15)
         outcome = None
@@ -224,6 +226,21 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default benchmarks/results/<machine>)")
     p.add_argument("--machine", help="machine name for the output folder")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--train-step", action="store_true",
+                   help="memory and time of a whole training step of the classifier head "
+                        "(forward, backward, optimizer step, zero_grad): naive PyTorch + "
+                        "torch.optim, marginops + torch.optim, marginops fused step "
+                        "(marginbench/trainrun.py); files train-step[-adamw].*")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="--train-step: SGD (lr 0.1, momentum 0.9, weight decay 5e-4; default) or "
+                        "AdamW (lr 1e-3, weight decay 1e-2)")
+    p.add_argument("--paths", help="--train-step: subset of naive,torch_optim,fused")
+    p.add_argument("--chunk-bytes", type=int, default=None,
+                   help="--train-step: marginops.optim's chunk_bytes, the weight-gradient bytes "
+                        "of one chunk of classes (default: marginops.optim's, 64 MiB)")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="--train-step: fraction of a GPU's memory kept free in the capacity "
+                        "table (CUDA context, allocator slack; default 0.1)")
     p.add_argument("--model", action="store_true",
                    help="print the roofline model (benchmarks/model.py) of every case: next to "
                         "the measured times on a GPU, alone otherwise")
@@ -231,6 +248,38 @@ def parse_args(argv=None):
                    help="GPU the model assumes (a100, h100, h200; default: the GPU present, "
                         "else h100)")
     return p.parse_args(argv)
+
+
+def print_header(title: str, device: str, info: dict, mem_available: int, mem_total: int) -> str:
+    """The lines every run starts with: machine, versions, load, memory, backends. Returns the
+    load average at the start."""
+    print(title)
+    print(f"machine  {info['machine']}  (host {info['hostname']}, {info['cpu_model']}, "
+          f"{info['cores']} cores, {info['threads']} torch threads"
+          + (f", GPU {info['gpu']}" if info["gpu"] else "") + ")")
+    print(f"versions python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
+          f"marginops {info['marginops']}, pytorch-metric-learning {info['pml']}")
+    load_start = loadavg()
+    print(f"load     {load_start} (1/5/15-min load average; timings on a shared machine are noisy)")
+    print(f"memory   {mem_available / 2**30:.1f} of {mem_total / 2**30:.1f} GiB available; "
+          f"this process "
+          f"{(proc_status_kb('VmRSS') or 0) / 1024:.0f} MB resident")
+    print("backends " + ", ".join(f"{k}: {'ok' if v is None else 'no'}" for k, v in
+                                  marginops.backend_status(device).items()))
+    return load_start
+
+
+def command_line(argv) -> str:
+    """The command as the reader would type it (argv = main's argument, None: sys.argv)."""
+    args = sys.argv[1:] if argv is None else argv
+    return "python benchmarks/bench_fused.py" + "".join(" " + a for a in args)
+
+
+def memory_of(device: str) -> tuple[int, int]:
+    """(available, total) bytes: the GPU's, or the machine's."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()
+    return mem_available_bytes(), mem_total_bytes()
 
 
 def main(argv=None) -> int:
@@ -244,18 +293,17 @@ def main(argv=None) -> int:
     info = machine_info(device)
     if args.machine:
         info["machine"] = slug(args.machine)
+    if args.train_step:
+        from .trainrun import run_train_step
+        return run_train_step(args, device, info, t_start, command_line(argv))
     plan = default_plan(args, device)
     suffix = f"-{plan.name}" if plan.name else ""
     out_dir = args.out or os.path.join(BENCH_DIR, "results", info["machine"])
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.abspath(os.path.join(out_dir, f"bench{suffix}.log"))
     open(log_path, "w").close()
-    if device == "cuda":
-        mem_available, mem_total = torch.cuda.mem_get_info()
-        address_extra = None
-    else:
-        mem_available, mem_total = mem_available_bytes(), mem_total_bytes()
-        address_extra = int(0.85 * mem_available)
+    mem_available, mem_total = memory_of(device)
+    address_extra = None if device == "cuda" else int(0.85 * mem_available)
     budget = args.time_budget
     if budget is None:
         budget = 255.0 if (device == "cpu" and not plan.name) else 0.0
@@ -263,19 +311,8 @@ def main(argv=None) -> int:
     tasks, decided = build_tasks(plan, args.mem_cap, mem_total)
 
     what = {"": "", "quick": " --quick"}.get(plan.name, f" --preset {plan.name}")
-    print(f"marginops bench_fused{what} on {device}")
-    print(f"machine  {info['machine']}  (host {info['hostname']}, {info['cpu_model']}, "
-          f"{info['cores']} cores, {info['threads']} torch threads"
-          + (f", GPU {info['gpu']}" if info["gpu"] else "") + ")")
-    print(f"versions python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
-          f"marginops {info['marginops']}, pytorch-metric-learning {info['pml']}")
-    load_start = loadavg()
-    print(f"load     {load_start} (1/5/15-min load average; timings on a shared machine are noisy)")
-    print(f"memory   {mem_available / 2**30:.1f} of {mem_total / 2**30:.1f} GiB available; "
-          f"this process "
-          f"{(proc_status_kb('VmRSS') or 0) / 1024:.0f} MB resident")
-    print("backends " + ", ".join(f"{k}: {'ok' if v is None else 'no'}" for k, v in
-                                  marginops.backend_status(device).items()))
+    load_start = print_header(f"marginops bench_fused{what} on {device}", device, info,
+                              mem_available, mem_total)
     print(f"plan     {len(plan.cases)} cases x {len(plan.providers)} providers, {plan.reps} reps "
           f"(+{plan.warmup} warm-up), {len(tasks)} fresh processes"
           + (f", time budget {budget:.0f} s" if budget else ""))
@@ -284,15 +321,22 @@ def main(argv=None) -> int:
     sys.stdout.flush()
 
     timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    outcomes = _run_tasks(tasks, plan, args, log_path, address_extra, deadline, budget)
+
+    def spec_of(task: Task) -> dict:
+        return {"case": asdict(task.case), "providers": task.providers,
+                "memory_for": task.memory_for, "reps": task.reps, "warmup": plan.warmup,
+                "compile_static": args.compile_static, "log": log_path,
+                "address_space_extra": address_extra, "threads": args.threads}
+
+    outcomes = run_fresh(tasks, spec_of, worker, PRELOAD, args.task_timeout, log_path, deadline,
+                         budget)
     rows = build_rows(plan, tasks, outcomes, decided, info, timestamp)
 
     csv_path = os.path.join(out_dir, f"bench{suffix}.csv")
     write_csv(rows, csv_path)
     table = markdown_table(rows)
     elapsed = time.monotonic() - t_start
-    cmd = "python benchmarks/bench_fused.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                                 " " + " ".join(argv if argv else sys.argv[1:]))
+    cmd = command_line(argv)
     md = (f"`{cmd}` — {info['machine']} ({info['cpu_model']}, {info['cores']} cores"
           + (f", {info['gpu']}" if info["gpu"] else "") + f"), python {info['python']}, torch "
           f"{info['torch']}, triton {info['triton']}, marginops {info['marginops']}, "

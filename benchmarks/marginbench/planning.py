@@ -33,6 +33,14 @@ STEP_FLOPS = {("cpu", True): 20e9, ("cpu", False): 10e9,
               ("cuda", True): 5e12, ("cuda", False): 20e12}
 
 
+def fused_default_backend(device: str) -> str:
+    """The fused backend a user gets by default: triton, then cuda, on a GPU; cpp on CPU; torch
+    where none of them is available."""
+    status = marginops.backend_status(device)
+    order = ("triton", "cuda", "torch") if device == "cuda" else ("cpp", "torch")
+    return next((b for b in order if status[b] is None), "torch")
+
+
 def _case_flags_given(args) -> bool:
     return any(getattr(args, k) for k in ("classes", "batch", "dim", "dtypes", "families"))
 
@@ -99,9 +107,7 @@ def default_plan(args, device: str) -> Plan:
             add(case(f, base_b, sweep_c, base_d, base_t), "family")
     cases = list(axis)
 
-    status = marginops.backend_status(device)
-    fused_default = next((b for b in (("triton", "cuda", "torch") if on_gpu else ("cpp", "torch"))
-                          if status[b] is None), "torch")
+    fused_default = fused_default_backend(device)
     if args.providers:
         providers = parse_names(args.providers, PROVIDERS)
     elif name == "million-classes":   # cpp when built; else the torch backend stands in
