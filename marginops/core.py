@@ -161,7 +161,11 @@ def _check_features_weight(features: Tensor, weight: Tensor, subcenters: int) ->
     """Metadata checks shared by margin_lse and topk_dot; returns the class count C = rows / K."""
     check_embeddings(features, name="features", allow_empty=True)
     check_weight(weight, features)
-    subcenters = check_int("subcenters", subcenters)
+    return class_count(weight, check_int("subcenters", subcenters))
+
+
+def class_count(weight: Tensor, subcenters: int) -> int:
+    """C = weight rows / K for a checked int K, with the error when K does not divide them."""
     if weight.shape[0] % subcenters:
         raise ValueError(f"subcenters={subcenters!r} must be a positive int dividing weight's "
                          f"{weight.shape[0]} rows.")
@@ -227,9 +231,6 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
     # Metadata first (free, raises at once), then value checks (device asserts by default).
     check_validate(validate)
     num_local = _check_features_weight(features, weight, subcenters)
-    filter_threshold = check_real("interclass_filtering_threshold",
-                                  interclass_filtering_threshold, low=0.0)
-    batch = features.shape[0]
     start = 0
     if class_range is not None:
         if len(class_range) != 2:
@@ -239,11 +240,35 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
             raise ValueError(f"class_range={tuple(class_range)} says this shard owns "
                              f"{class_range[1]} classes but weight has {num_local} (= "
                              f"{weight.shape[0]} rows / {subcenters} sub-centers).")
+        class_range = (start, num_local)
     # Labels are global ids: a shard (class_range) cannot bound them from above.
-    check_labels(labels, batch, num_local if class_range is None else None, features.device,
-                 validate=validate)
+    check_labels(labels, features.shape[0], num_local if class_range is None else None,
+                 features.device, validate=validate)
     if class_index is not None:
         check_class_index(class_index, num_local, features.device, validate=validate)
+    return margin_lse_checked(features, weight, labels, scale, bias,
+                              normalize_weight=normalize_weight, class_range=class_range,
+                              class_index=class_index, hard_negative=hard_negative,
+                              subcenters=int(subcenters),
+                              interclass_filtering_threshold=interclass_filtering_threshold,
+                              backend=backend, validate=validate)
+
+
+def margin_lse_checked(features: Tensor, weight: Tensor, labels: Tensor, scale: float | Tensor,
+                       bias: Tensor | None, *, normalize_weight: bool,
+                       class_range: tuple[int, int] | None, class_index: Tensor | None,
+                       hard_negative: tuple[Tensor | float, Tensor | float] | None,
+                       subcenters: int, interclass_filtering_threshold: float, backend: str,
+                       validate: str) -> MarginLSE:
+    """:func:`margin_lse` after its caller ran the checks of features, weight, subcenters,
+    class_range, labels and class_index (``margin_lse`` itself, or a module's ``_check_inputs``):
+    the module path validates each input once per call. ``class_range=None`` promises labels were
+    checked to lie in [-1, C) (C = weight rows / subcenters); ``(start, C)`` that start is an int
+    >= 0 and C that count. Checks the rest (scale, bias, hard_negative, the threshold)."""
+    num_local = weight.shape[0] // subcenters
+    filter_threshold = check_real("interclass_filtering_threshold",
+                                  interclass_filtering_threshold, low=0.0)
+    batch = features.shape[0]
     acc = _acc(features.dtype)
     scale_rows = _row_vector("scale", scale, batch, features)
     if bias is not None:
@@ -265,7 +290,15 @@ def margin_lse(features: Tensor, weight: Tensor, labels: Tensor, scale: float | 
         hard_t = _scalar("hard_negative t", t, features)
     name = resolve_backend(backend, features.device, features.dtype,
                            (batch, num_local, features.shape[1]))
-    target_col = target_columns(labels, num_local, (start, num_local), class_index)
+    if class_range is None and class_index is None and (
+            validate == "device" or not torch.compiler.is_compiling()):
+        # labels in [-1, C) were checked (a device assert, or on the host): each is its own
+        # target column, -1 = none, which is what target_columns would compute, minus 4 ops.
+        # (validate="full" under torch.compile checks nothing: target_columns then maps bad
+        # labels to -1 as before.)
+        target_col = labels.contiguous()
+    else:
+        target_col = target_columns(labels, num_local, class_range, class_index)
     lse_neg, dot_y = _backend_module(name).margin_lse(
         features.contiguous(), weight.contiguous(), scale_rows, bias, target_col, class_index,
         hard_tau, hard_t, bool(normalize_weight), subcenters, filter_threshold)

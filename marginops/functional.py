@@ -23,7 +23,7 @@ from ._validation import (
     check_validate,
     check_weight,
 )
-from .core import margin_lse
+from .core import class_count, margin_lse_checked
 
 
 def normalize_rows(embeddings: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,15 +104,16 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
     check_embeddings(embeddings, validate=validate)
     check_weight(weight, embeddings)
     subcenters = check_int("subcenters", subcenters)
+    num_classes = class_count(weight, subcenters)
     check_scale("scale", scale, embeddings.device)
-    check_labels(labels, embeddings.shape[0], weight.shape[0] // subcenters, embeddings.device,
-                 validate=validate)
+    check_labels(labels, embeddings.shape[0], num_classes, embeddings.device, validate=validate)
     x_hat, _ = normalize_rows(embeddings)
-    lse_neg, dot_y = margin_lse(x_hat, weight, labels, scale, bias,
-                                normalize_weight=normalize_weight, hard_negative=hard_negative,
-                                subcenters=subcenters,
-                                interclass_filtering_threshold=interclass_filtering_threshold,
-                                backend=backend, validate=validate)
+    # every input the core op would check again was checked above: validate once per call
+    lse_neg, dot_y = margin_lse_checked(
+        x_hat, weight, labels, scale, bias, normalize_weight=normalize_weight, class_range=None,
+        class_index=None, hard_negative=hard_negative, subcenters=subcenters,
+        interclass_filtering_threshold=interclass_filtering_threshold, backend=backend,
+        validate=validate)
     psi = dot_y if target_fn is None else target_fn(dot_y)
     target = scale_times(scale, psi)
     if bias is not None:

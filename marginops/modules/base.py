@@ -34,7 +34,7 @@ from .._validation import (
     check_validate,
     check_weight,
 )
-from ..core import BACKENDS, MarginLSE, margin_lse, resolve_backend, topk_dot
+from ..core import BACKENDS, MarginLSE, margin_lse_checked, resolve_backend, topk_dot
 from ..functional import normalize_rows, reduce_rows, scale_times, softmax_rows
 from ..optim import tag_classifier_weight
 
@@ -154,11 +154,14 @@ class MarginSoftmaxLoss(nn.Module):
 
     def _class_side(self, x_hat: Tensor, labels: Tensor, scale: float | Tensor,
                     hard_negative) -> MarginLSE:
-        return margin_lse(x_hat, self.weight, labels, scale, self.bias,
-                          normalize_weight=self.normalize_weight, class_range=self._class_range(),
-                          hard_negative=hard_negative, subcenters=self.subcenters,
-                          interclass_filtering_threshold=self.interclass_filtering_threshold,
-                          backend=self.backend, validate=self.validate)
+        # _check_inputs validated embeddings, weight and labels (against num_classes, so against
+        # local_classes when this module owns every class): the core op does not check them again.
+        return margin_lse_checked(x_hat, self.weight, labels, scale, self.bias,
+                                  normalize_weight=self.normalize_weight,
+                                  class_range=self._class_range(), class_index=None,
+                                  hard_negative=hard_negative, subcenters=self.subcenters,
+                                  interclass_filtering_threshold=self.interclass_filtering_threshold,
+                                  backend=self.backend, validate=self.validate)
 
     @torch.no_grad()
     def _target_cosine(self, x_hat: Tensor, labels: Tensor) -> Tensor:
