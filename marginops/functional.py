@@ -38,11 +38,11 @@ def normalize_rows(embeddings: Tensor) -> tuple[Tensor, Tensor]:
     """
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x = embeddings.to(acc)
-    norms = x.norm(dim=1)
+    norms = x.norm(dim=1, keepdim=True)  # (B, 1): no unsqueeze node in the graph
     # x / inf = 0 on zero rows, with no gradient through the constant; other rows (NaN ones too)
     # are divided exactly as before.
     denom = torch.where(norms == 0, float("inf"), norms.clamp_min(1e-12))
-    return (x / denom[:, None]).to(embeddings.dtype), norms
+    return (x / denom).to(embeddings.dtype), norms.squeeze(1)
 
 
 def softmax_rows(lse_neg: Tensor, target_logit: Tensor) -> Tensor:
@@ -54,13 +54,13 @@ def softmax_rows(lse_neg: Tensor, target_logit: Tensor) -> Tensor:
     including 1/2 at x = 0. Shapes: (B,), (B,) → (B,).
     """
     x = lse_neg - target_logit
-    return torch.logaddexp(x, torch.zeros_like(x))
+    return torch.logaddexp(x, x.new_zeros(()))  # a 0-d zero broadcasts: no (B,) allocation
 
 
 def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
     """Mean over the non-ignored rows (0 when all are ignored), sum, or the (B,) rows themselves;
     ignored rows hold exactly 0 and receive no gradient."""
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    rows = torch.where(valid, rows, rows.new_zeros(()))
     if reduction == "none":
         return rows
     if reduction == "sum":

@@ -367,3 +367,68 @@ def test_torch_compile_through_keep_path(keep_budget):
 
     grads(torch.compile(loss_fn, fullgraph=True, backend=capture))
     assert "marginops.margin_lse_keep" in traced   # the keep path is what gets traced
+
+
+# ------------------------------------------------------------------------------------------------
+# Small shapes: the fixed per-call cost (issue 13). A module or functional call validates each
+# input once: the core op does not check labels again (a device assert is a few small ops and a
+# dispatch, paid on every step).
+# ------------------------------------------------------------------------------------------------
+
+class _CountAsserts(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._assert_async.msg, torch.ops.aten._assert_async.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("entry", ["module", "functional"])
+def test_one_label_check_per_call(entry):
+    import marginops
+
+    torch.manual_seed(0)
+    B, C, D = 6, 11, 8
+    x = torch.randn(B, D, requires_grad=True)
+    labels = torch.tensor([0, 3, -1, 10, 5, 3])
+    loss_fn = marginops.ArcFaceLoss(D, C, backend="cpp")
+    with _CountAsserts() as mode:
+        if entry == "module":
+            loss = loss_fn(x, labels)
+        else:
+            loss = marginops.functional.arcface_loss(x, loss_fn.weight, labels, backend="cpp")
+    assert mode.count == 1
+    loss.backward()  # the call still works end to end
+    # and the one check still rejects a bad label, before anything is computed
+    with pytest.raises(RuntimeError, match="labels has values outside"):
+        loss_fn(x, torch.tensor([0, 3, -1, 11, 5, 3]))
+
+
+def test_checked_core_op_equals_public_op_bit_for_bit():
+    """Unsharded, each label is its own target column (-1: none): the same results as the
+    general target_columns path, taken here through an explicit class_range (0, C)."""
+    import marginops
+    from marginops.core import margin_lse_checked
+
+    torch.manual_seed(0)
+    B, C, D = 7, 13, 9
+    x = torch.nn.functional.normalize(torch.randn(B, D, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(C, D, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 12, -1, 5, 5, -1, 7])
+    outs = []
+    for fast in (True, False):
+        x.grad = w.grad = None
+        if fast:
+            lse, dot = margin_lse_checked(
+                x, w, labels, 3.0, None, normalize_weight=True, class_range=None,
+                class_index=None, hard_negative=None, subcenters=1,
+                interclass_filtering_threshold=0.0, backend="cpp", validate="device")
+        else:
+            lse, dot = marginops.margin_lse(x, w, labels, 3.0, class_range=(0, C), backend="cpp")
+        (lse.sin().sum() + dot.cos().sum()).backward()
+        outs.append((lse.detach(), dot.detach(), x.grad.clone(), w.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
