@@ -84,6 +84,7 @@ from torch.optim.sgd import sgd as _sgd
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .ops import FUSED_STEPS
+from .ops import cpp as _cpp
 
 __all__ = ["SGD", "AdamW", "DEFAULT_CHUNK_BYTES", "tag_classifier_weight"]
 
@@ -247,6 +248,25 @@ class _BoundStep:
         return _fused_backward(optimizer, *args)
 
 
+def _step_op_applies(group: dict, *tensors: Tensor) -> bool:
+    """Whether the C++ one-pass update (csrc/cpu/optim_step.cpp) can step these chunks: the
+    extension is loaded (it is not compiled just for this), CPU fp32/fp64 tensors of one dtype,
+    contiguous (row slices of W and its state are), Python-number hyperparameters. Elsewhere
+    (CUDA, bf16 weights, the masked zero-gradient pass's broadcast zero gradient, a Tensor lr)
+    torch.optim's functional runs instead: the same update, in several passes."""
+    if not (_cpp.loaded() and _USE_STEP_OPS):
+        return False
+    hyper = (group["lr"], group["weight_decay"], *group.get("betas", ()))
+    if any(isinstance(h, Tensor) for h in hyper):
+        return False
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
+_USE_STEP_OPS = True  # a benchmarking knob (A/B against torch's functional); tests read it too
+
+
 def _rows_update(opt, group: dict, state: dict, p: Tensor, grad: Tensor, rows,
                  gathered: Tensor | None = None) -> None:
     """Step rows ``rows`` (a slice, or a LongTensor of sorted unique rows) of the 2-D ``p`` (and
@@ -368,6 +388,12 @@ class SGD(_Fused, torch.optim.SGD):
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
 
     def _update(self, group: dict, state: dict, p: Tensor, grad: Tensor, states: list) -> None:
+        if _step_op_applies(group, p, grad, *states):  # one fused pass, the same arithmetic
+            torch.ops.marginops.sgd_step_(
+                p, grad, states[0] if states else None, group["lr"], group["weight_decay"],
+                group["momentum"], group["dampening"], group["nesterov"],
+                group.get("maximize", False), self._first)
+            return
         bufs = list(states) if states and not self._first else [None]
         _sgd([p], [grad], bufs, foreach=False, weight_decay=group["weight_decay"],
              momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
@@ -411,6 +437,12 @@ class AdamW(_Fused, torch.optim.AdamW):
 
     def _update(self, group: dict, state: dict, p: Tensor, grad: Tensor, states: list) -> None:
         beta1, beta2 = group["betas"]
+        if _step_op_applies(group, p, grad, *states):  # one fused pass, the same arithmetic
+            # the step count after this step's increment, as the functional reads it (a float)
+            torch.ops.marginops.adamw_step_(
+                p, grad, states[0], states[1], group["lr"], group["weight_decay"], beta1, beta2,
+                group["eps"], float(self._step_now) + 1.0, group.get("maximize", False))
+            return
         step = self._step_now.clone()  # the functional increments it: once per chunk, on a copy
         _adam([p], [grad], [states[0]], [states[1]], [], [step], foreach=False,
               decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
