@@ -100,8 +100,10 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 fp32). Large enough for efficient GEMMs and to amortise the per-chunk calls, small beside W and
 within a server CPU's L3, where the update finds the gradient the backward just wrote; the extra
 memory of a step is about one chunk, whatever the number of classes. Measured on the 2-core EPYC
-(A/B interleaved in one process, C = 100K / 300K, SGD and AdamW): 16 MiB had the lowest minimum
-step time and medians within the noise of 32 and 64 MiB; 4 MiB and below were slower."""
+(A/B interleaved in one process, B = 64, D = 512 fp32, C = 100K): at load average 1.0-1.4, median
+step 130 ms with 16 MiB chunks against 166 ms with 64 MiB (SGD), 167 against 209 ms (AdamW); at
+load 5-6 (C = 100K / 300K) 16 MiB had the lowest minimum and medians within the noise of 32 and
+64 MiB; 4 MiB and below were slower."""
 
 
 # classifier weight -> weak reference to its module. A registry, not an attribute of the
