@@ -27,11 +27,18 @@ Design
   of returning grad W.
 * `_fused_backward` loops over chunks of classes: it calls the backend's own backward op on
   the chunk's rows (``bias``, ``target_col`` and the kept dots sliced to the chunk, the global
-  ``lse_neg``), sums grad_features / grad_scale, and hands the chunk's weight gradient to
-  torch.optim's *own functional update* (``torch.optim.sgd.sgd`` / ``torch.optim.adam.adam``,
-  single-tensor path) on those rows and their state rows. The update is elementwise, so running
-  it on row slices is the same arithmetic, in the same order, as torch.optim on the whole tensor.
-  Extra memory: one chunk of gradient plus the update's temporaries (a few chunks), whatever C.
+  ``lse_neg``), sums grad_features / grad_scale, and steps the chunk's rows and their state rows
+  with its weight gradient. The update is elementwise, so running it on row slices is the same
+  arithmetic, in the same order, as torch.optim on the whole tensor. Extra memory: one chunk of
+  gradient (plus, on the functional path, the update's temporaries), whatever C.
+* The update itself: on CPU (fp32 / fp64, the extension loaded) the C++ op
+  ``marginops::sgd_step_`` / ``adamw_step_`` (csrc/cpu/optim_step.cpp) does it in ONE pass per
+  element (read g, p, state; write p, state) with the per-element arithmetic of torch's
+  single-tensor functional; everywhere else torch.optim's *own functional update*
+  (``torch.optim.sgd.sgd`` / ``torch.optim.adam.adam``, single-tensor path), which makes a pass
+  and a temporary per tensor op (SGD + momentum + weight decay: ~9 chunk-sized reads and writes
+  instead of 5). The update is memory-bound: that difference is what made the fused step slower
+  than marginops + torch.optim on CPU (issue 15), and what the op removes.
 * Partial FC (``class_index``, sorted unique local ids — what the sampler makes): the sampled
   classes are gathered chunk by chunk, differentiated, updated and scattered back; then every
   chunk of rows gets the zero-gradient update (weight decay, momentum / moment decay) on the rows
@@ -39,7 +46,7 @@ Design
   does with the dense gradient, whose unsampled rows are zeros.
 * The bias is C floats and also receives gradient from the target term outside the core op: it
   keeps its ``.grad`` and ``opt.step()`` steps it, exactly like torch.optim.
-* Chunk size: ``chunk_bytes`` of gradient (default ``DEFAULT_CHUNK_BYTES`` = 64 MiB, i.e. 32768
+* Chunk size: ``chunk_bytes`` of gradient (default ``DEFAULT_CHUNK_BYTES`` = 16 MiB, i.e. 8192
   classes at D = 512 fp32), a constructor argument.
 
 What cannot work raises (each before anything changes) or is documented:
@@ -84,13 +91,19 @@ from torch.optim.sgd import sgd as _sgd
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .ops import FUSED_STEPS
+from .ops import cpp as _cpp
 
 __all__ = ["SGD", "AdamW", "DEFAULT_CHUNK_BYTES", "tag_classifier_weight"]
 
-DEFAULT_CHUNK_BYTES = 64 << 20
-"""Bytes of weight gradient per chunk of the fused backward (64 MiB: 32768 classes at D = 512
-fp32). Large enough for efficient GEMMs, small beside W; the extra memory of a step is a few
-chunks (the gradient chunk, the update's temporaries), whatever the number of classes."""
+DEFAULT_CHUNK_BYTES = 16 << 20
+"""Bytes of weight gradient per chunk of the fused backward (16 MiB: 8192 classes at D = 512
+fp32). Large enough for efficient GEMMs and to amortise the per-chunk calls, small beside W and
+within a server CPU's L3, where the update finds the gradient the backward just wrote; the extra
+memory of a step is about one chunk, whatever the number of classes. Measured on the 2-core EPYC
+(A/B interleaved in one process, B = 64, D = 512 fp32, C = 100K): at load average 1.0-1.4, median
+step 130 ms with 16 MiB chunks against 166 ms with 64 MiB (SGD), 167 against 209 ms (AdamW); at
+load 5-6 (C = 100K / 300K) 16 MiB had the lowest minimum and medians within the noise of 32 and
+64 MiB; 4 MiB and below were slower."""
 
 
 # classifier weight -> weak reference to its module. A registry, not an attribute of the
@@ -247,6 +260,25 @@ class _BoundStep:
         return _fused_backward(optimizer, *args)
 
 
+def _step_op_applies(group: dict, *tensors: Tensor) -> bool:
+    """Whether the C++ one-pass update (csrc/cpu/optim_step.cpp) can step these chunks: the
+    extension is loaded (it is not compiled just for this), CPU fp32/fp64 tensors of one dtype,
+    contiguous (row slices of W and its state are), Python-number hyperparameters. Elsewhere
+    (CUDA, bf16 weights, the masked zero-gradient pass's broadcast zero gradient, a Tensor lr)
+    torch.optim's functional runs instead: the same update, in several passes."""
+    if not (_cpp.loaded() and _USE_STEP_OPS):
+        return False
+    hyper = (group["lr"], group["weight_decay"], *group.get("betas", ()))
+    if any(isinstance(h, Tensor) for h in hyper):
+        return False
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
+_USE_STEP_OPS = True  # a benchmarking knob (A/B against torch's functional); tests read it too
+
+
 def _rows_update(opt, group: dict, state: dict, p: Tensor, grad: Tensor, rows,
                  gathered: Tensor | None = None) -> None:
     """Step rows ``rows`` (a slice, or a LongTensor of sorted unique rows) of the 2-D ``p`` (and
@@ -368,6 +400,12 @@ class SGD(_Fused, torch.optim.SGD):
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
 
     def _update(self, group: dict, state: dict, p: Tensor, grad: Tensor, states: list) -> None:
+        if _step_op_applies(group, p, grad, *states):  # one fused pass, the same arithmetic
+            torch.ops.marginops.sgd_step_(
+                p, grad, states[0] if states else None, group["lr"], group["weight_decay"],
+                group["momentum"], group["dampening"], group["nesterov"],
+                group.get("maximize", False), self._first)
+            return
         bufs = list(states) if states and not self._first else [None]
         _sgd([p], [grad], bufs, foreach=False, weight_decay=group["weight_decay"],
              momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
@@ -411,6 +449,12 @@ class AdamW(_Fused, torch.optim.AdamW):
 
     def _update(self, group: dict, state: dict, p: Tensor, grad: Tensor, states: list) -> None:
         beta1, beta2 = group["betas"]
+        if _step_op_applies(group, p, grad, *states):  # one fused pass, the same arithmetic
+            # the step count after this step's increment, as the functional reads it (a float)
+            torch.ops.marginops.adamw_step_(
+                p, grad, states[0], states[1], group["lr"], group["weight_decay"], beta1, beta2,
+                group["eps"], float(self._step_now) + 1.0, group.get("maximize", False))
+            return
         step = self._step_now.clone()  # the functional increments it: once per chunk, on a copy
         _adam([p], [grad], [states[0]], [states[1]], [], [step], foreach=False,
               decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,

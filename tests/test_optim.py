@@ -201,6 +201,135 @@ def test_partial_fc_class_index(backend, opt_name, dtype):
     train_pair(m, opt_name, dtype, steps=20, loss_fn=partial_fc(m))
 
 
+# ----------------------------------------------------------------------------- the C++ update
+
+def step_ops():
+    """The cpp extension's one-pass updates (csrc/cpu/optim_step.cpp), loaded."""
+    from marginops.ops import cpp
+    assert cpp.availability("cpp", torch.device("cpu")) is None
+    return torch.ops.marginops
+
+
+# Unit tolerances of the one-pass op against torch's functional, per element: the same operations
+# in the same order (measured bit-identical for SGD on this machine), except where ATen's
+# vectorised kernels round differently from IEEE (AdamW's fp32 sqrt: 1 ulp in ~17% of elements)
+# or its scalar tail loops contract a mul and an add (1 ulp). A few ulps, never more.
+def assert_ulps(got, want, dtype):
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, want, rtol=8 * eps, atol=8 * eps, equal_nan=True)
+
+
+SGD_CASES = {  # name: (kwargs of torch.optim.sgd.sgd, first step)
+    "plain": (dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False), False),
+    "wd_only": (dict(momentum=0.0, dampening=0.0, weight_decay=1e-2, nesterov=False), False),
+    "momentum_first": (dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False), True),
+    "momentum": (dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False), False),
+    "dampening": (dict(momentum=0.8, dampening=0.3, weight_decay=1e-3, nesterov=False), False),
+    "nesterov_first": (dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=True), True),
+    "nesterov": (dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=True), False),
+}
+STEP_N = 70_001  # odd: not a multiple of any vector width; > 2 parallel grains of 32768
+
+
+def step_inputs(dtype, seed, nan=False):
+    gen = torch.Generator().manual_seed(seed)
+    p, g, buf = (torch.randn(STEP_N, generator=gen, dtype=dtype) for _ in range(3))
+    if nan:  # NaN in, NaN out: a NaN gradient, a NaN weight, a NaN state element
+        g[5], p[40_000], buf[STEP_N - 1] = float("nan"), float("nan"), float("nan")
+    return p, g, buf
+
+
+@not_interp
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("case", list(SGD_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+def test_sgd_step_op_matches_torch_functional(dtype, case, maximize, nan):
+    from torch.optim.sgd import sgd
+    kw, first = SGD_CASES[case]
+    p, g, buf = step_inputs(dtype, 20, nan)
+    want_p, want_bufs = p.clone(), [None if first else buf.clone()]
+    sgd([want_p], [g.clone()], want_bufs, foreach=False, lr=0.05, maximize=maximize, **kw)
+    got_buf = torch.empty_like(buf) if first else buf.clone()
+    step_ops().sgd_step_(p, g, got_buf if kw["momentum"] else None, 0.05, kw["weight_decay"],
+                         kw["momentum"], kw["dampening"], kw["nesterov"], maximize, first)
+    assert_ulps(p, want_p, dtype)
+    if kw["momentum"]:
+        assert_ulps(got_buf, want_bufs[0], dtype)
+    if nan:
+        assert p[5].isnan() and p[40_000].isnan()
+
+
+@not_interp
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("beta1", [0.9, 0.3])  # lerp's two branches: 1 − β1 below / above 0.5
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+def test_adamw_step_op_matches_torch_functional(dtype, weight_decay, beta1, maximize, nan):
+    from torch.optim.adam import adam
+    p, g, m = step_inputs(dtype, 21, nan)
+    v = torch.rand(STEP_N, generator=torch.Generator().manual_seed(22), dtype=dtype)
+    want = [t.clone() for t in (p, m, v)]
+    for step in (1, 7):  # the bias corrections of the first and of a later step
+        adam([want[0]], [g], [want[1]], [want[2]], [], [torch.tensor(step - 1.0)], foreach=False,
+             decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=0.999, lr=1e-2,
+             weight_decay=weight_decay, eps=1e-8, maximize=maximize)
+        step_ops().adamw_step_(p, g, m, v, 1e-2, weight_decay, beta1, 0.999, 1e-8, float(step),
+                               maximize)
+        for got, ref in zip((p, m, v), want):
+            assert_ulps(got, ref, dtype)
+    if nan:
+        assert p[5].isnan() and m[5].isnan() and v[5].isnan() and p[40_000].isnan()
+
+
+@not_interp
+def test_step_ops_opcheck_and_errors():
+    ops = step_ops()
+    p, g, buf = step_inputs(torch.float32, 23)
+    torch.library.opcheck(ops.sgd_step_, (p, g, buf, 0.1, 5e-4, 0.9, 0.0, False, False, False))
+    torch.library.opcheck(ops.sgd_step_, (p, g, None, 0.1, 0.0, 0.0, 0.0, False, False, False))
+    m, v = g.clone(), g.abs()
+    torch.library.opcheck(ops.adamw_step_, (p, g, m, v, 1e-3, 1e-2, 0.9, 0.999, 1e-8, 3.0, False))
+    before = p.clone()
+    with pytest.raises(RuntimeError, match="param must be float32 or float64"):
+        ops.sgd_step_(p.half(), g.half(), None, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match="grad has dtype"):
+        ops.sgd_step_(p, g.double(), None, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match="grad must be contiguous"):
+        ops.sgd_step_(p[:100], g[:200:2], None, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match="needs a momentum_buffer"):
+        ops.sgd_step_(p, g, None, 0.1, 0.0, 0.9, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match="exp_avg_sq has 10 elements"):
+        ops.adamw_step_(p, g, m, v[:10], 1e-3, 0.0, 0.9, 0.999, 1e-8, 1.0, False)
+    with pytest.raises(RuntimeError, match="step must be"):
+        ops.adamw_step_(p, g, m, v, 1e-3, 0.0, 0.9, 0.999, 1e-8, 0.0, False)
+    assert torch.equal(p, before)  # checks first: nothing changed
+
+
+@not_interp
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "sgd_nesterov", "adamw"])
+def test_cpu_fused_step_takes_the_one_pass_op(opt_name, dtype, monkeypatch):
+    # on CPU fp32/fp64 the chunks are stepped by the C++ op, never by torch's multi-pass
+    # functional (which the masked Partial FC pass and other devices still use)
+    def slow(*args, **kwargs):
+        raise AssertionError("torch's functional ran on the CPU fast path")
+    monkeypatch.setattr(mo.optim, "_sgd", slow)
+    monkeypatch.setattr(mo.optim, "_adam", slow)
+    family, kw = MODULES["arcface_subcenters_bias"]
+    train_pair(make(family, kw, dtype, "cpp"), opt_name, dtype, steps=3)
+
+
+@not_interp
+@pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "adamw"])
+def test_functional_fallback_matches_torch_optim(opt_name, monkeypatch):
+    # the path of other devices and dtypes (torch's functional per chunk), on CPU
+    monkeypatch.setattr(mo.optim, "_USE_STEP_OPS", False)
+    family, kw = MODULES["arcface_subcenters_bias"]
+    train_pair(make(family, kw, torch.float32, "cpp"), opt_name, torch.float32, steps=6)
+
+
 # ----------------------------------------------------------------------------- API behaviour
 
 @not_interp

@@ -53,6 +53,16 @@ TORCH_LIBRARY(marginops, m) {
       "Tensor? class_index, Tensor? hard_tau, Tensor? hard_t, bool normalize_weight, "
       "int subcenters, float filter_threshold=0.) "
       "-> (Tensor grad_features, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
+  // marginops.optim's fused step (CPU, csrc/cpu/optim_step.cpp): torch.optim's SGD and AdamW
+  // updates in one pass, in place; AdamW's step is the count after this step's increment.
+  m.def(
+      "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, float lr, "
+      "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
+      "bool first_step) -> ()");
+  m.def(
+      "adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "float lr, float weight_decay, float beta1, float beta2, float eps, float step, "
+      "bool maximize) -> ()");
   // k largest d_in per row over n ≠ exclude_col_i; values descending, ties → lower column.
   m.def(
       "topk(Tensor features, Tensor weight, Tensor exclude_col, int k, bool normalize_weight, "

@@ -68,6 +68,11 @@ def _ensure_loaded() -> str | None:
     return None
 
 
+def loaded() -> bool:
+    """Whether the extension is loaded (never compiles it: marginops.optim asks per chunk)."""
+    return _LOADED
+
+
 def _has_cuda_kernel() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("marginops::margin_lse", "CUDA")
 
@@ -149,6 +154,17 @@ def _register_python_side() -> None:
 
     register_core_autograd("marginops::margin_lse_keep",
                            torch.ops.marginops.margin_lse_backward_kept, kept=True)
+
+    # marginops.optim's one-pass CPU updates (in place, no outputs)
+    @torch.library.register_fake("marginops::sgd_step_")
+    def _sgd_step_fake(param, grad, momentum_buffer, lr, weight_decay, momentum, dampening,
+                       nesterov, maximize, first_step):
+        return None
+
+    @torch.library.register_fake("marginops::adamw_step_")
+    def _adamw_step_fake(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
+                         step, maximize):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
