@@ -149,7 +149,7 @@ def test_tiny_train_step_run_of_the_three_paths(tmp_path):
     """A real run in fresh processes at C = 8000 and 16000, D = 128 (W = 4 and 8 MB): the torch.optim
     path holds W.grad on top of W + momentum, the naive one also Ŵ, its gradient and the logits;
     the fused path neither (when marginops.optim is there): its chunks of 512 KiB (1024 classes)
-    are small next to W, as its default 64 MiB chunks are next to a 2 GB W at C = 1M."""
+    are small next to W, as its default 16 MiB chunks are next to a 2 GB W at C = 1M."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_fused.py"), "--train-step",

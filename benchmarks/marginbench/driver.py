@@ -237,7 +237,7 @@ def parse_args(argv=None):
     p.add_argument("--paths", help="--train-step: subset of naive,torch_optim,fused")
     p.add_argument("--chunk-bytes", type=int, default=None,
                    help="--train-step: marginops.optim's chunk_bytes, the weight-gradient bytes "
-                        "of one chunk of classes (default: marginops.optim's, 64 MiB)")
+                        "of one chunk of classes (default: marginops.optim's, 16 MiB)")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="--train-step: fraction of a GPU's memory kept free in the capacity "
                         "table (CUDA context, allocator slack; default 0.1)")
