@@ -132,14 +132,16 @@ def test_f32_gemm_empty_sums(knob, monkeypatch):
 
 
 @needs_avx512
-@pytest.mark.parametrize("kind", ["nan_weight", "inf_weight", "nan_features"])
-def test_f32_gemm_path_nan_in_nan_out(kind, small_chunks):
-    case = make_case(6, 19, 40, dtype=torch.float32, no_target_rows=False, seed=3)
+def check_nan_in_nan_out(kind: str, dtype: torch.dtype) -> None:
+    """A NaN or inf weight entry, or a NaN feature, through the op's GEMM path for ``dtype``
+    features (fp32 weights): NaN lse_neg exactly where the dense oracle has it, and non-finite
+    gradients on the rows and weight it touched."""
+    case = make_case(6, 19, 40, dtype=dtype, wdtype=torch.float32, no_target_rows=False, seed=3)
     f, w = case["features"].clone(), case["weight"].clone()
     if kind == "nan_weight":
-        w[7, 4] = float("nan")
+        w[7, 4] = float("nan")        # class 7: a non-target column of every row
     elif kind == "inf_weight":
-        w[7, 4] = float("inf")
+        w[7, 4] = float("inf")        # ‖W_7‖ = inf: ŵ_7 = inf/inf = NaN, as in PyTorch
     else:
         f[2, 5] = float("nan")
     case["features"], case["weight"] = f, w
@@ -148,8 +150,13 @@ def test_f32_gemm_path_nan_in_nan_out(kind, small_chunks):
     assert torch.equal(torch.isnan(got["lse_neg"]), torch.isnan(want_lse))
     assert torch.isnan(got["lse_neg"]).any()
     bad = torch.isnan(got["lse_neg"])
-    assert not torch.isfinite(got["grad_features"][bad]).all(dim=1).any()
+    assert not torch.isfinite(got["grad_features"][bad].float()).all(dim=1).any()
     assert not torch.isfinite(got["grad_weight"]).all()
+
+
+@pytest.mark.parametrize("kind", ["nan_weight", "inf_weight", "nan_features"])
+def test_f32_gemm_path_nan_in_nan_out(kind, small_chunks):
+    check_nan_in_nan_out(kind, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,23 +195,7 @@ def test_bf16_gemm_path_within_budget(B, D, C, opts, wdtype, chunks, monkeypatch
 @needs_bf16_units
 @pytest.mark.parametrize("kind", ["nan_weight", "inf_weight", "nan_features"])
 def test_bf16_gemm_path_nan_in_nan_out(kind, small_chunks):
-    case = make_case(6, 19, 40, dtype=torch.bfloat16, wdtype=torch.float32, no_target_rows=False,
-                     seed=3)
-    f, w = case["features"].clone(), case["weight"].clone()
-    if kind == "nan_weight":
-        w[7, 4] = float("nan")        # class 7: a non-target column of every row
-    elif kind == "inf_weight":
-        w[7, 4] = float("inf")        # ‖W_7‖ = inf: ŵ_7 = inf/inf = NaN, as in PyTorch
-    else:
-        f[2, 5] = float("nan")
-    case["features"], case["weight"] = f, w
-    got = run(ours, case)
-    want_lse, _ = margin_lse_dense(**case)
-    assert torch.equal(torch.isnan(got["lse_neg"]), torch.isnan(want_lse))
-    assert torch.isnan(got["lse_neg"]).any()
-    bad = torch.isnan(got["lse_neg"])
-    assert not torch.isfinite(got["grad_features"][bad].float()).all(dim=1).any()
-    assert not torch.isfinite(got["grad_weight"]).all()
+    check_nan_in_nan_out(kind, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------
