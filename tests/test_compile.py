@@ -109,6 +109,10 @@ def test_sphereface_training_step_compiles_like_eager(monkeypatch, tmp_path):
 def test_norms_argument_compiles_fullgraph(monkeypatch, tmp_path):
     """``norms=`` (AdaFace's convention) traces too; the unit-norm check stays out of the graph."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    # A fresh dynamo, as in test_every_family_compiles_fullgraph_in_one_process: in a shuffled
+    # order an earlier compile of MagFaceLoss.forward with another scale made the scale a
+    # symbolic float here (automatic dynamic), which check_real cannot trace under fullgraph.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     eager = mo.MagFaceLoss(D, C, backend="torch").double().train()
     compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend="aot_eager")
