@@ -59,10 +59,19 @@ L2 → SM ≈ 0.96 TB (dF) + 0.69 TB (dW). The previous design (10·B·C·D = 44
 design has no global write inside any loop (every output element is stored once), pipelined D
 loops (asynchronous wgmma with same-dtype half inputs on sm_90), and no fp32 (R, D) buffer —
 but more FLOPs and L2 loads at D = 512 than before, and than the 8·B·C·D floor. Not measured on a
-GPU (none was available): counts, not timings. Next step: keep the row tile (dF) / class tile
-(dW) resident in shared memory over the whole D, so each streamed tile feeds both GEMMs and the
-loop over tiles is the pipelined innermost loop (FlashAttention's shape); the register
-accumulator must then hold 512 columns, which spills today.
+GPU (none was available): counts, not timings.
+
+Resident tiles (FlashAttention's shape: F of the row tile, or W of the class tile, kept in shared
+memory over the whole D, each streamed tile loaded once for both GEMMs: 10·B·C·D, a quarter of
+the L2 loads) were compiled for sm_90 (Triton 3.9, bf16, D = 512, every flag on, 8 warps) and not
+adopted: bwd_df 64×32 / 64×64 tiles spill 136 / 216 B at 255 registers (64×16: 8 B; 16 warps:
+352 B), bwd_dw 32×64 24 B. Worse, Triton lays out a dot whose result feeds another dot with all
+warps along M (TTGIR ``warpsPerCTA = [8, 1]``), so with 64-row tiles both warpgroups compute the
+same logit tile (dF: 2 + 2 + 2 = 6·B·C·D again); 128-row tiles need a 128×512 fp32 accumulator,
+256 registers per thread (at D ≤ 256 it fits: bwd_df 128×32×256, no spill). At D = 512 a Triton
+backward kernel thus pays 6·B·C·D either way (14·B·C·D in all: ≤ 0.57 of peak with all else
+free); less needs the two warpgroups to split the logit GEMM's D and exchange partial tiles
+through shared memory, or warp specialisation — a hand-written CUDA (CUTLASS / CuTe) kernel.
 
 Why not 8·B·C·D (cut-cross-entropy's one recompute feeding both gradients)? One of the two
 gradients must then be reduced across programs: fp32 atomics on global memory or a B×C-sized dd
