@@ -128,11 +128,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_vector(name: str, value, batch: int, like: Tensor) -> Tensor:
-    """A float or a 0-d / (B,) tensor as a (B,) tensor in acc dtype (differentiable)."""
+def _row_vector(name: str, value, batch: int, like: Tensor, checked: bool = False) -> Tensor:
+    """A float or a 0-d / (B,) tensor as a (B,) tensor in acc dtype (differentiable).
+    ``checked``: a float the caller validated already (see ``margin_lse_checked``)."""
     acc = _acc(like.dtype)
     if not isinstance(value, Tensor):
-        return torch.full((batch,), check_real(name, value), dtype=acc, device=like.device)
+        value = value if checked else check_real(name, value)
+        return torch.full((batch,), value, dtype=acc, device=like.device)
     if not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}.")
     if value.device != like.device:
@@ -259,18 +261,22 @@ def margin_lse_checked(features: Tensor, weight: Tensor, labels: Tensor, scale: 
                        class_range: tuple[int, int] | None, class_index: Tensor | None,
                        hard_negative: tuple[Tensor | float, Tensor | float] | None,
                        subcenters: int, interclass_filtering_threshold: float, backend: str,
-                       validate: str) -> MarginLSE:
+                       validate: str, floats_checked: bool = False) -> MarginLSE:
     """:func:`margin_lse` after its caller ran the checks of features, weight, subcenters,
     class_range, labels and class_index (``margin_lse`` itself, or a module's ``_check_inputs``):
     the module path validates each input once per call. ``class_range=None`` promises labels were
     checked to lie in [-1, C) (C = weight rows / subcenters); ``(start, C)`` that start is an int
-    >= 0 and C that count. Checks the rest (scale, bias, hard_negative, the threshold)."""
+    >= 0 and C that count. Checks the rest (scale, bias, hard_negative, the threshold), except
+    that ``floats_checked=True`` promises a float scale and the threshold were validated when the
+    caller (a module) was configured: under torch.compile a module float seen with two values
+    becomes symbolic, and a check of its value would break the graph."""
     num_local = weight.shape[0] // subcenters
-    filter_threshold = check_real("interclass_filtering_threshold",
-                                  interclass_filtering_threshold, low=0.0)
+    filter_threshold = interclass_filtering_threshold
+    if not floats_checked:
+        filter_threshold = check_real("interclass_filtering_threshold", filter_threshold, low=0.0)
     batch = features.shape[0]
     acc = _acc(features.dtype)
-    scale_rows = _row_vector("scale", scale, batch, features)
+    scale_rows = _row_vector("scale", scale, batch, features, checked=floats_checked)
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (num_local,):
             got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__

@@ -59,8 +59,9 @@ def step(module, x, y):
     return loss.detach(), grads
 
 
-def check_compiles_like_eager(name, backend, compile_backend):
+def check_compiles_like_eager(name, backend, compile_backend, **extra):
     cls, kwargs = FAMILIES[name]
+    kwargs = {**kwargs, **extra}
     torch.manual_seed(0)
     eager = cls(D, C, backend=backend, **kwargs).double().train()
     compiled_module = copy.deepcopy(eager)
@@ -103,6 +104,20 @@ def test_formerly_breaking_families_compile_with_inductor(monkeypatch, tmp_path)
 def test_sphereface_training_step_compiles_like_eager(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     check_compiles_like_eager("sphereface", "torch", "aot_eager")
+
+
+@pytest.mark.slow
+def test_one_family_with_two_scales_compiles_fullgraph(monkeypatch, tmp_path):
+    """Two losses of one family with different scales (two heads, a sweep) in one process: the
+    second compile of the shared forward sees the module's float scale as symbolic (dynamo's
+    automatic dynamic), which the per-call check of its value used to break the graph on."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    for name in ("arcface", "magface"):
+        for scale in (64.0, 32.0, 16.0):
+            check_compiles_like_eager(name, "torch", "aot_eager", scale=scale)
+    check_compiles_like_eager("cosface", "auto", "aot_eager", scale=30.0)
+    check_compiles_like_eager("cosface", "auto", "aot_eager", scale=20.0)
 
 
 @pytest.mark.slow

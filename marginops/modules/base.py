@@ -161,7 +161,10 @@ class MarginSoftmaxLoss(nn.Module):
                                   class_range=self._class_range(), class_index=None,
                                   hard_negative=hard_negative, subcenters=self.subcenters,
                                   interclass_filtering_threshold=self.interclass_filtering_threshold,
-                                  backend=self.backend, validate=self.validate)
+                                  backend=self.backend, validate=self.validate,
+                                  # eager: checked every call (a reassigned self.scale too);
+                                  # compiled: as checked in __init__ (see margin_lse_checked)
+                                  floats_checked=torch.compiler.is_compiling())
 
     @torch.no_grad()
     def _target_cosine(self, x_hat: Tensor, labels: Tensor) -> Tensor:
