@@ -75,15 +75,31 @@ KERNELS = ("fwd", "bwd_df", "bwd_dw", "topk", "merge", "norm")
 # address each, and the aligned tiles spill (48–1080 B on sm_80/sm_90, Triton 3.9): such launches
 # get small single-stage tiles, K = 1 or not. They are below wgmma's 64-row tiles (NO_WGMMA in
 # tests/test_triton_aot.py); pad D to a multiple of 16 for full speed.
-VARIANTS = ("half", "half_sub", "fp32", "fp32_sub", "half_unaligned", "fp32_unaligned")
+# "resident": resident.py's kernels (FlashAttention-shaped: the program's own tile stays in shared
+# memory over the whole D) for what they are compiled and checked for — sm_90, bf16 features and
+# weight, one sub-center, D ∈ RESIDENT_DIMS; their ``block_d`` is the D chunk (min(D, 256)).
+VARIANTS = ("half", "half_sub", "fp32", "fp32_sub", "half_unaligned", "fp32_unaligned", "resident")
+RESIDENT_DIMS = (128, 256, 512)
 
 
-def variant(features_dtype, subcenters: int, aligned: bool = True) -> str:
+def variant(features_dtype, subcenters: int, aligned: bool = True, *, weight_dtype=None,
+            dim: int = 0, arch: int = 0) -> str:
+    """The table a launch takes its configurations from (see VARIANTS). The resident kernels
+    are chosen on sm_90 and later for bf16 features and weight, one sub-center and D in
+    RESIDENT_DIMS (aligned), or wherever ``force(resident=True)`` asks for them (tests: the
+    interpreter runs them on fp16 / fp32); ``force(resident=False)`` turns them off."""
     import torch
 
     base = "fp32" if features_dtype == torch.float32 else "half"
     if not aligned:
         return base + "_unaligned"
+    if subcenters == 1 and dim in RESIDENT_DIMS:
+        wanted = (arch >= 90 and features_dtype == torch.bfloat16
+                  and weight_dtype == torch.bfloat16)
+        if _forced_resident is not None:
+            wanted = _forced_resident and weight_dtype == features_dtype
+        if wanted:
+            return "resident"
     return base + ("_sub" if subcenters > 1 else "")
 
 
@@ -130,6 +146,18 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
         "bwd_dw": C(16, 32, 16, num_warps=4, num_stages=1, block_do=128),
         "topk": C(32, 32, 32, num_warps=4, num_stages=1),
         "merge": _MERGE, "norm": _NORM_UNALIGNED,
+    },
+    # resident.py (sm_90 only; compiled there with zero spills for D = 128, 256 and 512, every
+    # option flag on and off): fwd 128×32 119 registers, 192 KB shared at D = 512; bwd_df 128×32
+    # 255 / 192 KB; bwd_dw 16 rows × 128 columns 245 / 160 KB (32 rows spill 128-160 B). 128
+    # rows (fwd, bwd_df) or columns (bwd_dw) per program: Triton lays out a dot that feeds
+    # another dot with all warps along M, so 8 warps need 128 to split the tile, not duplicate it.
+    "resident": {
+        "fwd": C(128, 32, 256, num_warps=8, num_stages=2),
+        "bwd_df": C(128, 32, 256, num_warps=8, num_stages=2, block_do=256),
+        "bwd_dw": C(16, 128, 256, num_warps=8, num_stages=2, block_do=256),
+        "topk": C(64, 32, 64, num_warps=4, num_stages=2),
+        "merge": _MERGE, "norm": _NORM,
     },
     "fp32_sub": {
         "fwd": C(32, 64, 32, num_warps=4, num_stages=2),
@@ -180,6 +208,7 @@ def gpu_configs(kernel: str, var: str) -> tuple[KernelConfig, ...]:
 _autotune: bool | None = None  # None: follow MARGINOPS_TRITON_AUTOTUNE
 _forced: dict[str, KernelConfig] = {}
 _forced_splits: int | None = None
+_forced_resident: bool | None = None
 
 
 def set_autotune(on: bool | None) -> None:
@@ -195,25 +224,29 @@ def autotune_enabled() -> bool:
 
 
 class force:
-    """Context manager pinning configurations and/or the class-split count (tests, benchmarks).
+    """Context manager pinning configurations, the class-split count and/or the resident
+    kernels on or off (tests, benchmarks).
 
-        with configs.force(splits=3, fwd=configs.DEFAULT["fwd"]): ...
+        with configs.force(splits=3, resident=True, fwd=configs.DEFAULT["half"]["fwd"]): ...
     """
 
-    def __init__(self, splits: int | None = None, **per_kernel: KernelConfig):
-        self.splits, self.per_kernel = splits, per_kernel
+    def __init__(self, splits: int | None = None, resident: bool | None = None,
+                 **per_kernel: KernelConfig):
+        self.splits, self.resident, self.per_kernel = splits, resident, per_kernel
 
     def __enter__(self):
-        global _forced_splits
-        self._saved = (dict(_forced), _forced_splits)
+        global _forced_splits, _forced_resident
+        self._saved = (dict(_forced), _forced_splits, _forced_resident)
         _forced.update(self.per_kernel)
         if self.splits is not None:
             _forced_splits = self.splits
+        if self.resident is not None:
+            _forced_resident = self.resident
         return self
 
     def __exit__(self, *exc):
-        global _forced_splits
-        saved, _forced_splits = self._saved
+        global _forced_splits, _forced_resident
+        saved, _forced_splits, _forced_resident = self._saved
         _forced.clear()
         _forced.update(saved)
 

@@ -100,14 +100,23 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops import register_core_autograd
-from . import configs, waves
-from .launch import _config, _dot_precision, _pick, _split_columns, device_guard  # noqa: F401
+from . import configs, resident, waves
+from .launch import (  # noqa: F401
+    _config,
+    _device_slots_info,
+    _dot_precision,
+    _pick,
+    _split_columns,
+    device_guard,
+)
 from .tiles import (  # noqa: F401  (NEG_INF, interpreting: part of this module's interface)
     _NEG_INF,
     NEG_INF,
     _class_of,
     _cosine_tile,
+    _grad_logits,
     _logit_tile,
+    _out_row,
     _rescaled,
     _split_range,
     _up_start,
@@ -212,19 +221,6 @@ def _inv_norm_kernel(w_ptr, cidx_ptr, inv_ptr, N, D, K, stride_w,
 
 
 @triton.jit
-def _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr, lse, glse, gdot,
-                 HAS_BIAS: tl.constexpr, HARD: tl.constexpr, FILTER: tl.constexpr):
-    """g_in = grad_lse_i · exp(z_in − lse_i) (0 on the target) and
-    dd_in = g_in · scale_i · dd'/dd + [n = y_i] grad_dot_i, the gradient w.r.t. the cosine d_in."""
-    is_t, dmod, slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
-                                       thr, HAS_BIAS, HARD, FILTER)
-    lse_ref = tl.where(lse == _NEG_INF, 0.0, lse)  # such rows have z = −inf everywhere: p = 0
-    g = glse[:, None] * tl.exp(z - lse_ref[:, None])
-    dd = g * scale[:, None] * slope + tl.where(is_t, gdot[:, None], 0.0)
-    return g, dmod, dd
-
-
-@triton.jit
 def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
                    lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
                    df_ptr, gs_ptr,  # (splits, B, D) and (splits, B) fp32, each element written once
@@ -289,16 +285,6 @@ def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
     tl.store(df_ptr + out, acc / up[:, None], mask=row_mask[:, None] & dmask[None, :])
     if pid_d == 0:
         tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
-
-
-@triton.jit
-def _out_row(cols, cls, K, k, HAS_INDEX: tl.constexpr):
-    """Row of the dW kernel's outputs for sub-center k of each column: the weight row c_n·K + k,
-    or, with class_index, the column's own row n·K + k of an (N·K, D) buffer — two columns may
-    name the same class, and each program must own the rows it writes."""
-    if HAS_INDEX:
-        return cols.to(tl.int64) * K + k
-    return cls * K + k
 
 
 @triton.jit
@@ -431,7 +417,9 @@ class _Args:
         self.acc = scale.dtype
         # Triton specialises D, the strides and the base pointers on divisibility by 16
         aligned = (self.D % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (self.f, self.w)))
-        self.variant = configs.variant(self.f.dtype, self.K, aligned)
+        self.variant = configs.variant(self.f.dtype, self.K, aligned, weight_dtype=self.w.dtype,
+                                       dim=self.D, arch=_arch(self.f.device))
+        self.resident = self.variant == "resident"  # resident.py's kernels (configs.py)
         dummy = self.scale
         # kernel pointer arguments: optional inputs replaced by a dummy the kernel never reads
         self.ptrs = (self.f, self.w, self.scale,
@@ -444,6 +432,26 @@ class _Args:
                           HARD=self.hard, FILTER=self.filter, NORMALIZE=self.normalize,
                           HAS_SUB=self.K > 1,
                           DOT_PREC=_dot_precision(self.f))
+        if self.resident:  # one sub-center; D in chunks of min(D, 256), one or two of them
+            del self.flags["HAS_SUB"]
+            self.chunk = min(self.D, 256)
+            self.res_meta = dict(BLOCK_D=self.chunk, TWO=self.D > self.chunk)
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability × 10 of a CUDA device (read once per device), 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    return _device_slots_info(device.index if device.index is not None
+                              else torch.cuda.current_device())[1]
+
+
+def _inv_norms(a: _Args, inv: Tensor) -> None:
+    """inv[n, k] = 1/‖W_r‖ of the iterated rows (``_inv_norm_kernel``), under the device guard."""
+    cfg = _config("norm", a)
+    _inv_norm_kernel[(triton.cdiv(a.N, cfg.block_n),)](
+        a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **cfg.launch())
 
 
 def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
@@ -458,9 +466,18 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
     part = torch.empty((3, splits, a.B), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
     with device_guard(dev):
-        _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
-                          a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0), a.thr,
-                          **a.flags, **cfg.meta(), **cfg.launch())
+        if a.resident:
+            inv = torch.empty(a.N if a.normalize else 0, dtype=torch.float32, device=dev)
+            if a.normalize:
+                _inv_norms(a, inv)
+            resident._fwd_res_kernel[grid](
+                *a.ptrs, inv, part[0], part[1], part[2], a.B, a.N, a.D, cps, a.f.stride(0),
+                a.w.stride(0), a.thr, **a.flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
+                **a.res_meta, **cfg.launch())
+        else:
+            _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
+                              a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0), a.thr,
+                              **a.flags, **cfg.meta(), **cfg.launch())
         _merge_kernel[(triton.cdiv(a.B, merge_cfg.block_b),)](
             part[0], part[1], part[2], lse, dot_y, a.B, splits,
             BLOCK_B=merge_cfg.block_b, **merge_cfg.launch())
@@ -479,10 +496,11 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     grad_lse = grad_lse.to(torch.float32).contiguous()
     grad_dot = grad_dot.to(torch.float32).contiguous()
     common = (a.B, a.N, a.D, a.K)
-    norm_cfg = _config("norm", a)
     df_cfg = df_cfg or _config("bwd_df", a)
     dw_cfg = dw_cfg or _config("bwd_dw", a)
     df_do, dw_do = _d_chunk(df_cfg, a.D), _d_chunk(dw_cfg, a.D)
+    if a.resident:  # both kernels: one program per D chunk of the output, min(D, 256) wide
+        df_do = dw_do = a.chunk
     splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant,
                                  triton.cdiv(a.D, df_do))
     inv = lse  # dummy pointer, never read without normalisation
@@ -503,17 +521,28 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
         gw = grad_w = torch.empty_like(a.w)
         gb = torch.empty(a.bias.shape, dtype=torch.float32, device=dev) if a.bias is not None else gs
 
+    df_grid = (triton.cdiv(a.B, df_cfg.block_b), splits, triton.cdiv(a.D, df_do))
+    dw_grid = (triton.cdiv(a.N, dw_cfg.block_n), a.K * triton.cdiv(a.D, dw_do))
+    strides = (a.f.stride(0), a.w.stride(0), a.thr)
     with device_guard(dev):
         if a.normalize:
-            _inv_norm_kernel[(triton.cdiv(a.N, norm_cfg.block_n),)](
-                a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
-                BLOCK_N=norm_cfg.block_n, BLOCK_D=norm_cfg.block_d, **norm_cfg.launch())
-        _bwd_df_kernel[(triton.cdiv(a.B, df_cfg.block_b), splits, triton.cdiv(a.D, df_do))](
-            *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps,
-            a.f.stride(0), a.w.stride(0), a.thr, **a.flags, **_meta(df_cfg, df_do), **df_cfg.launch())
-        _bwd_dw_kernel[(triton.cdiv(a.N, dw_cfg.block_n), a.K * triton.cdiv(a.D, dw_do))](
-            *a.ptrs, lse, grad_lse, grad_dot, inv, gw, gb, *common,
-            a.f.stride(0), a.w.stride(0), a.thr, **a.flags, **_meta(dw_cfg, dw_do), **dw_cfg.launch())
+            _inv_norms(a, inv)
+        if a.resident:
+            resident._bwd_df_res_kernel[df_grid](
+                *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, a.B, a.N, a.D, cps, *strides,
+                **a.flags, BLOCK_B=df_cfg.block_b, BLOCK_N=df_cfg.block_n, **a.res_meta,
+                **df_cfg.launch())
+            resident._bwd_dw_res_kernel[dw_grid](
+                *a.ptrs, lse, grad_lse, grad_dot, inv, a.w, gw, gb, a.B, a.N, a.D, *strides,
+                **a.flags, BLOCK_B=dw_cfg.block_b, BLOCK_N=dw_cfg.block_n, **a.res_meta,
+                **dw_cfg.launch())
+        else:
+            _bwd_df_kernel[df_grid](
+                *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, *common, cps, *strides,
+                **a.flags, **_meta(df_cfg, df_do), **df_cfg.launch())
+            _bwd_dw_kernel[dw_grid](
+                *a.ptrs, lse, grad_lse, grad_dot, inv, gw, gb, *common, *strides,
+                **a.flags, **_meta(dw_cfg, dw_do), **dw_cfg.launch())
     grad_f = df.sum(0).to(a.f.dtype)
     grad_s = gs.sum(0).to(a.acc)
     if a.cidx is not None:

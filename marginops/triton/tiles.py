@@ -2,6 +2,8 @@
 
     _cosine_tile   (BLOCK_B, BLOCK_N) cosines d_in = max_k f_i·W_r / wn_r, fp32 accumulation
     _logit_tile    the epilogue: target mask, filtering, hard-negative modulation, scale, bias → z
+    _grad_logits   the backward epilogue: g = grad_lse·softmax and dd = ∂loss/∂d of a cosine tile
+    _out_row       the weight-gradient row a dW program writes for a column
     _up_start, _rescaled   dd as the operand of a register-accumulated second GEMM (fp16: running scale)
     _split_range / _class_of   a split's columns, a column's class
 
@@ -105,6 +107,29 @@ def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
         z += b[None, :]
     z = tl.where(col_mask[None, :] & (~is_t), z, _NEG_INF)
     return is_t, dmod, slope, z
+
+
+@triton.jit
+def _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr, lse, glse, gdot,
+                 HAS_BIAS: tl.constexpr, HARD: tl.constexpr, FILTER: tl.constexpr):
+    """g_in = grad_lse_i · exp(z_in − lse_i) (0 on the target) and
+    dd_in = g_in · scale_i · dd'/dd + [n = y_i] grad_dot_i, the gradient w.r.t. the cosine d_in."""
+    is_t, dmod, slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t,
+                                       thr, HAS_BIAS, HARD, FILTER)
+    lse_ref = tl.where(lse == _NEG_INF, 0.0, lse)  # such rows have z = −inf everywhere: p = 0
+    g = glse[:, None] * tl.exp(z - lse_ref[:, None])
+    dd = g * scale[:, None] * slope + tl.where(is_t, gdot[:, None], 0.0)
+    return g, dmod, dd
+
+
+@triton.jit
+def _out_row(cols, cls, K, k, HAS_INDEX: tl.constexpr):
+    """Row of the dW kernel's outputs for sub-center k of each column: the weight row c_n·K + k,
+    or, with class_index, the column's own row n·K + k of an (N·K, D) buffer — two columns may
+    name the same class, and each program must own the rows it writes."""
+    if HAS_INDEX:
+        return cols.to(tl.int64) * K + k
+    return cls * K + k
 
 
 @triton.jit

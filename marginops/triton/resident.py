@@ -1,0 +1,281 @@
+"""Resident-tile Triton kernels of the core op: FlashAttention's shape, for half precision.
+
+margin_lse.py's kernels stream *both* operands of every GEMM through a loop over D chunks, and
+their backward kernels hold a BLOCK_DO-wide slice of the output: at D = 512 in half precision
+(BLOCK_DO = 256) each backward kernel recomputes the logit tile twice, 14·B·C·D FLOPs in all, and
+loads every streamed tile two or three times. Here the tile a program owns stays put over the
+whole (padded) D, so each streamed tile is loaded once and feeds every GEMM that needs it:
+
+    kernel   resident (loaded once)     streamed per step          GEMMs per step
+    fwd      F rows  (BLOCK_B × D)      W columns (BLOCK_N × D)    d = F·Wᵀ
+    bwd_df   F rows  (BLOCK_B × D)      W columns (BLOCK_N × D)    d = F·Wᵀ;  dF += dd·W
+    bwd_dw   W columns (BLOCK_N × D)    F rows (BLOCK_B × D)       d = F·Wᵀ;  G += ddᵀ·F
+
+Tensor-core FLOPs: 2 + 4 + 4 = 10·B·C·D (the 8·B·C·D floor would need one recompute feeding both
+gradients, and so a cross-program reduction of one of them: margin_lse.py says why not).
+Bytes loaded (L2 → SM, e = 2): fwd and bwd_df ⌈B/BLOCK_B⌉·C·D·e of W and B·D·e of F each; bwd_dw
+⌈C/BLOCK_N⌉·B·D·e of F and C·D·e of W. At B = 4096, C = 2^20, D = 512, bf16, BLOCK_B = 64 and
+BLOCK_N = 64: 69 GB per kernel, 206 GB in all, against 891 GB for margin_lse.py's kernels; every
+loop is over tiles (the D "loop" is inside one ``tl.dot``), so the pipeliner prefetches whole
+streamed tiles ``num_stages − 1`` steps ahead. The price is shared memory (resident tile + stages
+of the streamed one: 64 KB + 2 × 32-64 KB at D = 512) and registers: the backward's fp32
+accumulator is BLOCK_B (or BLOCK_N) × D, 128 registers per thread at 64 × 512 over 8 warps.
+
+What differs from margin_lse.py's kernels (same contract, same outputs):
+  * 1/‖W_r‖ comes from ``_inv_norm_kernel``'s (N,) buffer in every pass, the forward included: the
+    sum of squares of a BLOCK_N × 512 tile would have to sit in registers.
+  * dF = Σ_n (dd_in / wn_n) W_n: the 1/wn column scale is folded into dd before the second GEMM,
+    so the streamed W tile feeds it as loaded. For fp16 a zero row's 1/wn = 10^12 would overflow
+    the fp16 operand (and, through ``_rescaled``'s per-row scale, flush the row's other terms):
+    its W is 0, so its term is 0 and the scale is set to 0 (``_col_scale``). A non-zero fp16 row
+    has ‖W‖ ≥ 2^-24, so no other row is touched.
+  * One sub-center (K = 1), features and weight of one half dtype, D ≤ 512 and 16-aligned: the
+    launcher's ``resident`` variant (configs.py); everything else takes margin_lse.py's kernels.
+
+The interpreter runs these kernels on fp16 and — forced by the tests (``configs.force(
+resident=True)``) — fp32 inputs, against the reference.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiles import (
+    _NEG_INF,
+    _class_of,
+    _grad_logits,
+    _logit_tile,
+    _out_row,
+    _rescaled,
+    _split_range,
+    _up_start,
+)
+
+
+@triton.jit
+def _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD: tl.constexpr):
+    """Per-row inputs of a row tile: scale_i, target column y_i and the hard-negative
+    threshold tau_i (scale when HARD is off: never read)."""
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
+    if HARD:
+        tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
+    else:
+        tau = scale
+    return scale, tcol, tau
+
+
+@triton.jit
+def _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask):
+    """Per-row inputs of the backward: lse_i, grad_lse_i, grad_dot_i (fp32)."""
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    glse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0)
+    gdot = tl.load(gdot_ptr + rows, mask=row_mask, other=0.0)
+    return lse, glse, gdot
+
+
+@triton.jit
+def _chunk(ptr, idx, mask, stride, c, BLOCK_D: tl.constexpr):
+    """(len(idx), BLOCK_D) tile of rows ``idx``, embedding columns c·BLOCK_D … (c + 1)·BLOCK_D − 1
+    (D is a multiple of BLOCK_D here: no per-column predicate)."""
+    dcol = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    return tl.load(ptr + idx[:, None] * stride + dcol[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
+def _dots(a0, b0, a1, b1, TWO: tl.constexpr, DOT_PREC: tl.constexpr):
+    """a·bᵀ over the whole D from its one or two chunks: a0·b0ᵀ (+ a1·b1ᵀ), fp32."""
+    acc = tl.dot(a0, tl.trans(b0), input_precision=DOT_PREC)
+    if TWO:
+        acc = tl.dot(a1, tl.trans(b1), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _inv_cols(inv_ptr, cols, col_mask, NORMALIZE: tl.constexpr):
+    """1/wn of the columns (``_inv_norm_kernel``'s buffer), or ones without normalisation."""
+    if NORMALIZE:
+        return tl.load(inv_ptr + cols, mask=col_mask, other=1.0)
+    return tl.full(cols.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _col_scale(inv, dot_ty: tl.constexpr):
+    """1/wn as a factor of the GEMM operand dd: 0 for an fp16 zero row (module docstring)."""
+    if dot_ty == tl.float16:
+        return tl.where(inv > 1e10, 0.0, inv)
+    return inv
+
+
+# =============================================================================================
+# Forward
+# =============================================================================================
+
+
+@triton.jit
+def _fwd_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
+                    inv_ptr, m_ptr, s_ptr, y_ptr,  # (splits, B) fp32 partials
+                    B, N, D, cols_per_split, stride_f, stride_w, thr,
+                    HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                    FILTER: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    TWO: tl.constexpr):
+    """margin_lse.py's ``_fwd_kernel`` with the row tile's F resident over the whole D (one or
+    two BLOCK_D chunks)."""
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
+    t = tl.load(t_ptr).to(tl.float32) if HARD else 0.0
+    f0 = _chunk(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D)
+    f1 = _chunk(f_ptr, rows, row_mask, stride_f, 1, BLOCK_D) if TWO else f0
+
+    m = tl.full((BLOCK_B,), _NEG_INF, tl.float32)  # online logsumexp: lse = m + log s
+    s = tl.zeros((BLOCK_B,), tl.float32)
+    dot_y = tl.zeros((BLOCK_B,), tl.float32)
+    n_start, n_end = _split_range(split, cols_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_end
+        cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
+        w0 = _chunk(w_ptr, cls, col_mask, stride_w, 0, BLOCK_D).to(f0.dtype)
+        w1 = _chunk(w_ptr, cls, col_mask, stride_w, 1, BLOCK_D).to(f0.dtype) if TWO else w0
+        d = _dots(f0, w0, f1, w1, TWO, DOT_PREC) * _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)[None, :]
+        is_t, _dmod, _slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls,
+                                             tau, t, thr, HAS_BIAS, HARD, FILTER)
+        dot_y += tl.sum(tl.where(is_t, d, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+        m = m_new
+    out = split * B + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(y_ptr + out, dot_y, mask=row_mask)
+
+
+# =============================================================================================
+# Backward
+# =============================================================================================
+
+
+@triton.jit
+def _bwd_df_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
+                       lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
+                       df_ptr, gs_ptr,  # (splits, B, D) and (splits, B) fp32, written once
+                       B, N, D, cols_per_split, stride_f, stride_w, thr,
+                       HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                       FILTER: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       TWO: tl.constexpr):
+    """grad_f_i[chunk] = Σ_n (dd_in / wn_n) W_n[chunk] over one split, for the D chunk of program
+    axis 2 (its own chunk; the other one, with TWO, only completes the cosines), in one register
+    accumulator; grad_scale_i = Σ_n g_in d'_in (chunk 0 stores it). F's chunks are resident; each
+    W tile is loaded once and feeds both GEMMs."""
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    own = tl.program_id(2)
+    oth = 1 - own
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
+    t = tl.load(t_ptr).to(tl.float32) if HARD else 0.0
+    lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
+    dot_ty = f_ptr.dtype.element_ty
+    f_own = _chunk(f_ptr, rows, row_mask, stride_f, own, BLOCK_D)
+    f_oth = _chunk(f_ptr, rows, row_mask, stride_f, oth, BLOCK_D) if TWO else f_own
+
+    acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)  # up · Σ_n (dd_in / wn_n) W_n[own chunk]
+    up = _up_start(dot_ty, BLOCK_B)
+    gs = tl.zeros((BLOCK_B,), tl.float32)
+    n_start, n_end = _split_range(split, cols_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_end
+        cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
+        w_own = _chunk(w_ptr, cls, col_mask, stride_w, own, BLOCK_D).to(dot_ty)
+        w_oth = _chunk(w_ptr, cls, col_mask, stride_w, oth, BLOCK_D).to(dot_ty) if TWO else w_own
+        inv = _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)
+        d = _dots(f_own, w_own, f_oth, w_oth, TWO, DOT_PREC) * inv[None, :]
+        g, dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
+                                   lse, glse, gdot, HAS_BIAS, HARD, FILTER)
+        gs += tl.sum(g * dmod, axis=1)
+        if NORMALIZE:
+            dd = dd * _col_scale(inv, dot_ty)[None, :]
+        acc, dd, up = _rescaled(acc, dd, up, dot_ty, 1)
+        acc = tl.dot(dd.to(dot_ty), w_own, acc, input_precision=DOT_PREC)
+    # the split's (B, D) slice: a scalar 64-bit base, then 32-bit offsets within it (B·D < 2^31)
+    dcol = own * BLOCK_D + tl.arange(0, BLOCK_D)
+    df_split = df_ptr + split.to(tl.int64) * B * D
+    tl.store(df_split + rows[:, None] * D + dcol[None, :], acc / up[:, None],
+             mask=row_mask[:, None])
+    if own == 0:
+        tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
+
+
+@triton.jit
+def _bwd_dw_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
+                       lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
+                       wj_ptr,  # W again, for the Jacobian epilogue (see there)
+                       gw_ptr,  # (R, D) grad_weight in weight's dtype, each element written once
+                       gb_ptr,  # (C_local,) fp32 grad_bias; with HAS_INDEX both per column
+                       B, N, D, stride_f, stride_w, thr,
+                       HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+                       FILTER: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       TWO: tl.constexpr):
+    """One program owns BLOCK_N columns and one D chunk (program axis 1), their W resident (both
+    chunks with TWO), and loops over the batch: the cosines as Wᵀ-major tiles dᵀ = W·Fᵀ (so the
+    owned columns are the GEMM's M, one warpgroup per 64 of them), G_r[chunk] = Σ_i dd_ir f_i in
+    registers, each F tile loaded once for both GEMMs; then the Jacobian of W/‖W‖,
+    grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r, stored once in W's dtype."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    own = tl.program_id(1)
+    oth = 1 - own
+    col_mask = cols < N
+    cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
+    dot_ty = f_ptr.dtype.element_ty
+    w_own = _chunk(w_ptr, cls, col_mask, stride_w, own, BLOCK_D).to(dot_ty)
+    w_oth = _chunk(w_ptr, cls, col_mask, stride_w, oth, BLOCK_D).to(dot_ty) if TWO else w_own
+    inv = _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)
+    t = tl.load(t_ptr).to(tl.float32) if HARD else 0.0
+
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # up · G_r[own chunk]
+    up = _up_start(dot_ty, BLOCK_N)
+    proj = tl.zeros((BLOCK_N,), tl.float32)  # ŵ_r·G_r = Σ_i dd_ir d_ir
+    gb = tl.zeros((BLOCK_N,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
+        lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
+        f_own = _chunk(f_ptr, rows, row_mask, stride_f, own, BLOCK_D)
+        f_oth = _chunk(f_ptr, rows, row_mask, stride_f, oth, BLOCK_D) if TWO else f_own
+        d = tl.trans(_dots(w_own, f_own, w_oth, f_oth, TWO, DOT_PREC)) * inv[None, :]
+        g, _dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
+                                    lse, glse, gdot, HAS_BIAS, HARD, FILTER)
+        if HAS_BIAS:
+            gb += tl.sum(g, axis=0)
+        if NORMALIZE:
+            proj += tl.sum(dd * d, axis=0)
+        acc, dd, up = _rescaled(acc, dd, up, dot_ty, 0)
+        acc = tl.dot(tl.trans(dd.to(dot_ty)), f_own, acc, input_precision=DOT_PREC)  # G += ddᵀ·F
+    if HAS_BIAS and own == 0:
+        if HAS_INDEX:
+            tl.store(gb_ptr + cols, gb, mask=col_mask)  # per column, summed per class after
+        else:
+            tl.store(gb_ptr + cls, gb, mask=col_mask)
+
+    if NORMALIZE:
+        # W's chunk again, through another pointer argument: the compiler would otherwise keep
+        # the resident tile's 16 addresses per thread (its load above) alive across the loop
+        w_c = _chunk(wj_ptr, cls, col_mask, stride_w, own, BLOCK_D).to(tl.float32)
+        grad = (acc / up[:, None] - w_c * (proj * inv)[:, None]) * inv[:, None]
+    else:
+        grad = acc / up[:, None]
+    dcol = own * BLOCK_D + tl.arange(0, BLOCK_D)
+    orow = _out_row(cols, cls, 1, 0, HAS_INDEX)
+    tl.store(gw_ptr + orow[:, None] * D + dcol[None, :], grad.to(gw_ptr.dtype.element_ty),
+             mask=col_mask[:, None])
