@@ -82,24 +82,32 @@ VARIANTS = ("half", "half_sub", "fp32", "fp32_sub", "half_unaligned", "fp32_unal
 RESIDENT_DIMS = (128, 256, 512)
 
 
+def resident_applies(features: str, weight: str, subcenters: int, dim: int, arch: int,
+                     aligned: bool = True) -> bool:
+    """Do resident.py's kernels serve this launch? dtypes by name ("bfloat16", "float16",
+    "float32"); arch = compute capability × 10 (0: no GPU). On sm_90 and later for bf16 features
+    and weight, one sub-center and D in RESIDENT_DIMS (aligned); ``force(resident=True)`` (tests:
+    the interpreter runs them on fp16 / fp32) needs only equal dtypes, ``resident=False`` turns
+    them off. Pure Python: benchmarks/model.py asks it too."""
+    if not aligned or subcenters != 1 or dim not in RESIDENT_DIMS:
+        return False
+    if _forced_resident is not None:
+        return _forced_resident and features == weight
+    return arch >= 90 and features == weight == "bfloat16"
+
+
 def variant(features_dtype, subcenters: int, aligned: bool = True, *, weight_dtype=None,
             dim: int = 0, arch: int = 0) -> str:
-    """The table a launch takes its configurations from (see VARIANTS). The resident kernels
-    are chosen on sm_90 and later for bf16 features and weight, one sub-center and D in
-    RESIDENT_DIMS (aligned), or wherever ``force(resident=True)`` asks for them (tests: the
-    interpreter runs them on fp16 / fp32); ``force(resident=False)`` turns them off."""
+    """The table a launch takes its configurations from (see VARIANTS and resident_applies)."""
     import torch
 
+    if weight_dtype is not None and resident_applies(
+            str(features_dtype).removeprefix("torch."), str(weight_dtype).removeprefix("torch."),
+            subcenters, dim, arch, aligned):
+        return "resident"
     base = "fp32" if features_dtype == torch.float32 else "half"
     if not aligned:
         return base + "_unaligned"
-    if subcenters == 1 and dim in RESIDENT_DIMS:
-        wanted = (arch >= 90 and features_dtype == torch.bfloat16
-                  and weight_dtype == torch.bfloat16)
-        if _forced_resident is not None:
-            wanted = _forced_resident and weight_dtype == features_dtype
-        if wanted:
-            return "resident"
     return base + ("_sub" if subcenters > 1 else "")
 
 

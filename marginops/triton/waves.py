@@ -122,6 +122,10 @@ AOT_FIGURES: dict[tuple, tuple[int, int]] = {
     ('bwd_dw', 'half_unaligned', 90, 32, 32, 16, 4, 1, 128): (255, 16384),
     ('bwd_dw', 'fp32_unaligned', 80, 16, 32, 16, 4, 1, 128): (255, 16384),
     ('bwd_dw', 'fp32_unaligned', 90, 16, 32, 16, 4, 1, 128): (255, 16384),
+    # resident.py's kernels (sm_90 only), at D = 512 (two 256-wide chunks), every flag on
+    ('fwd', 'resident', 90, 128, 32, 256, 8, 2, 0): (119, 196608),
+    ('bwd_df', 'resident', 90, 128, 32, 256, 8, 2, 256): (255, 196864),
+    ('bwd_dw', 'resident', 90, 16, 128, 256, 8, 2, 256): (245, 164288),
     ('merge', 'half', 80, 128, 16, 16, 4, 1, 0): (32, 0),
     ('merge', 'half', 90, 128, 16, 16, 4, 1, 0): (32, 0),
     ('merge', 'half_sub', 80, 128, 16, 16, 4, 1, 0): (32, 0),
