@@ -52,6 +52,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from marginops.triton import configs  # noqa: E402
 from marginops.triton import margin_lse as ml  # noqa: E402
+from marginops.triton import resident as rs  # noqa: E402
 from marginops.triton import topk as tk  # noqa: E402
 
 ARCHS = (80, 90)
@@ -66,9 +67,15 @@ KERNELS = {
     "norm": ml._inv_norm_kernel,
 }
 
+# the "resident" variant's kernels (resident.py: sm_90, bf16, K = 1, D in RESIDENT_DIMS),
+# compiled at D = 512 (two 256-wide chunks: the heaviest) unless a test asks for another D
+RESIDENT = {"fwd": rs._fwd_res_kernel, "bwd_df": rs._bwd_df_res_kernel,
+            "bwd_dw": rs._bwd_dw_res_kernel}
+RESIDENT_DIM = max(configs.RESIDENT_DIMS)
+
 # pointer argument -> "f" (features dtype), "w" (weight dtype) or a fixed type
 _PTR = {
-    "f_ptr": "f", "w_ptr": "w", "gw_ptr": "w",
+    "f_ptr": "f", "w_ptr": "w", "wj_ptr": "w", "gw_ptr": "w",
     "tcol_ptr": "i64", "cidx_ptr": "i64", "excl_ptr": "i64", "col_ptr": "i32",
 }
 _ALIGNED_INTS = {"D", "stride_f", "stride_w"}
@@ -79,10 +86,17 @@ def _bin(name: str) -> str:
 
 
 def _source(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, *, flags: bool,
-            k_const: bool, aligned: bool = True) -> ASTSource:
+            k_const: bool, aligned: bool = True, var: str = "", dim: int = RESIDENT_DIM
+            ) -> ASTSource:
     fn = KERNELS[kernel]
     const = {}
-    if kernel == "merge":
+    if var == "resident" and kernel in RESIDENT:
+        fn = RESIDENT[kernel]
+        chunk = min(dim, cfg.block_d)  # as margin_lse._Args: D in one or two chunks
+        const.update(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_D=chunk, TWO=dim > chunk,
+                     NORMALIZE=flags, DOT_PREC="tf32", HAS_BIAS=flags, HAS_INDEX=flags,
+                     HARD=flags, FILTER=flags)
+    elif kernel == "merge":
         const["BLOCK_B"] = cfg.block_b
     elif kernel == "norm":
         const.update(HAS_INDEX=flags, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
@@ -116,11 +130,21 @@ def _source(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, *, flags
     return ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
 
 
-@functools.cache
 def compile_stats(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, arch: int,
-                  flags: bool = True, k_const: bool = True, aligned: bool = True) -> dict:
-    """Compile one variant and return its static figures."""
-    src = _source(kernel, cfg, fdt, wdt, flags=flags, k_const=k_const, aligned=aligned)
+                  flags: bool = True, k_const: bool = True, aligned: bool = True, var: str = "",
+                  dim: int = RESIDENT_DIM) -> dict:
+    """Compile one specialisation and return its static figures (``var`` = "resident" compiles
+    resident.py's kernel for fwd / bwd_df / bwd_dw, at embedding width ``dim``; any other
+    variant name compiles margin_lse.py's, the same for every name: one cached compile)."""
+    if not (var == "resident" and kernel in RESIDENT):
+        var, dim = "", RESIDENT_DIM
+    return _compile_stats(kernel, cfg, fdt, wdt, arch, flags, k_const, aligned, var, dim)
+
+
+@functools.cache
+def _compile_stats(kernel, cfg, fdt, wdt, arch, flags, k_const, aligned, var, dim) -> dict:
+    src = _source(kernel, cfg, fdt, wdt, flags=flags, k_const=k_const, aligned=aligned, var=var,
+                  dim=dim)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.launch())
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(ck.asm["cubin"])
@@ -178,7 +202,9 @@ def _loops(ttgir: str) -> list[dict]:
 VARIANT_DTYPES = {
     "half": (("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")),
     "fp32": (("fp32", "fp32"),),
+    "resident": (("bf16", "bf16"),),
 }
+VARIANT_ARCHS = {"resident": (90,)}  # resident.py runs on sm_90 and later only
 
 
 DEFAULTS_ONLY = os.environ.get("MARGINOPS_AOT_DEFAULTS_ONLY", "0") not in ("", "0")
@@ -206,8 +232,9 @@ def _cases():
                         else:
                             kc = k_const
                         al = aligned or kernel == "merge"
-                        for arch in ARCHS:
-                            key = (kernel, cfg, fdt, wdt, arch, kc, al)
+                        for arch in VARIANT_ARCHS.get(var, ARCHS):
+                            key = (kernel, var if var == "resident" else "", cfg, fdt, wdt,
+                                   arch, kc, al)
                             if key in seen:
                                 continue
                             seen.add(key)
@@ -265,6 +292,15 @@ def _check_loops(stats: dict, kernel: str, cfg: configs.KernelConfig, fdt: str, 
             assert lp["own_async_copy"], f"{kernel}: the D loop's loads are not pipelined"
 
 
+def _check_resident_loops(stats: dict, kernel: str):
+    """resident.py's kernels have no loop over D (each tl.dot spans the whole chunk): their GEMM
+    loop runs over tiles, must not write global memory, and its loads must be pipelined."""
+    gemm_loops = [lp for lp in stats["loops"] if lp["dot"]]
+    assert len(gemm_loops) == 1, f"{kernel}: {gemm_loops}"
+    assert not gemm_loops[0]["write"], f"{kernel}: a global store/atomic inside the GEMM loop"
+    assert gemm_loops[0]["own_async_copy"], f"{kernel}: the tile loop's loads are not pipelined"
+
+
 def test_every_config_is_listed():
     """Every kernel has a configuration in every variant; the compile matrix covers them all."""
     assert set(configs.KERNELS) == set(KERNELS)
@@ -279,10 +315,25 @@ def test_every_config_is_listed():
 
 @pytest.mark.parametrize("kernel,var,cfg,fdt,wdt,arch,k_const,aligned", list(_cases()))
 def test_compiles_without_spills(kernel, var, cfg, fdt, wdt, arch, k_const, aligned):
-    stats = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=k_const, aligned=aligned)
+    stats = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=k_const, aligned=aligned, var=var)
     _check(stats, kernel, var, fdt, arch)
-    if kernel in GEMM_KERNELS:
+    if var == "resident" and kernel in RESIDENT:
+        _check_resident_loops(stats, kernel)
+    elif kernel in GEMM_KERNELS:
         _check_loops(stats, kernel, cfg, fdt, wdt, arch)
+
+
+@pytest.mark.skipif(DEFAULTS_ONLY, reason="the oldest-Triton step compiles the defaults only")
+@pytest.mark.parametrize("kernel", list(RESIDENT))
+@pytest.mark.parametrize("dim,flags", [(d, f) for d in configs.RESIDENT_DIMS for f in (True, False)
+                                       if (d, f) != (RESIDENT_DIM, True)])
+def test_resident_dims_and_flags_off(kernel, dim, flags):
+    """resident.py's other specialisations: D = 128 and 256 (one chunk) and every option flag
+    off (plain ArcFace), besides the D = 512, flags-on compile of the matrix above."""
+    cfg = configs.default(kernel, "resident")
+    stats = compile_stats(kernel, cfg, "bf16", "bf16", 90, flags=flags, var="resident", dim=dim)
+    _check(stats, kernel, "resident", "bf16", 90)
+    _check_resident_loops(stats, kernel)
 
 
 @pytest.mark.parametrize("kernel,var,d_chunk", [
@@ -333,7 +384,7 @@ def static_table() -> str:
              "| smem (KB) | spills (stack B) | wgmma |", "|---|---|---|---|---|---|---|---|---|"]
     for p in _cases():
         kernel, var, cfg, fdt, wdt, arch, kc, al = p.values
-        s = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=kc, aligned=al)
+        s = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=kc, aligned=al, var=var)
         do = f", {cfg.block_do}" if cfg.block_do else ""   # backward kernels: the D chunk
         lines.append(
             f"| {kernel} | {var} | {cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {cfg.num_warps}, "

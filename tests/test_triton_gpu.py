@@ -84,6 +84,31 @@ def test_matches_oracle_medium(dtype, wdtype, K, index):
         assert_within_budget(a, b, t, dtype)
 
 
+@pytest.mark.parametrize("D", [128, 256, 512])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_resident_kernels_match_oracle(D, options):
+    """resident.py's kernels (bf16, K = 1, D ∈ {128, 256, 512} on sm_90+) against the oracle,
+    and margin_lse.py's general kernels on the same inputs (forced) for comparison."""
+    binding = _binding()
+    from marginops.triton import configs
+    from marginops.triton.launch import _Args
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("resident.py's kernels run on sm_90 and later")
+    every = options == "all"
+    args = _inputs(300, 5003, D, 1, torch.bfloat16, bias=every, index=every, hard=every)
+    assert _Args(*args).resident
+    gl = torch.randn(300, device=DEV)
+    gd = torch.randn(300, device=DEV)
+    base = _loss_grads(margin_lse_dense, args, gl, gd)
+    truth = _loss_grads(margin_lse_dense, _double(args), gl.double(), gd.double())
+    for resident in (True, False):
+        with configs.force(resident=resident):
+            ours = _loss_grads(binding.margin_lse, args, gl, gd)
+        for a, b, t in zip(ours, base, truth):
+            assert_within_budget(a, b, t, torch.bfloat16)
+
+
 def test_topk_medium():
     binding = _binding()
     f, w, *_ = _inputs(128, 20011, 256, 1, torch.float32)

@@ -270,7 +270,7 @@ def aot_figures(kernel: str, var: str, cfg, arch: int) -> dict:
     fdt, wdt = ("fp32", "fp32") if base == "fp32" else ("bf16", "bf16")
     if kernel == "merge":   # fp32 partials only, no K, no D
         fdt, wdt, k_const, aligned = "fp32", "fp32", True, True
-    return aot.compile_stats(kernel, cfg, fdt, wdt, arch, True, k_const, aligned)
+    return aot.compile_stats(kernel, cfg, fdt, wdt, arch, True, k_const, aligned, var=var)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
@@ -281,13 +281,15 @@ def test_aot_figures_give_the_compiled_occupancy():
     autotune, every variant) has a waves.AOT_FIGURES entry, and the entry gives the programs per
     SM its fresh AOT compile gives (``aot_figures``). When a kernel or configuration changes, the
     failure lists the entries to write into AOT_FIGURES."""
+    import test_triton_aot as aot
+
     from marginops.triton import configs, waves
 
     wrong = []
     for kernel in FIGURE_KERNELS:
         for var in configs.VARIANTS:
             for cfg in configs.gpu_configs(kernel, var):
-                for arch in (80, 90):
+                for arch in aot.VARIANT_ARCHS.get(var, aot.ARCHS):
                     st = aot_figures(kernel, var, cfg, arch)
                     key = waves.figure_key(kernel, var, arch, cfg)
                     limits = waves.ARCH_LIMITS[arch]

@@ -1,13 +1,12 @@
-"""Launch-side helpers of the Triton kernels: device guard, dot precision, configurations,
-class splits in whole waves (planned by waves.py) and autotuning (shared by margin_lse.py and
-topk.py)."""
+"""Launch-side helpers of the Triton kernels: the op's inputs as the kernels want them (``_Args``),
+device guard, dot precision, configurations, class splits in whole waves (planned by waves.py)
+and autotuning (shared by margin_lse.py and topk.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -15,9 +14,6 @@ from torch import Tensor
 
 from . import _compat, configs, waves
 from .tiles import interpreting
-
-if TYPE_CHECKING:
-    from .margin_lse import _Args
 
 if interpreting():
     _compat.patch_interpreter()  # Triton ≤ 3.6's interpreter with numpy ≥ 2.4 (see _compat.py)
@@ -77,6 +73,79 @@ def _device_slots_info(index: int) -> tuple[int, int, waves.SMLimits]:
         smem=getattr(props, "shared_memory_per_multiprocessor", base.smem),
     )
     return props.multi_processor_count, arch, limits
+
+
+class _Args:
+    """The op's inputs, checked once and laid out as the kernels want them."""
+
+    def __init__(self, features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
+                 normalize_weight, subcenters, filter_threshold=0.0):
+        if features.dtype == torch.float64 or weight.dtype == torch.float64:
+            raise TypeError("backend 'triton' does not support float64 inputs; "
+                            "use backend='torch' or backend='cpp' for float64")
+        if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"backend 'triton': unsupported features dtype {features.dtype}")
+        # every pointer a kernel dereferences must be on the features' device (a CPU target_col
+        # read by a GPU kernel is an illegal address and a dead CUDA context)
+        inputs = dict(weight=weight, scale=scale, bias=bias, target_col=target_col,
+                      class_index=class_index, hard_tau=hard_tau, hard_t=hard_t)
+        for name, t in inputs.items():
+            if t is not None and t.device != features.device:
+                raise ValueError(f"backend 'triton': {name} is on {t.device} but features are on "
+                                 f"{features.device}; move every input of the op to "
+                                 f"{features.device}")
+        if interpreting() and torch.bfloat16 in (features.dtype, weight.dtype):
+            raise TypeError("backend 'triton' under TRITON_INTERPRET=1 cannot run bfloat16 "
+                            "inputs (Triton's interpreter computes bf16 tl.dot wrongly); use "
+                            "float16 or float32 there, or run bfloat16 on a GPU")
+        self.f = features.contiguous()
+        self.w = weight.contiguous()
+        self.B, self.D = self.f.shape
+        self.K = int(subcenters)
+        self.R = self.w.shape[0]
+        self.C_local = self.R // self.K
+        self.N = class_index.numel() if class_index is not None else self.C_local
+        self.scale = scale.contiguous()
+        self.bias = bias.contiguous() if bias is not None else None
+        self.tcol = target_col.contiguous()
+        self.cidx = class_index.contiguous() if class_index is not None else None
+        self.hard = hard_tau is not None
+        self.tau = hard_tau.contiguous() if self.hard else None
+        self.t = hard_t.reshape(1).contiguous() if self.hard else None
+        self.normalize = bool(normalize_weight)
+        # interclass filtering: a runtime fp32 scalar, compiled in only when on (FILTER)
+        self.filter = float(filter_threshold) > 0
+        self.thr = float(filter_threshold) if self.filter else 0.0
+        self.acc = scale.dtype
+        # Triton specialises D, the strides and the base pointers on divisibility by 16
+        aligned = (self.D % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (self.f, self.w)))
+        self.variant = configs.variant(self.f.dtype, self.K, aligned, weight_dtype=self.w.dtype,
+                                       dim=self.D, arch=_arch(self.f.device))
+        self.resident = self.variant == "resident"  # resident.py's kernels (configs.py)
+        dummy = self.scale
+        # kernel pointer arguments: optional inputs replaced by a dummy the kernel never reads
+        self.ptrs = (self.f, self.w, self.scale,
+                     self.bias if self.bias is not None else dummy,
+                     self.tcol,
+                     self.cidx if self.cidx is not None else self.tcol,
+                     self.tau if self.hard else dummy,
+                     self.t if self.hard else dummy)
+        self.flags = dict(HAS_BIAS=self.bias is not None, HAS_INDEX=self.cidx is not None,
+                          HARD=self.hard, FILTER=self.filter, NORMALIZE=self.normalize,
+                          HAS_SUB=self.K > 1,
+                          DOT_PREC=_dot_precision(self.f))
+        if self.resident:  # one sub-center; D in chunks of min(D, 256), one or two of them
+            del self.flags["HAS_SUB"]
+            self.chunk = min(self.D, 256)
+            self.res_meta = dict(BLOCK_D=self.chunk, TWO=self.D > self.chunk)
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability × 10 of a CUDA device (read once per device), 0 elsewhere."""
+    if device.type != "cuda":
+        return 0
+    return _device_slots_info(device.index if device.index is not None
+                              else torch.cuda.current_device())[1]
 
 
 def _config(kernel: str, a: _Args) -> configs.KernelConfig:

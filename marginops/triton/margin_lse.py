@@ -1,6 +1,7 @@
 """Fully fused margin-softmax reduction in Triton: the core op of shared/DESIGN.md §2.
 
-Read top-down: forward kernels → backward kernels → launchers → registered ops
+Read top-down: forward kernels → backward kernels → launchers (which also launch resident.py's
+kernels where they apply) → registered ops
 (``torch.ops.marginops.margin_lse_triton`` / ``..._backward``) → autograd. The tile helpers the
 kernels inline (cosine tile, logit epilogue, …) are in tiles.py, shared with topk.py; the launch
 helpers (device guard, dot precision, configurations, splits, autotuning) in launch.py.
@@ -61,17 +62,10 @@ loops (asynchronous wgmma with same-dtype half inputs on sm_90), and no fp32 (R,
 but more FLOPs and L2 loads at D = 512 than before, and than the 8·B·C·D floor. Not measured on a
 GPU (none was available): counts, not timings.
 
-Resident tiles (FlashAttention's shape: F of the row tile, or W of the class tile, kept in shared
-memory over the whole D, each streamed tile loaded once for both GEMMs: 10·B·C·D, a quarter of
-the L2 loads) were compiled for sm_90 (Triton 3.9, bf16, D = 512, every flag on, 8 warps) and not
-adopted: bwd_df 64×32 / 64×64 tiles spill 136 / 216 B at 255 registers (64×16: 8 B; 16 warps:
-352 B), bwd_dw 32×64 24 B. Worse, Triton lays out a dot whose result feeds another dot with all
-warps along M (TTGIR ``warpsPerCTA = [8, 1]``), so with 64-row tiles both warpgroups compute the
-same logit tile (dF: 2 + 2 + 2 = 6·B·C·D again); 128-row tiles need a 128×512 fp32 accumulator,
-256 registers per thread (at D ≤ 256 it fits: bwd_df 128×32×256, no spill). At D = 512 a Triton
-backward kernel thus pays 6·B·C·D either way (14·B·C·D in all: ≤ 0.57 of peak with all else
-free); less needs the two warpgroups to split the logit GEMM's D and exchange partial tiles
-through shared memory, or warp specialisation — a hand-written CUDA (CUTLASS / CuTe) kernel.
+On sm_90 with bf16 features and weight, one sub-center and D ∈ {128, 256, 512}, resident.py's
+kernels run instead (FlashAttention's shape: the program's own F or W tile stays in shared memory
+over the whole D, each streamed tile is loaded once for both GEMMs; 10·B·C·D at D ≤ 256, 14 at
+D = 512, a fifth of these L2 loads). Their docstring says why their tiles are what they are.
 
 Why not 8·B·C·D (cut-cross-entropy's one recompute feeding both gradients)? One of the two
 gradients must then be reduced across programs: fp32 atomics on global memory or a B×C-sized dd
@@ -101,9 +95,9 @@ from torch import Tensor
 
 from ..ops import register_core_autograd
 from . import configs, resident, waves
-from .launch import (  # noqa: F401
+from .launch import (  # noqa: F401  (_Args: part of this module's interface)
+    _Args,
     _config,
-    _device_slots_info,
     _dot_precision,
     _pick,
     _split_columns,
@@ -373,85 +367,13 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
 # Launchers
 # =============================================================================================
 
-class _Args:
-    """The op's inputs, checked once and laid out as the kernels want them."""
-
-    def __init__(self, features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                 normalize_weight, subcenters, filter_threshold=0.0):
-        if features.dtype == torch.float64 or weight.dtype == torch.float64:
-            raise TypeError("backend 'triton' does not support float64 inputs; "
-                            "use backend='torch' or backend='cpp' for float64")
-        if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"backend 'triton': unsupported features dtype {features.dtype}")
-        # every pointer a kernel dereferences must be on the features' device (a CPU target_col
-        # read by a GPU kernel is an illegal address and a dead CUDA context)
-        inputs = dict(weight=weight, scale=scale, bias=bias, target_col=target_col,
-                      class_index=class_index, hard_tau=hard_tau, hard_t=hard_t)
-        for name, t in inputs.items():
-            if t is not None and t.device != features.device:
-                raise ValueError(f"backend 'triton': {name} is on {t.device} but features are on "
-                                 f"{features.device}; move every input of the op to "
-                                 f"{features.device}")
-        if interpreting() and torch.bfloat16 in (features.dtype, weight.dtype):
-            raise TypeError("backend 'triton' under TRITON_INTERPRET=1 cannot run bfloat16 "
-                            "inputs (Triton's interpreter computes bf16 tl.dot wrongly); use "
-                            "float16 or float32 there, or run bfloat16 on a GPU")
-        self.f = features.contiguous()
-        self.w = weight.contiguous()
-        self.B, self.D = self.f.shape
-        self.K = int(subcenters)
-        self.R = self.w.shape[0]
-        self.C_local = self.R // self.K
-        self.N = class_index.numel() if class_index is not None else self.C_local
-        self.scale = scale.contiguous()
-        self.bias = bias.contiguous() if bias is not None else None
-        self.tcol = target_col.contiguous()
-        self.cidx = class_index.contiguous() if class_index is not None else None
-        self.hard = hard_tau is not None
-        self.tau = hard_tau.contiguous() if self.hard else None
-        self.t = hard_t.reshape(1).contiguous() if self.hard else None
-        self.normalize = bool(normalize_weight)
-        # interclass filtering: a runtime fp32 scalar, compiled in only when on (FILTER)
-        self.filter = float(filter_threshold) > 0
-        self.thr = float(filter_threshold) if self.filter else 0.0
-        self.acc = scale.dtype
-        # Triton specialises D, the strides and the base pointers on divisibility by 16
-        aligned = (self.D % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (self.f, self.w)))
-        self.variant = configs.variant(self.f.dtype, self.K, aligned, weight_dtype=self.w.dtype,
-                                       dim=self.D, arch=_arch(self.f.device))
-        self.resident = self.variant == "resident"  # resident.py's kernels (configs.py)
-        dummy = self.scale
-        # kernel pointer arguments: optional inputs replaced by a dummy the kernel never reads
-        self.ptrs = (self.f, self.w, self.scale,
-                     self.bias if self.bias is not None else dummy,
-                     self.tcol,
-                     self.cidx if self.cidx is not None else self.tcol,
-                     self.tau if self.hard else dummy,
-                     self.t if self.hard else dummy)
-        self.flags = dict(HAS_BIAS=self.bias is not None, HAS_INDEX=self.cidx is not None,
-                          HARD=self.hard, FILTER=self.filter, NORMALIZE=self.normalize,
-                          HAS_SUB=self.K > 1,
-                          DOT_PREC=_dot_precision(self.f))
-        if self.resident:  # one sub-center; D in chunks of min(D, 256), one or two of them
-            del self.flags["HAS_SUB"]
-            self.chunk = min(self.D, 256)
-            self.res_meta = dict(BLOCK_D=self.chunk, TWO=self.D > self.chunk)
-
-
-def _arch(device: torch.device) -> int:
-    """Compute capability × 10 of a CUDA device (read once per device), 0 elsewhere."""
-    if device.type != "cuda":
-        return 0
-    return _device_slots_info(device.index if device.index is not None
-                              else torch.cuda.current_device())[1]
-
-
 def _inv_norms(a: _Args, inv: Tensor) -> None:
-    """inv[n, k] = 1/‖W_r‖ of the iterated rows (``_inv_norm_kernel``), under the device guard."""
+    """inv[n, k] = 1/‖W_r‖ of the iterated rows (``_inv_norm_kernel``)."""
     cfg = _config("norm", a)
-    _inv_norm_kernel[(triton.cdiv(a.N, cfg.block_n),)](
-        a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **cfg.launch())
+    with device_guard(a.f.device):
+        _inv_norm_kernel[(triton.cdiv(a.N, cfg.block_n),)](
+            a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
+            BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **cfg.launch())
 
 
 def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:

@@ -1,39 +1,54 @@
-"""Resident-tile Triton kernels of the core op: FlashAttention's shape, for half precision.
+"""Resident-tile Triton kernels of the core op (FlashAttention's shape), for bf16 on sm_90.
 
-margin_lse.py's kernels stream *both* operands of every GEMM through a loop over D chunks, and
-their backward kernels hold a BLOCK_DO-wide slice of the output: at D = 512 in half precision
-(BLOCK_DO = 256) each backward kernel recomputes the logit tile twice, 14·B·C·D FLOPs in all, and
-loads every streamed tile two or three times. Here the tile a program owns stays put over the
-whole (padded) D, so each streamed tile is loaded once and feeds every GEMM that needs it:
+margin_lse.py's kernels stream *both* operands of every GEMM through a loop over D chunks and
+reload them for each output chunk. Here the tile a program owns stays in shared memory over the
+whole D, and each streamed tile is loaded once and feeds every GEMM of its step:
 
-    kernel   resident (loaded once)     streamed per step          GEMMs per step
-    fwd      F rows  (BLOCK_B × D)      W columns (BLOCK_N × D)    d = F·Wᵀ
-    bwd_df   F rows  (BLOCK_B × D)      W columns (BLOCK_N × D)    d = F·Wᵀ;  dF += dd·W
-    bwd_dw   W columns (BLOCK_N × D)    F rows (BLOCK_B × D)       d = F·Wᵀ;  G += ddᵀ·F
+    kernel   resident (loaded once)       streamed per step            GEMMs per step
+    fwd      F rows (BLOCK_B × D)         W columns (BLOCK_N × D)      d = F·Wᵀ
+    bwd_df   F rows (BLOCK_B × D)         W columns (BLOCK_N × D)      d = F·Wᵀ;  dF[c] += dd·W[c]
+    bwd_dw   W columns (BLOCK_N × D)      F rows (BLOCK_B × D)         dᵀ = W·Fᵀ;  G[c] += ddᵀ·F[c]
 
-Tensor-core FLOPs: 2 + 4 + 4 = 10·B·C·D (the 8·B·C·D floor would need one recompute feeding both
-gradients, and so a cross-program reduction of one of them: margin_lse.py says why not).
-Bytes loaded (L2 → SM, e = 2): fwd and bwd_df ⌈B/BLOCK_B⌉·C·D·e of W and B·D·e of F each; bwd_dw
-⌈C/BLOCK_N⌉·B·D·e of F and C·D·e of W. At B = 4096, C = 2^20, D = 512, bf16, BLOCK_B = 64 and
-BLOCK_N = 64: 69 GB per kernel, 206 GB in all, against 891 GB for margin_lse.py's kernels; every
-loop is over tiles (the D "loop" is inside one ``tl.dot``), so the pipeliner prefetches whole
-streamed tiles ``num_stages − 1`` steps ahead. The price is shared memory (resident tile + stages
-of the streamed one: 64 KB + 2 × 32-64 KB at D = 512) and registers: the backward's fp32
-accumulator is BLOCK_B (or BLOCK_N) × D, 128 registers per thread at 64 × 512 over 8 warps.
+D is held as one or two chunks of c = min(D, 256) columns (D ∈ configs.RESIDENT_DIMS: 128, 256,
+512; ``TWO``): every ``tl.dot`` spans a whole chunk, so the only loop is over streamed tiles and
+the pipeliner prefetches whole tiles ``num_stages − 1`` steps ahead. A backward program owns one
+output chunk [c] (program axis 2 / 1: ``own``); with two chunks it still needs the other chunk
+of both operands for the cosines. Why one output chunk per program, and why 128 rows (fwd,
+bwd_df) or columns (bwd_dw) per program: an fp32 accumulator of 128 × 256 is 128 registers per
+thread over 8 warps (one of 128 × 512 would need 256), and Triton lays out a dot that feeds
+another dot with all warps along M — with 64-row tiles both warpgroups would compute the same
+logit tile. Hence the dW kernel computes dᵀ = W·Fᵀ, its 128 columns as the GEMM's M.
+
+Cost (e = 2 bytes, q = D / c chunks):
+
+    kernel   tensor-core FLOPs     L2 → SM bytes                             grid
+    fwd      2·B·C·D               ⌈B/128⌉·C·D·e (W) + splits·B·D·e (F)      ⌈B/128⌉ × splits
+    bwd_df   (2q + 2)·B·C·D        q·⌈B/128⌉·C·D·e + q·splits·B·D·e          ⌈B/128⌉ × splits × q
+    bwd_dw   (2q + 2)·B·C·D        q·⌈C/128⌉·B·D·e (F) + (q + 1)·C·D·e (W)   ⌈C/128⌉ × q
+
+(plus 1/‖W‖ and per-row vectors): 10·B·C·D in all at D ≤ 256, 14·B·C·D at D = 512 — the second
+chunk's programs recompute the logit tile. At B = 4096, C = 2^20, D = 512: ≈ 34 + 69 + 72 GB
+loaded, against 891 GB for margin_lse.py's kernels at that shape. The 8·B·C·D floor would need
+one recompute feeding both gradients (margin_lse.py says why not), and 10·B·C·D at D = 512 two
+warpgroups that split the logit GEMM's D and exchange partial tiles through shared memory,
+which Triton does not express. Shared memory: 192 KB (fwd, bwd_df) / 160 KB (bwd_dw) at D = 512,
+one program per SM; registers and spills: configs.py (compiled and checked by
+tests/test_triton_aot.py: zero spills at D = 128, 256, 512 with every option flag on and off).
 
 What differs from margin_lse.py's kernels (same contract, same outputs):
   * 1/‖W_r‖ comes from ``_inv_norm_kernel``'s (N,) buffer in every pass, the forward included: the
-    sum of squares of a BLOCK_N × 512 tile would have to sit in registers.
+    sum of squares of a BLOCK_N × D tile would have to sit in registers.
   * dF = Σ_n (dd_in / wn_n) W_n: the 1/wn column scale is folded into dd before the second GEMM,
     so the streamed W tile feeds it as loaded. For fp16 a zero row's 1/wn = 10^12 would overflow
     the fp16 operand (and, through ``_rescaled``'s per-row scale, flush the row's other terms):
     its W is 0, so its term is 0 and the scale is set to 0 (``_col_scale``). A non-zero fp16 row
     has ‖W‖ ≥ 2^-24, so no other row is touched.
-  * One sub-center (K = 1), features and weight of one half dtype, D ≤ 512 and 16-aligned: the
-    launcher's ``resident`` variant (configs.py); everything else takes margin_lse.py's kernels.
+  * Chosen (``configs.resident_applies``) on sm_90 and later for bf16 features and weight, one
+    sub-center and D ∈ RESIDENT_DIMS (aligned); everything else takes margin_lse.py's kernels.
+    The interpreter cannot run bf16 dots: tests force these kernels on fp32 and fp16 inputs
+    (``configs.force(resident=True)``), whose code is bf16's but for fp16's operand rescaling.
 
-The interpreter runs these kernels on fp16 and — forced by the tests (``configs.force(
-resident=True)``) — fp32 inputs, against the reference.
+Not measured on a GPU (none was available): counts and compiler output, not timings.
 """
 
 from __future__ import annotations

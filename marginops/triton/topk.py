@@ -23,8 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .launch import _config, _split_columns, device_guard
-from .margin_lse import _Args
+from .launch import _Args, _config, _split_columns, device_guard
 from .tiles import _class_of, _cosine_tile
 
 MAX_K = 16
