@@ -1,9 +1,12 @@
 """Triton kernels of the core op (shared/DESIGN.md §3, `triton` backend).
 
     margin_lse.py  fused margin-softmax reduction: kernels → launcher → registered ops → autograd
+    resident.py    the same reduction with the program's own tile resident over the whole D
+                   (FlashAttention's shape): bf16 on sm_90 at D = 128 / 256 / 512
     topk.py        streaming per-row top-k of cosines (no logits in memory)
     tiles.py       tile helpers both inline (cosine tile, logit epilogue, second-GEMM operand)
-    launch.py      device guard, dot precision, configurations, class splits, autotuning
+    launch.py      the op's inputs as the kernels want them, device guard, dot precision,
+                   configurations, class splits, autotuning
     waves.py       class splits planned in whole waves of the SMs × programs per SM (pure Python)
     configs.py     every kernel configuration the launcher can pick
     _compat.py     support for the oldest Triton supported (3.5) in the interpreter
