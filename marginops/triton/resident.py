@@ -61,9 +61,11 @@ from .tiles import (
     _class_of,
     _grad_logits,
     _logit_tile,
+    _lse_step,
     _out_row,
     _rescaled,
     _split_range,
+    _store_partials,
     _up_start,
 )
 
@@ -160,15 +162,9 @@ def _fwd_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_p
         d = _dots(f0, w0, f1, w1, TWO, DOT_PREC) * _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)[None, :]
         is_t, _dmod, _slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls,
                                              tau, t, thr, HAS_BIAS, HARD, FILTER)
-        dot_y += tl.sum(tl.where(is_t, d, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_ref = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
-        m = m_new
-    out = split * B + rows
-    tl.store(m_ptr + out, m, mask=row_mask)
-    tl.store(s_ptr + out, s, mask=row_mask)
-    tl.store(y_ptr + out, dot_y, mask=row_mask)
+        dot_y += tl.sum(tl.where(is_t, d, 0.0), axis=1)  # raw target cosine
+        m, s = _lse_step(m, s, z)
+    _store_partials(m_ptr, s_ptr, y_ptr, split, B, rows, row_mask, m, s, dot_y)
 
 
 # =============================================================================================

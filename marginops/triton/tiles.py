@@ -2,6 +2,7 @@
 
     _cosine_tile   (BLOCK_B, BLOCK_N) cosines d_in = max_k f_i·W_r / wn_r, fp32 accumulation
     _logit_tile    the epilogue: target mask, filtering, hard-negative modulation, scale, bias → z
+    _lse_step, _store_partials   the forward's online logsumexp and its per-split results
     _grad_logits   the backward epilogue: g = grad_lse·softmax and dd = ∂loss/∂d of a cosine tile
     _out_row       the weight-gradient row a dW program writes for a column
     _up_start, _rescaled   dd as the operand of a register-accumulated second GEMM (fp16: running scale)
@@ -107,6 +108,25 @@ def _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
         z += b[None, :]
     z = tl.where(col_mask[None, :] & (~is_t), z, _NEG_INF)
     return is_t, dmod, slope, z
+
+
+@triton.jit
+def _lse_step(m, s, z):
+    """One tile of a row-wise online logsumexp, lse = m + log s: (m, s) after the logits z
+    (BLOCK_B × BLOCK_N, −inf where excluded)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_ref = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no finite logit yet: avoid −inf − −inf
+    s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def _store_partials(m_ptr, s_ptr, y_ptr, split, B, rows, row_mask, m, s, dot_y):
+    """A forward program's three per-row results into the (splits, B) partial buffers."""
+    out = split * B + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(y_ptr + out, dot_y, mask=row_mask)
 
 
 @triton.jit
