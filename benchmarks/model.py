@@ -71,130 +71,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:   # configs.py imports nothing from triton or torch at module level
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, HERE):   # configs.py imports nothing from triton or torch at module level
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from model_roofline import (  # noqa: E402, F401 - re-exported: the model API
+    ELT,
+    EPILOGUE_BWD,
+    EPILOGUE_FWD,
+    GPU,
+    GPUS,
+    LAUNCH_S,
+    Launch,
+    cdiv,
+    limits,
+    occupancy,
+    predict,
+)
 
 from marginops.triton import configs, waves  # noqa: E402
 
-# ----------------------------------------------------------------------------- the machines
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    arch: int              # compute capability ×10 (the AOT target)
-    sms: int
-    clock_hz: float        # boost clock the tensor peak is quoted at
-    bf16: float            # dense bf16/fp16 tensor-core FLOP/s
-    tf32: float            # dense TF32 tensor-core FLOP/s
-    fp32: float            # fp32 CUDA-core FLOP/s (FMA = 2)
-    hbm_bw: float          # bytes/s
-    l2_bw: float           # bytes/s, ASSUMED (see the module docstring)
-    l2_bytes: int
-    smem_per_sm: int       # bytes of shared memory per SM available to CTAs
-    source: str
-    regs_per_sm: int = 65536
-    max_threads_per_sm: int = 2048
-    max_ctas_per_sm: int = 32
-
-    @property
-    def exp_rate(self) -> float:
-        """MUFU ex2 per second: 16 per SM per clock (4 per SM sub-partition)."""
-        return 16 * self.sms * self.clock_hz
-
-    def peak(self, dtype: str) -> float:
-        """Dense tensor-core peak of the input dtype: the denominator of 'fraction of peak'."""
-        return self.tf32 if dtype == "float32" else self.bf16
-
-
-GPUS = {
-    "a100": GPU("A100 SXM4 80GB", 80, 108, 1.41e9, 312e12, 156e12, 19.5e12, 2.039e12, 5.0e12,
-                40 * 2**20, 164 * 1024,
-                "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16 312, TF32 156, FP32 "
-                "19.5 TFLOP/s dense, HBM2e 2,039 GB/s; A100 whitepaper: 108 SMs, 40 MB L2, "
-                "164 KB shared memory per SM, 1410 MHz boost"),
-    "h100": GPU("H100 SXM5 80GB", 90, 132, 1.83e9, 989.4e12, 494.7e12, 66.9e12, 3.35e12, 7.0e12,
-                50 * 2**20, 228 * 1024,
-                "NVIDIA H100 Tensor Core GPU datasheet (SXM): BF16 1,979 / TF32 989 TFLOP/s with "
-                "sparsity (halved: dense), FP32 67 TFLOP/s, HBM3 3.35 TB/s; Hopper whitepaper: "
-                "132 SMs, 50 MB L2, 228 KB shared memory per SM"),
-    "h200": GPU("H200 SXM 141GB", 90, 132, 1.83e9, 989.4e12, 494.7e12, 66.9e12, 4.8e12, 7.0e12,
-                50 * 2**20, 228 * 1024,
-                "NVIDIA H200 Tensor Core GPU datasheet (SXM): same compute as the H100 SXM "
-                "(BF16 989 TFLOP/s dense), HBM3e 4.8 TB/s, 141 GB; GH100: 132 SMs, 50 MB L2"),
-}
-
-TARGET = 0.5            # issue 12: forward+backward ≥ 50 % of dense tensor-core peak (auto's backend)
-LAUNCH_S = 3e-6          # seconds of launch latency per kernel (assumed)
-EPILOGUE_FWD = 12        # fp32 CUDA-core ops per logit in a forward epilogue (estimate)
-EPILOGUE_BWD = 20        # ... in a backward epilogue (recomputed logit + softmax gradient)
-ELT = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-# ----------------------------------------------------------------------------- one launch
-
-@dataclass
-class Launch:
-    """One kernel (``count`` identical launches: the ``cuda`` backend's per-chunk kernels).
-    Every figure is the total over the ``count`` launches."""
-    name: str
-    count: int = 1
-    grid: int = 0            # CTAs per launch; 0 = a library call (cuBLAS, torch): whole waves
-    threads: int = 256
-    regs: int = 0            # per thread (0: unknown / not a Triton kernel)
-    smem: int = 0            # bytes per CTA
-    tc_flops: float = 0.0    # tensor-core FLOPs (or GEMM FLOPs on the unit of ``unit``)
-    unit: str = "bf16"       # peak the GEMM FLOPs run at: bf16 | tf32 | fp32
-    alu_flops: float = 0.0   # fp32 CUDA-core FLOPs besides the GEMMs
-    exps: float = 0.0        # exponentials (MUFU)
-    l2: float = 0.0          # bytes between SMs and L2 (every tile loaded or stored)
-    hbm: float = 0.0         # compulsory HBM bytes (inputs once, outputs once)
-    reuse_set: float = 0.0   # bytes the resident programs touch between two reuses of a tile
-    note: str = ""
-    out: dict = field(default_factory=dict)   # filled by ``predict``
-
-
-def occupancy(launch: Launch, gpu: GPU) -> int:
-    """CTAs per SM from registers, shared memory, threads (marginops/triton/waves.py's rules: the
-    launcher plans its grids with the same ones); 0 figures: limited by threads only."""
-    limits = waves.SMLimits(regs=gpu.regs_per_sm, threads=gpu.max_threads_per_sm,
-                            smem=gpu.smem_per_sm, ctas=gpu.max_ctas_per_sm)
-    return waves.ctas_per_sm(launch.regs, launch.smem, launch.threads, limits)
-
-
-def predict(launch: Launch, gpu: GPU) -> Launch:
-    """Fill ``launch.out``: CTAs/SM, wave efficiency, HBM bytes after L2 misses, roof times, ms."""
-    ctas = occupancy(launch, gpu) if launch.grid else 0
-    if launch.grid:
-        slots = gpu.sms * max(ctas, 1)
-        n_waves = -(-launch.grid // slots)
-        eff = launch.grid / (n_waves * slots)
-    else:
-        n_waves, eff = 0, 1.0
-    hit = 1.0 if launch.reuse_set <= gpu.l2_bytes else gpu.l2_bytes / launch.reuse_set
-    hbm = launch.hbm + (1.0 - hit) * max(launch.l2 - launch.hbm, 0.0)
-    unit_peak = {"bf16": gpu.bf16, "tf32": gpu.tf32, "fp32": gpu.fp32}[launch.unit]
-    roofs = {"tensor" if launch.unit != "fp32" else "fp32 GEMM": launch.tc_flops / unit_peak,
-             "fp32 ALU": launch.alu_flops / gpu.fp32, "exp": launch.exps / gpu.exp_rate,
-             "L2": launch.l2 / gpu.l2_bw, "HBM": hbm / gpu.hbm_bw}
-    if ctas == 1 and launch.tc_flops and (launch.alu_flops or launch.exps):
-        # one CTA per SM: a tile's epilogue waits for its GEMM and the next GEMM for the
-        # epilogue (no second CTA to fill the gap): tensor and CUDA-core/MUFU time add up
-        first = next(iter(roofs))
-        roofs[first + " + epilogue (1 CTA/SM)"] = roofs.pop(first) + max(
-            roofs.pop("fp32 ALU"), roofs.pop("exp"))
-    bound = max(roofs, key=roofs.get)
-    seconds = roofs[bound] / eff + launch.count * LAUNCH_S
-    launch.out = {"ctas_per_sm": ctas, "waves": n_waves, "wave_eff": eff, "hbm": hbm,
-                  "l2_hit": hit, "roofs": roofs, "bound": bound, "seconds": seconds}
-    return launch
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
+TARGET = 0.5   # issue 12: forward+backward ≥ 50 % of dense tensor-core peak (auto's backend)
 
 # ----------------------------------------------------------------------------- the Triton kernels
 #
@@ -229,7 +129,7 @@ def _triton_kernel(kernel: str, var: str, gpu: GPU) -> tuple[configs.KernelConfi
     cfg = configs.default(kernel, var)
     regs, smem = waves.figures(gpu.arch, cfg, kernel, var)
     threads = 32 * cfg.num_warps
-    slots = gpu.sms * waves.ctas_per_sm(regs, smem, threads, _limits(gpu))
+    slots = gpu.sms * waves.ctas_per_sm(regs, smem, threads, limits(gpu))
     return cfg, dict(threads=threads, regs=regs, smem=smem), slots
 
 
@@ -273,11 +173,11 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch
 
     # forward: rt × s, S over D in BLOCK_D steps (a partial last step is a full tl.dot)
     fc, focc, fslots = _triton_kernel("fwd", var, gpu)
-    rt, ct = _cdiv(B, fc.block_b), _cdiv(C, fc.block_n)
+    rt, ct = cdiv(B, fc.block_b), cdiv(C, fc.block_n)
     s = waves.plan_splits(rt, ct, fslots)
-    t = _cdiv(ct, s)
+    t = cdiv(ct, s)
     logits = rt * fc.block_b * ct * fc.block_n               # padded tiles
-    d_pad = _cdiv(D, fc.block_d) * fc.block_d
+    d_pad = cdiv(D, fc.block_d) * fc.block_d
     fwd = Launch(
         "fwd (S = F·Wᵀ, ‖W‖² per row tile, online softmax)", grid=rt * s, **focc,
         tc_flops=2 * logits * d_pad * mult, unit=unit,
@@ -289,23 +189,23 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch
         note=f"{fc.block_b}×{fc.block_n}×{fc.block_d}, {s} split(s); F read per column tile "
              f"({ct}), W per row tile ({rt})")
     mc, mocc, _ = _triton_kernel("merge", var, gpu)
-    merge = Launch("merge (splits → lse_neg, dot_y)", grid=_cdiv(B, mc.block_b), **mocc,
+    merge = Launch("merge (splits → lse_neg, dot_y)", grid=cdiv(B, mc.block_b), **mocc,
                    exps=s * B, alu_flops=6 * s * B, l2=3 * s * B * 4 + 2 * B * 4,
                    hbm=3 * s * B * 4 + 2 * B * 4)
 
     # backward: 1/‖W‖, then the two kernels, each recomputing S over the whole D per D chunk
     nc, nocc, _ = _triton_kernel("norm", var, gpu)
-    norm = Launch("norm (1/‖W_r‖, C fp32)", grid=_cdiv(C, nc.block_n), **nocc,
+    norm = Launch("norm (1/‖W_r‖, C fp32)", grid=cdiv(C, nc.block_n), **nocc,
                   alu_flops=2 * C * D, l2=W + C * 4, hbm=W + C * 4)
 
     dc, docc, dslots = _triton_kernel("bwd_df", var, gpu)
     do = waves.d_chunk(dc.block_do, D)
-    q = _cdiv(D, do)
-    rt, ct = _cdiv(B, dc.block_b), _cdiv(C, dc.block_n)
+    q = cdiv(D, do)
+    rt, ct = cdiv(B, dc.block_b), cdiv(C, dc.block_n)
     sd = waves.plan_splits(rt, ct, dslots, q)
-    t = _cdiv(ct, sd)
+    t = cdiv(ct, sd)
     logits = rt * dc.block_b * ct * dc.block_n
-    d_pad = _cdiv(D, dc.block_d) * dc.block_d
+    d_pad = cdiv(D, dc.block_d) * dc.block_d
     w_regions = _split_grid_w(rt, sd, q, t, dc.block_n, C, D, e, dslots)
     bwd_df = Launch(
         "bwd_df (S recomputed, dF[:, chunk] = dd·Ŵ in registers)", grid=rt * sd * q, **docc,
@@ -322,10 +222,10 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch
 
     wc, wocc, wslots = _triton_kernel("bwd_dw", var, gpu)
     do = waves.d_chunk(wc.block_do, D)
-    q = _cdiv(D, do)
-    nt, rt = _cdiv(C, wc.block_n), _cdiv(B, wc.block_b)
+    q = cdiv(D, do)
+    nt, rt = cdiv(C, wc.block_n), cdiv(B, wc.block_b)
     logits = rt * wc.block_b * nt * wc.block_n
-    d_pad = _cdiv(D, wc.block_d) * wc.block_d
+    d_pad = cdiv(D, wc.block_d) * wc.block_d
     # a class tile's q chunk programs are nt apart in launch order: in q different waves once
     # nt ≥ the resident programs, each streaming the tile's W rows from HBM again
     regions = [(W, q)] if nt >= wslots else [
@@ -358,10 +258,6 @@ def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch
     return out
 
 
-def _limits(gpu: GPU) -> waves.SMLimits:
-    return waves.SMLimits(regs=gpu.regs_per_sm, threads=gpu.max_threads_per_sm,
-                          smem=gpu.smem_per_sm, ctas=gpu.max_ctas_per_sm)
-
 
 # torch's default for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32 = False): the ``cuda``
 # backend follows it (csrc/cuda/tc_gemm.h), so fp32 GEMMs run at the fp32 CUDA-core peak.
@@ -380,7 +276,7 @@ def cuda_plan(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[int, int]:
     if nc >= 256:
         nc = nc // 128 * 128
     nc = max(1, min(nc, max(C, 1)))
-    splits = min(max(_cdiv(4 * gpu.sms, B), 1), min(max(nc // 256, 1), 64))
+    splits = min(max(cdiv(4 * gpu.sms, B), 1), min(max(nc // 256, 1), 64))
     return nc, splits
 
 
@@ -401,7 +297,7 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
     once per SM and chunk."""
     e = ELT[dtype]
     nc, S = cuda_plan(B, C, D, dtype, gpu)
-    n = _cdiv(C, nc)
+    n = cdiv(C, nc)
     widths = ((nc, n - 1), (C - (n - 1) * nc, 1))   # (chunk width, chunks of that width)
     unit = "bf16" if e == 2 else ("tf32" if CUDA_FP32_TF32 else "fp32")
     dd_e = 4 if e == 4 else e                 # DD: fp32 (over T) or the 16-bit dtype
@@ -415,14 +311,14 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
 
     def gemm(name: str, m, k, cols, ea: int, eb: int, accumulate: bool, hbm: float) -> Launch:
         """Σ over chunks of (m × cols) = (m × k)(k × cols); m, k, cols map a chunk width to a size."""
-        l2 = sum(count * (m(w) * k(w) * ea * _cdiv(cols(w), 128)
-                          + k(w) * cols(w) * eb * _cdiv(m(w), 128)
+        l2 = sum(count * (m(w) * k(w) * ea * cdiv(cols(w), 128)
+                          + k(w) * cols(w) * eb * cdiv(m(w), 128)
                           + m(w) * cols(w) * 4 * (2 if accumulate else 1)) for w, count in widths)
         return Launch(name, count=n, tc_flops=2 * B * C * D, unit=unit, l2=l2, hbm=hbm)
 
     def norms(phase: str) -> Launch:
         return Launch(f"{phase}: row_norms_kernel (1/‖W_r‖, ‖W_r‖² of every row)",
-                      grid=_cdiv(C, 8), alu_flops=2 * C * D, l2=W + 8 * C, hbm=W + 8 * C)
+                      grid=cdiv(C, 8), alu_flops=2 * C * D, l2=W + 8 * C, hbm=W + 8 * C)
 
     def dots(phase: str) -> Launch:
         return gemm(f"{phase}: GEMM T = F·Wᵀ (cuBLAS, {dtype} in, fp32 out)", lambda w: B,
@@ -443,7 +339,7 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
                   hbm=DD * spill + partials)]
     if dtype == "float16":
         out.append(Launch("backward: load_chunk_kernel (normalised fp16 rows for ∂F)", count=n,
-                          grid=_cdiv(nc * D, 256), alu_flops=C * D, l2=2 * W + C * 4, hbm=0.0))
+                          grid=cdiv(nc * D, 256), alu_flops=C * D, l2=2 * W + C * 4, hbm=0.0))
     out += [gemm("backward: GEMM ∂F += DD·W_c (cuBLAS, fp32 accumulator)", lambda w: B,
                  lambda w: w, lambda w: D, dd_e, e, True, hbm=DD * spill),
             gemm("backward: GEMM G = DDᵀ·F (cuBLAS, fp32 out)", lambda w: w, lambda w: B,
