@@ -9,9 +9,9 @@ configs.resident_applies — sm_90+, bf16, K = 1, D ∈ {128, 256, 512} — else
 marginops/csrc/cuda/margin_lse.cu for ``cuda``; marginops.reference's ArcFace for ``naive``) it
 counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials, the bytes between the SMs
 and L2, the bytes from HBM, the occupancy (CTAs per SM from registers and shared memory) and the
-wave efficiency of its grid, and predicts its time. The last line printed is ``predicted: <ms>
-ms, <fraction> of peak``. These are predictions, not measurements: ``make gpu-check`` prints
-them beside measured times.
+wave efficiency of its grid, and predicts its time. The last line printed is
+``predicted: <ms> ms, <fraction> of peak``. These are predictions, not measurements:
+``make gpu-check`` prints them beside measured times.
 
 Assumptions (what the figures mean; change a constant to test another):
 
