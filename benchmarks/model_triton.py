@@ -229,8 +229,8 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
     unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # only forced off bf16
     rescale = RESCALE_FP16_OPS if dtype == "float16" else 0
     W, Fb = C * D * e, B * D * e
-    c = min(D, 256)
-    q = D // c
+    c = min(D, 256)   # the launcher's D chunk (margin_lse._Args.chunk)
+    q = D // c        # D ∈ {128, 256, 512}: whole chunks
 
     fc, focc, fslots = _triton_kernel("fwd", "resident", gpu)
     rt, ct = cdiv(B, fc.block_b), cdiv(C, fc.block_n)
