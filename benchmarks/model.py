@@ -3,12 +3,14 @@
     python benchmarks/model.py --gpu h100 --batch 4096 --classes 1000000 --dim 512 --dtype bfloat16
     python benchmarks/model.py --gpu a100 ... --backend cuda      # triton | cuda | naive | auto
 
-For every kernel launch of the step (``Launch``: marginops/triton/margin_lse.py's kernels as
-merged for ``triton``; marginops/csrc/cuda/margin_lse.cu for ``cuda``; marginops.reference's
-ArcFace for ``naive``) it counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials,
-the bytes between the SMs and L2, the bytes from HBM, the occupancy (CTAs per SM from registers
-and shared memory) and the wave efficiency of its grid, and predicts its time. The last line
-printed is ``predicted: <ms> ms, <fraction> of peak``. These are predictions, not measurements:
+For every kernel launch of the step (``Launch``, benchmarks/model_roofline.py: for ``triton``,
+benchmarks/model_triton.py: marginops/triton/resident.py's kernels where
+configs.resident_applies — sm_90+, bf16, K = 1, D ∈ {128, 256, 512} — else margin_lse.py's;
+marginops/csrc/cuda/margin_lse.cu for ``cuda``; marginops.reference's ArcFace for ``naive``) it
+counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials, the bytes between the SMs
+and L2, the bytes from HBM, the occupancy (CTAs per SM from registers and shared memory) and the
+wave efficiency of its grid, and predicts its time. The last line printed is
+``predicted: <ms> ms, <fraction> of peak``. These are predictions, not measurements:
 ``make gpu-check`` prints them beside measured times.
 
 Assumptions (what the figures mean; change a constant to test another):
@@ -43,9 +45,11 @@ Assumptions (what the figures mean; change a constant to test another):
   too). Triton kernels: registers and shared memory from waves.AOT_FIGURES (``triton.compile``
   for sm_80 / sm_90, Triton 3.9, the heaviest specialisation of the default configuration;
   checked against a fresh compile by tests/test_triton_launch.py); A100 uses the sm_80 figures,
-  H100 / H200 the sm_90 ones.
+  H100 / H200 the sm_90 ones; resident.py's kernels their D = 512 figures at every D (one CTA
+  per SM each; conservative at D ≤ 256, as the launcher plans).
 * Triton grids: the launcher's (margin_lse.py): class splits planned in whole waves by
-  waves.plan_splits (the dF grid's D chunks counted), D chunks by waves.d_chunk.
+  waves.plan_splits (the dF grid's D chunks counted), D chunks by waves.d_chunk (resident.py:
+  min(D, 256)).
 * W from HBM (Triton): the programs of one wave that read the same rows of W (the row tiles of a
   class split; a class tile's D-chunk programs) read them once from HBM; a later wave reading
   them again streams them again, unless W fits in L2 (hit share min(1, L2 size / W bytes)).
@@ -53,13 +57,14 @@ Assumptions (what the figures mean; change a constant to test another):
 * Not modelled: the O(B)-sized torch ops of the loss around the core op (µs), the host, the
   ``triton`` autotuner (off by default), clocks below boost (power limits), L2 partitioning.
 
-Figures (H100, B = 4096, C = 1M, D = 512, bf16; this model, to be measured): ``triton`` 130.3 ms,
-0.130 of peak — its backward kernels run (2q + 2)·B·C·D GEMM FLOPs each with q = 2 D chunks
-(14·B·C·D in all) and load 460 GB (dF) and 333 GB (dW) from L2; ``cuda`` 73.2 ms, 0.232, which
-``auto`` therefore picks there. The issue's target (≥ 0.5 for auto's backend) is not met on the
-model; benchmarks/README.md ("The GPU performance model") says where the time goes and what
-would close the gap. An earlier version of this file modelled a FlashAttention-shaped Triton
-design that was never implemented (8·B·C·D; 0.846 on this model's assumptions): it is removed.
+Figures (H100, B = 4096, C = 1M, D = 512, bf16; this model, not measured): ``triton`` (resident.py)
+37.2 ms, 0.455 of peak, which ``auto`` picks (backend_table.MODEL_PICKS) — its backward kernels
+run (2q + 2)·B·C·D GEMM FLOPs each with q = 2 D chunks (14·B·C·D in all), one CTA per SM (GEMM
+and epilogue times add), and load 66 GB (dF) and 71 GB (dW) from L2; margin_lse.py's kernels
+(``configs.force(resident=False)``) 130.3 ms, 0.130; ``cuda`` 73.2 ms, 0.232. At D = 256 the
+resident kernels run 10·B·C·D: 14.9 ms, 0.568. The issue's target (≥ 0.5 for auto's backend) is
+not met at D = 512 on the model; benchmarks/README.md ("The GPU performance model") says where
+the time goes and what would close the gap.
 
 The useful work of a forward+backward is 8·B·C·D FLOPs (the logits once, the two gradient GEMMs,
 and the logits again in the backward, which every streaming kernel pays). ``fraction of peak`` =
@@ -71,296 +76,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:   # configs.py imports nothing from triton or torch at module level
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, HERE):   # configs.py imports nothing from triton or torch at module level
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-from marginops.triton import configs, waves  # noqa: E402
+from model_roofline import (  # noqa: E402, F401 - re-exported: the model API
+    ELT,
+    EPILOGUE_BWD,
+    EPILOGUE_FWD,
+    GPU,
+    GPUS,
+    LAUNCH_S,
+    Launch,
+    cdiv,
+    limits,
+    occupancy,
+    predict,
+)
+from model_triton import resident_launches, triton_launches, triton_variant  # noqa: E402, F401
 
-# ----------------------------------------------------------------------------- the machines
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    arch: int              # compute capability ×10 (the AOT target)
-    sms: int
-    clock_hz: float        # boost clock the tensor peak is quoted at
-    bf16: float            # dense bf16/fp16 tensor-core FLOP/s
-    tf32: float            # dense TF32 tensor-core FLOP/s
-    fp32: float            # fp32 CUDA-core FLOP/s (FMA = 2)
-    hbm_bw: float          # bytes/s
-    l2_bw: float           # bytes/s, ASSUMED (see the module docstring)
-    l2_bytes: int
-    smem_per_sm: int       # bytes of shared memory per SM available to CTAs
-    source: str
-    regs_per_sm: int = 65536
-    max_threads_per_sm: int = 2048
-    max_ctas_per_sm: int = 32
-
-    @property
-    def exp_rate(self) -> float:
-        """MUFU ex2 per second: 16 per SM per clock (4 per SM sub-partition)."""
-        return 16 * self.sms * self.clock_hz
-
-    def peak(self, dtype: str) -> float:
-        """Dense tensor-core peak of the input dtype: the denominator of 'fraction of peak'."""
-        return self.tf32 if dtype == "float32" else self.bf16
+TARGET = 0.5   # issue 12: forward+backward ≥ 50 % of dense tensor-core peak (auto's backend)
 
 
-GPUS = {
-    "a100": GPU("A100 SXM4 80GB", 80, 108, 1.41e9, 312e12, 156e12, 19.5e12, 2.039e12, 5.0e12,
-                40 * 2**20, 164 * 1024,
-                "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16 312, TF32 156, FP32 "
-                "19.5 TFLOP/s dense, HBM2e 2,039 GB/s; A100 whitepaper: 108 SMs, 40 MB L2, "
-                "164 KB shared memory per SM, 1410 MHz boost"),
-    "h100": GPU("H100 SXM5 80GB", 90, 132, 1.83e9, 989.4e12, 494.7e12, 66.9e12, 3.35e12, 7.0e12,
-                50 * 2**20, 228 * 1024,
-                "NVIDIA H100 Tensor Core GPU datasheet (SXM): BF16 1,979 / TF32 989 TFLOP/s with "
-                "sparsity (halved: dense), FP32 67 TFLOP/s, HBM3 3.35 TB/s; Hopper whitepaper: "
-                "132 SMs, 50 MB L2, 228 KB shared memory per SM"),
-    "h200": GPU("H200 SXM 141GB", 90, 132, 1.83e9, 989.4e12, 494.7e12, 66.9e12, 4.8e12, 7.0e12,
-                50 * 2**20, 228 * 1024,
-                "NVIDIA H200 Tensor Core GPU datasheet (SXM): same compute as the H100 SXM "
-                "(BF16 989 TFLOP/s dense), HBM3e 4.8 TB/s, 141 GB; GH100: 132 SMs, 50 MB L2"),
-}
-
-TARGET = 0.5            # issue 12: forward+backward ≥ 50 % of dense tensor-core peak (auto's backend)
-LAUNCH_S = 3e-6          # seconds of launch latency per kernel (assumed)
-EPILOGUE_FWD = 12        # fp32 CUDA-core ops per logit in a forward epilogue (estimate)
-EPILOGUE_BWD = 20        # ... in a backward epilogue (recomputed logit + softmax gradient)
-ELT = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-# ----------------------------------------------------------------------------- one launch
-
-@dataclass
-class Launch:
-    """One kernel (``count`` identical launches: the ``cuda`` backend's per-chunk kernels).
-    Every figure is the total over the ``count`` launches."""
-    name: str
-    count: int = 1
-    grid: int = 0            # CTAs per launch; 0 = a library call (cuBLAS, torch): whole waves
-    threads: int = 256
-    regs: int = 0            # per thread (0: unknown / not a Triton kernel)
-    smem: int = 0            # bytes per CTA
-    tc_flops: float = 0.0    # tensor-core FLOPs (or GEMM FLOPs on the unit of ``unit``)
-    unit: str = "bf16"       # peak the GEMM FLOPs run at: bf16 | tf32 | fp32
-    alu_flops: float = 0.0   # fp32 CUDA-core FLOPs besides the GEMMs
-    exps: float = 0.0        # exponentials (MUFU)
-    l2: float = 0.0          # bytes between SMs and L2 (every tile loaded or stored)
-    hbm: float = 0.0         # compulsory HBM bytes (inputs once, outputs once)
-    reuse_set: float = 0.0   # bytes the resident programs touch between two reuses of a tile
-    note: str = ""
-    out: dict = field(default_factory=dict)   # filled by ``predict``
-
-
-def occupancy(launch: Launch, gpu: GPU) -> int:
-    """CTAs per SM from registers, shared memory, threads (marginops/triton/waves.py's rules: the
-    launcher plans its grids with the same ones); 0 figures: limited by threads only."""
-    limits = waves.SMLimits(regs=gpu.regs_per_sm, threads=gpu.max_threads_per_sm,
-                            smem=gpu.smem_per_sm, ctas=gpu.max_ctas_per_sm)
-    return waves.ctas_per_sm(launch.regs, launch.smem, launch.threads, limits)
-
-
-def predict(launch: Launch, gpu: GPU) -> Launch:
-    """Fill ``launch.out``: CTAs/SM, wave efficiency, HBM bytes after L2 misses, roof times, ms."""
-    ctas = occupancy(launch, gpu) if launch.grid else 0
-    if launch.grid:
-        slots = gpu.sms * max(ctas, 1)
-        n_waves = -(-launch.grid // slots)
-        eff = launch.grid / (n_waves * slots)
-    else:
-        n_waves, eff = 0, 1.0
-    hit = 1.0 if launch.reuse_set <= gpu.l2_bytes else gpu.l2_bytes / launch.reuse_set
-    hbm = launch.hbm + (1.0 - hit) * max(launch.l2 - launch.hbm, 0.0)
-    unit_peak = {"bf16": gpu.bf16, "tf32": gpu.tf32, "fp32": gpu.fp32}[launch.unit]
-    roofs = {"tensor" if launch.unit != "fp32" else "fp32 GEMM": launch.tc_flops / unit_peak,
-             "fp32 ALU": launch.alu_flops / gpu.fp32, "exp": launch.exps / gpu.exp_rate,
-             "L2": launch.l2 / gpu.l2_bw, "HBM": hbm / gpu.hbm_bw}
-    if ctas == 1 and launch.tc_flops and (launch.alu_flops or launch.exps):
-        # one CTA per SM: a tile's epilogue waits for its GEMM and the next GEMM for the
-        # epilogue (no second CTA to fill the gap): tensor and CUDA-core/MUFU time add up
-        first = next(iter(roofs))
-        roofs[first + " + epilogue (1 CTA/SM)"] = roofs.pop(first) + max(
-            roofs.pop("fp32 ALU"), roofs.pop("exp"))
-    bound = max(roofs, key=roofs.get)
-    seconds = roofs[bound] / eff + launch.count * LAUNCH_S
-    launch.out = {"ctas_per_sm": ctas, "waves": n_waves, "wave_eff": eff, "hbm": hbm,
-                  "l2_hit": hit, "roofs": roofs, "bound": bound, "seconds": seconds}
-    return launch
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-# ----------------------------------------------------------------------------- the Triton kernels
-#
-# marginops/triton/margin_lse.py as merged (its module docstring has the cost table these formulas
-# follow): the default tiles of the launch's variant (configs.py), occupancy from waves.AOT_FIGURES
-# (heaviest specialisation: the ArcFace kernel needs no more registers), the launcher's splits
-# (waves.plan_splits, counting the dF grid's D chunks) and D chunks (waves.d_chunk). The step:
-# weight normalisation on; no bias, class_index, hard negatives or filtering; K = 1; W in the
-# features' dtype. Forward: torch fills, _fwd_kernel (rt × s; ‖W_r‖² summed from the W tiles it
-# loads, once per row tile), _merge_kernel. Backward: torch zeros (grad_f is filled, then
-# replaced), _inv_norm_kernel, _bwd_df_kernel (rt × s × q, q = ⌈D / BLOCK_DO⌉: each chunk program
-# recomputes S over the whole D), _bwd_dw_kernel (nt × q, each looping over the batch), torch's
-# sum of the dF partials over splits and cast. GEMM FLOPs (padded tiles): forward 2·B·C·D, each
-# backward kernel (2q + 2)·B·C·D: 14·B·C·D in all at D = 512 in half precision (BLOCK_DO = 256).
-
-ROW_BYTES_FWD = 12    # per batch row a forward program loads: scale (fp32), target column (int64)
-ROW_BYTES_BWD = 24    # ... a backward program: scale, target column, lse, grad_lse, grad_dot
-SCALE_OPS = 3         # CUDA-core ops per W element the dF kernel normalises in registers
-                      # (convert, multiply by 1/‖W_r‖, convert back; estimate)
-JACOBIAN_OPS = 4      # per grad_W element of the dW epilogue (estimate)
-RESCALE_FP16_OPS = 3  # per dd element, fp16 only: the running operand scale (estimate)
-
-
-def triton_variant(dtype: str, D: int) -> str:
-    """configs.variant of the modelled step: fp16/bf16 → "half", fp32 → "fp32"; D not a multiple
-    of 16 → the "_unaligned" tables (the launcher's rule; 16-byte aligned pointers assumed)."""
-    return ("fp32" if dtype == "float32" else "half") + ("" if D % 16 == 0 else "_unaligned")
-
-
-def _triton_kernel(kernel: str, var: str, gpu: GPU) -> tuple[configs.KernelConfig, dict, int]:
-    """(default configuration, Launch occupancy fields, programs resident on the GPU)."""
-    cfg = configs.default(kernel, var)
-    regs, smem = waves.figures(gpu.arch, cfg, kernel, var)
-    threads = 32 * cfg.num_warps
-    slots = gpu.sms * waves.ctas_per_sm(regs, smem, threads, _limits(gpu))
-    return cfg, dict(threads=threads, regs=regs, smem=smem), slots
-
-
-def _waves_touching(starts, length: int, slots: int) -> int:
-    """Distinct waves (of ``slots`` programs, launched in program order) holding a program of
-    [a, a + length) for some a in ``starts``: how often a region these programs read streams
-    from HBM, if it does not stay in L2 between waves."""
-    hit = set()
-    for a in starts:
-        hit.update(range(a // slots, (a + length - 1) // slots + 1))
-    return len(hit)
-
-
-def _w_from_hbm(region_passes: list[tuple[float, int]], W: float, gpu: GPU) -> float:
-    """HBM bytes of W: every (bytes, passes) region once, and again in every later wave that reads
-    it unless W stays in L2 meanwhile (hit share min(1, L2 size / W))."""
-    again = sum(b * (p - 1) for b, p in region_passes)
-    return W + again * (1.0 - min(1.0, gpu.l2_bytes / W))
-
-
-def _split_grid_w(rt: int, s: int, q: int, t: int, BN: int, C: int, D: int, e: int, slots: int
-                  ) -> list[tuple[float, int]]:
-    """(W bytes, HBM passes) per class split of an rt × s (× q) grid (program rt·(σ + s·c) + r:
-    row tile fastest, then split σ, then D chunk c): the row tiles of a split read its W rows
-    together while they share a wave."""
-    out = []
-    for sigma in range(s):
-        cols = max(0, min(t * BN, C - sigma * t * BN))
-        starts = [rt * (sigma + s * c) for c in range(q)]
-        out.append((cols * D * e, _waves_touching(starts, rt, slots)))
-    return out
-
-
-def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
-    """The ``triton`` backend's launches of an ArcFace forward+backward (see above)."""
-    e = ELT[dtype]
-    var = triton_variant(dtype, D)
-    unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # fp32: 3×TF32 products
-    W, Fb = C * D * e, B * D * e
-    fp16 = dtype == "float16"
-
-    # forward: rt × s, S over D in BLOCK_D steps (a partial last step is a full tl.dot)
-    fc, focc, fslots = _triton_kernel("fwd", var, gpu)
-    rt, ct = _cdiv(B, fc.block_b), _cdiv(C, fc.block_n)
-    s = waves.plan_splits(rt, ct, fslots)
-    t = _cdiv(ct, s)
-    logits = rt * fc.block_b * ct * fc.block_n               # padded tiles
-    d_pad = _cdiv(D, fc.block_d) * fc.block_d
-    fwd = Launch(
-        "fwd (S = F·Wᵀ, ‖W‖² per row tile, online softmax)", grid=rt * s, **focc,
-        tc_flops=2 * logits * d_pad * mult, unit=unit,
-        alu_flops=EPILOGUE_FWD * logits + 2 * rt * ct * fc.block_n * d_pad, exps=logits,
-        l2=ct * Fb + rt * W + s * B * ROW_BYTES_FWD + 3 * s * B * 4,
-        hbm=_w_from_hbm(_split_grid_w(rt, s, 1, t, fc.block_n, C, D, e, fslots), W, gpu)
-        + Fb + B * ROW_BYTES_FWD + 3 * s * B * 4,
-        reuse_set=min(rt * fc.block_b, fslots * fc.block_b) * D * e + fslots * fc.block_n * D * e,
-        note=f"{fc.block_b}×{fc.block_n}×{fc.block_d}, {s} split(s); F read per column tile "
-             f"({ct}), W per row tile ({rt})")
-    mc, mocc, _ = _triton_kernel("merge", var, gpu)
-    merge = Launch("merge (splits → lse_neg, dot_y)", grid=_cdiv(B, mc.block_b), **mocc,
-                   exps=s * B, alu_flops=6 * s * B, l2=3 * s * B * 4 + 2 * B * 4,
-                   hbm=3 * s * B * 4 + 2 * B * 4)
-
-    # backward: 1/‖W‖, then the two kernels, each recomputing S over the whole D per D chunk
-    nc, nocc, _ = _triton_kernel("norm", var, gpu)
-    norm = Launch("norm (1/‖W_r‖, C fp32)", grid=_cdiv(C, nc.block_n), **nocc,
-                  alu_flops=2 * C * D, l2=W + C * 4, hbm=W + C * 4)
-
-    dc, docc, dslots = _triton_kernel("bwd_df", var, gpu)
-    do = waves.d_chunk(dc.block_do, D)
-    q = _cdiv(D, do)
-    rt, ct = _cdiv(B, dc.block_b), _cdiv(C, dc.block_n)
-    sd = waves.plan_splits(rt, ct, dslots, q)
-    t = _cdiv(ct, sd)
-    logits = rt * dc.block_b * ct * dc.block_n
-    d_pad = _cdiv(D, dc.block_d) * dc.block_d
-    w_regions = _split_grid_w(rt, sd, q, t, dc.block_n, C, D, e, dslots)
-    bwd_df = Launch(
-        "bwd_df (S recomputed, dF[:, chunk] = dd·Ŵ in registers)", grid=rt * sd * q, **docc,
-        tc_flops=2 * q * logits * (d_pad + do) * mult, unit=unit,
-        alu_flops=(EPILOGUE_BWD + (RESCALE_FP16_OPS if fp16 else 0)) * q * logits
-        + SCALE_OPS * rt * ct * dc.block_n * q * do, exps=q * logits,
-        l2=q * ct * Fb + (q + 1) * rt * W + 2 * q * rt * C * 4 + sd * q * B * ROW_BYTES_BWD
-        + sd * B * D * 4 + sd * B * 4,
-        hbm=_w_from_hbm(w_regions, W, gpu) + Fb + C * 4 + B * ROW_BYTES_BWD
-        + sd * B * D * 4 + sd * B * 4,
-        reuse_set=min(rt * dc.block_b, dslots * dc.block_b) * D * e + dslots * dc.block_n * D * e,
-        note=f"{dc.block_b}×{dc.block_n}×{dc.block_d}, BLOCK_DO {do}: {q} D chunk(s) × {sd} "
-             f"split(s); F read per column tile and chunk, W (q + 1)× per row tile ({rt})")
-
-    wc, wocc, wslots = _triton_kernel("bwd_dw", var, gpu)
-    do = waves.d_chunk(wc.block_do, D)
-    q = _cdiv(D, do)
-    nt, rt = _cdiv(C, wc.block_n), _cdiv(B, wc.block_b)
-    logits = rt * wc.block_b * nt * wc.block_n
-    d_pad = _cdiv(D, wc.block_d) * wc.block_d
-    # a class tile's q chunk programs are nt apart in launch order: in q different waves once
-    # nt ≥ the resident programs, each streaming the tile's W rows from HBM again
-    regions = [(W, q)] if nt >= wslots else [
-        (min(wc.block_n, C - n * wc.block_n) * D * e,
-         _waves_touching([n + nt * c for c in range(q)], 1, wslots)) for n in range(nt)]
-    bwd_dw = Launch(
-        "bwd_dw (S recomputed, G[:, chunk] = ddᵀ·F in registers, Jacobian)", grid=nt * q, **wocc,
-        tc_flops=2 * q * logits * (d_pad + do) * mult, unit=unit,
-        alu_flops=(EPILOGUE_BWD + (RESCALE_FP16_OPS if fp16 else 0)) * q * logits
-        + JACOBIAN_OPS * C * D, exps=q * logits,
-        l2=(q + 1) * nt * Fb + (q * rt + 1) * W + (q * rt + q) * C * 4
-        + nt * q * B * ROW_BYTES_BWD + W,
-        hbm=_w_from_hbm(regions, W, gpu) + Fb + C * 4 + B * ROW_BYTES_BWD + W,
-        reuse_set=Fb + wslots * wc.block_n * D * e,
-        note=f"{wc.block_n}×{wc.block_b}×{wc.block_d}, BLOCK_DO {do}: {nt} class tiles × {q} D "
-             f"chunk(s); F read (q + 1)× per class tile, W q× per row tile ({rt}); grad_W "
-             "stored once in W's dtype")
-
-    out = [Launch("forward: torch fills (lse_neg = −inf, dot_y = 0)", count=2, l2=2 * B * 4,
-                  hbm=2 * B * 4),
-           fwd, merge,
-           Launch("backward: torch zeros (grad_f, grad_scale)", count=2, l2=Fb + B * 4,
-                  hbm=Fb + B * 4),
-           norm, bwd_df, bwd_dw,
-           Launch("backward: torch sum of the dF / grad_scale partials over splits", count=2,
-                  l2=sd * B * (D + 1) * 4 + B * (D + 1) * 4, hbm=sd * B * (D + 1) * 4 + B * (D + 1) * 4,
-                  alu_flops=sd * B * (D + 1))]
-    if e != 4:
-        out.append(Launch(f"backward: dF .to({dtype})", l2=B * D * 4 + Fb, hbm=B * D * 4 + Fb))
-    return out
-
-
-def _limits(gpu: GPU) -> waves.SMLimits:
-    return waves.SMLimits(regs=gpu.regs_per_sm, threads=gpu.max_threads_per_sm,
-                          smem=gpu.smem_per_sm, ctas=gpu.max_ctas_per_sm)
 
 
 # torch's default for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32 = False): the ``cuda``
@@ -380,7 +120,7 @@ def cuda_plan(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[int, int]:
     if nc >= 256:
         nc = nc // 128 * 128
     nc = max(1, min(nc, max(C, 1)))
-    splits = min(max(_cdiv(4 * gpu.sms, B), 1), min(max(nc // 256, 1), 64))
+    splits = min(max(cdiv(4 * gpu.sms, B), 1), min(max(nc // 256, 1), 64))
     return nc, splits
 
 
@@ -401,7 +141,7 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
     once per SM and chunk."""
     e = ELT[dtype]
     nc, S = cuda_plan(B, C, D, dtype, gpu)
-    n = _cdiv(C, nc)
+    n = cdiv(C, nc)
     widths = ((nc, n - 1), (C - (n - 1) * nc, 1))   # (chunk width, chunks of that width)
     unit = "bf16" if e == 2 else ("tf32" if CUDA_FP32_TF32 else "fp32")
     dd_e = 4 if e == 4 else e                 # DD: fp32 (over T) or the 16-bit dtype
@@ -415,14 +155,14 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
 
     def gemm(name: str, m, k, cols, ea: int, eb: int, accumulate: bool, hbm: float) -> Launch:
         """Σ over chunks of (m × cols) = (m × k)(k × cols); m, k, cols map a chunk width to a size."""
-        l2 = sum(count * (m(w) * k(w) * ea * _cdiv(cols(w), 128)
-                          + k(w) * cols(w) * eb * _cdiv(m(w), 128)
+        l2 = sum(count * (m(w) * k(w) * ea * cdiv(cols(w), 128)
+                          + k(w) * cols(w) * eb * cdiv(m(w), 128)
                           + m(w) * cols(w) * 4 * (2 if accumulate else 1)) for w, count in widths)
         return Launch(name, count=n, tc_flops=2 * B * C * D, unit=unit, l2=l2, hbm=hbm)
 
     def norms(phase: str) -> Launch:
         return Launch(f"{phase}: row_norms_kernel (1/‖W_r‖, ‖W_r‖² of every row)",
-                      grid=_cdiv(C, 8), alu_flops=2 * C * D, l2=W + 8 * C, hbm=W + 8 * C)
+                      grid=cdiv(C, 8), alu_flops=2 * C * D, l2=W + 8 * C, hbm=W + 8 * C)
 
     def dots(phase: str) -> Launch:
         return gemm(f"{phase}: GEMM T = F·Wᵀ (cuBLAS, {dtype} in, fp32 out)", lambda w: B,
@@ -443,7 +183,7 @@ def cuda_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
                   hbm=DD * spill + partials)]
     if dtype == "float16":
         out.append(Launch("backward: load_chunk_kernel (normalised fp16 rows for ∂F)", count=n,
-                          grid=_cdiv(nc * D, 256), alu_flops=C * D, l2=2 * W + C * 4, hbm=0.0))
+                          grid=cdiv(nc * D, 256), alu_flops=C * D, l2=2 * W + C * 4, hbm=0.0))
     out += [gemm("backward: GEMM ∂F += DD·W_c (cuBLAS, fp32 accumulator)", lambda w: B,
                  lambda w: w, lambda w: D, dd_e, e, True, hbm=DD * spill),
             gemm("backward: GEMM G = DDᵀ·F (cuBLAS, fp32 out)", lambda w: w, lambda w: B,
@@ -612,9 +352,10 @@ def report(B: int, C: int, D: int, dtype: str, gpu: str, backend: str = "auto") 
              f"— {g.source}",
              "", table(launches), ""]
     if used == "triton":
-        lines.append("note: triton: marginops/triton/margin_lse.py's kernels as merged, default "
-                     "tiles; registers and shared memory from waves.AOT_FIGURES (heaviest "
-                     "specialisation)")
+        kernels = ("resident.py's kernels (configs.resident_applies)"
+                   if triton_variant(dtype, D, g.arch) == "resident" else "margin_lse.py's kernels")
+        lines.append(f"note: triton: marginops/triton/{kernels}, default tiles; registers and "
+                     "shared memory from waves.AOT_FIGURES (heaviest specialisation)")
     top = sorted(launches, key=lambda la: -la.out["seconds"])[:3]
     lines.append("largest: " + "; ".join(
         f"{la.name.split(' (')[0]} {la.out['seconds'] * 1e3:.1f} ms ({la.out['bound']}-bound)"

@@ -80,13 +80,15 @@ def test_unreadable_table_is_ignored_with_a_warning(tmp_path):
 
 
 def test_auto_follows_the_table(cuda_like):
-    # no table: the model's pick at the bucket (benchmarks/model.py predicts cuda faster at
-    # D = 512 on the H100, triton at D = 128: tests/test_model.py checks MODEL_PICKS against it)
-    assert _auto((4096, 1_000_000, 512)) == "cuda"
-    assert _auto((4096, 1_000_000, 128)) == "triton"
-    bt.write(bt.table_path(), [_entry("triton")])
-    assert _auto((4096, 1_000_000, 512)) == "triton"               # measured faster: wins
-    assert _auto((4096, 1_000_000, 512), torch.float16) == "cuda"  # not measured in fp16: model
+    # no table: the model's pick at the bucket (benchmarks/model.py on the H100 at D = 512:
+    # triton in bf16 — resident.py's kernels — cuda in fp16; tests/test_model.py checks
+    # MODEL_PICKS against the model)
+    assert _auto((4096, 1_000_000, 512)) == "triton"
+    assert _auto((4096, 1_000_000, 512), torch.float16) == "cuda"
+    bt.write(bt.table_path(), [_entry("cuda")])
+    assert _auto((4096, 1_000_000, 512)) == "cuda"                 # measured faster: wins
+    assert _auto((4096, 1_000_000, 128)) == "cuda"                 # the nearest entry
+    assert _auto((4096, 1_000_000, 128), torch.float16) == "triton"  # not measured in fp16: model
     assert _auto((4096, 1_000_000, 512), torch.float64) == "torch"    # no GPU kernel for fp64
     # explicit choices are never overridden
     assert core.resolve_backend("triton", torch.device("cuda", 0), torch.bfloat16,
@@ -110,13 +112,16 @@ def test_static_choice_by_shape_bucket():
     """The model's picks (MODEL_PICKS) looked up by the shape's power-of-two bucket, clamped to
     the grid; unknown sizes take MODEL_SHAPE's; sm_8x reads the A100 picks, sm_9x the H100's; an
     arch or dtype without a model gives None (core falls back to triton, then cuda)."""
-    grid = bt.MODEL_PICKS["h100", "bfloat16"]
+    # bf16 at B = 4096, C = 2^20: the H100 runs resident.py's kernels at D = 512 (triton), the
+    # A100 margin_lse.py's (cuda is modelled faster there); both pick triton at D = 128
     i = bt.MODEL_B.index(4096) * len(bt.MODEL_C) + bt.MODEL_C.index(1 << 20)
-    assert grid[512][i] == "c" and grid[128][i] == "t"
-    assert bt.static_choice("9.0", "bfloat16", 3000, 1_000_000, 512) == "cuda"
-    assert bt.static_choice("9.0", "bfloat16", 3000, 1_000_000, 100) == "triton"   # D → 128
-    assert bt.static_choice("9.0", "bfloat16", None, None, None) == "cuda"    # MODEL_SHAPE
-    assert bt.static_choice("9.0", "bfloat16", None, None, 128) == "triton"
+    h100, a100 = bt.MODEL_PICKS["h100", "bfloat16"], bt.MODEL_PICKS["a100", "bfloat16"]
+    assert (h100[512][i], h100[128][i], a100[512][i], a100[128][i]) == ("t", "t", "c", "t")
+    assert bt.static_choice("9.0", "bfloat16", 3000, 1_000_000, 512) == "triton"
+    assert bt.static_choice("8.0", "bfloat16", 3000, 1_000_000, 512) == "cuda"
+    assert bt.static_choice("8.0", "bfloat16", 3000, 1_000_000, 100) == "triton"   # D → 128
+    assert bt.static_choice("8.0", "bfloat16", None, None, None) == "cuda"    # MODEL_SHAPE
+    assert bt.static_choice("8.0", "bfloat16", None, None, 128) == "triton"
     # clamped: B = 8 → 256, C = 10^9 → 2^24, D = 4096 → 1024
     last = bt.MODEL_PICKS["a100", "float32"]
     assert bt.static_choice("8.6", "float32", 8, 10**9, 4096) == {"t": "triton", "c": "cuda"}[
@@ -213,8 +218,8 @@ def test_model_stage_tabulates_and_writes_the_measured_winners(tmp_path, monkeyp
     assert all(set(e["model_ms"]) == {"triton", "cuda"} for e in table["entries"])
     text = (tmp_path / "model-vs-measured.md").read_text()
     assert "| bfloat16 B=1024 C=100K D=512 | marginops cuda |" in text
-    # not measured: the model's pick (cuda at D = 512 on the H100, benchmarks/model.py)
-    assert "| bfloat16 B=4096 C=100K D=512 | cuda | not measured | cuda (model) |" in text
+    # not measured: the model's pick (triton at D = 512 on the H100 in bf16, benchmarks/model.py)
+    assert "| bfloat16 B=4096 C=100K D=512 | triton | not measured | triton (model) |" in text
     assert not (tmp_path / "cache").exists()
 
 

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from marginops.triton import configs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("perfmodel", os.path.join(ROOT, "benchmarks",
                                                                          "model.py"))
@@ -37,6 +39,9 @@ def _by_name(launches):
 FWD = "fwd (S = F·Wᵀ, ‖W‖² per row tile, online softmax)"
 DF = "bwd_df (S recomputed, dF[:, chunk] = dd·Ŵ in registers)"
 DW = "bwd_dw (S recomputed, G[:, chunk] = ddᵀ·F in registers, Jacobian)"
+FWD_RES = "fwd_res (F resident, S = F·Wᵀ, online softmax)"
+DF_RES = "bwd_df_res (F resident, S + dF[:, chunk] = dd·Ŵ per W tile)"
+DW_RES = "bwd_dw_res (W resident, S + G[:, chunk] = ddᵀ·F per F tile, Jacobian)"
 
 
 def test_triton_bf16_counts_by_hand():
@@ -84,14 +89,17 @@ def test_triton_bf16_counts_by_hand():
 
 
 def test_triton_target_shape_counts_by_hand():
-    """B=4096, C=1M, D=512 bf16 on H100 (the issue's shape): BLOCK_DO = 256 gives q = 2 D chunks
-    in both backward kernels, each (2q + 2)·B·C·D = 6·B·C·D: 14·B·C·D in all. fwd: 64 row tiles ×
-    2 splits = 128 programs (one wave); dF: 64 row tiles × 1 split × 2 chunks = 128 (the chunks
-    are counted: waves.plan_splits); dW: 15625 class tiles × 2 chunks."""
+    """B=4096, C=1M, D=512 bf16 on H100 (the issue's shape), margin_lse.py's kernels (the
+    launcher takes resident.py's there unless ``configs.force(resident=False)``, as here):
+    BLOCK_DO = 256 gives q = 2 D chunks in both backward kernels, each (2q + 2)·B·C·D = 6·B·C·D:
+    14·B·C·D in all. fwd: 64 row tiles × 2 splits = 128 programs (one wave); dF: 64 row tiles ×
+    1 split × 2 chunks = 128 (the chunks are counted: waves.plan_splits); dW: 15625 class tiles ×
+    2 chunks."""
     B, C, D, e = 4096, 1_000_000, 512, 2
     W, Fb = C * D * e, B * D * e
     h100 = pm.GPUS["h100"]
-    la = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))
+    with configs.force(resident=False):
+        la = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))
     fwd, df, dw = la[FWD], la[DF], la[DW]
     assert (fwd.grid, df.grid, dw.grid) == (128, 128, 31250)
     assert fwd.tc_flops == 2 * 64 * 64 * 7813 * 128 * D       # C padded to 7813 tiles of 128
@@ -117,15 +125,23 @@ def test_triton_target_shape_counts_by_hand():
 
 
 def test_triton_w_streams_again_in_a_later_wave():
-    """B = 16384 bf16 on H100: the forward's 256 row tiles fill two waves of 132 (97 %: one split),
-    so the second wave streams W again from HBM (it does not fit in L2)."""
-    B, C, D = 16384, 1_000_000, 512
+    """bf16 on H100, C = 1M, D = 512: 256 row tiles of the forward fill two waves of 132 (97 %:
+    one split), so the second wave streams W again from HBM (it does not fit in L2) — B = 16384
+    for margin_lse.py's 64-row tiles, B = 32768 for resident.py's 128-row ones (which also read
+    1/‖W‖, 4 bytes per class)."""
+    C, D = 1_000_000, 512
     h100 = pm.GPUS["h100"]
-    fwd = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))[FWD]
     W = C * D * 2
+    again = W - W * h100.l2_bytes / W
+    B = 16384
+    with configs.force(resident=False):
+        fwd = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))[FWD]
     assert fwd.grid == 256
-    assert fwd.hbm == pytest.approx(2 * W - W * h100.l2_bytes / W + B * D * 2 + B * 12
-                                    + 3 * B * 4)
+    assert fwd.hbm == pytest.approx(W + again + B * D * 2 + B * 12 + 3 * B * 4)
+    B = 32768
+    fwd = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))[FWD_RES]
+    assert fwd.grid == 256
+    assert fwd.hbm == pytest.approx(W + again + B * D * 2 + C * 4 + B * 12 + 3 * B * 4)
 
 
 def test_triton_unaligned_d_uses_the_unaligned_tables():
@@ -137,6 +153,112 @@ def test_triton_unaligned_d_uses_the_unaligned_tables():
     assert la[FWD].tc_flops == 2 * 1024 * 100_000 * 512         # 500 → 16 steps of 32
     # dF: q = 4 chunks of 128: S over the padded D (512) per chunk + the chunk GEMMs
     assert la[DF].tc_flops == 2 * 4 * 1024 * 100_000 * (512 + 128)
+
+
+RESIDENT_STEP = ["forward: torch fills (lse_neg = −inf, dot_y = 0)", "forward: norm (1/‖W_r‖, C fp32)",
+                 FWD_RES, "merge (splits → lse_neg, dot_y)",
+                 "backward: torch zeros (grad_f, grad_scale)", "norm (1/‖W_r‖, C fp32)", DF_RES,
+                 DW_RES, "backward: torch sum of the dF / grad_scale partials over splits",
+                 "backward: dF .to(bfloat16)"]
+
+
+def test_resident_small_shape_counts_by_hand():
+    """B=200, C=1000, D=256 bf16 on H100: resident.py's kernels (one D chunk: c = 256, q = 1),
+    configs.py's "resident" tiles and their sm_90 AOT figures (D = 512's: conservative), one CTA
+    per SM (fwd by shared memory, the backward by registers too). fwd / dF 128×32: 2 row tiles ×
+    32 column tiles; the most efficient plan with ≥ 4 column tiles per split is 8 splits (16
+    programs). dW 128 classes × 16 rows: 8 class tiles, 13 row tiles each."""
+    B, C, D, e = 200, 1000, 256, 2
+    W, Fb = C * D * e, B * D * e                     # 512000, 102400 bytes
+    h100 = pm.GPUS["h100"]
+    launches = pm.triton_launches(B, C, D, "bfloat16", h100)
+    assert [x.name for x in launches] == RESIDENT_STEP
+    la = _by_name(launches)
+    fwd, df, dw = la[FWD_RES], la[DF_RES], la[DW_RES]
+    assert (fwd.grid, fwd.regs, fwd.smem, fwd.threads) == (16, 119, 196608, 256)
+    assert (df.grid, df.regs, df.smem) == (16, 255, 196864)
+    assert (dw.grid, dw.regs, dw.smem) == (8, 245, 164288)
+    assert [pm.occupancy(x, h100) for x in (fwd, df, dw)] == [1, 1, 1]
+    logits = 2 * 128 * 32 * 32                       # padded: 256 rows × 1024 columns
+    assert fwd.tc_flops == 2 * logits * D == 134_217_728
+    assert fwd.alu_flops == 12 * logits and fwd.exps == logits   # no ‖W‖² (norm kernel's 1/‖W‖)
+    # F once per split (8), W and its 1/‖W‖ once per row tile (2), the row vectors and the
+    # (m, s, dot_y) partials per split
+    assert fwd.l2 == 8 * Fb + 2 * (W + C * 4) + 8 * B * 12 + 3 * 8 * B * 4 == 1_889_600
+    assert fwd.hbm == W + Fb + C * 4 + B * 12 + 3 * 8 * B * 4 == 640_000
+    # dF: S over D (2·128·32·256) and the chunk's dd·W (2·128·32·256) per tile: 4·B·C·D padded;
+    # the (8, B, D) fp32 partial and (8, B) grad_scale written once
+    assert df.tc_flops == 4 * logits * D == 268_435_456
+    assert df.alu_flops == (20 + 1) * logits and df.exps == logits
+    assert df.l2 == (8 * Fb + 2 * (W + C * 4) + 8 * B * 24 + 8 * B * D * 4
+                     + 8 * B * 4) == 3_534_400
+    assert df.hbm == W + Fb + C * 4 + B * 24 + 8 * B * D * 4 + 8 * B * 4 == 2_268_000
+    # dW: 13 row tiles of 16 × 8 class tiles of 128, S and G per tile; F and the row vectors
+    # once per program, W resident + the Jacobian's reload, 1/‖W‖ once, grad_W written in bf16
+    assert dw.tc_flops == 4 * (13 * 16 * 8 * 128) * D == 218_103_808
+    assert dw.alu_flops == 20 * 13 * 16 * 8 * 128 + 4 * C * D
+    assert dw.l2 == 8 * Fb + 2 * W + C * 4 + 8 * B * 24 + W == 2_397_600
+    assert dw.hbm == W + Fb + C * 4 + B * 24 + W == 1_135_200
+    # both passes normalise W first (reads W, writes C fp32)
+    assert la["forward: norm (1/‖W_r‖, C fp32)"].hbm == la["norm (1/‖W_r‖, C fp32)"].hbm == W + C * 4
+
+
+def test_resident_target_shape_counts_by_hand():
+    """B=4096, C=1M, D=512 bf16 on H100: two D chunks of 256 (q = 2), each backward kernel
+    (2q + 2)·B·C·D = 6·B·C·D (each chunk program recomputes the whole S): 14·B·C·D in all; at
+    D = 256 (q = 1) 4·B·C·D each, 10·B·C·D in all. fwd: 32 row tiles × 4 splits = 128 programs
+    (one wave, 97 %); dF: 32 × 2 splits × 2 chunks = 128; dW: 7813 class tiles × 2 chunks."""
+    B, C, D, e = 4096, 1_000_000, 512, 2
+    W, Fb = C * D * e, B * D * e
+    h100 = pm.GPUS["h100"]
+    la = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))
+    fwd, df, dw = la[FWD_RES], la[DF_RES], la[DW_RES]
+    assert (fwd.grid, df.grid, dw.grid) == (128, 128, 15626)
+    assert fwd.tc_flops == 2 * B * C * D                       # 31250 tiles of 32: no padding
+    assert df.tc_flops == 2 * 2 * B * C * (D + 256) == 6 * B * C * D
+    assert dw.tc_flops == 6 * B * 7813 * 128 * D               # C padded to 7813 tiles of 128
+    assert fwd.l2 == 4 * Fb + 32 * (W + C * 4) + 4 * B * 12 + 3 * 4 * B * 4
+    assert fwd.hbm == W + Fb + C * 4 + B * 12 + 3 * 4 * B * 4   # one wave: W once
+    # F once per program (32 row tiles × 2 splits × 2 chunks), W and 1/‖W‖ once per row tile
+    # and chunk (the resident.py docstring's ⌈B/BLOCK_B⌉·C·D·e per chunk)
+    assert df.l2 == (2 * 2 * Fb + 2 * 32 * (W + C * 4) + 2 * 2 * B * 24 + 2 * B * D * 4
+                     + 2 * B * 4)
+    assert df.hbm == W + Fb + C * 4 + B * 24 + 2 * B * D * 4 + 2 * B * 4
+    # F once per program (7813 × 2), W resident in both chunk programs + the Jacobian's reload
+    assert dw.l2 == 7813 * 2 * Fb + 3 * W + 2 * C * 4 + 7813 * 2 * B * 24 + W
+    # a class tile's 2 chunk programs are 7813 apart: different waves, W streams twice (50 MiB
+    # of L2 holds 5 % of the 1.02 GB of W)
+    assert dw.hbm == pytest.approx(W + W * (1 - h100.l2_bytes / W) + Fb + C * 4 + B * 24 + W)
+    assert sum(x.tc_flops for x in la.values()) == pytest.approx(14 * B * C * D, rel=1e-4)
+    at_256 = pm.triton_launches(B, C, 256, "bfloat16", h100)
+    assert sum(x.tc_flops for x in at_256) == pytest.approx(10 * B * C * 256, rel=1e-4)
+    # one CTA per SM everywhere: the GEMM and epilogue times add up (the 1-CTA rule)
+    _, launches, _, _ = pm.model(B, C, D, "bfloat16", h100, "triton")
+    assert all(x.out["bound"] == "tensor + epilogue (1 CTA/SM)" for x in launches
+               if x.name in (FWD_RES, DF_RES, DW_RES))
+
+
+@pytest.mark.parametrize("gpu, dtype, K, D, resident", [
+    ("h100", "bfloat16", 1, 512, True), ("h200", "bfloat16", 1, 256, True),
+    ("h100", "bfloat16", 1, 128, True), ("a100", "bfloat16", 1, 512, False),
+    ("h100", "float16", 1, 512, False), ("h100", "float32", 1, 512, False),
+    ("h100", "bfloat16", 2, 512, False), ("h100", "bfloat16", 1, 1024, False),
+    ("h100", "bfloat16", 1, 64, False), ("h100", "bfloat16", 1, 500, False)])
+def test_resident_launches_where_the_launcher_takes_them(gpu, dtype, K, D, resident):
+    """The model runs resident.py's kernels exactly where the launcher does (configs.variant:
+    sm_90+, bf16 features and weight, K = 1, D ∈ {128, 256, 512}, aligned). The model covers
+    K = 1 only: for K = 2 the launcher's variant is checked, and the model's step is K = 1's."""
+    import torch
+
+    g = pm.GPUS[gpu]
+    launcher = configs.variant(getattr(torch, dtype), K, D % 16 == 0,
+                               weight_dtype=getattr(torch, dtype), dim=D, arch=g.arch)
+    assert (launcher == "resident") == resident
+    if K == 1:
+        assert pm.triton_variant(dtype, D, g.arch) == launcher
+        names = {x.name for x in pm.triton_launches(1024, 100_000, D, dtype, g)}
+        assert ({FWD_RES, DF_RES, DW_RES} <= names) == resident
+        assert ({FWD, DF, DW} <= names) == (not resident)
 
 
 def test_one_cta_per_sm_serialises_gemm_and_epilogue():
@@ -284,7 +406,7 @@ def test_last_line_and_fraction(backend, gpu, capsys):
     assert float(m.group(1)) > 0
     assert 0.0 <= float(m.group(2)) <= 1.0
     auto = pm.auto_backend("bfloat16", pm.GPUS[gpu], (4096, 1_000_000, 512))[0]
-    assert any(line.startswith("| fwd (S = F·Wᵀ") for line in lines) == (
+    assert any(line.startswith("| fwd") for line in lines) == (
         backend == "triton" or (backend == "auto" and auto == "triton"))
 
 

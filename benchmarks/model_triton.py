@@ -1,0 +1,279 @@
+"""The ``triton`` backend's launches for benchmarks/model.py: marginops/triton/margin_lse.py's
+kernels (``triton_launches``) and, where configs.resident_applies, resident.py's
+(``resident_launches``), with their grids, occupancy and HBM passes planned as the launcher plans
+them (waves.py). model.py's docstring states the assumptions the counts follow.
+"""
+
+from __future__ import annotations
+
+from model_roofline import ELT, EPILOGUE_BWD, EPILOGUE_FWD, GPU, Launch, cdiv, limits
+
+from marginops.triton import configs, waves
+
+# ----------------------------------------------------------------------------- the Triton kernels
+#
+# marginops/triton/margin_lse.py as merged (its module docstring has the cost table these formulas
+# follow): the default tiles of the launch's variant (configs.py), occupancy from waves.AOT_FIGURES
+# (heaviest specialisation: the ArcFace kernel needs no more registers), the launcher's splits
+# (waves.plan_splits, counting the dF grid's D chunks) and D chunks (waves.d_chunk). The step:
+# weight normalisation on; no bias, class_index, hard negatives or filtering; K = 1; W in the
+# features' dtype. Forward: torch fills, _fwd_kernel (rt × s; ‖W_r‖² summed from the W tiles it
+# loads, once per row tile), _merge_kernel. Backward: torch zeros (grad_f is filled, then
+# replaced), _inv_norm_kernel, _bwd_df_kernel (rt × s × q, q = ⌈D / BLOCK_DO⌉: each chunk program
+# recomputes S over the whole D), _bwd_dw_kernel (nt × q, each looping over the batch), torch's
+# sum of the dF partials over splits and cast. GEMM FLOPs (padded tiles): forward 2·B·C·D, each
+# backward kernel (2q + 2)·B·C·D: 14·B·C·D in all at D = 512 in half precision (BLOCK_DO = 256).
+
+ROW_BYTES_FWD = 12    # per batch row a forward program loads: scale (fp32), target column (int64)
+ROW_BYTES_BWD = 24    # ... a backward program: scale, target column, lse, grad_lse, grad_dot
+SCALE_OPS = 3         # CUDA-core ops per W element the dF kernel normalises in registers
+                      # (convert, multiply by 1/‖W_r‖, convert back; estimate)
+JACOBIAN_OPS = 4      # per grad_W element of the dW epilogue (estimate)
+RESCALE_FP16_OPS = 3  # per dd element, fp16 only: the running operand scale (estimate)
+
+
+def triton_variant(dtype: str, D: int, arch: int = 0) -> str:
+    """configs.variant of the modelled step on ``arch`` (×10): "resident" where
+    configs.resident_applies (bf16 on sm_90+ at D ∈ {128, 256, 512}); else fp16/bf16 → "half",
+    fp32 → "fp32"; D not a multiple of 16 → the "_unaligned" tables (the launcher's rules;
+    16-byte aligned pointers assumed)."""
+    if configs.resident_applies(dtype, dtype, 1, D, arch):
+        return "resident"
+    return ("fp32" if dtype == "float32" else "half") + ("" if D % 16 == 0 else "_unaligned")
+
+
+def _triton_kernel(kernel: str, var: str, gpu: GPU) -> tuple[configs.KernelConfig, dict, int]:
+    """(default configuration, Launch occupancy fields, programs resident on the GPU). The resident
+    variant's norm and merge are margin_lse.py's kernels in the "half" configuration: its figures."""
+    cfg = configs.default(kernel, var)
+    if var == "resident" and kernel in ("norm", "merge"):
+        assert cfg == configs.default(kernel, "half"), kernel
+        var = "half"
+    regs, smem = waves.figures(gpu.arch, cfg, kernel, var)
+    threads = 32 * cfg.num_warps
+    slots = gpu.sms * waves.ctas_per_sm(regs, smem, threads, limits(gpu))
+    return cfg, dict(threads=threads, regs=regs, smem=smem), slots
+
+
+def _waves_touching(starts, length: int, slots: int) -> int:
+    """Distinct waves (of ``slots`` programs, launched in program order) holding a program of
+    [a, a + length) for some a in ``starts``: how often a region these programs read streams
+    from HBM, if it does not stay in L2 between waves."""
+    hit = set()
+    for a in starts:
+        hit.update(range(a // slots, (a + length - 1) // slots + 1))
+    return len(hit)
+
+
+def _w_from_hbm(region_passes: list[tuple[float, int]], W: float, gpu: GPU) -> float:
+    """HBM bytes of W: every (bytes, passes) region once, and again in every later wave that reads
+    it unless W stays in L2 meanwhile (hit share min(1, L2 size / W))."""
+    again = sum(b * (p - 1) for b, p in region_passes)
+    return W + again * (1.0 - min(1.0, gpu.l2_bytes / W))
+
+
+def _split_grid_w(rt: int, s: int, q: int, t: int, BN: int, C: int, D: int, e: int, slots: int
+                  ) -> list[tuple[float, int]]:
+    """(W bytes, HBM passes) per class split of an rt × s (× q) grid (program rt·(σ + s·c) + r:
+    row tile fastest, then split σ, then D chunk c): the row tiles of a split read its W rows
+    together while they share a wave."""
+    out = []
+    for sigma in range(s):
+        cols = max(0, min(t * BN, C - sigma * t * BN))
+        starts = [rt * (sigma + s * c) for c in range(q)]
+        out.append((cols * D * e, _waves_touching(starts, rt, slots)))
+    return out
+
+
+def triton_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
+    """The ``triton`` backend's launches of an ArcFace forward+backward (see above); the resident
+    kernels (``resident_launches``) where configs.resident_applies says the launcher takes them."""
+    var = triton_variant(dtype, D, gpu.arch)
+    if var == "resident":
+        return resident_launches(B, C, D, dtype, gpu)
+    e = ELT[dtype]
+    unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # fp32: 3×TF32 products
+    W, Fb = C * D * e, B * D * e
+    fp16 = dtype == "float16"
+
+    # forward: rt × s, S over D in BLOCK_D steps (a partial last step is a full tl.dot)
+    fc, focc, fslots = _triton_kernel("fwd", var, gpu)
+    rt, ct = cdiv(B, fc.block_b), cdiv(C, fc.block_n)
+    s = waves.plan_splits(rt, ct, fslots)
+    t = cdiv(ct, s)
+    logits = rt * fc.block_b * ct * fc.block_n               # padded tiles
+    d_pad = cdiv(D, fc.block_d) * fc.block_d
+    fwd = Launch(
+        "fwd (S = F·Wᵀ, ‖W‖² per row tile, online softmax)", grid=rt * s, **focc,
+        tc_flops=2 * logits * d_pad * mult, unit=unit,
+        alu_flops=EPILOGUE_FWD * logits + 2 * rt * ct * fc.block_n * d_pad, exps=logits,
+        l2=ct * Fb + rt * W + s * B * ROW_BYTES_FWD + 3 * s * B * 4,
+        hbm=_w_from_hbm(_split_grid_w(rt, s, 1, t, fc.block_n, C, D, e, fslots), W, gpu)
+        + Fb + B * ROW_BYTES_FWD + 3 * s * B * 4,
+        reuse_set=min(rt * fc.block_b, fslots * fc.block_b) * D * e + fslots * fc.block_n * D * e,
+        note=f"{fc.block_b}×{fc.block_n}×{fc.block_d}, {s} split(s); F read per column tile "
+             f"({ct}), W per row tile ({rt})")
+
+    # backward: 1/‖W‖, then the two kernels, each recomputing S over the whole D per D chunk
+    dc, docc, dslots = _triton_kernel("bwd_df", var, gpu)
+    do = waves.d_chunk(dc.block_do, D)
+    q = cdiv(D, do)
+    rt, ct = cdiv(B, dc.block_b), cdiv(C, dc.block_n)
+    sd = waves.plan_splits(rt, ct, dslots, q)
+    t = cdiv(ct, sd)
+    logits = rt * dc.block_b * ct * dc.block_n
+    d_pad = cdiv(D, dc.block_d) * dc.block_d
+    w_regions = _split_grid_w(rt, sd, q, t, dc.block_n, C, D, e, dslots)
+    bwd_df = Launch(
+        "bwd_df (S recomputed, dF[:, chunk] = dd·Ŵ in registers)", grid=rt * sd * q, **docc,
+        tc_flops=2 * q * logits * (d_pad + do) * mult, unit=unit,
+        alu_flops=(EPILOGUE_BWD + (RESCALE_FP16_OPS if fp16 else 0)) * q * logits
+        + SCALE_OPS * rt * ct * dc.block_n * q * do, exps=q * logits,
+        l2=q * ct * Fb + (q + 1) * rt * W + 2 * q * rt * C * 4 + sd * q * B * ROW_BYTES_BWD
+        + sd * B * D * 4 + sd * B * 4,
+        hbm=_w_from_hbm(w_regions, W, gpu) + Fb + C * 4 + B * ROW_BYTES_BWD
+        + sd * B * D * 4 + sd * B * 4,
+        reuse_set=min(rt * dc.block_b, dslots * dc.block_b) * D * e + dslots * dc.block_n * D * e,
+        note=f"{dc.block_b}×{dc.block_n}×{dc.block_d}, BLOCK_DO {do}: {q} D chunk(s) × {sd} "
+             f"split(s); F read per column tile and chunk, W (q + 1)× per row tile ({rt})")
+
+    wc, wocc, wslots = _triton_kernel("bwd_dw", var, gpu)
+    do = waves.d_chunk(wc.block_do, D)
+    q = cdiv(D, do)
+    nt, rt = cdiv(C, wc.block_n), cdiv(B, wc.block_b)
+    logits = rt * wc.block_b * nt * wc.block_n
+    d_pad = cdiv(D, wc.block_d) * wc.block_d
+    bwd_dw = Launch(
+        "bwd_dw (S recomputed, G[:, chunk] = ddᵀ·F in registers, Jacobian)", grid=nt * q, **wocc,
+        tc_flops=2 * q * logits * (d_pad + do) * mult, unit=unit,
+        alu_flops=(EPILOGUE_BWD + (RESCALE_FP16_OPS if fp16 else 0)) * q * logits
+        + JACOBIAN_OPS * C * D, exps=q * logits,
+        l2=(q + 1) * nt * Fb + (q * rt + 1) * W + (q * rt + q) * C * 4
+        + nt * q * B * ROW_BYTES_BWD + W,
+        hbm=_w_from_hbm(_class_tile_w(nt, q, wc.block_n, C, D, e, wslots), W, gpu)
+        + Fb + C * 4 + B * ROW_BYTES_BWD + W,
+        reuse_set=Fb + wslots * wc.block_n * D * e,
+        note=f"{wc.block_n}×{wc.block_b}×{wc.block_d}, BLOCK_DO {do}: {nt} class tiles × {q} D "
+             f"chunk(s); F read (q + 1)× per class tile, W q× per row tile ({rt}); grad_W "
+             "stored once in W's dtype")
+    return _step(B, C, D, dtype, gpu, var, [fwd], [bwd_df, bwd_dw], s, sd)
+
+
+def _class_tile_w(nt: int, q: int, BN: int, C: int, D: int, e: int, slots: int
+                  ) -> list[tuple[float, int]]:
+    """(W bytes, HBM passes) of an nt × q weight-gradient grid (program n + nt·c): a class tile's
+    q chunk programs are nt apart in launch order, so in q different waves once nt ≥ the resident
+    programs, each streaming the tile's W rows from HBM again."""
+    if nt >= slots:
+        return [(C * D * e, q)]
+    return [(min(BN, C - n * BN) * D * e, _waves_touching([n + nt * c for c in range(q)], 1, slots))
+            for n in range(nt)]
+
+
+def _step(B: int, C: int, D: int, dtype: str, gpu: GPU, var: str, fwd: list[Launch],
+          bwd: list[Launch], s: int, sd: int) -> list[Launch]:
+    """The launches of one step around the variant's forward (``fwd``) and backward (``bwd``)
+    kernels: torch fills, [norm,] fwd, merge (``s`` splits); torch zeros, norm, bwd, the torch sums
+    of the ``sd`` dF partials and dF's cast. The resident forward reads 1/‖W‖ too: a norm first."""
+    e = ELT[dtype]
+    W, Fb = C * D * e, B * D * e
+    nc, nocc, _ = _triton_kernel("norm", var, gpu)
+
+    def norm(name: str) -> Launch:
+        return Launch(name, grid=cdiv(C, nc.block_n), **nocc, alu_flops=2 * C * D, l2=W + C * 4,
+                      hbm=W + C * 4)
+
+    mc, mocc, _ = _triton_kernel("merge", var, gpu)
+    merge = Launch("merge (splits → lse_neg, dot_y)", grid=cdiv(B, mc.block_b), **mocc,
+                   exps=s * B, alu_flops=6 * s * B, l2=3 * s * B * 4 + 2 * B * 4,
+                   hbm=3 * s * B * 4 + 2 * B * 4)
+    partials = sd * B * (D + 1) * 4 + B * (D + 1) * 4
+    out = [Launch("forward: torch fills (lse_neg = −inf, dot_y = 0)", count=2, l2=2 * B * 4,
+                  hbm=2 * B * 4)]
+    out += ([norm("forward: norm (1/‖W_r‖, C fp32)")] if var == "resident" else []) + fwd
+    out += [merge,
+            Launch("backward: torch zeros (grad_f, grad_scale)", count=2, l2=Fb + B * 4,
+                   hbm=Fb + B * 4),
+            norm("norm (1/‖W_r‖, C fp32)"), *bwd,
+            Launch("backward: torch sum of the dF / grad_scale partials over splits", count=2,
+                   l2=partials, hbm=partials, alu_flops=sd * B * (D + 1))]
+    if e != 4:
+        out.append(Launch(f"backward: dF .to({dtype})", l2=B * D * 4 + Fb, hbm=B * D * 4 + Fb))
+    return out
+
+
+# ----------------------------------------------------------------------------- resident kernels
+#
+# marginops/triton/resident.py (FlashAttention-shaped; the launcher takes them where
+# configs.resident_applies: sm_90+, bf16 features and weight, K = 1, D ∈ {128, 256, 512},
+# aligned). c = min(D, 256) is the D chunk, q = D / c ∈ {1, 2}. A program keeps its own tile over
+# the whole D and loads each streamed tile once for both its GEMMs:
+#   fwd     rt × s     F 128 × D resident; per 32-class tile: W 32 × D, S = F·Wᵀ (2·128·32·D)
+#   bwd_df  rt × s × q F 128 × D resident; per 32-class tile: W 32 × D, S (2·128·32·D),
+#                      dF[:, chunk] += dd·W_chunk (2·128·32·c); 128 × c fp32 partial stored once
+#   bwd_dw  nt × q     W 128 × D resident; per 16-row tile: F 16 × D, S (2·16·128·D),
+#                      G[:, chunk] += ddᵀ·F_chunk (2·16·128·c); epilogue reloads W's 128 × c chunk
+#                      (Jacobian), stores grad_W's chunk in W's dtype
+# (2q + 2)·B·C·D per backward kernel: 14·B·C·D in all at D = 512, 10 at D ≤ 256 (Triton lays a
+# dot feeding a dot out with all warps along M, so each chunk program recomputes the whole S:
+# margin_lse.py's module docstring). 1/‖W‖ comes from _inv_norm_kernel in both passes.
+# Occupancy: waves.AOT_FIGURES' D = 512 figures (conservative at D ≤ 256, as the launcher plans).
+
+DD_SCALE_OPS = 1   # per logit of the resident dF kernel: dd·(1/‖W_n‖) before the second GEMM
+
+
+def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
+    """The ``triton`` backend's launches of an ArcFace forward+backward on resident.py's kernels
+    (see above): norm, fwd_res, merge; torch zeros, norm, bwd_df_res, bwd_dw_res, torch sums."""
+    e = ELT[dtype]
+    unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # only forced off bf16
+    rescale = RESCALE_FP16_OPS if dtype == "float16" else 0
+    W, Fb = C * D * e, B * D * e
+    c = min(D, 256)   # the launcher's D chunk (margin_lse._Args.chunk)
+    q = D // c        # D ∈ {128, 256, 512}: whole chunks
+
+    fc, focc, fslots = _triton_kernel("fwd", "resident", gpu)
+    rt, ct = cdiv(B, fc.block_b), cdiv(C, fc.block_n)
+    s = waves.plan_splits(rt, ct, fslots)
+    logits = rt * fc.block_b * ct * fc.block_n                 # padded tiles
+    fwd = Launch(
+        "fwd_res (F resident, S = F·Wᵀ, online softmax)", grid=rt * s, **focc,
+        tc_flops=2 * logits * D * mult, unit=unit, alu_flops=EPILOGUE_FWD * logits, exps=logits,
+        l2=s * Fb + rt * (W + C * 4) + s * B * ROW_BYTES_FWD + 3 * s * B * 4,
+        hbm=_w_from_hbm(_split_grid_w(rt, s, 1, cdiv(ct, s), fc.block_n, C, D, e, fslots), W, gpu)
+        + Fb + C * 4 + B * ROW_BYTES_FWD + 3 * s * B * 4,
+        reuse_set=min(rt * fc.block_b, fslots * fc.block_b) * D * e + fslots * fc.block_n * D * e,
+        note=f"{fc.block_b}×{fc.block_n}, D in {q} chunk(s) of {c}, {s} split(s); F read once "
+             f"per split, W once per row tile ({rt})")
+
+    dc, docc, dslots = _triton_kernel("bwd_df", "resident", gpu)
+    rt, ct = cdiv(B, dc.block_b), cdiv(C, dc.block_n)
+    sd = waves.plan_splits(rt, ct, dslots, q)
+    logits = rt * dc.block_b * ct * dc.block_n
+    bwd_df = Launch(
+        "bwd_df_res (F resident, S + dF[:, chunk] = dd·Ŵ per W tile)", grid=rt * sd * q, **docc,
+        tc_flops=2 * q * logits * (D + c) * mult, unit=unit,
+        alu_flops=(EPILOGUE_BWD + DD_SCALE_OPS + rescale) * q * logits, exps=q * logits,
+        l2=sd * q * Fb + q * rt * (W + C * 4) + sd * q * B * ROW_BYTES_BWD + sd * B * D * 4
+        + sd * B * 4,
+        hbm=_w_from_hbm(_split_grid_w(rt, sd, q, cdiv(ct, sd), dc.block_n, C, D, e, dslots), W,
+                        gpu) + Fb + C * 4 + B * ROW_BYTES_BWD + sd * B * D * 4 + sd * B * 4,
+        reuse_set=min(rt * dc.block_b, dslots * dc.block_b) * D * e + dslots * dc.block_n * D * e,
+        note=f"{dc.block_b}×{dc.block_n}, {q} D chunk(s) of {c} × {sd} split(s); F read once "
+             f"per program, W once per row tile and chunk ({rt} × {q})")
+
+    wc, wocc, wslots = _triton_kernel("bwd_dw", "resident", gpu)
+    nt, rt = cdiv(C, wc.block_n), cdiv(B, wc.block_b)
+    logits = rt * wc.block_b * nt * wc.block_n
+    bwd_dw = Launch(
+        "bwd_dw_res (W resident, S + G[:, chunk] = ddᵀ·F per F tile, Jacobian)", grid=nt * q,
+        **wocc, tc_flops=2 * q * logits * (D + c) * mult, unit=unit,
+        alu_flops=(EPILOGUE_BWD + rescale) * q * logits + JACOBIAN_OPS * C * D, exps=q * logits,
+        l2=nt * q * Fb + (q + 1) * W + q * C * 4 + nt * q * B * ROW_BYTES_BWD + W,
+        hbm=_w_from_hbm(_class_tile_w(nt, q, wc.block_n, C, D, e, wslots), W, gpu)
+        + Fb + C * 4 + B * ROW_BYTES_BWD + W,
+        reuse_set=Fb + wslots * wc.block_n * D * e,
+        note=f"{wc.block_n}×{wc.block_b} (classes × rows), {nt} class tiles × {q} D chunk(s) of "
+             f"{c}; F read once per program, W q× resident + once in the Jacobian; grad_W "
+             "stored once in W's dtype")
+    return _step(B, C, D, dtype, gpu, "resident", [fwd], [bwd_df, bwd_dw], s, sd)
