@@ -17,7 +17,9 @@ of both operands for the cosines. Why one output chunk per program, and why 128 
 bwd_df) or columns (bwd_dw) per program: an fp32 accumulator of 128 × 256 is 128 registers per
 thread over 8 warps (one of 128 × 512 would need 256), and Triton lays out a dot that feeds
 another dot with all warps along M — with 64-row tiles both warpgroups would compute the same
-logit tile. Hence the dW kernel computes dᵀ = W·Fᵀ, its 128 columns as the GEMM's M.
+logit tile (TTGIR ``warpsPerCTA = [8, 1]``; tried at D = 512 in one chunk: bwd_df 64×32 / 64×64
+tiles also spill 136 / 216 B at 255 registers, 16 warps 352 B). Hence the dW kernel computes
+dᵀ = W·Fᵀ, its 128 columns as the GEMM's M.
 
 Cost (e = 2 bytes, q = D / c chunks):
 
