@@ -216,7 +216,7 @@ def _step(B: int, C: int, D: int, dtype: str, gpu: GPU, var: str, fwd: list[Laun
 #                      (Jacobian), stores grad_W's chunk in W's dtype
 # (2q + 2)·B·C·D per backward kernel: 14·B·C·D in all at D = 512, 10 at D ≤ 256 (Triton lays a
 # dot feeding a dot out with all warps along M, so each chunk program recomputes the whole S:
-# margin_lse.py's module docstring). 1/‖W‖ comes from _inv_norm_kernel in both passes.
+# resident.py's module docstring). 1/‖W‖ comes from _inv_norm_kernel in both passes.
 # Occupancy: waves.AOT_FIGURES' D = 512 figures (conservative at D ≤ 256, as the launcher plans).
 
 DD_SCALE_OPS = 1   # per logit of the resident dF kernel: dd·(1/‖W_n‖) before the second GEMM
