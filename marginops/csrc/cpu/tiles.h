@@ -12,11 +12,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "epilogue.h"
 #include "gemm.h"
+#include "scratch.h"
 
 namespace marginops {
 namespace cpu {
@@ -378,10 +380,12 @@ struct GemmPlan {
   }
 };
 
-// Scratch of one group (one thread).
+// Scratch of one group (one thread), carved from the thread's scratch block (scratch.h): no
+// allocation and no page fault per pass once a thread has run one.
 template <typename acc_t>
 struct Workspace {
   Tensor Wc, tile, inv, sumsq, bias_c;
+  Tensor G;                          // grads: ∂L/∂Ŵ of the chunk (nc·K × D)
   Tensor Wt;                         // kF32: Ŵcᵀ (D × Rt, Rt = nc·K rounded up to 16), the B
                                      // operand of the logits GEMM
   Tensor Wrows, Wnt, Wnn, DDb, DDt;  // kBF16: Ŵc in bf16 (rows, and packed both ways),
@@ -389,24 +393,43 @@ struct Workspace {
   const GemmPlan& plan;
   Tensor Wall;       // in-place mode (see read_in_place): the whole weight, and this chunk's row
   int64_t row0 = 0;
+  std::optional<ScratchLease> lease;
+  // grads: the backward's buffers too (G, and the bf16 DD tiles).
   Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
-            const GemmPlan& plan_)
-      : Wc(at::empty({nc * K, D}, opt)),
-        tile(at::empty({B * nc * K}, opt)),
-        inv(at::empty({nc * K}, opt)),
-        sumsq(at::empty({nc * K}, opt)),
-        bias_c(at::empty({nc}, opt)),
-        plan(plan_) {
+            const GemmPlan& plan_, bool grads = false)
+      : plan(plan_) {
+    ScratchLayout sizes;
+    each_buffer(B, D, K, nc, opt, grads, [&](Tensor&, at::IntArrayRef s, const at::TensorOptions& o) {
+      sizes.add(c10::multiply_integers(s), o.dtype().toScalarType());
+    });
+    lease.emplace(sizes.bytes());
+    ScratchLayout taken;
+    each_buffer(B, D, K, nc, opt, grads, [&](Tensor& t, at::IntArrayRef s, const at::TensorOptions& o) {
+      t = taken.take(lease->base(), s, o);
+    });
+  }
+  // Every buffer of the group and its shape, in one place (sized first, then taken).
+  template <typename Fn>
+  void each_buffer(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
+                   bool grads, Fn&& buffer) {
     using simd::round_up;
     const int64_t R = nc * K;
-    if (plan.kind == GemmPlan::kF32) Wt = at::empty({D * round_up(R, 16)}, opt);
+    buffer(Wc, {R, D}, opt);
+    buffer(tile, {B * R}, opt);
+    buffer(inv, {R}, opt);
+    buffer(sumsq, {R}, opt);
+    buffer(bias_c, {nc}, opt);
+    if (grads) buffer(G, {R, D}, opt);
+    if (plan.kind == GemmPlan::kF32) buffer(Wt, {D * round_up(R, 16)}, opt);
     if (plan.kind == GemmPlan::kBF16) {
       const auto ho = opt.dtype(at::kBFloat16);
-      Wrows = at::empty({R * round_up(D, 2)}, ho);
-      Wnt = at::empty({round_up(D, 2) * round_up(R, 16)}, ho);
-      Wnn = at::empty({round_up(R, 2) * round_up(D, 16)}, ho);
-      DDb = at::empty({B * round_up(R, 2)}, ho);
-      DDt = at::empty({round_up(B, 2) * round_up(R, 16)}, ho);
+      buffer(Wrows, {R * round_up(D, 2)}, ho);
+      buffer(Wnt, {round_up(D, 2) * round_up(R, 16)}, ho);
+      if (grads) {
+        buffer(Wnn, {round_up(R, 2) * round_up(D, 16)}, ho);
+        buffer(DDb, {B * round_up(R, 2)}, ho);
+        buffer(DDt, {round_up(B, 2) * round_up(R, 16)}, ho);
+      }
     }
   }
   // Plain linear weights (no normalisation, no class_index, weight already in the acc dtype):
