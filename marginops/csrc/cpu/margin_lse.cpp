@@ -190,9 +190,8 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
             const int64_t r = j * K + k;
             const acc_t* grow = gp + r * D;
             const acc_t* what = Wc + r * D;
-            const acc_t proj =
-                epi::norm_projects(ssq[r], P.normalize) ? dot_row(what, grow, D) : acc_t(0);
-            grad_row(grow, what, proj, inv[r], gW + (c * K + k) * D, D, accumulate_rows);
+            jacobian_row(grow, what, epi::norm_projects(ssq[r], P.normalize), inv[r],
+                         gW + (c * K + k) * D, D, accumulate_rows);
           }
         }
       }

@@ -135,6 +135,26 @@ MO_DEFINE_ACC_ROWS(float)
 MO_DEFINE_ACC_ROWS(double)
 #undef MO_DEFINE_ACC_ROWS
 
+// The normalisation Jacobian of one weight row (see MO_DEFINE_WEIGHT_ROWS):
+//   dst (+)= w_t((g − ŵ·proj)·iv),  proj = ŵ·g when the projection applies (norm_projects), else 0
+// On AVX-512 for fp32 and bf16 weights (simd::jacobian_row: one fused call per row), else the
+// clone-dispatched dot_row + grad_row.
+template <typename acc_t, typename w_t>
+inline void jacobian_row(const acc_t* g, const acc_t* what, bool projects, acc_t iv, w_t* dst,
+                         int64_t D, bool accumulate) {
+#if MO_HAVE_AVX512_GEMM
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<w_t, float>) {
+    if (simd::f32_available()) return simd::jacobian_row(g, what, projects, iv, dst, D, accumulate);
+  }
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<w_t, at::BFloat16>) {
+    if (simd::bf16_available())
+      return simd::jacobian_row(g, what, projects, iv, dst, D, accumulate);
+  }
+#endif
+  const acc_t proj = projects ? dot_row(what, g, D) : acc_t(0);
+  grad_row(g, what, proj, iv, dst, D, accumulate);
+}
+
 // Load columns [n0, n0 + nc) : their K weight rows each, converted to acc and normalised, into
 // Wc (nc·K × D). inv[r] = 1/wn, sumsq[r] = ‖W_r‖², bias_c[j] = bias of column j (0 without bias).
 template <typename acc_t, typename w_t>
