@@ -22,7 +22,8 @@
 // merged in group order at the end, so results are deterministic for a given thread count. Inside a
 // group the GEMMs run single-threaded on a tile that fits in cache. Memory is bounded by
 // ngroups × (B·nc·K + 2·nc·K·D + B·D) acc elements (the second nc·K·D: Ŵcᵀ for the fp32 kernel,
-// or the bf16 packings) + the kept dots, bounded by the keep budget: nothing else grows with B·C.
+// or the bf16 packings; held between calls in a per-thread scratch block, scratch.h) + the kept
+// dots, bounded by the keep budget (their block recycled, keep_pool.h): nothing else grows with B·C.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

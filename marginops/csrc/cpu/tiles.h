@@ -144,7 +144,8 @@ inline void jacobian_row(const acc_t* g, const acc_t* what, bool projects, acc_t
                          int64_t D, bool accumulate) {
 #if MO_HAVE_AVX512_GEMM
   if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<w_t, float>) {
-    if (simd::f32_available()) return simd::jacobian_row(g, what, projects, iv, dst, D, accumulate);
+    if (simd::f32_available())
+      return simd::jacobian_row(g, what, projects, iv, dst, D, accumulate);
   }
   if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<w_t, at::BFloat16>) {
     if (simd::bf16_available())
@@ -418,13 +419,14 @@ struct Workspace {
   Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
             const GemmPlan& plan_, bool grads = false)
       : plan(plan_) {
+    using Opt = at::TensorOptions;
     ScratchLayout sizes;
-    each_buffer(B, D, K, nc, opt, grads, [&](Tensor&, at::IntArrayRef s, const at::TensorOptions& o) {
+    each_buffer(B, D, K, nc, opt, grads, [&](Tensor&, at::IntArrayRef s, const Opt& o) {
       sizes.add(c10::multiply_integers(s), o.dtype().toScalarType());
     });
     lease.emplace(sizes.bytes());
     ScratchLayout taken;
-    each_buffer(B, D, K, nc, opt, grads, [&](Tensor& t, at::IntArrayRef s, const at::TensorOptions& o) {
+    each_buffer(B, D, K, nc, opt, grads, [&](Tensor& t, at::IntArrayRef s, const Opt& o) {
       t = taken.take(lease->base(), s, o);
     });
   }
