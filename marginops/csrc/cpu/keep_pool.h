@@ -18,8 +18,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <mutex>
+
+#include "scratch.h"  // os_alloc / os_free: held memory comes from the OS, not malloc's heap
 
 namespace marginops {
 namespace cpu {
@@ -48,8 +49,8 @@ class KeepPool {
       }
     }
     if (!p) {
-      bytes = (need + 63) / 64 * 64;
-      p = std::aligned_alloc(64, static_cast<size_t>(bytes));
+      bytes = (need + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+      p = os_alloc(bytes);
       TORCH_CHECK(p, "marginops: could not allocate ", bytes, " bytes for the kept dots");
     }
     return at::from_blob(
@@ -59,13 +60,15 @@ class KeepPool {
   // Frees the held block (set_keep_budget: the memory goes back at once).
   void release() {
     void* p;
+    int64_t bytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
       p = held_;
+      bytes = held_bytes_;
       held_ = nullptr;
       held_bytes_ = 0;
     }
-    std::free(p);
+    os_free(p, bytes);
   }
 
   int64_t held_bytes() {
@@ -76,15 +79,17 @@ class KeepPool {
  private:
   void give_back(void* p, int64_t bytes) {
     void* drop = p;
+    int64_t drop_bytes = bytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (bytes > held_bytes_) {  // keep the larger block
         drop = held_;
+        drop_bytes = held_bytes_;
         held_ = p;
         held_bytes_ = bytes;
       }
     }
-    std::free(drop);
+    os_free(drop, drop_bytes);
   }
 
   std::mutex mu_;

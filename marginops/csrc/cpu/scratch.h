@@ -20,17 +20,49 @@
 #include <cstdint>
 #include <cstdlib>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define MO_HAVE_MMAP 1
+#else
+#define MO_HAVE_MMAP 0
+#endif
+
 namespace marginops {
 namespace cpu {
 
 constexpr int64_t kScratchCap = int64_t(32) << 20;  // bytes per thread
 constexpr int64_t kScratchAlign = 64;               // bytes: one cache line, one AVX-512 vector
 
+// Memory held from one call to the next (this block, keep_pool.h's) is mapped from the OS
+// directly, not taken from malloc's heap: it is never trimmed away and faulted in again, and
+// where it lands does not move the heap's free top, whose trimming decides whether other code's
+// per-step blocks (the weight gradient, ATen's outputs) are faulted in afresh. Page-aligned
+// (mmap), or kScratchAlign-aligned where there is no mmap.
+inline void* os_alloc(int64_t bytes) {
+#if MO_HAVE_MMAP
+  void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+#else
+  return std::aligned_alloc(kScratchAlign, static_cast<size_t>(bytes));
+#endif
+}
+
+inline void os_free(void* p, int64_t bytes) {
+  if (!p) return;
+#if MO_HAVE_MMAP
+  munmap(p, static_cast<size_t>(bytes));
+#else
+  (void)bytes;
+  std::free(p);
+#endif
+}
+
 struct ScratchBlock {
   void* p = nullptr;
   int64_t bytes = 0;
   bool lent = false;
-  ~ScratchBlock() { std::free(p); }
+  ~ScratchBlock() { os_free(p, bytes); }
 };
 
 inline ScratchBlock& thread_scratch() {
@@ -47,8 +79,8 @@ class ScratchLease {
     ScratchBlock& b = thread_scratch();
     if (!b.lent && bytes <= kScratchCap) {
       if (b.bytes < bytes) {
-        std::free(b.p);
-        b.p = std::aligned_alloc(kScratchAlign, static_cast<size_t>(bytes));
+        os_free(b.p, b.bytes);
+        b.p = os_alloc(bytes);
         b.bytes = b.p ? bytes : 0;
       }
       if (b.p) {
