@@ -423,3 +423,34 @@ def test_checked_core_op_equals_public_op_bit_for_bit():
         outs.append((lse.detach(), dot.detach(), x.grad.clone(), w.grad.clone()))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@needs_avx512
+@pytest.mark.parametrize("fdtype,wdtype", [(torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32),
+                                           (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("D", [21, 48])
+def test_jacobian_rows_with_repeated_classes(fdtype, wdtype, D, small_chunks):
+    """The weight rows' normalisation Jacobian on AVX-512 (one fused call per row, fp32 and bf16
+    weights, D with and without a tail of < 16): written once per row, and accumulated where
+    class_index repeats a class (the rows' accumulate path). Within budget of the naive loss in
+    the features' dtype versus fp64 truth."""
+    case = make_case(5, D, 40, bias=True, dtype=fdtype, wdtype=wdtype, scale=(16.0, 64.0))
+    case["class_index"] = torch.tensor([3, 17, 3, 30, 17, 5] * 4 + [39, 0])
+    tc = case["target_col"]
+    case["target_col"] = torch.where(tc >= 0, tc % 26, tc)
+    got, base, truth = run(ours, case), run(margin_lse_dense, case), run(margin_lse_dense,
+                                                                         as_fp64(case))
+    for k in truth:
+        assert_within_budget(got[k], base[k], truth[k], fdtype, name=k)
+    # no repeated class: every row written once, rows never iterated exactly 0
+    case["class_index"] = torch.tensor([3, 17, 30, 5, 39, 0, 11, 22])
+    case["target_col"] = torch.where(tc >= 0, tc % 8, tc)
+    got, base, truth = run(ours, case), run(margin_lse_dense, case), run(margin_lse_dense,
+                                                                         as_fp64(case))
+    for k in truth:
+        assert_within_budget(got[k], base[k], truth[k], fdtype, name=k)
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[case["class_index"]] = False
+    assert (got["grad_weight"][untouched] == 0).all()

@@ -192,13 +192,17 @@ def set_keep_budget(nbytes: int) -> int:
     """Set the cpp backend's keep budget in bytes (0: always recompute); returns the old value.
 
     Read at each call (never at import). Equivalent in math to recomputing: the backward reads
-    the exact dots the forward computed.
+    the exact dots the forward computed. Between steps the extension holds on to the last freed
+    block of kept dots (at most one, within the budget it was kept under: no page faults per step,
+    csrc/cpu/keep_pool.h); this call frees it.
     """
     global _keep_budget
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"marginops: set_keep_budget(nbytes) takes an int >= 0 bytes, got "
                          f"{nbytes!r}; 0 turns keeping off")
     old, _keep_budget = _keep_budget, nbytes
+    if _LOADED:
+        torch.ops.marginops.keep_pool_held_bytes(True)
     return old
 
 

@@ -22,7 +22,8 @@
 // merged in group order at the end, so results are deterministic for a given thread count. Inside a
 // group the GEMMs run single-threaded on a tile that fits in cache. Memory is bounded by
 // ngroups × (B·nc·K + 2·nc·K·D + B·D) acc elements (the second nc·K·D: Ŵcᵀ for the fp32 kernel,
-// or the bf16 packings) + the kept dots, bounded by the keep budget: nothing else grows with B·C.
+// or the bf16 packings; held between calls in a per-thread scratch block, scratch.h) + the kept
+// dots, bounded by the keep budget (their block recycled, keep_pool.h): nothing else grows with B·C.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -33,6 +34,7 @@
 #include <cstring>
 #include <vector>
 
+#include "keep_pool.h"
 #include "tiles.h"
 
 namespace marginops {
@@ -123,11 +125,10 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
       int64_t c0, c1;
       group_range(g, ngroups, nchunks, &c0, &c1);
       if (c0 == c1) continue;
-      Workspace<acc_t> ws(B, D, K, nc_max, opt, plan);
+      Workspace<acc_t> ws(B, D, K, nc_max, opt, plan, /*grads=*/true);
       ws.read_in_place(P, W, opt);
       // In-place weights: G is the weight gradient itself (wn = 1), written straight into gW.
       const bool g_in_place = ws.in_place() && !accumulate_rows;
-      Tensor G = at::empty({nc_max * K, D}, opt);   // ∂L/∂Ŵ of the chunk
       std::vector<acc_t> gb_chunk(nc_max), dbuf(nc_max);
       std::vector<int64_t> abuf(nc_max);
       acc_t* gs = gsc.data() + g * B;
@@ -178,7 +179,7 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
         // ∂F += DD · Ŵc ;  G = DDᵀ · F
         Tensor Gv = g_in_place ? at::from_blob(reinterpret_cast<acc_t*>(gW) + n0 * K * D,
                                                {ncK, D}, opt)
-                               : G.narrow(0, 0, ncK);
+                               : ws.G.narrow(0, 0, ncK);
         ws.chunk_grads(T, Facc, gF[g], Gv);
         const acc_t* gp = Gv.data_ptr<acc_t>();
 
@@ -190,9 +191,8 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
             const int64_t r = j * K + k;
             const acc_t* grow = gp + r * D;
             const acc_t* what = Wc + r * D;
-            const acc_t proj =
-                epi::norm_projects(ssq[r], P.normalize) ? dot_row(what, grow, D) : acc_t(0);
-            grad_row(grow, what, proj, inv[r], gW + (c * K + k) * D, D, accumulate_rows);
+            jacobian_row(grow, what, epi::norm_projects(ssq[r], P.normalize), inv[r],
+                         gW + (c * K + k) * D, D, accumulate_rows);
           }
         }
       }
@@ -413,7 +413,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Ten
     using w_t = decltype(w0);
     auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
                                  in.t, normalize_weight, subcenters, filter_threshold);
-    dots = at::empty({keep ? B : 0, keep ? P.N * P.K : 0}, in.F.options());
+    // the kept dots' block is recycled between steps (keep_pool.h: no page faults per step)
+    dots = keep ? KeepPool::instance().empty(B, P.N * P.K, in.F.options())
+                : at::empty({0, 0}, in.F.options());
     forward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, lse.data_ptr<acc_t>(),
                              dot.data_ptr<acc_t>(), plan, keep ? dots.data_ptr<acc_t>() : nullptr);
   });
@@ -539,6 +541,18 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight
                           gemm_plan(features, false));
   });
   return {vals, cols};
+}
+
+// The kept-dots pool (keep_pool.h): the bytes it holds between steps; release = true frees them
+// (marginops.ops.cpp.set_keep_budget calls it).
+int64_t keep_pool_held_bytes(bool release) {
+  const int64_t held = KeepPool::instance().held_bytes();
+  if (release) KeepPool::instance().release();
+  return held;
+}
+
+TORCH_LIBRARY_FRAGMENT(marginops, m) {
+  m.def("keep_pool_held_bytes(bool release=False) -> int", &keep_pool_held_bytes);
 }
 
 TORCH_LIBRARY_IMPL(marginops, CPU, m) {

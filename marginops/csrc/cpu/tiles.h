@@ -12,11 +12,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "epilogue.h"
 #include "gemm.h"
+#include "scratch.h"
 
 namespace marginops {
 namespace cpu {
@@ -132,6 +134,27 @@ MO_DEFINE_WEIGHT_ROWS(double, double)
 MO_DEFINE_ACC_ROWS(float)
 MO_DEFINE_ACC_ROWS(double)
 #undef MO_DEFINE_ACC_ROWS
+
+// The normalisation Jacobian of one weight row (see MO_DEFINE_WEIGHT_ROWS):
+//   dst (+)= w_t((g − ŵ·proj)·iv),  proj = ŵ·g when the projection applies (norm_projects), else 0
+// On AVX-512 for fp32 and bf16 weights (simd::jacobian_row: one fused call per row), else the
+// clone-dispatched dot_row + grad_row.
+template <typename acc_t, typename w_t>
+inline void jacobian_row(const acc_t* g, const acc_t* what, bool projects, acc_t iv, w_t* dst,
+                         int64_t D, bool accumulate) {
+#if MO_HAVE_AVX512_GEMM
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<w_t, float>) {
+    if (simd::f32_available())
+      return simd::jacobian_row(g, what, projects, iv, dst, D, accumulate);
+  }
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<w_t, at::BFloat16>) {
+    if (simd::bf16_available())
+      return simd::jacobian_row(g, what, projects, iv, dst, D, accumulate);
+  }
+#endif
+  const acc_t proj = projects ? dot_row(what, g, D) : acc_t(0);
+  grad_row(g, what, proj, iv, dst, D, accumulate);
+}
 
 // Load columns [n0, n0 + nc) : their K weight rows each, converted to acc and normalised, into
 // Wc (nc·K × D). inv[r] = 1/wn, sumsq[r] = ‖W_r‖², bias_c[j] = bias of column j (0 without bias).
@@ -378,10 +401,12 @@ struct GemmPlan {
   }
 };
 
-// Scratch of one group (one thread).
+// Scratch of one group (one thread), carved from the thread's scratch block (scratch.h): no
+// allocation and no page fault per pass once a thread has run one.
 template <typename acc_t>
 struct Workspace {
   Tensor Wc, tile, inv, sumsq, bias_c;
+  Tensor G;                          // grads: ∂L/∂Ŵ of the chunk (nc·K × D)
   Tensor Wt;                         // kF32: Ŵcᵀ (D × Rt, Rt = nc·K rounded up to 16), the B
                                      // operand of the logits GEMM
   Tensor Wrows, Wnt, Wnn, DDb, DDt;  // kBF16: Ŵc in bf16 (rows, and packed both ways),
@@ -389,24 +414,44 @@ struct Workspace {
   const GemmPlan& plan;
   Tensor Wall;       // in-place mode (see read_in_place): the whole weight, and this chunk's row
   int64_t row0 = 0;
+  std::optional<ScratchLease> lease;
+  // grads: the backward's buffers too (G, and the bf16 DD tiles).
   Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
-            const GemmPlan& plan_)
-      : Wc(at::empty({nc * K, D}, opt)),
-        tile(at::empty({B * nc * K}, opt)),
-        inv(at::empty({nc * K}, opt)),
-        sumsq(at::empty({nc * K}, opt)),
-        bias_c(at::empty({nc}, opt)),
-        plan(plan_) {
+            const GemmPlan& plan_, bool grads = false)
+      : plan(plan_) {
+    using Opt = at::TensorOptions;
+    ScratchLayout sizes;
+    each_buffer(B, D, K, nc, opt, grads, [&](Tensor&, at::IntArrayRef s, const Opt& o) {
+      sizes.add(c10::multiply_integers(s), o.dtype().toScalarType());
+    });
+    lease.emplace(sizes.bytes());
+    ScratchLayout taken;
+    each_buffer(B, D, K, nc, opt, grads, [&](Tensor& t, at::IntArrayRef s, const Opt& o) {
+      t = taken.take(lease->base(), s, o);
+    });
+  }
+  // Every buffer of the group and its shape, in one place (sized first, then taken).
+  template <typename Fn>
+  void each_buffer(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
+                   bool grads, Fn&& buffer) {
     using simd::round_up;
     const int64_t R = nc * K;
-    if (plan.kind == GemmPlan::kF32) Wt = at::empty({D * round_up(R, 16)}, opt);
+    buffer(Wc, {R, D}, opt);
+    buffer(tile, {B * R}, opt);
+    buffer(inv, {R}, opt);
+    buffer(sumsq, {R}, opt);
+    buffer(bias_c, {nc}, opt);
+    if (grads) buffer(G, {R, D}, opt);
+    if (plan.kind == GemmPlan::kF32) buffer(Wt, {D * round_up(R, 16)}, opt);
     if (plan.kind == GemmPlan::kBF16) {
       const auto ho = opt.dtype(at::kBFloat16);
-      Wrows = at::empty({R * round_up(D, 2)}, ho);
-      Wnt = at::empty({round_up(D, 2) * round_up(R, 16)}, ho);
-      Wnn = at::empty({round_up(R, 2) * round_up(D, 16)}, ho);
-      DDb = at::empty({B * round_up(R, 2)}, ho);
-      DDt = at::empty({round_up(B, 2) * round_up(R, 16)}, ho);
+      buffer(Wrows, {R * round_up(D, 2)}, ho);
+      buffer(Wnt, {round_up(D, 2) * round_up(R, 16)}, ho);
+      if (grads) {
+        buffer(Wnn, {round_up(R, 2) * round_up(D, 16)}, ho);
+        buffer(DDb, {B * round_up(R, 2)}, ho);
+        buffer(DDt, {round_up(B, 2) * round_up(R, 16)}, ho);
+      }
     }
   }
   // Plain linear weights (no normalisation, no class_index, weight already in the acc dtype):
