@@ -5,7 +5,7 @@
 
 For every kernel launch of the step (``Launch``, benchmarks/model_roofline.py: for ``triton``,
 benchmarks/model_triton.py: marginops/triton/resident.py's kernels where
-configs.resident_applies — sm_90+, bf16, K = 1, D ∈ {128, 256, 512} — else margin_lse.py's;
+configs.resident_applies — sm_90, bf16, K = 1, D ∈ {128, 256, 512} — else margin_lse.py's;
 marginops/csrc/cuda/margin_lse.cu for ``cuda``; marginops.reference's ArcFace for ``naive``) it
 counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials, the bytes between the SMs
 and L2, the bytes from HBM, the occupancy (CTAs per SM from registers and shared memory) and the

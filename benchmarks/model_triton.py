@@ -34,7 +34,7 @@ RESCALE_FP16_OPS = 3  # per dd element, fp16 only: the running operand scale (es
 
 def triton_variant(dtype: str, D: int, arch: int = 0) -> str:
     """configs.variant of the modelled step on ``arch`` (×10): "resident" where
-    configs.resident_applies (bf16 on sm_90+ at D ∈ {128, 256, 512}); else fp16/bf16 → "half",
+    configs.resident_applies (bf16 on sm_90 at D ∈ {128, 256, 512}); else fp16/bf16 → "half",
     fp32 → "fp32"; D not a multiple of 16 → the "_unaligned" tables (the launcher's rules;
     16-byte aligned pointers assumed)."""
     if configs.resident_applies(dtype, dtype, 1, D, arch):
@@ -205,7 +205,7 @@ def _step(B: int, C: int, D: int, dtype: str, gpu: GPU, var: str, fwd: list[Laun
 # ----------------------------------------------------------------------------- resident kernels
 #
 # marginops/triton/resident.py (FlashAttention-shaped; the launcher takes them where
-# configs.resident_applies: sm_90+, bf16 features and weight, K = 1, D ∈ {128, 256, 512},
+# configs.resident_applies: sm_90, bf16 features and weight, K = 1, D ∈ {128, 256, 512},
 # aligned). c = min(D, 256) is the D chunk, q = D / c ∈ {1, 2}. A program keeps its own tile over
 # the whole D and loads each streamed tile once for both its GEMMs:
 #   fwd     rt × s     F 128 × D resident; per 32-class tile: W 32 × D, S = F·Wᵀ (2·128·32·D)

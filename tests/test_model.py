@@ -246,7 +246,7 @@ def test_resident_target_shape_counts_by_hand():
     ("h100", "bfloat16", 1, 64, False), ("h100", "bfloat16", 1, 500, False)])
 def test_resident_launches_where_the_launcher_takes_them(gpu, dtype, K, D, resident):
     """The model runs resident.py's kernels exactly where the launcher does (configs.variant:
-    sm_90+, bf16 features and weight, K = 1, D ∈ {128, 256, 512}, aligned). The model covers
+    sm_90, bf16 features and weight, K = 1, D ∈ {128, 256, 512}, aligned). The model covers
     K = 1 only: for K = 2 the launcher's variant is checked, and the model's step is K = 1's."""
     import torch
 

@@ -85,15 +85,17 @@ RESIDENT_DIMS = (128, 256, 512)
 def resident_applies(features: str, weight: str, subcenters: int, dim: int, arch: int,
                      aligned: bool = True) -> bool:
     """Do resident.py's kernels serve this launch? dtypes by name ("bfloat16", "float16",
-    "float32"); arch = compute capability × 10 (0: no GPU). On sm_90 and later for bf16 features
-    and weight, one sub-center and D in RESIDENT_DIMS (aligned); ``force(resident=True)`` (tests:
-    the interpreter runs them on fp16 / fp32) needs only equal dtypes, ``resident=False`` turns
-    them off. Pure Python: benchmarks/model.py asks it too."""
+    "float32"); arch = compute capability × 10 (0: no GPU). Yes on sm_90 (H100 / H200) for bf16
+    features and weight, one sub-center and D in RESIDENT_DIMS (aligned). Only sm_90: it is the
+    target their compile checks cover (sm_100's tensor-core code is another, and consumer sm_120
+    has less shared memory per block than their 192 KB). ``force(resident=True)`` (tests: the
+    interpreter runs them on fp16 / fp32) needs only equal dtypes, ``resident=False`` turns them
+    off. Pure Python: benchmarks/model.py asks it too."""
     if not aligned or subcenters != 1 or dim not in RESIDENT_DIMS:
         return False
     if _forced_resident is not None:
         return _forced_resident and features == weight
-    return arch >= 90 and features == weight == "bfloat16"
+    return arch == 90 and features == weight == "bfloat16"
 
 
 def variant(features_dtype, subcenters: int, aligned: bool = True, *, weight_dtype=None,

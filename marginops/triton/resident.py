@@ -45,7 +45,7 @@ What differs from margin_lse.py's kernels (same contract, same outputs):
     the fp16 operand (and, through ``_rescaled``'s per-row scale, flush the row's other terms):
     its W is 0, so its term is 0 and the scale is set to 0 (``_col_scale``). A non-zero fp16 row
     has ‖W‖ ≥ 2^-24, so no other row is touched.
-  * Chosen (``configs.resident_applies``) on sm_90 and later for bf16 features and weight, one
+  * Chosen (``configs.resident_applies``) on sm_90 (H100 / H200) for bf16 features and weight, one
     sub-center and D ∈ RESIDENT_DIMS (aligned); everything else takes margin_lse.py's kernels.
     The interpreter cannot run bf16 dots: tests force these kernels on fp32 and fp16 inputs
     (``configs.force(resident=True)``), whose code is bf16's but for fp16's operand rescaling.
