@@ -245,6 +245,28 @@ def test_feature_gradient_plan_counts_its_d_chunks(monkeypatch):
                              1)[0] == 8
 
 
+def test_resident_kernels_only_where_their_compile_checks_hold():
+    """configs.resident_applies: sm_90, bf16 features and weight, K = 1, D ∈ {128, 256, 512},
+    aligned — not sm_80 (163 KB of shared memory), sm_100 (other tensor-core code), sm_120 (less
+    shared memory per block than the kernels' 192 KB), nor any other dtype, K or D."""
+    from marginops.triton import configs
+
+    ok = dict(features="bfloat16", weight="bfloat16", subcenters=1, dim=512, arch=90)
+    assert configs.resident_applies(**ok)
+    for change in (dict(arch=80), dict(arch=100), dict(arch=120), dict(arch=0),
+                   dict(features="float16", weight="float16"), dict(weight="float32"),
+                   dict(subcenters=2), dict(dim=1024), dict(dim=64), dict(dim=500)):
+        assert not configs.resident_applies(**{**ok, **change}), change
+    assert not configs.resident_applies(**ok, aligned=False)
+    for dim in configs.RESIDENT_DIMS:
+        assert configs.resident_applies(**{**ok, "dim": dim})
+    with configs.force(resident=False):
+        assert not configs.resident_applies(**ok)
+    with configs.force(resident=True):  # tests: equal dtypes anywhere, the interpreter included
+        assert configs.resident_applies(**{**ok, "arch": 0, "features": "float32",
+                                           "weight": "float32"})
+
+
 def test_forced_splits_and_the_interpreter_rule(monkeypatch):
     from marginops.triton import configs
 
