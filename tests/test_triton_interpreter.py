@@ -238,6 +238,19 @@ def test_resident_kernels_match_oracle(case, dtype, monkeypatch):
 
 
 @requires_interp
+@pytest.mark.parametrize("splits", [1, 7])
+@pytest.mark.parametrize("D", [128, 512])
+def test_resident_splits_single_row_and_duplicate_classes(splits, D):
+    """The resident kernels across split counts, with one row (B = 1) and with a class sampled
+    several times (Partial FC: its gradient is the sum of its columns')."""
+    _compare(_problem(1, 45, D, bias=True, hard=True), torch.float32, splits=splits, resident=True)
+    p = _problem(19, 40, D, bias=True, index=True, hard=True)
+    p["cidx"] = torch.tensor([3, 7, 3, 11, 7, 7, 0, 39, 3, 20, 21, 22, 23, 24, 25, 26, 27, 3])
+    p["tcol"] = p["tcol"].clamp(max=p["cidx"].numel() - 1)
+    _compare(p, torch.float32, splits=splits, resident=True)
+
+
+@requires_interp
 def test_resident_fp16_zero_row_feature_gradient():
     """fp16: a zero weight row's 1/wn = 1e12 would overflow the dd operand (and, through the
     per-row rescaling, flush the row's other terms); its term is 0 exactly (resident.py)."""
