@@ -385,8 +385,9 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
     with device_guard(dev):
         if a.resident:
-            inv = torch.empty(a.N if a.normalize else 0, dtype=torch.float32, device=dev)
-            if a.normalize:
+            inv = lse  # dummy pointer, never read without normalisation
+            if a.normalize:  # 1/‖W_n‖ per column: the resident kernels read it in every pass
+                inv = torch.empty(a.N, dtype=torch.float32, device=dev)
                 _inv_norms(a, inv)
             resident._fwd_res_kernel[grid](
                 *a.ptrs, inv, part[0], part[1], part[2], a.B, a.N, a.D, cps, a.f.stride(0),
