@@ -109,10 +109,13 @@ from .tiles import (  # noqa: F401  (NEG_INF, interpreting: part of this module'
     _class_of,
     _cosine_tile,
     _grad_logits,
+    _grad_rows,
+    _hard_t,
     _logit_tile,
     _lse_step,
     _out_row,
     _rescaled,
+    _row_inputs,
     _split_range,
     _store_partials,
     _up_start,
@@ -136,14 +139,8 @@ def _fwd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, 
     split = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
-    if HARD:
-        tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
-        t = tl.load(t_ptr).to(tl.float32)
-    else:
-        tau = scale
-        t = 0.0
+    scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
+    t = _hard_t(t_ptr, HARD)
 
     # online logsumexp over this split's columns: lse = m + log s
     m = tl.full((BLOCK_B,), _NEG_INF, tl.float32)
@@ -227,17 +224,9 @@ def _bwd_df_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
     pid_d = tl.program_id(2)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    glse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    gdot = tl.load(gdot_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    if HARD:
-        tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
-        t = tl.load(t_ptr).to(tl.float32)
-    else:
-        tau = scale
-        t = 0.0
+    scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
+    lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
+    t = _hard_t(t_ptr, HARD)
     dot_ty = f_ptr.dtype.element_ty
     dcol = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dcol < D
@@ -301,10 +290,7 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
     dcol = (tl.program_id(1) % chunks) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dcol < D
     dot_ty = f_ptr.dtype.element_ty
-    if HARD:
-        t = tl.load(t_ptr).to(tl.float32)
-    else:
-        t = 0.0
+    t = _hard_t(t_ptr, HARD)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)  # up · G_r[dcol]
     up = _up_start(dot_ty, BLOCK_N)  # fp16 operand scale per column (_rescaled)
     proj = tl.zeros((BLOCK_N,), tl.float32)  # ŵ_r·G_r, over the whole D (see below)
@@ -312,15 +298,8 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_mask = rows < B
-        scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        glse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        gdot = tl.load(gdot_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        if HARD:
-            tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
-        else:
-            tau = scale
+        scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
+        lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
         d, kb = _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, D,
                              stride_f, stride_w, NORMALIZE, False, HAS_SUB, DOT_PREC,
                              BLOCK_B, BLOCK_N, BLOCK_D)

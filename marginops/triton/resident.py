@@ -62,36 +62,17 @@ from .tiles import (
     _NEG_INF,
     _class_of,
     _grad_logits,
+    _grad_rows,
+    _hard_t,
     _logit_tile,
     _lse_step,
     _out_row,
     _rescaled,
+    _row_inputs,
     _split_range,
     _store_partials,
     _up_start,
 )
-
-
-@triton.jit
-def _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD: tl.constexpr):
-    """Per-row inputs of a row tile: scale_i, target column y_i and the hard-negative
-    threshold tau_i (scale when HARD is off: never read)."""
-    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
-    if HARD:
-        tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
-    else:
-        tau = scale
-    return scale, tcol, tau
-
-
-@triton.jit
-def _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask):
-    """Per-row inputs of the backward: lse_i, grad_lse_i, grad_dot_i (fp32)."""
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    glse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0)
-    gdot = tl.load(gdot_ptr + rows, mask=row_mask, other=0.0)
-    return lse, glse, gdot
 
 
 @triton.jit
@@ -100,6 +81,18 @@ def _chunk(ptr, idx, mask, stride, c, BLOCK_D: tl.constexpr):
     (D is a multiple of BLOCK_D here: no per-column predicate)."""
     dcol = c * BLOCK_D + tl.arange(0, BLOCK_D)
     return tl.load(ptr + idx[:, None] * stride + dcol[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
+def _chunks(ptr, idx, mask, stride, first, BLOCK_D: tl.constexpr, TWO: tl.constexpr, dtype):
+    """Rows ``idx`` as their chunk ``first`` and, with TWO, the other chunk (else the same
+    tile again), in ``dtype``."""
+    x0 = _chunk(ptr, idx, mask, stride, first, BLOCK_D).to(dtype)
+    if TWO:
+        x1 = _chunk(ptr, idx, mask, stride, 1 - first, BLOCK_D).to(dtype)
+    else:
+        x1 = x0
+    return x0, x1
 
 
 @triton.jit
@@ -147,9 +140,8 @@ def _fwd_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_p
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
-    t = tl.load(t_ptr).to(tl.float32) if HARD else 0.0
-    f0 = _chunk(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D)
-    f1 = _chunk(f_ptr, rows, row_mask, stride_f, 1, BLOCK_D) if TWO else f0
+    t = _hard_t(t_ptr, HARD)
+    f0, f1 = _chunks(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D, TWO, f_ptr.dtype.element_ty)
 
     m = tl.full((BLOCK_B,), _NEG_INF, tl.float32)  # online logsumexp: lse = m + log s
     s = tl.zeros((BLOCK_B,), tl.float32)
@@ -159,8 +151,7 @@ def _fwd_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_p
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < n_end
         cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
-        w0 = _chunk(w_ptr, cls, col_mask, stride_w, 0, BLOCK_D).to(f0.dtype)
-        w1 = _chunk(w_ptr, cls, col_mask, stride_w, 1, BLOCK_D).to(f0.dtype) if TWO else w0
+        w0, w1 = _chunks(w_ptr, cls, col_mask, stride_w, 0, BLOCK_D, TWO, f0.dtype)
         d = _dots(f0, w0, f1, w1, TWO, DOT_PREC) * _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)[None, :]
         is_t, _dmod, _slope, z = _logit_tile(d, cols, col_mask, tcol, scale, bias_ptr, cls,
                                              tau, t, thr, HAS_BIAS, HARD, FILTER)
@@ -190,15 +181,13 @@ def _bwd_df_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, ta
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
     own = tl.program_id(2)
-    oth = 1 - own
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
-    t = tl.load(t_ptr).to(tl.float32) if HARD else 0.0
+    t = _hard_t(t_ptr, HARD)
     lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
     dot_ty = f_ptr.dtype.element_ty
-    f_own = _chunk(f_ptr, rows, row_mask, stride_f, own, BLOCK_D)
-    f_oth = _chunk(f_ptr, rows, row_mask, stride_f, oth, BLOCK_D) if TWO else f_own
+    f_own, f_oth = _chunks(f_ptr, rows, row_mask, stride_f, own, BLOCK_D, TWO, dot_ty)
 
     acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)  # up · Σ_n (dd_in / wn_n) W_n[own chunk]
     up = _up_start(dot_ty, BLOCK_B)
@@ -208,8 +197,7 @@ def _bwd_df_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, ta
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < n_end
         cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
-        w_own = _chunk(w_ptr, cls, col_mask, stride_w, own, BLOCK_D).to(dot_ty)
-        w_oth = _chunk(w_ptr, cls, col_mask, stride_w, oth, BLOCK_D).to(dot_ty) if TWO else w_own
+        w_own, w_oth = _chunks(w_ptr, cls, col_mask, stride_w, own, BLOCK_D, TWO, dot_ty)
         inv = _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)
         d = _dots(f_own, w_own, f_oth, w_oth, TWO, DOT_PREC) * inv[None, :]
         g, dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
@@ -246,14 +234,12 @@ def _bwd_dw_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, ta
     grad_W_r = (G_r − ŵ_r (ŵ_r·G_r)) / wn_r, stored once in W's dtype."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     own = tl.program_id(1)
-    oth = 1 - own
     col_mask = cols < N
     cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
     dot_ty = f_ptr.dtype.element_ty
-    w_own = _chunk(w_ptr, cls, col_mask, stride_w, own, BLOCK_D).to(dot_ty)
-    w_oth = _chunk(w_ptr, cls, col_mask, stride_w, oth, BLOCK_D).to(dot_ty) if TWO else w_own
+    w_own, w_oth = _chunks(w_ptr, cls, col_mask, stride_w, own, BLOCK_D, TWO, dot_ty)
     inv = _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)
-    t = tl.load(t_ptr).to(tl.float32) if HARD else 0.0
+    t = _hard_t(t_ptr, HARD)
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # up · G_r[own chunk]
     up = _up_start(dot_ty, BLOCK_N)
@@ -264,8 +250,7 @@ def _bwd_dw_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, ta
         row_mask = rows < B
         scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
         lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
-        f_own = _chunk(f_ptr, rows, row_mask, stride_f, own, BLOCK_D)
-        f_oth = _chunk(f_ptr, rows, row_mask, stride_f, oth, BLOCK_D) if TWO else f_own
+        f_own, f_oth = _chunks(f_ptr, rows, row_mask, stride_f, own, BLOCK_D, TWO, dot_ty)
         d = tl.trans(_dots(w_own, f_own, w_oth, f_oth, TWO, DOT_PREC)) * inv[None, :]
         g, _dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
                                     lse, glse, gdot, HAS_BIAS, HARD, FILTER)

@@ -1,6 +1,7 @@
 """Tile helpers shared by the Triton kernels (margin_lse.py, topk.py), inlined into each kernel.
 
     _cosine_tile   (BLOCK_B, BLOCK_N) cosines d_in = max_k f_i·W_r / wn_r, fp32 accumulation
+    _row_inputs, _grad_rows, _hard_t   the per-row (and t) inputs of a row tile
     _logit_tile    the epilogue: target mask, filtering, hard-negative modulation, scale, bias → z
     _lse_step, _store_partials   the forward's online logsumexp and its per-split results
     _grad_logits   the backward epilogue: g = grad_lse·softmax and dd = ∂loss/∂d of a cosine tile
@@ -77,6 +78,36 @@ def _cosine_tile(f_ptr, w_ptr, inv_ptr, rows, row_mask, cols, cls, col_mask, K, 
         else:
             d_best = dk
     return d_best, k_best
+
+
+@triton.jit
+def _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD: tl.constexpr):
+    """Per-row inputs of a row tile: scale_i, target column y_i and the hard-negative
+    threshold tau_i (scale when HARD is off: never read)."""
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tcol = tl.load(tcol_ptr + rows, mask=row_mask, other=-1)
+    if HARD:
+        tau = tl.load(tau_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
+    else:
+        tau = scale
+    return scale, tcol, tau
+
+
+@triton.jit
+def _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask):
+    """Per-row inputs of the backward: lse_i, grad_lse_i, grad_dot_i (fp32)."""
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    glse = tl.load(glse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    gdot = tl.load(gdot_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    return lse, glse, gdot
+
+
+@triton.jit
+def _hard_t(t_ptr, HARD: tl.constexpr):
+    """CurricularFace's t (the hard-negative modulation), 0 when HARD is off (never used)."""
+    if HARD:
+        return tl.load(t_ptr).to(tl.float32)
+    return 0.0
 
 
 @triton.jit
