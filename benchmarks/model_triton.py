@@ -206,8 +206,8 @@ def _step(B: int, C: int, D: int, dtype: str, gpu: GPU, var: str, fwd: list[Laun
 #
 # marginops/triton/resident.py (FlashAttention-shaped; the launcher takes them where
 # configs.resident_applies: sm_90, bf16 features and weight, K = 1, D ∈ {128, 256, 512},
-# aligned). c = min(D, 256) is the D chunk, q = D / c ∈ {1, 2}. A program keeps its own tile over
-# the whole D and loads each streamed tile once for both its GEMMs:
+# aligned). c = min(D, configs.RESIDENT_CHUNK = 256) is the D chunk, q = D / c ∈ {1, 2}. A
+# program keeps its own tile over the whole D and loads each streamed tile once for both its GEMMs:
 #   fwd     rt × s     F 128 × D resident; per 32-class tile: W 32 × D, S = F·Wᵀ (2·128·32·D)
 #   bwd_df  rt × s × q F 128 × D resident; per 32-class tile: W 32 × D, S (2·128·32·D),
 #                      dF[:, chunk] += dd·W_chunk (2·128·32·c); 128 × c fp32 partial stored once
@@ -229,7 +229,7 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
     unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # only forced off bf16
     rescale = RESCALE_FP16_OPS if dtype == "float16" else 0
     W, Fb = C * D * e, B * D * e
-    c = min(D, 256)   # the launcher's D chunk (margin_lse._Args.chunk)
+    c = min(D, configs.RESIDENT_CHUNK)   # the launcher's D chunk (launch._Args.chunk)
     q = D // c        # D ∈ {128, 256, 512}: whole chunks
 
     fc, focc, fslots = _triton_kernel("fwd", "resident", gpu)

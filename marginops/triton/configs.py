@@ -80,6 +80,7 @@ KERNELS = ("fwd", "bwd_df", "bwd_dw", "topk", "merge", "norm")
 # weight, one sub-center, D ∈ RESIDENT_DIMS; their ``block_d`` is the D chunk (min(D, 256)).
 VARIANTS = ("half", "half_sub", "fp32", "fp32_sub", "half_unaligned", "fp32_unaligned", "resident")
 RESIDENT_DIMS = (128, 256, 512)
+RESIDENT_CHUNK = 256  # resident.py's D chunk: min(D, RESIDENT_CHUNK) columns, one or two per D
 
 
 def resident_applies(features: str, weight: str, subcenters: int, dim: int, arch: int,
@@ -163,9 +164,9 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
     # rows (fwd, bwd_df) or columns (bwd_dw) per program: Triton lays out a dot that feeds
     # another dot with all warps along M, so 8 warps need 128 to split the tile, not duplicate it.
     "resident": {
-        "fwd": C(128, 32, 256, num_warps=8, num_stages=2),
-        "bwd_df": C(128, 32, 256, num_warps=8, num_stages=2, block_do=256),
-        "bwd_dw": C(16, 128, 256, num_warps=8, num_stages=2, block_do=256),
+        "fwd": C(128, 32, RESIDENT_CHUNK, num_warps=8, num_stages=2),
+        "bwd_df": C(128, 32, RESIDENT_CHUNK, num_warps=8, num_stages=2, block_do=RESIDENT_CHUNK),
+        "bwd_dw": C(16, 128, RESIDENT_CHUNK, num_warps=8, num_stages=2, block_do=RESIDENT_CHUNK),
         "topk": C(64, 32, 64, num_warps=4, num_stages=2),
         "merge": _MERGE, "norm": _NORM,
     },

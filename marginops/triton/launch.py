@@ -136,7 +136,7 @@ class _Args:
                           DOT_PREC=_dot_precision(self.f))
         if self.resident:  # one sub-center; D in chunks of min(D, 256), one or two of them
             del self.flags["HAS_SUB"]
-            self.chunk = min(self.D, 256)
+            self.chunk = min(self.D, configs.RESIDENT_CHUNK)
             self.res_meta = dict(BLOCK_D=self.chunk, TWO=self.D > self.chunk)
 
 
