@@ -96,7 +96,13 @@ from model_roofline import (  # noqa: E402, F401 - re-exported: the model API
     occupancy,
     predict,
 )
-from model_triton import resident_launches, triton_launches, triton_variant  # noqa: E402, F401
+from model_triton import (  # noqa: E402, F401 - re-exported
+    gemm_smem,
+    resident_launches,
+    triton_launches,
+    triton_variant,
+    wgmma_groups,
+)
 
 TARGET = 0.5   # issue 12: forward+backward ≥ 50 % of dense tensor-core peak (auto's backend)
 

@@ -35,11 +35,19 @@ class GPU:
     regs_per_sm: int = 65536
     max_threads_per_sm: int = 2048
     max_ctas_per_sm: int = 32
+    smem_bytes_per_clk: int = 128   # per SM: 32 banks × 32 bits per clock (CUDA C++ Programming
+                                    # Guide, "Shared Memory", compute capability 5.x and later)
 
     @property
     def exp_rate(self) -> float:
         """MUFU ex2 per second: 16 per SM per clock (4 per SM sub-partition)."""
         return 16 * self.sms * self.clock_hz
+
+    @property
+    def smem_bw(self) -> float:
+        """Shared-memory bytes per second over all SMs (ASSUMED to bound wgmma's operand reads
+        too: model.py's docstring)."""
+        return self.smem_bytes_per_clk * self.sms * self.clock_hz
 
     def peak(self, dtype: str) -> float:
         """Dense tensor-core peak of the input dtype: the denominator of 'fraction of peak'."""
@@ -87,6 +95,8 @@ class Launch:
     l2: float = 0.0          # bytes between SMs and L2 (every tile loaded or stored)
     hbm: float = 0.0         # compulsory HBM bytes (inputs once, outputs once)
     reuse_set: float = 0.0   # bytes the resident programs touch between two reuses of a tile
+    smem_io: float = 0.0     # shared-memory bytes its GEMMs move (operand reads by the tensor
+                             # cores, cp.async writes, layout exchanges); 0: not modelled
     note: str = ""
     out: dict = field(default_factory=dict)   # filled by ``predict``
 
@@ -109,15 +119,20 @@ def predict(launch: Launch, gpu: GPU) -> Launch:
     hit = 1.0 if launch.reuse_set <= gpu.l2_bytes else gpu.l2_bytes / launch.reuse_set
     hbm = launch.hbm + (1.0 - hit) * max(launch.l2 - launch.hbm, 0.0)
     unit_peak = {"bf16": gpu.bf16, "tf32": gpu.tf32, "fp32": gpu.fp32}[launch.unit]
-    roofs = {"tensor" if launch.unit != "fp32" else "fp32 GEMM": launch.tc_flops / unit_peak,
+    gemm = "tensor" if launch.unit != "fp32" else "fp32 GEMM"
+    roofs = {gemm: launch.tc_flops / unit_peak,
              "fp32 ALU": launch.alu_flops / gpu.fp32, "exp": launch.exps / gpu.exp_rate,
              "L2": launch.l2 / gpu.l2_bw, "HBM": hbm / gpu.hbm_bw}
+    if launch.smem_io:
+        roofs["shared memory"] = launch.smem_io / gpu.smem_bw
     if ctas == 1 and launch.tc_flops and (launch.alu_flops or launch.exps):
         # one CTA per SM: a tile's epilogue waits for its GEMM and the next GEMM for the
-        # epilogue (no second CTA to fill the gap): tensor and CUDA-core/MUFU time add up
-        first = next(iter(roofs))
-        roofs[first + " + epilogue (1 CTA/SM)"] = roofs.pop(first) + max(
-            roofs.pop("fp32 ALU"), roofs.pop("exp"))
+        # epilogue (no second CTA to fill the gap): the GEMM's time — its tensor or its
+        # shared-memory roof, whichever is slower — and the CUDA-core/MUFU time add up
+        slow = max((k for k in (gemm, "shared memory") if k in roofs), key=roofs.get)
+        t = roofs[slow]
+        roofs.pop(gemm), roofs.pop("shared memory", None)
+        roofs[slow + " + epilogue (1 CTA/SM)"] = t + max(roofs.pop("fp32 ALU"), roofs.pop("exp"))
     bound = max(roofs, key=roofs.get)
     seconds = roofs[bound] / eff + launch.count * LAUNCH_S
     launch.out = {"ctas_per_sm": ctas, "waves": n_waves, "wave_eff": eff, "hbm": hbm,

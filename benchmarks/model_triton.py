@@ -42,10 +42,13 @@ def triton_variant(dtype: str, D: int, arch: int = 0) -> str:
     return ("fp32" if dtype == "float32" else "half") + ("" if D % 16 == 0 else "_unaligned")
 
 
-def _triton_kernel(kernel: str, var: str, gpu: GPU) -> tuple[configs.KernelConfig, dict, int]:
-    """(default configuration, Launch occupancy fields, programs resident on the GPU). The resident
-    variant's norm and merge are margin_lse.py's kernels in the "half" configuration: its figures."""
-    cfg = configs.default(kernel, var)
+def _triton_kernel(kernel: str, var: str, gpu: GPU, dim: int = 0
+                   ) -> tuple[configs.KernelConfig, dict, int]:
+    """(default configuration, Launch occupancy fields, programs resident on the GPU); resident.py's
+    kernels at embedding width ``dim`` (configs.resident_config). The resident variant's norm and
+    merge are margin_lse.py's kernels in the "half" configuration: its figures."""
+    cfg = (configs.resident_config(kernel, dim) if var == "resident" and dim
+           else configs.default(kernel, var))
     if var == "resident" and kernel in ("norm", "merge"):
         assert cfg == configs.default(kernel, "half"), kernel
         var = "half"
@@ -206,20 +209,83 @@ def _step(B: int, C: int, D: int, dtype: str, gpu: GPU, var: str, fwd: list[Laun
 #
 # marginops/triton/resident.py (FlashAttention-shaped; the launcher takes them where
 # configs.resident_applies: sm_90, bf16 features and weight, K = 1, D ∈ {128, 256, 512},
-# aligned). c = min(D, configs.RESIDENT_CHUNK = 256) is the D chunk, q = D / c ∈ {1, 2}. A
-# program keeps its own tile over the whole D and loads each streamed tile once for both its GEMMs:
+# aligned). Each kernel's D chunk c and q = D / c ∈ {1, 2} chunks are configs.resident_meta's:
+# c = min(D, configs.RESIDENT_CHUNK = 256), but bwd_df at D = 512 holds the whole D (c = 512,
+# 64-row tiles, q = 1). A program keeps its own tile over the whole D and loads each streamed tile
+# once for both its GEMMs:
 #   fwd     rt × s     F 128 × D resident; per 32-class tile: W 32 × D, S = F·Wᵀ (2·128·32·D)
-#   bwd_df  rt × s × q F 128 × D resident; per 32-class tile: W 32 × D, S (2·128·32·D),
-#                      dF[:, chunk] += dd·W_chunk (2·128·32·c); 128 × c fp32 partial stored once
+#   bwd_df  rt × s × q F BB × D resident (BB = 128, 64 at D = 512); per 32-class tile: W 32 × D,
+#                      S (2·BB·32·D), dF[:, chunk] += dd·W_chunk (2·BB·32·c); BB × c fp32
+#                      partial stored once
 #   bwd_dw  nt × q     W 128 × D resident; per 16-row tile: F 16 × D, S (2·16·128·D),
 #                      G[:, chunk] += ddᵀ·F_chunk (2·16·128·c); epilogue reloads W's 128 × c chunk
 #                      (Jacobian), stores grad_W's chunk in W's dtype
-# (2q + 2)·B·C·D per backward kernel: 14·B·C·D in all at D = 512, 10 at D ≤ 256 (Triton lays a
-# dot feeding a dot out with all warps along M, so each chunk program recomputes the whole S:
-# resident.py's module docstring). 1/‖W‖ comes from _inv_norm_kernel in both passes.
-# Occupancy: waves.AOT_FIGURES' D = 512 figures (conservative at D ≤ 256, as the launcher plans).
+# (2q + 2)·B·C·D per backward kernel: 12·B·C·D in all at D = 512 (bwd_dw's second chunk program
+# recomputes the whole S: Triton lays a dot feeding a dot out with all warps along M, and a
+# 64-column dW tile spills — resident.py's module docstring), 10 at D ≤ 256. 1/‖W‖ comes from
+# _inv_norm_kernel in both passes. Occupancy: waves.AOT_FIGURES at the largest D each
+# configuration runs at (conservative below it, as the launcher plans).
 
 DD_SCALE_OPS = 1   # per logit of the resident dF kernel: dd·(1/‖W_n‖) before the second GEMM
+
+
+def wgmma_groups(M: int, warps: int, chained: bool) -> tuple[int, int]:
+    """(warpgroups along M, along N) of a CTA's wgmma GEMM with an M-row tile, as Triton lays it
+    out (AccelerateMatmul, warpsPerTileV3): a dot whose result reaches another dot gets every
+    warp along M (TTGIR warpsPerCTA = [warps, 1]); a lone dot starts at [4, 1] and doubles M's
+    count while M exceeds 16 rows per warp, else N's. tests/test_triton_aot.py checks these
+    against the compiled kernels."""
+    if chained:
+        return warps // 4, 1
+    wm, wn = 4, 1
+    while wm * wn < warps:
+        if M > 16 * wm:
+            wm *= 2
+        else:
+            wn *= 2
+    return wm // 4, wn
+
+
+def gemm_smem(M: int, N: int, K: int, e: int, groups: tuple[int, int], a_smem: bool = True
+              ) -> int:
+    """Shared-memory bytes one CTA's warpgroups read for an (M × K)·(K × N) wgmma GEMM laid out
+    as ``groups``: each reads its M/gm rows of A (unless A is a register operand) and its N/gn
+    columns of B, K deep — (gn·M + gm·N)·K·e."""
+    gm, gn = groups
+    return ((gn * M if a_smem else 0) + gm * N) * K * e
+
+
+def resident_gemms(kernel: str, cfg: configs.KernelConfig, D: int
+                   ) -> tuple[tuple[int, int, tuple[int, int]], ...]:
+    """(M, N, warpgroups) of resident.py's ``kernel``'s GEMMs per tile step at D: the logit GEMM
+    (M = the resident tile's rows or classes, N = the streamed tile's) and, in the backward, the
+    second GEMM (N = the D chunk it owns). The logit GEMM feeds the second (chained: every warp
+    along M) but in the UNCHAINED feature gradient; the second GEMM is a lone dot."""
+    meta = configs.resident_meta(kernel, D)
+    w = cfg.num_warps
+    M, N = (cfg.block_n, cfg.block_b) if kernel == "bwd_dw" else (cfg.block_b, cfg.block_n)
+    chained = kernel != "fwd" and not meta.get("UNCHAINED", False)
+    out = ((M, N, wgmma_groups(M, w, chained)),)
+    if kernel != "fwd":
+        out += ((M, meta["BLOCK_D"], wgmma_groups(M, w, False)),)
+    return out
+
+
+def resident_smem(kernel: str, cfg: configs.KernelConfig, D: int, e: int) -> int:
+    """Shared-memory bytes per tile step of resident.py's ``kernel`` (one D chunk program): the
+    logit GEMM over D with both operands in shared memory, the streamed tile's cp.async write
+    and, in the backward, the second GEMM (dd from registers, the streamed tile's chunk as B)
+    plus, when the logit tile is split between warpgroups along N (UNCHAINED), dd's exchange:
+    written once and read by each warpgroup of the second GEMM along N (each needs all K = N
+    columns of its rows; a chained layout leaves every row's columns with one warp)."""
+    gemms = resident_gemms(kernel, cfg, D)
+    (M, N, logit_groups), rest = gemms[0], gemms[1:]
+    out = gemm_smem(M, N, D, e, logit_groups) + N * D * e
+    for M2, c, groups in rest:
+        out += gemm_smem(M2, c, N, e, groups, a_smem=False)
+        if logit_groups[1] > 1:
+            out += (1 + groups[1]) * M * N * e
+    return out
 
 
 def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Launch]:
@@ -229,10 +295,14 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
     unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)   # only forced off bf16
     rescale = RESCALE_FP16_OPS if dtype == "float16" else 0
     W, Fb = C * D * e, B * D * e
-    c = min(D, configs.RESIDENT_CHUNK)   # the launcher's D chunk (launch._Args.chunk)
-    q = D // c        # D ∈ {128, 256, 512}: whole chunks
 
-    fc, focc, fslots = _triton_kernel("fwd", "resident", gpu)
+    def chunks(kernel: str) -> tuple[int, int]:
+        """(D chunk, chunks) of ``kernel`` at D, as the launcher passes them (BLOCK_D, TWO)."""
+        c = configs.resident_meta(kernel, D)["BLOCK_D"]
+        return c, D // c   # D ∈ {128, 256, 512}: whole chunks
+
+    c, q = chunks("fwd")
+    fc, focc, fslots = _triton_kernel("fwd", "resident", gpu, D)
     rt, ct = cdiv(B, fc.block_b), cdiv(C, fc.block_n)
     s = waves.plan_splits(rt, ct, fslots)
     logits = rt * fc.block_b * ct * fc.block_n                 # padded tiles
@@ -243,10 +313,12 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
         hbm=_w_from_hbm(_split_grid_w(rt, s, 1, cdiv(ct, s), fc.block_n, C, D, e, fslots), W, gpu)
         + Fb + C * 4 + B * ROW_BYTES_FWD + 3 * s * B * 4,
         reuse_set=min(rt * fc.block_b, fslots * fc.block_b) * D * e + fslots * fc.block_n * D * e,
+        smem_io=rt * ct * resident_smem("fwd", fc, D, e),
         note=f"{fc.block_b}×{fc.block_n}, D in {q} chunk(s) of {c}, {s} split(s); F read once "
              f"per split, W once per row tile ({rt})")
 
-    dc, docc, dslots = _triton_kernel("bwd_df", "resident", gpu)
+    c, q = chunks("bwd_df")
+    dc, docc, dslots = _triton_kernel("bwd_df", "resident", gpu, D)
     rt, ct = cdiv(B, dc.block_b), cdiv(C, dc.block_n)
     sd = waves.plan_splits(rt, ct, dslots, q)
     logits = rt * dc.block_b * ct * dc.block_n
@@ -259,10 +331,12 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
         hbm=_w_from_hbm(_split_grid_w(rt, sd, q, cdiv(ct, sd), dc.block_n, C, D, e, dslots), W,
                         gpu) + Fb + C * 4 + B * ROW_BYTES_BWD + sd * B * D * 4 + sd * B * 4,
         reuse_set=min(rt * dc.block_b, dslots * dc.block_b) * D * e + dslots * dc.block_n * D * e,
+        smem_io=q * rt * ct * resident_smem("bwd_df", dc, D, e),
         note=f"{dc.block_b}×{dc.block_n}, {q} D chunk(s) of {c} × {sd} split(s); F read once "
              f"per program, W once per row tile and chunk ({rt} × {q})")
 
-    wc, wocc, wslots = _triton_kernel("bwd_dw", "resident", gpu)
+    c, q = chunks("bwd_dw")
+    wc, wocc, wslots = _triton_kernel("bwd_dw", "resident", gpu, D)
     nt, rt = cdiv(C, wc.block_n), cdiv(B, wc.block_b)
     logits = rt * wc.block_b * nt * wc.block_n
     bwd_dw = Launch(
@@ -273,6 +347,7 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
         hbm=_w_from_hbm(_class_tile_w(nt, q, wc.block_n, C, D, e, wslots), W, gpu)
         + Fb + C * 4 + B * ROW_BYTES_BWD + W,
         reuse_set=Fb + wslots * wc.block_n * D * e,
+        smem_io=q * nt * rt * resident_smem("bwd_dw", wc, D, e),
         note=f"{wc.block_n}×{wc.block_b} (classes × rows), {nt} class tiles × {q} D chunk(s) of "
              f"{c}; F read once per program, W q× resident + once in the Jacobian; grad_W "
              "stored once in W's dtype")

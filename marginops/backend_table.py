@@ -178,11 +178,11 @@ MODEL_PICKS: dict[tuple[str, str], dict[int, str]] = {
              "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
         64: ("cctttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"
              "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
-        128: ("cccttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"
+        128: ("cccttttttttt" "cttttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
               "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
-        256: ("cccttttttttt" "cttttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
+        256: ("cccttttttttt" "cctttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
               "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
-        512: ("cctttttttttt" "cctttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
+        512: ("cccttttttttt" "cctttttttttt" "cctttttttttt" "cttttttttttt" "tttttttttttt"
               "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
         1024: ("cccccccccccc" "cccccccccccc" "cccccccccccc" "cccccccccccc" "cccccccccccc"
                "cccccccccccc" "cccccccccccc" "cccccccccccc" "cccccccccccc"),

@@ -164,10 +164,11 @@ RESIDENT_STEP = ["forward: torch fills (lse_neg = −inf, dot_y = 0)", "forward:
 
 def test_resident_small_shape_counts_by_hand():
     """B=200, C=1000, D=256 bf16 on H100: resident.py's kernels (one D chunk: c = 256, q = 1),
-    configs.py's "resident" tiles and their sm_90 AOT figures (D = 512's: conservative), one CTA
-    per SM (fwd by shared memory, the backward by registers too). fwd / dF 128×32: 2 row tiles ×
-    32 column tiles; the most efficient plan with ≥ 4 column tiles per split is 8 splits (16
-    programs). dW 128 classes × 16 rows: 8 class tiles, 13 row tiles each."""
+    configs.py's "resident" tiles and their sm_90 AOT figures (fwd and dW: D = 512's,
+    conservative; dF 128×32 runs at D ≤ 256 only: D = 256's), one CTA per SM (fwd by shared
+    memory, the backward by registers too). fwd / dF 128×32: 2 row tiles × 32 column tiles; the
+    most efficient plan with ≥ 4 column tiles per split is 8 splits (16 programs). dW 128
+    classes × 16 rows: 8 class tiles, 13 row tiles each."""
     B, C, D, e = 200, 1000, 256, 2
     W, Fb = C * D * e, B * D * e                     # 512000, 102400 bytes
     h100 = pm.GPUS["h100"]
@@ -176,7 +177,7 @@ def test_resident_small_shape_counts_by_hand():
     la = _by_name(launches)
     fwd, df, dw = la[FWD_RES], la[DF_RES], la[DW_RES]
     assert (fwd.grid, fwd.regs, fwd.smem, fwd.threads) == (16, 119, 196608, 256)
-    assert (df.grid, df.regs, df.smem) == (16, 255, 196864)
+    assert (df.grid, df.regs, df.smem) == (16, 253, 131072)
     assert (dw.grid, dw.regs, dw.smem) == (8, 245, 164288)
     assert [pm.occupancy(x, h100) for x in (fwd, df, dw)] == [1, 1, 1]
     logits = 2 * 128 * 32 * 32                       # padded: 256 rows × 1024 columns
@@ -201,41 +202,86 @@ def test_resident_small_shape_counts_by_hand():
     assert dw.hbm == W + Fb + C * 4 + B * 24 + W == 1_135_200
     # both passes normalise W first (reads W, writes C fp32)
     assert la["forward: norm (1/‖W_r‖, C fp32)"].hbm == la["norm (1/‖W_r‖, C fp32)"].hbm == W + C * 4
+    # shared memory per tile step (every GEMM chained or 128-row: two warpgroups along M, each
+    # reading its 64 rows of A and all of B): fwd S = F·Wᵀ (128 + 2·32)·D·e + W's cp.async
+    # write 32·D·e; dF the same + dd·W with dd in registers, B = W's 32 × 256 chunk read by both
+    # warpgroups; dW S = W·Fᵀ (128 + 2·16)·D·e + F's write 16·D·e + ddᵀ·F (2·16·256·e)
+    assert fwd.smem_io == 64 * (192 * D * e + 32 * D * e) == 7_340_032
+    assert df.smem_io == 64 * (192 * D * e + 32 * D * e + 2 * 256 * 32 * e) == 9_437_184
+    assert dw.smem_io == 104 * (160 * D * e + 16 * D * e + 2 * 256 * 16 * e) == 11_075_584
 
 
 def test_resident_target_shape_counts_by_hand():
-    """B=4096, C=1M, D=512 bf16 on H100: two D chunks of 256 (q = 2), each backward kernel
-    (2q + 2)·B·C·D = 6·B·C·D (each chunk program recomputes the whole S): 14·B·C·D in all; at
+    """B=4096, C=1M, D=512 bf16 on H100. fwd and dW hold D as two chunks of 256 (q = 2): dW
+    (2q + 2)·B·C·D = 6·B·C·D (each chunk program recomputes the whole S); dF holds all of D in
+    one 64-row tile (configs.RESIDENT_WIDE_DF, UNCHAINED): 4·B·C·D. 12·B·C·D in all; at
     D = 256 (q = 1) 4·B·C·D each, 10·B·C·D in all. fwd: 32 row tiles × 4 splits = 128 programs
-    (one wave, 97 %); dF: 32 × 2 splits × 2 chunks = 128; dW: 7813 class tiles × 2 chunks."""
+    (one wave, 97 %); dF: 64 row tiles × 2 splits = 128; dW: 7813 class tiles × 2 chunks."""
     B, C, D, e = 4096, 1_000_000, 512, 2
     W, Fb = C * D * e, B * D * e
     h100 = pm.GPUS["h100"]
     la = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))
     fwd, df, dw = la[FWD_RES], la[DF_RES], la[DW_RES]
     assert (fwd.grid, df.grid, dw.grid) == (128, 128, 15626)
+    assert (df.regs, df.smem) == (254, 135424)
     assert fwd.tc_flops == 2 * B * C * D                       # 31250 tiles of 32: no padding
-    assert df.tc_flops == 2 * 2 * B * C * (D + 256) == 6 * B * C * D
+    assert df.tc_flops == 2 * B * C * (D + 512) == 4 * B * C * D
     assert dw.tc_flops == 6 * B * 7813 * 128 * D               # C padded to 7813 tiles of 128
     assert fwd.l2 == 4 * Fb + 32 * (W + C * 4) + 4 * B * 12 + 3 * 4 * B * 4
     assert fwd.hbm == W + Fb + C * 4 + B * 12 + 3 * 4 * B * 4   # one wave: W once
-    # F once per program (32 row tiles × 2 splits × 2 chunks), W and 1/‖W‖ once per row tile
-    # and chunk (the resident.py docstring's ⌈B/BLOCK_B⌉·C·D·e per chunk)
-    assert df.l2 == (2 * 2 * Fb + 2 * 32 * (W + C * 4) + 2 * 2 * B * 24 + 2 * B * D * 4
-                     + 2 * B * 4)
+    # F once per program (64 row tiles × 2 splits), W and 1/‖W‖ once per row tile (the
+    # resident.py docstring's ⌈B/BLOCK_B⌉·C·D·e)
+    assert df.l2 == 2 * Fb + 64 * (W + C * 4) + 2 * B * 24 + 2 * B * D * 4 + 2 * B * 4
     assert df.hbm == W + Fb + C * 4 + B * 24 + 2 * B * D * 4 + 2 * B * 4
     # F once per program (7813 × 2), W resident in both chunk programs + the Jacobian's reload
     assert dw.l2 == 7813 * 2 * Fb + 3 * W + 2 * C * 4 + 7813 * 2 * B * 24 + W
     # a class tile's 2 chunk programs are 7813 apart: different waves, W streams twice (50 MiB
     # of L2 holds 5 % of the 1.02 GB of W)
     assert dw.hbm == pytest.approx(W + W * (1 - h100.l2_bytes / W) + Fb + C * 4 + B * 24 + W)
-    assert sum(x.tc_flops for x in la.values()) == pytest.approx(14 * B * C * D, rel=1e-4)
+    # shared memory per tile step: fwd 128×32, two warpgroups along M; dF 64×32 UNCHAINED: the
+    # warpgroups side by side along N, each reading all 64 rows of F and its 16 columns of W
+    # (2·64 + 32)·D·e, W's write, dd·W with B = W's 32 × 512 split between them (32·D·e), dd
+    # exchanged (written once, read by both: 3·64·32·e); dW per chunk as at D = 256
+    assert fwd.smem_io == 32 * 31250 * (192 * D * e + 32 * D * e)
+    assert df.smem_io == 64 * 31250 * ((2 * 64 + 32) * D * e + 32 * D * e + 32 * D * e
+                                       + 3 * 64 * 32 * e)
+    assert dw.smem_io == 2 * 7813 * 256 * (160 * D * e + 16 * D * e + 2 * 256 * 16 * e)
+    assert sum(x.tc_flops for x in la.values()) == pytest.approx(12 * B * C * D, rel=1e-4)
     at_256 = pm.triton_launches(B, C, 256, "bfloat16", h100)
     assert sum(x.tc_flops for x in at_256) == pytest.approx(10 * B * C * 256, rel=1e-4)
-    # one CTA per SM everywhere: the GEMM and epilogue times add up (the 1-CTA rule)
+    # one CTA per SM everywhere (the GEMM and epilogue times add up), and at 32 or 16 columns
+    # per warpgroup the operand reads outlast the tensor cores: 0.16-0.19 B per FLOP against
+    # the H100's 128 B per 4096 FLOP per SM clock
     _, launches, _, _ = pm.model(B, C, D, "bfloat16", h100, "triton")
-    assert all(x.out["bound"] == "tensor + epilogue (1 CTA/SM)" for x in launches
+    assert all(x.out["bound"] == "shared memory + epilogue (1 CTA/SM)" for x in launches
                if x.name in (FWD_RES, DF_RES, DW_RES))
+
+
+def test_wgmma_layouts_follow_tritons_rule():
+    """The warpgroup layouts the shared-memory counts assume (Triton's warpsPerTileV3, checked
+    against compiled kernels in tests/test_triton_aot.py): a chained dot puts every warp along
+    M; a lone dot splits M into 16-row warps first, then N."""
+    assert pm.wgmma_groups(128, 8, chained=True) == (2, 1)
+    assert pm.wgmma_groups(64, 8, chained=True) == (2, 1)      # both warpgroups on the same rows
+    assert pm.wgmma_groups(128, 8, chained=False) == (2, 1)
+    assert pm.wgmma_groups(64, 8, chained=False) == (1, 2)
+    assert pm.wgmma_groups(64, 4, chained=False) == (1, 1)
+    assert pm.gemm_smem(64, 32, 512, 2, (1, 2)) == (2 * 64 + 32) * 512 * 2
+    assert pm.gemm_smem(128, 256, 32, 2, (2, 1), a_smem=False) == 2 * 256 * 32 * 2
+
+
+def test_shared_memory_roof_joins_the_gemm_side_of_the_one_cta_rule():
+    """A GEMM slower in shared memory than on the tensor cores takes the shared-memory time;
+    with one CTA per SM the epilogue adds to it."""
+    h100 = pm.GPUS["h100"]
+    kw = dict(tc_flops=989.4e12, exps=h100.exp_rate * 0.25, l2=1.0, hbm=1.0,
+              smem_io=2 * h100.smem_bw)
+    one = pm.predict(pm.Launch("k", grid=132, threads=256, regs=255, **kw), h100).out
+    assert one["bound"] == "shared memory + epilogue (1 CTA/SM)"
+    assert one["seconds"] == pytest.approx(2.25 + pm.LAUNCH_S)
+    four = pm.predict(pm.Launch("k", grid=528, threads=128, regs=128, **kw), h100).out
+    assert four["bound"] == "shared memory" and four["seconds"] == pytest.approx(2 + pm.LAUNCH_S)
+    assert h100.smem_bw == 128 * 132 * 1.83e9
 
 
 @pytest.mark.parametrize("gpu, dtype, K, D, resident", [

@@ -37,6 +37,7 @@ import functools
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -72,6 +73,7 @@ KERNELS = {
 RESIDENT = {"fwd": rs._fwd_res_kernel, "bwd_df": rs._bwd_df_res_kernel,
             "bwd_dw": rs._bwd_dw_res_kernel}
 RESIDENT_DIM = max(configs.RESIDENT_DIMS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # pointer argument -> "f" (features dtype), "w" (weight dtype) or a fixed type
 _PTR = {
@@ -92,8 +94,7 @@ def _source(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, *, flags
     const = {}
     if var == "resident" and kernel in RESIDENT:
         fn = RESIDENT[kernel]
-        chunk = min(dim, cfg.block_d)  # as margin_lse._Args: D in one or two chunks
-        const.update(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_D=chunk, TWO=dim > chunk,
+        const.update(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, **configs.resident_meta(kernel, dim),
                      NORMALIZE=flags, DOT_PREC="tf32", HAS_BIAS=flags, HAS_INDEX=flags,
                      HARD=flags, FILTER=flags)
     elif kernel == "merge":
@@ -154,8 +155,11 @@ def _compile_stats(kernel, cfg, fdt, wdt, arch, flags, k_const, aligned, var, di
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     assert m, res
     reg, stack, _static_shared, local = map(int, m.groups())
+    ttgir = ck.asm["ttgir"]
     return {"regs": reg, "stack": stack, "local": local, "shared": ck.metadata.shared,
-            "wgmma": "wgmma" in ck.asm["ptx"], "res": res.strip(), "loops": _loops(ck.asm["ttgir"])}
+            "wgmma": "wgmma" in ck.asm["ptx"], "res": res.strip(), "loops": _loops(ttgir),
+            "mma_warps": re.findall(r"^#mma\w* = .*warpsPerCTA = \[(\d+), (\d+)\]", ttgir,
+                                    re.MULTILINE)}
 
 
 _DOT = ("ttng.warp_group_dot ", "tt.dot ", "ttng.tc_gen5_mma ")
@@ -301,6 +305,11 @@ def _check_resident_loops(stats: dict, kernel: str):
     assert gemm_loops[0]["own_async_copy"], f"{kernel}: the tile loop's loads are not pipelined"
 
 
+def _resident_dim(kernel: str, cfg: configs.KernelConfig) -> int:
+    """The largest D at which the launcher runs resident.py's ``kernel`` with ``cfg``."""
+    return max(d for d in configs.RESIDENT_DIMS if configs.resident_config(kernel, d) == cfg)
+
+
 def test_every_config_is_listed():
     """Every kernel has a configuration in every variant; the compile matrix covers them all."""
     assert set(configs.KERNELS) == set(KERNELS)
@@ -315,7 +324,9 @@ def test_every_config_is_listed():
 
 @pytest.mark.parametrize("kernel,var,cfg,fdt,wdt,arch,k_const,aligned", list(_cases()))
 def test_compiles_without_spills(kernel, var, cfg, fdt, wdt, arch, k_const, aligned):
-    stats = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=k_const, aligned=aligned, var=var)
+    dim = _resident_dim(kernel, cfg) if var == "resident" else RESIDENT_DIM
+    stats = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=k_const, aligned=aligned, var=var,
+                          dim=dim)
     _check(stats, kernel, var, fdt, arch)
     if var == "resident" and kernel in RESIDENT:
         _check_resident_loops(stats, kernel)
@@ -330,10 +341,49 @@ def test_compiles_without_spills(kernel, var, cfg, fdt, wdt, arch, k_const, alig
 def test_resident_dims_and_flags_off(kernel, dim, flags):
     """resident.py's other specialisations: D = 128 and 256 (one chunk) and every option flag
     off (plain ArcFace), besides the D = 512, flags-on compile of the matrix above."""
-    cfg = configs.default(kernel, "resident")
+    cfg = configs.resident_config(kernel, dim)
     stats = compile_stats(kernel, cfg, "bf16", "bf16", 90, flags=flags, var="resident", dim=dim)
     _check(stats, kernel, "resident", "bf16", 90)
     _check_resident_loops(stats, kernel)
+
+
+@pytest.mark.skipif(DEFAULTS_ONLY, reason="the oldest-Triton step compiles the defaults only")
+@pytest.mark.parametrize("kernel", list(RESIDENT))
+@pytest.mark.parametrize("dim", configs.RESIDENT_DIMS)
+def test_model_lays_out_the_resident_gemms_as_compiled(kernel, dim):
+    """benchmarks/model.py counts shared-memory traffic from the warpgroup layout it assumes for
+    each GEMM (model_triton.resident_gemms, after Triton's rule): the compiled TTGIR's
+    warpsPerCTA must be those layouts."""
+    import importlib.util
+
+    bench = os.path.join(ROOT, "benchmarks")
+    spec = importlib.util.spec_from_file_location("model_triton",
+                                                  os.path.join(bench, "model_triton.py"))
+    sys.path.insert(0, bench)
+    try:
+        mt = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mt)
+    finally:
+        sys.path.remove(bench)
+    cfg = configs.resident_config(kernel, dim)
+    stats = compile_stats(kernel, cfg, "bf16", "bf16", 90, var="resident", dim=dim)
+    compiled = {(int(m), int(n)) for m, n in stats["mma_warps"]}
+    modelled = {(4 * gm, gn) for _M, _N, (gm, gn) in mt.resident_gemms(kernel, cfg, dim)}
+    assert compiled == modelled
+
+
+@pytest.mark.skipif(DEFAULTS_ONLY, reason="the oldest-Triton step compiles the defaults only")
+@pytest.mark.parametrize("flags", [True, False])
+def test_resident_wide_feature_gradient_computes_each_logit_once(flags):
+    """D = 512's feature-gradient kernel (64-row tiles, the whole D in one accumulator): both
+    GEMMs laid out with the two warpgroups side by side (warpsPerCTA = [4, 2]), so neither
+    computes the other's logits. Triton's chained-dot rule would give [8, 1] — each warpgroup
+    the same 64 rows — without resident.py's ``_unchained``."""
+    dim = max(configs.RESIDENT_DIMS)
+    cfg = configs.resident_config("bwd_df", dim)
+    assert cfg.block_b < 16 * cfg.num_warps  # fewer rows than [num_warps, 1] splits: 16 per warp
+    stats = compile_stats("bwd_df", cfg, "bf16", "bf16", 90, flags=flags, var="resident", dim=dim)
+    assert stats["mma_warps"] and set(stats["mma_warps"]) == {("4", "2")}, stats["mma_warps"]
 
 
 @pytest.mark.parametrize("kernel,var,d_chunk", [
@@ -384,7 +434,8 @@ def static_table() -> str:
              "| smem (KB) | spills (stack B) | wgmma |", "|---|---|---|---|---|---|---|---|---|"]
     for p in _cases():
         kernel, var, cfg, fdt, wdt, arch, kc, al = p.values
-        s = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=kc, aligned=al, var=var)
+        dim = _resident_dim(kernel, cfg) if var == "resident" else RESIDENT_DIM
+        s = compile_stats(kernel, cfg, fdt, wdt, arch, k_const=kc, aligned=al, var=var, dim=dim)
         do = f", {cfg.block_do}" if cfg.block_do else ""   # backward kernels: the D chunk
         lines.append(
             f"| {kernel} | {var} | {cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {cfg.num_warps}, "

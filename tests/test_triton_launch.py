@@ -292,7 +292,9 @@ def aot_figures(kernel: str, var: str, cfg, arch: int) -> dict:
     fdt, wdt = ("fp32", "fp32") if base == "fp32" else ("bf16", "bf16")
     if kernel == "merge":   # fp32 partials only, no K, no D
         fdt, wdt, k_const, aligned = "fp32", "fp32", True, True
-    return aot.compile_stats(kernel, cfg, fdt, wdt, arch, True, k_const, aligned, var=var)
+    dim = aot._resident_dim(kernel, cfg) if var == "resident" else aot.RESIDENT_DIM
+    return aot.compile_stats(kernel, cfg, fdt, wdt, arch, True, k_const, aligned, var=var,
+                             dim=dim)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),

@@ -4,7 +4,8 @@ test_triton_interpreter.py's harness.
 
 On a GPU they run for bf16 on sm_90 only; the interpreter cannot run bf16 dots, so these tests
 force them (``configs.force(resident=True)``) onto fp32 and fp16 inputs, whose code is bf16's but
-for fp16's operand rescaling. D ∈ configs.RESIDENT_DIMS: 128 (one chunk) and 512 (two).
+for fp16's operand rescaling. D ∈ configs.RESIDENT_DIMS: 128 (one chunk) and 512 (two; the
+feature gradient's UNCHAINED kernel holds all 512 in one).
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton_resident.py   # direct
     .venv/bin/python -m pytest tests/test_triton_resident.py   # re-runs itself in a child
@@ -93,12 +94,13 @@ def test_resident_splits_single_row_and_duplicate_classes(splits, D):
 
 
 @requires_interp
-def test_resident_fp16_zero_row_feature_gradient():
+@pytest.mark.parametrize("D", [128, 512])
+def test_resident_fp16_zero_row_feature_gradient(D):
     """fp16: a zero weight row's 1/wn = 1e12 would overflow the dd operand (and, through the
     per-row rescaling, flush the row's other terms); its term is 0 exactly (resident.py)."""
     from marginops.triton import configs
 
-    p = _problem(21, 70, 128, zero_row=True)
+    p = _problem(21, 70, D, zero_row=True)
     g = torch.Generator().manual_seed(1)
     grad_lse = torch.randn(21, generator=g, dtype=torch.float64)
     grad_dot = torch.randn(21, generator=g, dtype=torch.float64)

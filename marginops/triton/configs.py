@@ -81,6 +81,7 @@ KERNELS = ("fwd", "bwd_df", "bwd_dw", "topk", "merge", "norm")
 VARIANTS = ("half", "half_sub", "fp32", "fp32_sub", "half_unaligned", "fp32_unaligned", "resident")
 RESIDENT_DIMS = (128, 256, 512)
 RESIDENT_CHUNK = 256  # resident.py's D chunk: min(D, RESIDENT_CHUNK) columns, one or two per D
+# (bwd_df at D = 512: one chunk of 512, resident_meta)
 
 
 def resident_applies(features: str, weight: str, subcenters: int, dim: int, arch: int,
@@ -160,9 +161,10 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
     },
     # resident.py (sm_90 only; compiled there with zero spills for D = 128, 256 and 512, every
     # option flag on and off): fwd 128×32 119 registers, 192 KB shared at D = 512; bwd_df 128×32
-    # 255 / 192 KB; bwd_dw 16 rows × 128 columns 245 / 160 KB (32 rows spill 128-160 B). 128
-    # rows (fwd, bwd_df) or columns (bwd_dw) per program: Triton lays out a dot that feeds
-    # another dot with all warps along M, so 8 warps need 128 to split the tile, not duplicate it.
+    # 255 / 192 KB at D ≤ 256 (D = 512: RESIDENT_WIDE_DF); bwd_dw 16 rows × 128 columns 245 /
+    # 160 KB (32 rows spill 128-160 B). 128 rows (fwd, bwd_df) or columns (bwd_dw) per program:
+    # Triton lays out a dot that feeds another dot with all warps along M, so 8 warps need 128
+    # to split the tile, not duplicate it.
     "resident": {
         "fwd": C(128, 32, RESIDENT_CHUNK, num_warps=8, num_stages=2),
         "bwd_df": C(128, 32, RESIDENT_CHUNK, num_warps=8, num_stages=2, block_do=RESIDENT_CHUNK),
@@ -178,6 +180,32 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
         "merge": _MERGE, "norm": _NORM,
     },
 }
+
+# resident.py's feature gradient at D > RESIDENT_CHUNK: the whole D = 512 in one chunk, so the
+# logit tile is computed once, not once per output chunk (4·B·C·D, not 6). Its fp32 accumulator,
+# 64 × 512, is 128 registers per thread over 8 warps; the 64-row tile needs the logit GEMM
+# unchained (resident.py's ``_unchained``). 254 registers, 135 KB shared, zero spills
+# (tests/test_triton_aot.py); 64×64 spills 184 B.
+RESIDENT_WIDE_DF = C(64, 32, 512, num_warps=8, num_stages=2, block_do=512)
+
+
+def resident_config(kernel: str, dim: int) -> KernelConfig:
+    """resident.py's configuration of ``kernel`` at embedding width ``dim``."""
+    if kernel == "bwd_df" and dim > RESIDENT_CHUNK:
+        return RESIDENT_WIDE_DF
+    return DEFAULT["resident"][kernel]
+
+
+def resident_meta(kernel: str, dim: int) -> dict:
+    """The constexprs resident.py's ``kernel`` takes at ``dim`` besides its tile sizes: the D
+    chunk BLOCK_D, TWO (D in two chunks) and, for bwd_df, UNCHAINED (D in one wide chunk)."""
+    wide = kernel == "bwd_df" and dim > RESIDENT_CHUNK
+    chunk = dim if wide else min(dim, RESIDENT_CHUNK)
+    meta = dict(BLOCK_D=chunk, TWO=dim > chunk)
+    if kernel == "bwd_df":
+        meta["UNCHAINED"] = wide
+    return meta
+
 
 # AUTOTUNE[variant][kernel] — extra candidates searched when autotuning is on (the default is
 # always a candidate too). Small on purpose: every entry is compiled for sm_80 and sm_90 in CI.
@@ -206,6 +234,8 @@ def default(kernel: str, var: str) -> KernelConfig:
 def gpu_configs(kernel: str, var: str) -> tuple[KernelConfig, ...]:
     """Every configuration the launcher can pick for ``kernel`` in ``var`` (default first)."""
     out = [DEFAULT[var][kernel]]
+    if var == "resident" and kernel == "bwd_df":
+        out.append(RESIDENT_WIDE_DF)  # D = 512 (resident_config)
     for c in AUTOTUNE.get(var, {}).get(kernel, ()):
         if c not in out:
             out.append(c)

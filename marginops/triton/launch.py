@@ -134,10 +134,10 @@ class _Args:
                           HARD=self.hard, FILTER=self.filter, NORMALIZE=self.normalize,
                           HAS_SUB=self.K > 1,
                           DOT_PREC=_dot_precision(self.f))
-        if self.resident:  # one sub-center; D in chunks of min(D, 256), one or two of them
+        if self.resident:  # one sub-center; D in one or two chunks per kernel (configs.py)
             del self.flags["HAS_SUB"]
-            self.chunk = min(self.D, configs.RESIDENT_CHUNK)
-            self.res_meta = dict(BLOCK_D=self.chunk, TWO=self.D > self.chunk)
+            self.res_meta = {k: configs.resident_meta(k, self.D)
+                             for k in ("fwd", "bwd_df", "bwd_dw")}
 
 
 def _arch(device: torch.device) -> int:
@@ -155,6 +155,8 @@ def _config(kernel: str, a: _Args) -> configs.KernelConfig:
         return c
     if interpreting():
         return configs.INTERPRETER[kernel]
+    if a.resident:
+        return configs.resident_config(kernel, a.D)
     return configs.default(kernel, a.variant)
 
 
@@ -207,7 +209,8 @@ def _tune_key(a: _Args, what: str) -> tuple:
 def _pick(a: _Args, what: str, run) -> tuple:
     """Configurations for a pass: fixed default, or the fastest of configs.AUTOTUNE (cached)."""
     kernels = {"fwd": ("fwd",), "bwd": ("bwd_df", "bwd_dw")}[what]
-    if interpreting() or not configs.autotune_enabled() or any(configs.forced(k) for k in kernels):
+    if (interpreting() or not configs.autotune_enabled() or a.resident  # one config each
+            or any(configs.forced(k) for k in kernels)):
         return tuple(None for _ in kernels)
     key = _tune_key(a, what)
     if key not in _tuned:

@@ -371,7 +371,7 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
             resident._fwd_res_kernel[grid](
                 *a.ptrs, inv, part[0], part[1], part[2], a.B, a.N, a.D, cps, a.f.stride(0),
                 a.w.stride(0), a.thr, **a.flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
-                **a.res_meta, **cfg.launch())
+                **a.res_meta["fwd"], **cfg.launch())
         else:
             _fwd_kernel[grid](*a.ptrs, part[0], part[1], part[2],
                               a.B, a.N, a.D, a.K, cps, a.f.stride(0), a.w.stride(0), a.thr,
@@ -397,8 +397,8 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     df_cfg = df_cfg or _config("bwd_df", a)
     dw_cfg = dw_cfg or _config("bwd_dw", a)
     df_do, dw_do = _d_chunk(df_cfg, a.D), _d_chunk(dw_cfg, a.D)
-    if a.resident:  # both kernels: one program per D chunk of the output, min(D, 256) wide
-        df_do = dw_do = a.chunk
+    if a.resident:  # both kernels: one program per D chunk of the output (configs.resident_meta)
+        df_do, dw_do = a.res_meta["bwd_df"]["BLOCK_D"], a.res_meta["bwd_dw"]["BLOCK_D"]
     splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant,
                                  triton.cdiv(a.D, df_do))
     inv = lse  # dummy pointer, never read without normalisation
@@ -428,11 +428,11 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
         if a.resident:
             resident._bwd_df_res_kernel[df_grid](
                 *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, a.B, a.N, a.D, cps, *strides,
-                **a.flags, BLOCK_B=df_cfg.block_b, BLOCK_N=df_cfg.block_n, **a.res_meta,
+                **a.flags, BLOCK_B=df_cfg.block_b, BLOCK_N=df_cfg.block_n, **a.res_meta["bwd_df"],
                 **df_cfg.launch())
             resident._bwd_dw_res_kernel[dw_grid](
                 *a.ptrs, lse, grad_lse, grad_dot, inv, a.w, gw, gb, a.B, a.N, a.D, *strides,
-                **a.flags, BLOCK_B=dw_cfg.block_b, BLOCK_N=dw_cfg.block_n, **a.res_meta,
+                **a.flags, BLOCK_B=dw_cfg.block_b, BLOCK_N=dw_cfg.block_n, **a.res_meta["bwd_dw"],
                 **dw_cfg.launch())
         else:
             _bwd_df_kernel[df_grid](

@@ -105,6 +105,24 @@ def _dots(a0, b0, a1, b1, TWO: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _unchained(a, b, live, DOT_PREC: tl.constexpr):
+    """a·bᵀ over one chunk, behind a branch that is always taken (``live`` is true).
+
+    Triton lays out a dot whose result reaches another dot with all warps along M
+    (AccelerateMatmul's chained-dot rule, made for FlashAttention): for a 64-row tile and 8
+    warps both warpgroups would compute the same 64 × BLOCK_N logit tile. The rule follows the
+    dot's uses, and they stop at the branch's yield, so this GEMM gets the layout of a lone
+    dot — the two warpgroups side by side along N (TTGIR ``warpsPerCTA = [4, 2]``) — and the
+    tile is computed once. The branch costs one compare per tile; were a compiler to fold it,
+    results would not change, only the speed (tests/test_triton_aot.py checks the layout)."""
+    if live:
+        acc = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+    else:
+        acc = tl.zeros((a.shape[0], b.shape[0]), tl.float32)
+    return acc
+
+
+@triton.jit
 def _inv_cols(inv_ptr, cols, col_mask, NORMALIZE: tl.constexpr):
     """1/wn of the columns (``_inv_norm_kernel``'s buffer), or ones without normalisation."""
     if NORMALIZE:
@@ -173,11 +191,13 @@ def _bwd_df_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, ta
                        HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
                        FILTER: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       TWO: tl.constexpr):
+                       TWO: tl.constexpr, UNCHAINED: tl.constexpr):
     """grad_f_i[chunk] = Σ_n (dd_in / wn_n) W_n[chunk] over one split, for the D chunk of program
     axis 2 (its own chunk; the other one, with TWO, only completes the cosines), in one register
     accumulator; grad_scale_i = Σ_n g_in d'_in (chunk 0 stores it). F's chunks are resident; each
-    W tile is loaded once and feeds both GEMMs."""
+    W tile is loaded once and feeds both GEMMs. UNCHAINED (D = 512 in one chunk, 64-row tiles):
+    the logit GEMM through ``_unchained``, so each warpgroup owns half the tile's columns and,
+    in the second GEMM, half of D."""
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
     own = tl.program_id(2)
@@ -199,7 +219,11 @@ def _bwd_df_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, ta
         cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
         w_own, w_oth = _chunks(w_ptr, cls, col_mask, stride_w, own, BLOCK_D, TWO, dot_ty)
         inv = _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)
-        d = _dots(f_own, w_own, f_oth, w_oth, TWO, DOT_PREC) * inv[None, :]
+        if UNCHAINED:
+            d = _unchained(f_own, w_own, n0 < n_end, DOT_PREC)
+        else:
+            d = _dots(f_own, w_own, f_oth, w_oth, TWO, DOT_PREC)
+        d = d * inv[None, :]
         g, dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
                                    lse, glse, gdot, HAS_BIAS, HARD, FILTER)
         gs += tl.sum(g * dmod, axis=1)
