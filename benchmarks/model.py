@@ -20,9 +20,21 @@ Assumptions (what the figures mean; change a constant to test another):
   clock), L2 bandwidth, HBM bandwidth — i.e. perfect overlap inside a launch (optimistic: loads
   software-pipelined), divided by the wave efficiency ``grid / (waves · slots)`` (slots = SMs ×
   CTAs per SM: a CTA cannot use more than its SM's share), plus ``LAUNCH_S`` per launch. Launches
-  do not overlap each other. Exception: with one CTA per SM, a kernel's tensor-core time and its
-  epilogue time (the larger of fp32 ALU and exp) add up — nothing fills the tensor cores while
-  the only CTA runs its epilogue (Triton does not warp-specialise these kernels).
+  do not overlap each other. Exception: with one CTA per SM, a kernel's GEMM time (tensor or
+  shared-memory roof, the slower) and its epilogue time (the larger of fp32 ALU and exp) add
+  up — nothing fills the tensor cores while the only CTA runs its epilogue (Triton does not
+  warp-specialise these kernels).
+* Shared memory (resident.py's kernels): ``smem_io`` counts the bytes their GEMMs move through
+  shared memory per tile step — each warpgroup's wgmma operand reads (its rows of A unless A is
+  in registers, its columns of B, the whole K), the streamed tile's cp.async write, and dd's
+  exchange between warpgroups where the logit tile is split along N — with the warpgroup
+  layouts Triton gives (``wgmma_groups``, checked against the compiled TTGIR by
+  tests/test_triton_aot.py). Its roof is 128 bytes per SM per clock (32 banks × 4 bytes, the
+  CUDA C++ Programming Guide's shared-memory model), ASSUMED to bound wgmma's operand reads too
+  (no datasheet gives a wgmma figure); it joins the tensor roof as the GEMM side of the one-CTA
+  rule below. margin_lse.py's kernels and cuBLAS are not given one: their L2 traffic bounds
+  them first (margin_lse.py at the target shape: about 30 ms of shared memory against 66 ms of
+  L2 for bwd_df), and cuBLAS's 128-wide tiles keep the operand reads under the tensor time.
 * L2 bandwidth is not on any datasheet: ``l2_bw`` is an assumed round figure (third-party
   microbenchmarks of the H100 report roughly 5.5-12 TB/s depending on the access pattern, e.g.
   chipsandcheese.com, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023).
@@ -45,11 +57,11 @@ Assumptions (what the figures mean; change a constant to test another):
   too). Triton kernels: registers and shared memory from waves.AOT_FIGURES (``triton.compile``
   for sm_80 / sm_90, Triton 3.9, the heaviest specialisation of the default configuration;
   checked against a fresh compile by tests/test_triton_launch.py); A100 uses the sm_80 figures,
-  H100 / H200 the sm_90 ones; resident.py's kernels their D = 512 figures at every D (one CTA
-  per SM each; conservative at D ≤ 256, as the launcher plans).
+  H100 / H200 the sm_90 ones; resident.py's kernels the figures at the largest D each
+  configuration runs at (one CTA per SM each; conservative below it, as the launcher plans).
 * Triton grids: the launcher's (margin_lse.py): class splits planned in whole waves by
   waves.plan_splits (the dF grid's D chunks counted), D chunks by waves.d_chunk (resident.py:
-  min(D, 256)).
+  configs.resident_meta — min(D, 256), but the feature gradient's 512 at D = 512).
 * W from HBM (Triton): the programs of one wave that read the same rows of W (the row tiles of a
   class split; a class tile's D-chunk programs) read them once from HBM; a later wave reading
   them again streams them again, unless W fits in L2 (hit share min(1, L2 size / W bytes)).
@@ -58,13 +70,13 @@ Assumptions (what the figures mean; change a constant to test another):
   ``triton`` autotuner (off by default), clocks below boost (power limits), L2 partitioning.
 
 Figures (H100, B = 4096, C = 1M, D = 512, bf16; this model, not measured): ``triton`` (resident.py)
-37.2 ms, 0.455 of peak, which ``auto`` picks (backend_table.MODEL_PICKS) — its backward kernels
-run (2q + 2)·B·C·D GEMM FLOPs each with q = 2 D chunks (14·B·C·D in all), one CTA per SM (GEMM
-and epilogue times add), and load 66 GB (dF) and 71 GB (dW) from L2; margin_lse.py's kernels
-(``configs.force(resident=False)``) 130.3 ms, 0.130; ``cuda`` 73.2 ms, 0.232. At D = 256 the
-resident kernels run 10·B·C·D: 14.9 ms, 0.568. The issue's target (≥ 0.5 for auto's backend) is
-not met at D = 512 on the model; benchmarks/README.md ("The GPU performance model") says where
-the time goes and what would close the gap.
+55.0 ms, 0.308 of peak, which ``auto`` picks (backend_table.MODEL_PICKS) — 12·B·C·D GEMM FLOPs
+(the dW kernel's two chunk programs each recompute the logit tile), one CTA per SM, every
+resident kernel bound by shared memory plus its epilogue: fwd 8.7 ms, bwd_df 17.4 ms, bwd_dw
+28.1 ms; ``cuda`` 73.2 ms, 0.232; margin_lse.py's kernels (``configs.force(resident=False)``)
+130.3 ms, 0.130. At D = 256 the resident kernels reach 0.428 (19.8 ms), at D = 128 0.361. The
+issue's target (≥ 0.5 for auto's backend) is not met on the model; benchmarks/README.md ("The
+GPU performance model") says where the time goes and what would close the gap.
 
 The useful work of a forward+backward is 8·B·C·D FLOPs (the logits once, the two gradient GEMMs,
 and the logits again in the backward, which every streaming kernel pays). ``fraction of peak`` =
@@ -331,15 +343,16 @@ def model(B: int, C: int, D: int, dtype: str, gpu: GPU | str, backend: str = "au
 
 def table(launches: list[Launch]) -> str:
     head = ("| kernel | launches | grid (CTAs) | CTAs/SM (regs, smem KB) | wave eff. | GEMM TFLOP "
-            "| L2 GB | HBM GB (L2 hit) | bound by | ms | note |")
-    lines = [head, "|" + "---|" * 11]
+            "| shared-memory GB | L2 GB | HBM GB (L2 hit) | bound by | ms | note |")
+    lines = [head, "|" + "---|" * 12]
     for la in launches:
         o = la.out
         occ = (f"{o['ctas_per_sm']} ({la.regs}, {la.smem / 1024:.1f})" if la.regs else
                (str(o["ctas_per_sm"]) if la.grid else "library"))
         lines.append(
             f"| {la.name} | {la.count} | {la.grid or ''} | {occ} | {o['wave_eff']:.0%} "
-            f"| {la.tc_flops / 1e12:.2f} | {la.l2 / 1e9:.2f} | {o['hbm'] / 1e9:.2f} "
+            f"| {la.tc_flops / 1e12:.2f} | {f'{la.smem_io / 1e9:.1f}' if la.smem_io else ''} "
+            f"| {la.l2 / 1e9:.2f} | {o['hbm'] / 1e9:.2f} "
             f"({o['l2_hit']:.0%}) | {o['bound']} | {o['seconds'] * 1e3:.3f} | {la.note} |")
     return "\n".join(lines)
 

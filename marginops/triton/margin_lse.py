@@ -64,7 +64,7 @@ GPU (none was available): counts, not timings.
 
 On sm_90 with bf16 features and weight, one sub-center and D ∈ {128, 256, 512}, resident.py's
 kernels run instead (FlashAttention's shape: the program's own F or W tile stays in shared memory
-over the whole D, each streamed tile is loaded once for both GEMMs; 10·B·C·D at D ≤ 256, 14 at
+over the whole D, each streamed tile is loaded once for both GEMMs; 10·B·C·D at D ≤ 256, 12 at
 D = 512, a fifth of these L2 loads). Their docstring says why their tiles are what they are.
 
 Why not 8·B·C·D (cut-cross-entropy's one recompute feeding both gradients)? One of the two

@@ -13,28 +13,46 @@ D is held as one or two chunks of c = min(D, 256) columns (D ∈ configs.RESIDEN
 512; ``TWO``): every ``tl.dot`` spans a whole chunk, so the only loop is over streamed tiles and
 the pipeliner prefetches whole tiles ``num_stages − 1`` steps ahead. A backward program owns one
 output chunk [c] (program axis 2 / 1: ``own``); with two chunks it still needs the other chunk
-of both operands for the cosines. Why one output chunk per program, and why 128 rows (fwd,
-bwd_df) or columns (bwd_dw) per program: an fp32 accumulator of 128 × 256 is 128 registers per
-thread over 8 warps (one of 128 × 512 would need 256), and Triton lays out a dot that feeds
-another dot with all warps along M — with 64-row tiles both warpgroups would compute the same
-logit tile (TTGIR ``warpsPerCTA = [8, 1]``; tried at D = 512 in one chunk: bwd_df 64×32 / 64×64
-tiles also spill 136 / 216 B at 255 registers, 16 warps 352 B). Hence the dW kernel computes
-dᵀ = W·Fᵀ, its 128 columns as the GEMM's M.
+of both operands for the cosines, and recomputes the whole logit tile. Why one output chunk per
+program, and why 128 rows (fwd, bwd_df) or columns (bwd_dw) per program: an fp32 accumulator of
+128 × 256 is 128 registers per thread over 8 warps (one of 128 × 512 would need 256), and Triton
+lays out a dot that feeds another dot with all warps along M — with 64-row tiles both
+warpgroups would compute the same logit tile (TTGIR ``warpsPerCTA = [8, 1]``). Hence the dW
+kernel computes dᵀ = W·Fᵀ, its 128 columns as the GEMM's M.
 
-Cost (e = 2 bytes, q = D / c chunks):
+The feature gradient at D = 512 (``UNCHAINED``, configs.RESIDENT_WIDE_DF) is the exception: a
+64-row program owns all 512 columns (a 64 × 512 accumulator, 128 registers per thread), and its
+logit GEMM sits behind an always-taken branch (``_unchained``) that hides its use by the second
+GEMM from Triton's chained-dot rule: both GEMMs get the two warpgroups side by side along N
+(``[4, 2]``: each computes half the logit columns, then half of D), so the logit tile is
+computed once — 4·B·C·D, not 6·B·C·D. dd crosses between the warpgroups through shared memory
+(its K = BLOCK_N columns are split between them). 64×64 tiles spill 184 B. The weight gradient
+stays in two chunk programs: its 64-column analogue (both chunks in two accumulators, the
+epilogue one chunk at a time) spills 112–264 B with 32-row F tiles (40–216 B with int32 target
+columns) and 16–64 B with 16-row ones, which would save no shared-memory traffic.
+
+Cost (e = 2 bytes, q = D / c chunk programs per output; bwd_df at D = 512: q = 1, 64-row tiles):
 
     kernel   tensor-core FLOPs     L2 → SM bytes                             grid
     fwd      2·B·C·D               ⌈B/128⌉·C·D·e (W) + splits·B·D·e (F)      ⌈B/128⌉ × splits
-    bwd_df   (2q + 2)·B·C·D        q·⌈B/128⌉·C·D·e + q·splits·B·D·e          ⌈B/128⌉ × splits × q
+    bwd_df   (2q + 2)·B·C·D        q·⌈B/BB⌉·C·D·e + q·splits·B·D·e           ⌈B/BB⌉ × splits × q
     bwd_dw   (2q + 2)·B·C·D        q·⌈C/128⌉·B·D·e (F) + (q + 1)·C·D·e (W)   ⌈C/128⌉ × q
 
-(plus 1/‖W‖ and per-row vectors): 10·B·C·D in all at D ≤ 256, 14·B·C·D at D = 512 — the second
-chunk's programs recompute the logit tile. At B = 4096, C = 2^20, D = 512: ≈ 34 + 69 + 72 GB
-loaded, against 891 GB for margin_lse.py's kernels at that shape. The 8·B·C·D floor would need
-one recompute feeding both gradients (margin_lse.py says why not), and 10·B·C·D at D = 512 two
-warpgroups that split the logit GEMM's D and exchange partial tiles through shared memory,
-which Triton does not express. Shared memory: 192 KB (fwd, bwd_df) / 160 KB (bwd_dw) at D = 512,
-one program per SM; registers and spills: configs.py (compiled and checked by
+(BB = 128, 64 at D = 512; plus 1/‖W‖ and per-row vectors): 10·B·C·D in all at D ≤ 256,
+12·B·C·D at D = 512 — the dW kernel's second chunk programs recompute the logit tile. At
+B = 4096, C = 2^20, D = 512: ≈ 34 + 69 + 72 GB loaded, against 891 GB for margin_lse.py's
+kernels at that shape. The 8·B·C·D floor would need one recompute feeding both gradients
+(margin_lse.py says why not).
+
+Shared memory bounds these kernels before the tensor cores do (benchmarks/model.py models it):
+the logit GEMM reads its resident operand once per streamed tile and warpgroup, and the
+streamed tiles are narrow (16–32 columns per warpgroup, what the registers allow), so at
+D = 512 the kernels move 0.055 (fwd), 0.058 (bwd_df) and 0.063 (bwd_dw) bytes of shared memory
+per FLOP against the 0.031 (128 bytes per SM clock for 4096 bf16 FLOPs) that would keep the
+tensor cores busy. Register-resident operands would cut that,
+but Triton reloads a hoisted operand from shared memory inside the loop. Shared memory
+allocated: 192 KB (fwd), 135 KB (bwd_df at D = 512; 128 KB at D = 256), 160 KB (bwd_dw), one
+program per SM; registers and spills: configs.py (compiled and checked by
 tests/test_triton_aot.py: zero spills at D = 128, 256, 512 with every option flag on and off).
 
 What differs from margin_lse.py's kernels (same contract, same outputs):
