@@ -161,8 +161,8 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
     },
     # resident.py (sm_90 only; compiled there with zero spills for D = 128, 256 and 512, every
     # option flag on and off): fwd 128×32 119 registers, 192 KB shared at D = 512; bwd_df 128×32
-    # 255 / 192 KB at D ≤ 256 (D = 512: RESIDENT_WIDE_DF); bwd_dw 16 rows × 128 columns 245 /
-    # 160 KB (32 rows spill 128-160 B). 128 rows (fwd, bwd_df) or columns (bwd_dw) per program:
+    # 253 / 128 KB at D = 256 (D = 512: RESIDENT_WIDE_DF); bwd_dw 16 rows × 128 columns 245 /
+    # 160 KB at D = 512 (32 rows spill 128-160 B). 128 rows (fwd, bwd_df) or columns (bwd_dw) per program:
     # Triton lays out a dot that feeds another dot with all warps along M, so 8 warps need 128
     # to split the tile, not duplicate it.
     "resident": {
