@@ -23,7 +23,8 @@ variants, whose D and strides have no known divisibility (D = 500: what such lau
 K = 1 and K > 1; and every option flag on — bias, class_index, hard negatives, normalisation —
 the heaviest epilogue. ``test_flags_off_variant`` adds the plain-ArcFace specialisation of the
 default configurations. ``MARGINOPS_AOT_DEFAULTS_ONLY=1`` compiles only the default configuration
-of each variant, one dtype pair each (scripts/test_triton_oldest.sh, oldest supported Triton).
+of each variant (resident.py's: each D's, configs.resident_config), one dtype pair each
+(scripts/test_triton_oldest.sh, oldest supported Triton).
 
 Run without TRITON_INTERPRET (kernels must be compiled-mode JITFunctions):
     .venv/bin/python -m pytest tests/test_triton_aot.py
@@ -218,7 +219,8 @@ def _cases():
     """(kernel, variant, config, features dtype, weight dtype, arch, K specialised to 1, aligned),
     unique. Unaligned variants (D not a multiple of 16) are compiled with K = 1 and K > 1.
     MARGINOPS_AOT_DEFAULTS_ONLY=1 (the oldest-Triton CI step) keeps the default configurations
-    and one dtype pair per variant (fp32 master weights with bf16 features; fp32)."""
+    (resident.py's: the one of each D) and one dtype pair per variant (fp32 master weights with
+    bf16 features; fp32)."""
     seen = set()
     for var in configs.VARIANTS:
         aligned = not var.endswith("_unaligned")
@@ -226,7 +228,7 @@ def _cases():
         base = var.split("_")[0]
         for kernel in configs.KERNELS:
             cfgs = configs.gpu_configs(kernel, var)
-            for cfg in cfgs[:1] if DEFAULTS_ONLY else cfgs:
+            for cfg in cfgs[:1] if DEFAULTS_ONLY and var != "resident" else cfgs:
                 for fdt, wdt in VARIANT_DTYPES[base][-1:] if DEFAULTS_ONLY else VARIANT_DTYPES[base]:
                     for k_const in k_consts:
                         if kernel == "merge":
@@ -318,7 +320,7 @@ def test_every_config_is_listed():
         for kernel in configs.KERNELS:
             assert kernel in configs.DEFAULT[var]
             cfgs = configs.gpu_configs(kernel, var)
-            for cfg in cfgs[:1] if DEFAULTS_ONLY else cfgs:
+            for cfg in cfgs[:1] if DEFAULTS_ONLY and var != "resident" else cfgs:
                 assert any(p.values[0] == kernel and p.values[2] == cfg for p in cases)
 
 

@@ -161,7 +161,7 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
     },
     # resident.py (sm_90 only; compiled there with zero spills for D = 128, 256 and 512, every
     # option flag on and off): fwd 128×32 119 registers, 192 KB shared at D = 512; bwd_df 128×32
-    # 253 / 128 KB at D = 256 (D = 512: RESIDENT_WIDE_DF); bwd_dw 16 rows × 128 columns 245 /
+    # 247 / 128 KB at D = 256 (D = 512: RESIDENT_WIDE_DF); bwd_dw 16 rows × 128 columns 245 /
     # 160 KB at D = 512 (32 rows spill 128-160 B). 128 rows (fwd, bwd_df) or columns (bwd_dw) per program:
     # Triton lays out a dot that feeds another dot with all warps along M, so 8 warps need 128
     # to split the tile, not duplicate it.
@@ -184,7 +184,7 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
 # resident.py's feature gradient at D > RESIDENT_CHUNK: the whole D = 512 in one chunk, so the
 # logit tile is computed once, not once per output chunk (4·B·C·D, not 6). Its fp32 accumulator,
 # 64 × 512, is 128 registers per thread over 8 warps; the 64-row tile needs the logit GEMM
-# unchained (resident.py's ``_unchained``). 254 registers, 135 KB shared, zero spills
+# unchained (resident.py's ``_unchained``). 255 registers, 135 KB shared, zero spills
 # (tests/test_triton_aot.py); 64×64 spills 184 B.
 RESIDENT_WIDE_DF = C(64, 32, 512, num_warps=8, num_stages=2, block_do=512)
 

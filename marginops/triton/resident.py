@@ -222,6 +222,7 @@ def _bwd_df_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, ta
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
+    tcol = tcol.to(tl.int32)  # column ids < 2^31 (see the class ids below)
     t = _hard_t(t_ptr, HARD)
     lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
     dot_ty = f_ptr.dtype.element_ty
@@ -234,8 +235,12 @@ def _bwd_df_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, ta
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < n_end
-        cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
-        w_own, w_oth = _chunks(w_ptr, cls, col_mask, stride_w, own, BLOCK_D, TWO, dot_ty)
+        # class ids and target columns held as int32 (< 2^31: a weight of 2^31 rows would be
+        # 512 GB at D = 128), the W row offset formed in 64 bits: the registers this saves let
+        # D = 512's 64 × 512 accumulator compile without spills under Triton 3.5 too
+        cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX).to(tl.int32)
+        w_own, w_oth = _chunks(w_ptr, cls.to(tl.int64), col_mask, stride_w, own, BLOCK_D, TWO,
+                               dot_ty)
         inv = _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)
         if UNCHAINED:
             d = _unchained(f_own, w_own, n0 < n_end, DOT_PREC)
