@@ -70,7 +70,8 @@ KERNELS = {
 }
 
 # the "resident" variant's kernels (resident.py: sm_90, bf16, K = 1, D in RESIDENT_DIMS),
-# compiled at D = 512 (two 256-wide chunks: the heaviest) unless a test asks for another D
+# compiled at the largest D each configuration runs at (``_resident_dim``: D = 512, the heaviest,
+# but for bwd_df's 128-row configuration) unless a test asks for another D
 RESIDENT = {"fwd": rs._fwd_res_kernel, "bwd_df": rs._bwd_df_res_kernel,
             "bwd_dw": rs._bwd_dw_res_kernel}
 RESIDENT_DIM = max(configs.RESIDENT_DIMS)
