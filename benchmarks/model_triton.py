@@ -250,9 +250,10 @@ def gemm_smem(M: int, N: int, K: int, e: int, groups: tuple[int, int], a_smem: b
               ) -> int:
     """Shared-memory bytes one CTA's warpgroups read for an (M × K)·(K × N) wgmma GEMM laid out
     as ``groups``: each reads its M/gm rows of A (unless A is a register operand) and its N/gn
-    columns of B, K deep — (gn·M + gm·N)·K·e."""
+    columns of B, K deep, once per 64-row wgmma it issues — (gn·M + gm·N·⌈M/(64·gm)⌉)·K·e."""
     gm, gn = groups
-    return ((gn * M if a_smem else 0) + gm * N) * K * e
+    per_wg_m64 = max(1, cdiv(M, 64 * gm))
+    return ((gn * M if a_smem else 0) + gm * N * per_wg_m64) * K * e
 
 
 def resident_gemms(kernel: str, cfg: configs.KernelConfig, D: int

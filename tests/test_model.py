@@ -268,6 +268,8 @@ def test_wgmma_layouts_follow_tritons_rule():
     assert pm.wgmma_groups(64, 4, chained=False) == (1, 1)
     assert pm.gemm_smem(64, 32, 512, 2, (1, 2)) == (2 * 64 + 32) * 512 * 2
     assert pm.gemm_smem(128, 256, 32, 2, (2, 1), a_smem=False) == 2 * 256 * 32 * 2
+    # one warpgroup over 128 rows issues two 64-row wgmmas, each reading B
+    assert pm.gemm_smem(128, 32, 512, 2, (1, 1)) == (128 + 2 * 32) * 512 * 2
 
 
 def test_shared_memory_roof_joins_the_gemm_side_of_the_one_cta_rule():
