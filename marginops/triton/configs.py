@@ -185,7 +185,7 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
 # logit tile is computed once, not once per output chunk (4·B·C·D, not 6). Its fp32 accumulator,
 # 64 × 512, is 128 registers per thread over 8 warps; the 64-row tile needs the logit GEMM
 # unchained (resident.py's ``_unchained``). 255 registers, 135 KB shared, zero spills
-# (tests/test_triton_aot.py); 64×64 spills 184 B.
+# (tests/test_triton_aot.py, Triton 3.9 and 3.5); 64×64 spills 152 B.
 RESIDENT_WIDE_DF = C(64, 32, 512, num_warps=8, num_stages=2, block_do=512)
 
 

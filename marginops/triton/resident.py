@@ -26,7 +26,8 @@ logit GEMM sits behind an always-taken branch (``_unchained``) that hides its us
 GEMM from Triton's chained-dot rule: both GEMMs get the two warpgroups side by side along N
 (``[4, 2]``: each computes half the logit columns, then half of D), so the logit tile is
 computed once — 4·B·C·D, not 6·B·C·D. dd crosses between the warpgroups through shared memory
-(its K = BLOCK_N columns are split between them). 64×64 tiles spill 184 B. The weight gradient
+(its K = BLOCK_N columns are split between them). Its class ids and target columns are held as
+int32 to fit under Triton 3.5 too; 64×64 tiles still spill 152 B. The weight gradient
 stays in two chunk programs: its 64-column analogue (both chunks in two accumulators, the
 epilogue one chunk at a time) spills 112–264 B with 32-row F tiles (40–216 B with int32 target
 columns) and 16–64 B with 16-row ones, which would save no shared-memory traffic.
@@ -49,8 +50,8 @@ the logit GEMM reads its resident operand once per streamed tile and warpgroup, 
 streamed tiles are narrow (16–32 columns per warpgroup, what the registers allow), so at
 D = 512 the kernels move 0.055 (fwd), 0.058 (bwd_df) and 0.063 (bwd_dw) bytes of shared memory
 per FLOP against the 0.031 (128 bytes per SM clock for 4096 bf16 FLOPs) that would keep the
-tensor cores busy. Register-resident operands would cut that,
-but Triton reloads a hoisted operand from shared memory inside the loop. Shared memory
+tensor cores busy. Register-resident operands would cut that, but Triton reloads a hoisted
+operand from shared memory inside the loop. Shared memory
 allocated: 192 KB (fwd), 135 KB (bwd_df at D = 512; 128 KB at D = 256), 160 KB (bwd_dw), one
 program per SM; registers and spills: configs.py (compiled and checked by
 tests/test_triton_aot.py: zero spills at D = 128, 256, 512 with every option flag on and off).
