@@ -19,11 +19,13 @@ from ._validation import (
     check_int,
     check_labels,
     check_margin,
+    check_real,
     check_scale,
     check_validate,
     check_weight,
 )
-from .core import class_count, margin_lse_checked
+from .core import class_count, margin_lse_checked, resolve_backend
+from .ops import cpp_loss
 
 
 def normalize_rows(embeddings: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,6 +101,22 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
         logits = scale * c.scatter(1, labels[:, None], target_fn(c.gather(1, labels[:, None])))
         F.cross_entropy(logits + bias, labels, ignore_index=-1, reduction=reduction)
     """
+    return _margin_cross_entropy(
+        embeddings, weight, labels, target_fn, None, scale=scale, bias=bias,
+        normalize_weight=normalize_weight, subcenters=subcenters, hard_negative=hard_negative,
+        interclass_filtering_threshold=interclass_filtering_threshold, reduction=reduction,
+        backend=backend, validate=validate)
+
+
+def _margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
+                          target_fn: Callable[[Tensor], Tensor] | None,
+                          psi: cpp_loss.Psi | None, *, scale: float | Tensor,
+                          bias: Tensor | None, normalize_weight: bool, subcenters: int,
+                          hard_negative: tuple[Tensor | float, Tensor | float] | None,
+                          interclass_filtering_threshold: float, reduction: str, backend: str,
+                          validate: str) -> Tensor:
+    """margin_cross_entropy; ``psi``: target_fn as the cpp backend's one-op loss takes it
+    (marginops/ops/cpp_loss.py), which serves the call when it applies."""
     check_choice("reduction", reduction, REDUCTIONS)
     check_validate(validate)
     check_embeddings(embeddings, validate=validate)
@@ -107,6 +125,15 @@ def margin_cross_entropy(embeddings: Tensor, weight: Tensor, labels: Tensor,
     num_classes = class_count(weight, subcenters)
     check_scale("scale", scale, embeddings.device)
     check_labels(labels, embeddings.shape[0], num_classes, embeddings.device, validate=validate)
+    if psi is not None and bias is None and normalize_weight and subcenters == 1 and (
+            hard_negative is None):
+        name = resolve_backend(backend, embeddings.device, embeddings.dtype,
+                               (embeddings.shape[0], num_classes, embeddings.shape[1]))
+        if cpp_loss.applies(name, embeddings, weight, scale):
+            threshold = check_real("interclass_filtering_threshold",
+                                   interclass_filtering_threshold, low=0.0)
+            return cpp_loss.margin_loss(embeddings, weight, labels, psi, scale, threshold,
+                                        reduction)
     x_hat, _ = normalize_rows(embeddings)
     # every input the core op would check again was checked above: validate once per call
     lse_neg, dot_y = margin_lse_checked(
@@ -128,17 +155,22 @@ def scale_times(scale: float | Tensor, value: Tensor) -> Tensor:
     return scale * value
 
 
+# margin_cross_entropy's defaults for what the named families do not set
+_PLAIN = {"bias": None, "normalize_weight": True, "subcenters": 1, "hard_negative": None}
+
+
 def arcface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0,
                  margin: float = 0.5, angle_policy: str = "fallback", grad_mode: str = "exact",
                  interclass_filtering_threshold: float = 0.0, reduction: str = "mean",
                  backend: str = "auto", validate: str = "device") -> Tensor:
     """ArcFace: target s·cos(θ_y + m), others s·cos θ_j (arXiv 1801.07698); margin in radians."""
     check_margin("margin", margin)
-    return margin_cross_entropy(
+    return _margin_cross_entropy(
         embeddings, weight, labels,
         lambda c: margins.arcface(c, margin, angle_policy=angle_policy, grad_mode=grad_mode),
-        scale=scale, interclass_filtering_threshold=interclass_filtering_threshold,
-        reduction=reduction, backend=backend, validate=validate)
+        cpp_loss.arcface(margin, angle_policy, grad_mode), scale=scale, **_PLAIN,
+        interclass_filtering_threshold=interclass_filtering_threshold, reduction=reduction,
+        backend=backend, validate=validate)
 
 
 def cosface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 64.0,
@@ -148,10 +180,10 @@ def cosface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, scale: f
     """CosFace: target s·(cos θ_y − m), others s·cos θ_j (arXiv 1801.09414); m is a cosine
     offset, checked like the angular margins (above π/2 looks like degrees)."""
     check_margin("margin", margin)
-    return margin_cross_entropy(embeddings, weight, labels, lambda c: margins.cosface(c, margin),
-                                scale=scale,
-                                interclass_filtering_threshold=interclass_filtering_threshold,
-                                reduction=reduction, backend=backend, validate=validate)
+    return _margin_cross_entropy(embeddings, weight, labels, lambda c: margins.cosface(c, margin),
+                                 cpp_loss.cosface(margin), scale=scale, **_PLAIN,
+                                 interclass_filtering_threshold=interclass_filtering_threshold,
+                                 reduction=reduction, backend=backend, validate=validate)
 
 
 def normface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *,
@@ -159,6 +191,7 @@ def normface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *,
                   reduction: str = "mean", backend: str = "auto",
                   validate: str = "device") -> Tensor:
     """NormFace: s·cos θ for every class, no margin (arXiv 1704.06369)."""
-    return margin_cross_entropy(embeddings, weight, labels, None, scale=scale,
-                                interclass_filtering_threshold=interclass_filtering_threshold,
-                                reduction=reduction, backend=backend, validate=validate)
+    return _margin_cross_entropy(embeddings, weight, labels, None, cpp_loss.normface(),
+                                 scale=scale, **_PLAIN,
+                                 interclass_filtering_threshold=interclass_filtering_threshold,
+                                 reduction=reduction, backend=backend, validate=validate)

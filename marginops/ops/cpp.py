@@ -155,6 +155,9 @@ def _register_python_side() -> None:
     register_core_autograd("marginops::margin_lse_keep",
                            torch.ops.marginops.margin_lse_backward_kept, kept=True)
 
+    from . import cpp_loss
+    cpp_loss.register()  # the fixed-margin families' one-op loss (csrc/cpu/margin_loss.cpp)
+
     # marginops.optim's one-pass CPU updates (in place, no outputs)
     @torch.library.register_fake("marginops::sgd_step_")
     def _sgd_step_fake(param, grad, momentum_buffer, lr, weight_decay, momentum, dampening,

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "keep_pool.h"
+#include "margin_lse.h"
 #include "tiles.h"
 
 namespace marginops {
