@@ -36,6 +36,7 @@ from .._validation import (
 )
 from ..core import BACKENDS, MarginLSE, margin_lse_checked, resolve_backend, topk_dot
 from ..functional import normalize_rows, reduce_rows, scale_times, softmax_rows
+from ..ops import cpp_loss
 from ..optim import tag_classifier_weight
 
 # State buffers have shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d
@@ -145,6 +146,25 @@ class MarginSoftmaxLoss(nn.Module):
                     valid: Tensor) -> Tensor | None:
         """Per-row terms added to the cross-entropy (MagFace's g(a), the vMF constraints)."""
         return None
+
+    # ---- the cpp backend's one-op loss (marginops/ops/cpp_loss.py)
+    def _psi(self) -> cpp_loss.Psi | None:
+        """This family's target function as margin_loss takes it (None: not fusable)."""
+        return None
+
+    def _one_op_psi(self, embeddings: Tensor, norms: Tensor | None) -> cpp_loss.Psi | None:
+        """ψ when margin_loss serves this call, else None: one of the fixed-margin families
+        itself (not a subclass, which may override any step of the pipeline), no norms, bias,
+        sub-centers, class shard or weight normalisation off, and ``cpp_loss.applies``."""
+        if not type(self).__dict__.get("_one_op_family", False) or norms is not None or (
+                self.bias is not None or self.subcenters != 1 or not self.normalize_weight
+                or self._class_range() is not None):
+            return None
+        name = resolve_backend(self.backend, embeddings.device, embeddings.dtype,
+                               (embeddings.shape[0], self.local_classes, embeddings.shape[1]))
+        if not cpp_loss.applies(name, embeddings, self.weight, self.scale):
+            return None
+        return self._psi()
 
     # ---- the class side (overridden by marginops.distributed)
     def _class_range(self) -> tuple[int, int] | None:
@@ -268,6 +288,10 @@ class MarginSoftmaxLoss(nn.Module):
         """
         self._check_inputs(embeddings, labels)
         self._check_norms(norms, embeddings)
+        psi = self._one_op_psi(embeddings, norms)
+        if psi is not None:  # the cpp backend's one-op loss: the same math, below
+            return cpp_loss.margin_loss(embeddings, self.weight, labels, psi, self.scale,
+                                        self.interclass_filtering_threshold, self.reduction)
         x_hat, own_norms = normalize_rows(embeddings)
         if norms is None:
             norms = own_norms

@@ -24,6 +24,7 @@ from .._validation import (
     check_real,
 )
 from ..functional import normalize_rows, scale_times
+from ..ops import cpp_loss
 from .base import MarginSoftmaxLoss
 
 
@@ -42,6 +43,11 @@ class NormFaceLoss(MarginSoftmaxLoss):
         super().__init__(embedding_size, num_classes, scale=init, **kwargs)
         if learnable_scale:
             self.scale = nn.Parameter(torch.tensor(float(init)))
+
+    _one_op_family = True
+
+    def _psi(self):
+        return cpp_loss.normface()
 
 
 class CrystalLoss(MarginSoftmaxLoss):
@@ -103,6 +109,11 @@ class CosFaceLoss(MarginSoftmaxLoss):
     def _target_logit(self, cos_y, scale, norms, labels, valid):
         return scale_times(scale, margins.cosface(cos_y, self.margin))
 
+    _one_op_family = True
+
+    def _psi(self):
+        return cpp_loss.cosface(self.margin)
+
 
 class _AngularMixin:
     def _set_angular(self, angle_policy: str, grad_mode: str) -> None:
@@ -137,6 +148,11 @@ class ArcFaceLoss(_AngularMixin, MarginSoftmaxLoss):
         return scale_times(scale, margins.arcface(cos_y, self.margin, angle_policy=self.angle_policy,
                                                   grad_mode=self.grad_mode))
 
+    _one_op_family = True
+
+    def _psi(self):
+        return cpp_loss.arcface(self.margin, self.angle_policy, self.grad_mode)
+
 
 class CombinedMarginLoss(_AngularMixin, MarginSoftmaxLoss):
     """Combined margin (ArcFace paper, insightface's m1, m2, m3): target s·(cos(m1·θ_y + m2) − m3).
@@ -162,6 +178,13 @@ class CombinedMarginLoss(_AngularMixin, MarginSoftmaxLoss):
         return scale_times(scale, margins.combined(cos_y, self.m1, self.m2, self.m3,
                                                    angle_policy=self.angle_policy,
                                                    grad_mode=self.grad_mode))
+
+    _one_op_family = True
+
+    def _psi(self):
+        if self.m1 != 1.0:
+            return None
+        return cpp_loss.arcface(self.m2, self.angle_policy, self.grad_mode, offset=self.m3)
 
 
 class SubCenterArcFaceLoss(ArcFaceLoss):

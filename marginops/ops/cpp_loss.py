@@ -60,7 +60,7 @@ def applies(backend: str, embeddings: Tensor, weight: Tensor, scale) -> bool:
     return (backend == "cpp" and embeddings.device.type == "cpu" and cpp.loaded()
             and not torch.compiler.is_compiling()
             and isinstance(scale, float | int) and not isinstance(scale, bool)
-            and weight not in FUSED_STEPS)
+            and getattr(FUSED_STEPS.get(weight), "__self__", None) is None)  # None: it is gone
 
 
 def margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, psi: Psi, scale: float,
