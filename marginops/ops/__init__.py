@@ -85,7 +85,9 @@ Registered op names (``torch.ops.marginops.*``): ``margin_lse_torch`` / ``margin
 (this package's Python), ``margin_lse`` / ``margin_lse_backward`` / ``topk`` (C++: CPU and CUDA
 dispatch keys), ``margin_lse_triton`` / ``margin_lse_triton_backward`` / ``topk_triton``.
 Every backward op takes ``(grad_lse, grad_dot, lse_neg, <the forward's inputs>)``; the
-``margin_lse*`` ops end with ``filter_threshold`` (default 0.0 in every schema).
+``margin_lse*`` ops end with ``filter_threshold`` (default 0.0 in every schema). CPU only:
+``margin_lse_keep`` / ``margin_lse_backward_kept`` (the kept dots), and ``margin_loss`` /
+``margin_loss_backward``, the fixed-margin families' whole loss (``marginops/ops/cpp_loss.py``).
 """
 
 from collections.abc import Callable
