@@ -282,4 +282,12 @@ def test_functional_routing():
     x, w, y = _data(4, 20, 8, dtype=torch.float32)
     assert _run(mf.arcface_loss, x, w, y, True)[3]
     assert not _run(mf.arcface_loss, x, w, y, True, angle_policy="clip")[3]
+    # tensor margins (per row, or 0-d) keep the pipeline: the op takes Python floats only
+    for margin in (torch.full((4,), 0.5), torch.tensor(0.5)):
+        pipeline = _run(mf.arcface_loss, x, w, y, True, margin=margin)
+        assert not pipeline[3]
+        one_op = _run(mf.arcface_loss, x, w, y, True, margin=0.5)
+        for a, b in zip(pipeline[:3], one_op[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not _run(mf.cosface_loss, x, w, y, True, margin=margin)[3]
     assert not _run(lambda *a, **k: mf.margin_cross_entropy(*a, **k), x, w, y, True)[3]

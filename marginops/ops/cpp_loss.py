@@ -41,13 +41,20 @@ def normface() -> Psi:
     return Psi()
 
 
-def cosface(margin: float) -> Psi:
-    return Psi(offset=float(margin))
+def _floats(*values) -> bool:
+    """Margins the op can take: Python numbers (a tensor margin, per row or not, is not fused)."""
+    return all(isinstance(v, float | int) and not isinstance(v, bool) for v in values)
 
 
-def arcface(margin: float, angle_policy: str, grad_mode: str, offset: float = 0.0) -> Psi | None:
-    """ArcFace (and the combined margin with m1 = 1: margin m2, offset m3); None for "clip"."""
-    if angle_policy not in POLICIES:
+def cosface(margin: float | Tensor) -> Psi | None:
+    return Psi(offset=float(margin)) if _floats(margin) else None
+
+
+def arcface(margin: float | Tensor, angle_policy: str, grad_mode: str,
+            offset: float = 0.0) -> Psi | None:
+    """ArcFace (and the combined margin with m1 = 1: margin m2, offset m3); None for "clip" and
+    tensor margins."""
+    if angle_policy not in POLICIES or not _floats(margin, offset):
         return None
     return Psi(True, float(margin), float(offset), angle_policy, grad_mode == "straight_through")
 
@@ -59,7 +66,7 @@ def applies(backend: str, embeddings: Tensor, weight: Tensor, scale) -> bool:
     from . import cpp
     return (backend == "cpp" and embeddings.device.type == "cpu" and cpp.loaded()
             and not torch.compiler.is_compiling()
-            and isinstance(scale, float | int) and not isinstance(scale, bool)
+            and _floats(scale)
             and getattr(FUSED_STEPS.get(weight), "__self__", None) is None)  # None: it is gone
 
 

@@ -5,10 +5,11 @@
 // Why: the same loss built in Python (marginops/functional.py) runs ~25 B-sized PyTorch ops and as
 // many autograd nodes around the core op: ~0.4 ms per training step with warm caches and ~0.6 ms
 // with cold ones, as long as the three GEMMs at B = 64, C = 10K, D = 128 in bf16. Here they are a
-// few loops over B values. marginops/ops/cpp_loss.py registers the autograd and routes the eager
-// cpp backend here; the Python pipeline stays the reference (tests compare the two).
+// few loops over B values. The autograd is at the end of this file; marginops/ops/cpp_loss.py
+// routes the eager cpp backend here. The Python pipeline stays the reference (tests compare the
+// two; x̂ may differ from it in the last bit: the norm is summed in another order, in double).
 //
-// Steps, each the op marginops/functional.py runs (the same x̂ and dots bit for bit):
+// Steps, each one of the ops marginops/functional.py runs:
 //   x̂ = x / where(‖x‖ = 0, ∞, max(‖x‖, 1e-12))                          (normalize_rows)
 //   (lse_neg, c_y) = margin_lse(x̂, W, s, target_col = labels)            (forward_cpu)
 //   row_i = softplus(lse_neg_i − s·ψ(c_y,i)) = logaddexp(·, 0), 0 on ignored rows (label −1)
