@@ -144,7 +144,8 @@ def test_one_op_gradcheck(family):
     kw = _routed(FAMILIES[family], x, w, y, gap=1e-3)  # gradcheck's finite differences: 1e-6
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
-            lambda a, b: fn(a, b, y, backend="cpp", reduction=reduction, **kw),
+            lambda a, b, reduction=reduction: fn(a, b, y, backend="cpp", reduction=reduction,
+                                                 **kw),
             (x.clone().requires_grad_(True), w.clone().requires_grad_(True)))
 
 
