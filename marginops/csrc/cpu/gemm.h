@@ -139,6 +139,29 @@ MO_BF16_TARGET inline void cvt_row(const float* s, int64_t n, bf16_t* d) {
   }
 }
 
+// n floats times iv → n bf16: bf16(s·iv), one rounding of the fp32 product (= scale_row, then
+// cvt_row, without writing the scaled floats back).
+MO_BF16_TARGET inline void cvt_row_scaled(const float* s, int64_t n, float iv, bf16_t* d) {
+  const __m512 v = _mm512_set1_ps(iv);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + k), v);
+    _mm256_mask_storeu_epi16(d + k, m, (__m256i)_mm512_cvtneps_pbh(x));
+  }
+}
+
+// Two bf16 rows of n → n pairs (s0[j], s1[j]) as uint32 words (s1 null: zeros).
+MO_BF16_TARGET inline void interleave_rows(const bf16_t* s0, const bf16_t* s1, int64_t n,
+                                           uint32_t* d) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s0 + k));
+    if (s1)
+      v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s1 + k)), 16));
+    _mm512_mask_storeu_epi32(d + k, m, v);
+  }
+}
+
 // Two rows of n floats → n pairs (s0[j], s1[j]) as uint32 words (s1 null: zeros).
 // 16 floats (valid lanes m) → 16 bf16 → zero-extended to 16 uint32 words.
 MO_BF16_TARGET inline __m512i widen_bf16(__mmask16 m, const float* s) {
@@ -203,24 +226,33 @@ MO_BF16_TARGET inline void store_w(__mmask16 m, bf16_t* p, __m512 v) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// ŵ, 16 lanes: stored (what), or the weight row times 1/‖w‖ (what null: src·iv, one rounding,
+// the value load_chunk stores).
 template <typename W>
-MO_BF16_TARGET void jacobian_row(const float* g, const float* what, bool projects, float iv,
-                                 W* dst, int64_t D, bool accumulate) {
+MO_BF16_TARGET inline __m512 w_hat_lanes(__mmask16 m, const float* what, const W* src, __m512 vi,
+                                         int64_t e) {
+  return what ? _mm512_maskz_loadu_ps(m, what + e) : _mm512_mul_ps(load_w(m, src + e), vi);
+}
+
+template <typename W>
+MO_BF16_TARGET void jacobian_row(const float* g, const float* what, const W* src, bool projects,
+                                 float iv, W* dst, int64_t D, bool accumulate) {
+  const __m512 vi = _mm512_set1_ps(iv);
   float proj = 0.f;
   if (projects) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t e = 0; e < D; e += 16) {
       const __mmask16 m = static_cast<__mmask16>(D - e >= 16 ? 0xFFFFu : (1u << (D - e)) - 1u);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, what + e), _mm512_maskz_loadu_ps(m, g + e),
+      acc = _mm512_fmadd_ps(w_hat_lanes(m, what, src, vi, e), _mm512_maskz_loadu_ps(m, g + e),
                             acc);
     }
     proj = _mm512_reduce_add_ps(acc);
   }
-  const __m512 vp = _mm512_set1_ps(proj), vi = _mm512_set1_ps(iv);
+  const __m512 vp = _mm512_set1_ps(proj);
   for (int64_t e = 0; e < D; e += 16) {
     const __mmask16 m = static_cast<__mmask16>(D - e >= 16 ? 0xFFFFu : (1u << (D - e)) - 1u);
     __m512 v = _mm512_mul_ps(
-        _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, what + e), vp, _mm512_maskz_loadu_ps(m, g + e)),
+        _mm512_fnmadd_ps(w_hat_lanes(m, what, src, vi, e), vp, _mm512_maskz_loadu_ps(m, g + e)),
         vi);
     if (accumulate) v = _mm512_add_ps(load_w(m, dst + e), v);
     store_w(m, dst + e, v);
@@ -257,6 +289,15 @@ inline void convert_rows_f32(const float* src, int64_t M, int64_t K, int64_t ld,
 #endif
 }
 
+// n floats times iv → n bf16, bf16(s·iv) (the bf16 path only runs where bf16_available()).
+inline void scale_to_bf16(const float* s, int64_t n, float iv, bf16_t* d) {
+#if MO_HAVE_AVX512_GEMM
+  cvt_row_scaled(s, n, iv, d);
+#else
+  for (int64_t k = 0; k < n; ++k) d[k] = bf16_t(s[k] * iv);
+#endif
+}
+
 // pack_cols_f32: B given as K rows of N floats → pair-packed (consecutive rows interleaved).
 inline void pack_cols_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf16_t* dst) {
 #if MO_HAVE_AVX512_GEMM
@@ -273,16 +314,38 @@ inline void pack_cols_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf
 #endif
 }
 
-// pack_rows_f32: B given as N rows of K floats → pair-packed, through `rows` (N × Kp bf16
-// scratch): convert the rows, then transpose them as a matrix of 32-bit pairs.
-inline void pack_rows_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf16_t* rows,
-                          bf16_t* dst) {
+// pack_cols_bf16: B given as K bf16 rows of N (row r at rows + r·ld) → pair-packed.
+inline void pack_cols_bf16(const bf16_t* rows, int64_t N, int64_t K, int64_t ld, bf16_t* dst) {
+#if MO_HAVE_AVX512_GEMM
   const int64_t Np = round_up(N, 16), P = round_up(K, 2) / 2;
-  convert_rows_f32(src, N, K, ld, rows);
+  auto* d32 = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t p = 0; p < P; ++p) {
+    const bf16_t* s0 = rows + 2 * p * ld;
+    const bf16_t* s1 = 2 * p + 1 < K ? s0 + ld : nullptr;
+    interleave_rows(s0, s1, N, d32 + p * Np);
+    std::fill(d32 + p * Np + N, d32 + (p + 1) * Np, 0u);
+  }
+#else
+  pack_cols(rows, N, K, ld, dst);
+#endif
+}
+
+// pack_bf16_rows: B given as N bf16 rows of Kp = round_up(K, 2) (zero pad) → pair-packed: the
+// rows transposed as a matrix of 32-bit pairs.
+inline void pack_bf16_rows(const bf16_t* rows, int64_t N, int64_t K, bf16_t* dst) {
+  const int64_t Np = round_up(N, 16), P = round_up(K, 2) / 2;
   auto* d32 = reinterpret_cast<uint32_t*>(dst);
   transpose32(reinterpret_cast<const uint32_t*>(rows), N, P, P, d32, Np);
   if (Np != N)
     for (int64_t p = 0; p < P; ++p) std::fill(d32 + p * Np + N, d32 + (p + 1) * Np, 0u);
+}
+
+// pack_rows_f32: B given as N rows of K floats → pair-packed, through `rows` (N × Kp bf16
+// scratch): convert the rows, then pack_bf16_rows.
+inline void pack_rows_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf16_t* rows,
+                          bf16_t* dst) {
+  convert_rows_f32(src, N, K, ld, rows);
+  pack_bf16_rows(rows, N, K, dst);
 }
 
 // ---------------------------------------------------------------------------------------------

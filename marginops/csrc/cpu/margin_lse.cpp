@@ -146,7 +146,10 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
           T = ws.chunk_dots(P, W, Facc, n0, nc);  // recompute the dots
         }
         acc_t* tp = T.data_ptr<acc_t>();
-        const acc_t* Wc = ws.W_view(ncK).template data_ptr<acc_t>();
+        // fp32 ŵ rows for the Jacobian: the chunk's, or (bf16 GEMMs) none: ŵ = W_r / ‖W_r‖ is
+        // formed from the weight row inside jacobian_row
+        const acc_t* Wc = ws.rows_bf16() ? nullptr : ws.W_view(ncK).template data_ptr<acc_t>();
+        acc_t* row_buf = ws.Wc.template data_ptr<acc_t>();
         std::fill(gb_chunk.begin(), gb_chunk.begin() + nc, acc_t(0));
         acc_t* gbc = gb_chunk.data();
 
@@ -191,9 +194,10 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
           for (int64_t k = 0; k < K && !g_in_place; ++k) {
             const int64_t r = j * K + k;
             const acc_t* grow = gp + r * D;
-            const acc_t* what = Wc + r * D;
-            jacobian_row(grow, what, epi::norm_projects(ssq[r], P.normalize), inv[r],
-                         gW + (c * K + k) * D, D, accumulate_rows);
+            const acc_t* what = Wc ? Wc + r * D : nullptr;
+            jacobian_row(grow, what, W + (c * K + k) * D, row_buf,
+                         epi::norm_projects(ssq[r], P.normalize), inv[r], gW + (c * K + k) * D, D,
+                         accumulate_rows);
           }
         }
       }

@@ -137,21 +137,28 @@ MO_DEFINE_ACC_ROWS(double)
 
 // The normalisation Jacobian of one weight row (see MO_DEFINE_WEIGHT_ROWS):
 //   dst (+)= w_t((g − ŵ·proj)·iv),  proj = ŵ·g when the projection applies (norm_projects), else 0
-// On AVX-512 for fp32 and bf16 weights (simd::jacobian_row: one fused call per row), else the
-// clone-dispatched dot_row + grad_row.
+// ŵ is `what`, or when what is null src·iv (the chunk was loaded with rows_bf16: no fp32 ŵ
+// stored), formed in registers on AVX-512 and in `buf` (D values) otherwise. On AVX-512 for fp32
+// and bf16 weights (simd::jacobian_row: one fused call per row), else the clone-dispatched
+// dot_row + grad_row.
 template <typename acc_t, typename w_t>
-inline void jacobian_row(const acc_t* g, const acc_t* what, bool projects, acc_t iv, w_t* dst,
-                         int64_t D, bool accumulate) {
+inline void jacobian_row(const acc_t* g, const acc_t* what, const w_t* src, acc_t* buf,
+                         bool projects, acc_t iv, w_t* dst, int64_t D, bool accumulate) {
 #if MO_HAVE_AVX512_GEMM
   if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<w_t, float>) {
     if (simd::f32_available())
-      return simd::jacobian_row(g, what, projects, iv, dst, D, accumulate);
+      return simd::jacobian_row(g, what, src, projects, iv, dst, D, accumulate);
   }
   if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<w_t, at::BFloat16>) {
     if (simd::bf16_available())
-      return simd::jacobian_row(g, what, projects, iv, dst, D, accumulate);
+      return simd::jacobian_row(g, what, src, projects, iv, dst, D, accumulate);
   }
 #endif
+  if (!what) {
+    load_row(src, buf, D, false);
+    scale_row(buf, D, iv);
+    what = buf;
+  }
   const acc_t proj = projects ? dot_row(what, g, D) : acc_t(0);
   grad_row(g, what, proj, iv, dst, D, accumulate);
 }
@@ -469,9 +476,15 @@ struct Workspace {
     return in_place() ? Wall.narrow(0, row0, rows) : Wc.narrow(0, 0, rows);
   }
   Tensor T_view(int64_t B, int64_t cols) { return tile.narrow(0, 0, B * cols).view({B, cols}); }
+  // The bf16 GEMMs with weight rows to normalise or convert: the rows go straight to bf16
+  // (load_rows_bf16), never through the fp32 chunk Wc, whose first D values serve as a row buffer.
+  bool rows_bf16() const { return plan.kind == GemmPlan::kBF16 && !in_place(); }
   // Load columns [n0, n0 + nc): normalised rows, their norms, their bias.
   template <typename w_t>
   void load(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (rows_bf16()) return load_rows_bf16(P, W, n0, nc);
+    }
     if (in_place()) {  // wn = 1, no projection: only the bias to gather
       row0 = n0 * P.K;
       inv.fill_(1);
@@ -482,6 +495,29 @@ struct Workspace {
     }
     load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
                sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
+  }
+  // load_chunk for the bf16 GEMMs: each row converted to fp32 in a one-row buffer (its sum of
+  // squares on the way), then scaled by 1/‖W_r‖ and rounded to bf16 into Wrows (Dp = D rounded up
+  // to even, zero pad) — the values the fp32 chunk would give, without writing and re-reading it.
+  template <typename w_t>
+  void load_rows_bf16(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
+    const int64_t D = P.D, K = P.K, Dp = simd::round_up(D, 2);
+    acc_t* row = Wc.template data_ptr<acc_t>();
+    auto* out = Wrows.template data_ptr<at::BFloat16>();
+    acc_t* iv = inv.template data_ptr<acc_t>();
+    acc_t* ss = sumsq.template data_ptr<acc_t>();
+    acc_t* bc = bias_c.template data_ptr<acc_t>();
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t c = P.class_of(n0 + j);
+      bc[j] = P.bias ? P.bias[c] : acc_t(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = j * K + k;
+        ss[r] = load_row(W + (c * K + k) * D, row, D, P.normalize);
+        iv[r] = epi::inv_norm(ss[r], P.normalize);  // 1 for plain weights: a conversion only
+        simd::scale_to_bf16(row, D, iv[r], out + r * Dp);
+        if (Dp != D) out[r * Dp + D] = at::BFloat16(0.f);
+      }
+    }
   }
   // Load columns [n0, n0 + nc) and return the B × nc·K tile of dots F·Ŵ_cᵀ: the one GEMM every
   // pass (forward, backward, top-k) starts with. bf16 path: Ŵc rounded to bf16 once per chunk
@@ -505,7 +541,11 @@ struct Workspace {
       }
       if (plan.kind == GemmPlan::kBF16) {
         auto* wnt = Wnt.template data_ptr<at::BFloat16>();
-        simd::pack_rows_f32(wv, ncK, D, D, Wrows.template data_ptr<at::BFloat16>(), wnt);
+        auto* rows = Wrows.template data_ptr<at::BFloat16>();
+        if (rows_bf16())
+          simd::pack_bf16_rows(rows, ncK, D, wnt);
+        else  // plain fp32 weights read in place
+          simd::pack_rows_f32(wv, ncK, D, D, rows, wnt);
         simd::gemm_bf16(B, ncK, plan.Dp / 2, plan.Fb.template data_ptr<at::BFloat16>(),
                         plan.Dp, wnt, T.data_ptr<float>(), ncK, false);
         return T;
@@ -535,7 +575,11 @@ struct Workspace {
         auto* wnn = Wnn.template data_ptr<at::BFloat16>();
         const int64_t Rp = round_up(ncK, 2), Bp = round_up(B, 2);
         simd::convert_rows_f32(tp, B, ncK, ncK, ddb);
-        simd::pack_cols_f32(Wv.template data_ptr<float>(), D, ncK, D, wnn);
+        if (rows_bf16())
+          simd::pack_cols_bf16(Wrows.template data_ptr<at::BFloat16>(), D, ncK, round_up(D, 2),
+                               wnn);
+        else
+          simd::pack_cols_f32(Wv.template data_ptr<float>(), D, ncK, D, wnn);
         simd::gemm_bf16(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
         simd::pack_cols_f32(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
         simd::gemm_bf16_pair_major(ncK, D, Bp / 2, ddt, round_up(ncK, 16),
