@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MO_HAVE_AVX512_GEMM 1
@@ -139,17 +140,6 @@ MO_BF16_TARGET inline void cvt_row(const float* s, int64_t n, bf16_t* d) {
   }
 }
 
-// n floats times iv → n bf16: bf16(s·iv), one rounding of the fp32 product (= scale_row, then
-// cvt_row, without writing the scaled floats back).
-MO_BF16_TARGET inline void cvt_row_scaled(const float* s, int64_t n, float iv, bf16_t* d) {
-  const __m512 v = _mm512_set1_ps(iv);
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
-    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + k), v);
-    _mm256_mask_storeu_epi16(d + k, m, (__m256i)_mm512_cvtneps_pbh(x));
-  }
-}
-
 // Two bf16 rows of n → n pairs (s0[j], s1[j]) as uint32 words (s1 null: zeros).
 MO_BF16_TARGET inline void interleave_rows(const bf16_t* s0, const bf16_t* s1, int64_t n,
                                            uint32_t* d) {
@@ -222,6 +212,30 @@ MO_BF16_TARGET inline __m512 load_w(__mmask16 m, const bf16_t* p) {
   return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, h, 16));
 }
 MO_BF16_TARGET inline void store_w(__mmask16 m, float* p, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+
+// Σ float(s)² over n weights (fp32 or bf16), 16 lanes at a time.
+template <typename W>
+MO_BF16_TARGET inline float sum_squares(const W* s, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
+    const __m512 x = load_w(m, s + k);
+    acc = _mm512_fmadd_ps(x, x, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// n weights (fp32 or bf16) times iv → n bf16: bf16(float(s)·iv), one rounding of the fp32 product
+// (what load_row, scale_row and cvt_row give, without the fp32 row in between).
+template <typename W>
+MO_BF16_TARGET inline void cvt_row_scaled(const W* s, int64_t n, float iv, bf16_t* d) {
+  const __m512 v = _mm512_set1_ps(iv);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
+    const __m512 x = _mm512_mul_ps(load_w(m, s + k), v);
+    _mm256_mask_storeu_epi16(d + k, m, (__m256i)_mm512_cvtneps_pbh(x));
+  }
+}
 MO_BF16_TARGET inline void store_w(__mmask16 m, bf16_t* p, __m512 v) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -289,13 +303,25 @@ inline void convert_rows_f32(const float* src, int64_t M, int64_t K, int64_t ld,
 #endif
 }
 
-// n floats times iv → n bf16, bf16(s·iv) (the bf16 path only runs where bf16_available()).
-inline void scale_to_bf16(const float* s, int64_t n, float iv, bf16_t* d) {
+// Σ float(s)² of a weight row (the bf16 path's load; fp16 weights take the scalar loop).
+template <typename W>
+inline float row_sum_squares(const W* s, int64_t n) {
 #if MO_HAVE_AVX512_GEMM
-  cvt_row_scaled(s, n, iv, d);
-#else
-  for (int64_t k = 0; k < n; ++k) d[k] = bf16_t(s[k] * iv);
+  if constexpr (std::is_same_v<W, float> || std::is_same_v<W, bf16_t>) return sum_squares(s, n);
 #endif
+  float ss = 0.f;
+  for (int64_t k = 0; k < n; ++k) ss += float(s[k]) * float(s[k]);
+  return ss;
+}
+
+// n weights times iv → n bf16, bf16(float(s)·iv) (the bf16 path only runs where
+// bf16_available(); fp16 weights, which load_w does not read, take the scalar loop).
+template <typename W>
+inline void scale_to_bf16(const W* s, int64_t n, float iv, bf16_t* d) {
+#if MO_HAVE_AVX512_GEMM
+  if constexpr (std::is_same_v<W, float> || std::is_same_v<W, bf16_t>) return cvt_row_scaled(s, n, iv, d);
+#endif
+  for (int64_t k = 0; k < n; ++k) d[k] = bf16_t(float(s[k]) * iv);
 }
 
 // pack_cols_f32: B given as K rows of N floats → pair-packed (consecutive rows interleaved).

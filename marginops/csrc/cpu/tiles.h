@@ -496,25 +496,30 @@ struct Workspace {
     load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
                sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
   }
-  // load_chunk for the bf16 GEMMs: each row converted to fp32 in a one-row buffer (its sum of
-  // squares on the way), then scaled by 1/‖W_r‖ and rounded to bf16 into Wrows (Dp = D rounded up
-  // to even, zero pad) — the values the fp32 chunk would give, without writing and re-reading it.
+  // load_chunk for the bf16 GEMMs: the rows scaled by 1/‖W_r‖ and rounded to bf16 straight from
+  // the weight into Wrows (Dp = D rounded up to even, zero pad) — the values the fp32 chunk would
+  // give, without writing and re-reading it. 16 rows at a time: their sums of squares, then their
+  // 16 norms (independent square roots and divisions, not one latency chain per row), then the rows.
   template <typename w_t>
   void load_rows_bf16(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
-    const int64_t D = P.D, K = P.K, Dp = simd::round_up(D, 2);
-    acc_t* row = Wc.template data_ptr<acc_t>();
+    const int64_t D = P.D, K = P.K, R = nc * K, Dp = simd::round_up(D, 2);
     auto* out = Wrows.template data_ptr<at::BFloat16>();
     acc_t* iv = inv.template data_ptr<acc_t>();
     acc_t* ss = sumsq.template data_ptr<acc_t>();
     acc_t* bc = bias_c.template data_ptr<acc_t>();
-    for (int64_t j = 0; j < nc; ++j) {
-      const int64_t c = P.class_of(n0 + j);
-      bc[j] = P.bias ? P.bias[c] : acc_t(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t r = j * K + k;
-        ss[r] = load_row(W + (c * K + k) * D, row, D, P.normalize);
-        iv[r] = epi::inv_norm(ss[r], P.normalize);  // 1 for plain weights: a conversion only
-        simd::scale_to_bf16(row, D, iv[r], out + r * Dp);
+    for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[P.class_of(n0 + j)] : acc_t(0);
+    const w_t* src[16];
+    for (int64_t r0 = 0; r0 < R; r0 += 16) {
+      const int64_t g = std::min<int64_t>(16, R - r0);
+      for (int64_t t = 0; t < g; ++t) {
+        const int64_t r = r0 + t;
+        src[t] = W + (P.class_of(n0 + r / K) * K + r % K) * D;
+        ss[r] = P.normalize ? simd::row_sum_squares(src[t], D) : acc_t(0);
+      }
+      for (int64_t r = r0; r < r0 + g; ++r) iv[r] = epi::inv_norm(ss[r], P.normalize);  // 1: plain
+      for (int64_t t = 0; t < g; ++t) {
+        const int64_t r = r0 + t;
+        simd::scale_to_bf16(src[t], D, iv[r], out + r * Dp);
         if (Dp != D) out[r * Dp + D] = at::BFloat16(0.f);
       }
     }
