@@ -64,6 +64,7 @@ def _ensure_loaded() -> str | None:
                        "torch.ops.marginops.margin_lse")
         return _LOAD_ERROR
     _register_python_side()
+    torch.ops.marginops.set_grad_pool_limit(_keep_budget)
     _LOADED = True
     return None
 
@@ -196,8 +197,9 @@ def set_keep_budget(nbytes: int) -> int:
 
     Read at each call (never at import). Equivalent in math to recomputing: the backward reads
     the exact dots the forward computed. Between steps the extension holds on to the last freed
-    block of kept dots (at most one, within the budget it was kept under: no page faults per step,
-    csrc/cpu/keep_pool.h); this call frees it.
+    block of kept dots (at most one, within the budget it was kept under) and the last freed
+    weight gradient no larger than the budget: no page faults per step (csrc/cpu/keep_pool.h);
+    this call frees both.
     """
     global _keep_budget
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
@@ -205,6 +207,7 @@ def set_keep_budget(nbytes: int) -> int:
                          f"{nbytes!r}; 0 turns keeping off")
     old, _keep_budget = _keep_budget, nbytes
     if _LOADED:
+        torch.ops.marginops.set_grad_pool_limit(nbytes)
         torch.ops.marginops.keep_pool_held_bytes(True)
     return old
 

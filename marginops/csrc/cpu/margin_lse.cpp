@@ -479,7 +479,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   // Rows never iterated (class_index) keep exactly zero; a repeated class in class_index is
   // accumulated, which needs the chunks to run one after another.
   const bool dup = in.class_index.has_value() && has_duplicates(*in.class_index);
-  Tensor gW = (in.class_index.has_value() || dup) ? at::zeros_like(in.W) : at::empty_like(in.W);
+  // A weight gradient within the keep budget comes from its recycling pool (keep_pool.h).
+  const int64_t gw_bytes = in.W.numel() * static_cast<int64_t>(in.W.element_size());
+  Tensor gW = (in.class_index.has_value() || dup) ? at::zeros_like(in.W)
+              : gw_bytes <= KeepPool::grads().limit()
+                  ? KeepPool::grads().empty(in.W.size(0), in.W.size(1), in.W.options())
+                  : at::empty_like(in.W);
   Tensor gS = at::empty({B}, in.F.options());
   Tensor gBias = in.bias.has_value() ? at::zeros_like(*in.bias) : at::empty({0}, in.F.options());
   Tensor gF;
@@ -548,16 +553,27 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight
   return {vals, cols};
 }
 
-// The kept-dots pool (keep_pool.h): the bytes it holds between steps; release = true frees them
+// The recycling pools (keep_pool.h): the bytes they hold between steps; release = true frees them
 // (marginops.ops.cpp.set_keep_budget calls it).
 int64_t keep_pool_held_bytes(bool release) {
-  const int64_t held = KeepPool::instance().held_bytes();
-  if (release) KeepPool::instance().release();
+  const int64_t held = KeepPool::instance().held_bytes() + KeepPool::grads().held_bytes();
+  if (release) {
+    KeepPool::instance().release();
+    KeepPool::grads().release();
+  }
   return held;
+}
+
+// The largest weight gradient the gradient pool recycles (the keep budget); returns the old one.
+int64_t set_grad_pool_limit(int64_t nbytes) {
+  const int64_t old = KeepPool::grads().limit();
+  KeepPool::grads().set_limit(nbytes);
+  return old;
 }
 
 TORCH_LIBRARY_FRAGMENT(marginops, m) {
   m.def("keep_pool_held_bytes(bool release=False) -> int", &keep_pool_held_bytes);
+  m.def("set_grad_pool_limit(int nbytes) -> int", &set_grad_pool_limit);
 }
 
 TORCH_LIBRARY_IMPL(marginops, CPU, m) {
