@@ -1,5 +1,6 @@
 // CPU kernels of the marginops core op: margin_lse (+ margin_lse_keep), margin_lse_backward
-// (+ margin_lse_backward_kept), topk. Building blocks (buffers, chunk GEMMs, row loops): tiles.h.
+// (+ margin_lse_backward_kept), topk. Building blocks (buffers, chunk GEMMs): tiles.h; row loops:
+// row_kernels.h.
 //
 // Structure (the same in all three): stream over the class columns in chunks of `nc` columns.
 // For each chunk

@@ -2,7 +2,7 @@
 // one: the clone-dispatched row functions below are defined here, not just declared):
 //   Problem      the op's inputs as raw pointers;  pick_chunk / group_range  chunking and threads
 //   load_chunk   a chunk of weight rows → acc dtype, normalised (+ norms, bias)
-//   row kernels  the epilogue loops (logits + max, Σexp, softmax gradient)
+//   (row_kernels.h: the epilogue loops — logits + max, Σexp, softmax gradient)
 //   GemmPlan, Workspace  a thread's buffers and the chunk GEMMs (fp32 on our AVX-512 kernel, bf16
 //                on the AVX512-BF16 units — csrc/cpu/gemm.h — or ATen's: fp64, older CPUs)
 #pragma once
@@ -18,6 +18,7 @@
 
 #include "epilogue.h"
 #include "gemm.h"
+#include "row_kernels.h"
 #include "scratch.h"
 
 namespace marginops {
@@ -74,18 +75,6 @@ inline void group_range(int64_t g, int64_t ngroups, int64_t nchunks, int64_t* c0
   *c0 = nchunks * g / ngroups;
   *c1 = nchunks * (g + 1) / ngroups;
 }
-
-// Hot loops are compiled in AVX-512 / AVX2 / baseline clones picked at load time (GCC function
-// multi-versioning), so one binary runs everywhere and uses the wide units where they exist.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define MO_ALWAYS_INLINE inline __attribute__((always_inline))
-#define MO_FLATTEN __attribute__((flatten))
-#else
-#define MO_CPU_CLONES
-#define MO_ALWAYS_INLINE inline
-#define MO_FLATTEN
-#endif
 
 // Per weight row (D values), the loops of the load and of the normalisation Jacobian, one overload
 // per (acc, weight) dtype pair so that each gets its clones:
@@ -196,189 +185,6 @@ inline void subcenter_reduce(acc_t* row, int64_t nc, int64_t K) {
   }
 }
 
-// ------------------------------------------------------------------------------------------------
-// Row epilogues: the hot loops. Written as plain loops over one tile row that GCC vectorises
-// (-fno-trapping-math lets it if-convert the selects; exp_acc is branch-free), and compiled in
-// AVX-512 / AVX2 / baseline clones picked at load time (GCC function multi-versioning), so one
-// binary runs everywhere and uses the wide units where they exist.
-// ------------------------------------------------------------------------------------------------
-
-// Each row kernel is specialised at run time (one branch per row) on kMod — hard-negative
-// modulation or filtering in play — and, in the backward, on a bias gradient to accumulate; the
-// plain variants carry neither the compares nor the stores. The target column is taken out of the
-// vector loops (two ranges around it, the target element on its own), so no per-element index
-// compare remains.
-
-// One logit: z = s·d' + b, with d' = d unless kMod (see epilogue.h).
-template <typename acc_t, bool kMod>
-MO_ALWAYS_INLINE acc_t logit_of(acc_t d, acc_t s, acc_t tau, acc_t t, bool hard, acc_t thr,
-                                bool filter, acc_t b) {
-  if constexpr (!kMod) {
-    return epi::logit(d, s, b);
-  } else {
-    const bool h = epi::is_hard(d, tau, hard);
-    const bool f = epi::is_filtered(d, thr, filter);
-    return epi::logit(f ? acc_t(0) : epi::modulate(d, t, h), s, b);
-  }
-}
-
-// Forward over columns [j0, j1): row[j] = z_j, folding max and NaN count into (m, nans).
-template <typename acc_t, bool kMod>
-MO_ALWAYS_INLINE void logits_range(acc_t* row, int64_t j0, int64_t j1, acc_t s, acc_t tau,
-                                   acc_t t, bool hard, acc_t thr, bool filter, const acc_t* bc,
-                                   acc_t& m_io, int& nans_io) {
-  acc_t m = m_io;
-  int nans = nans_io;  // int, not int64: same lane width as float, so the loop stays one width
-#pragma omp simd reduction(max : m) reduction(+ : nans)
-  for (int64_t j = j0; j < j1; ++j) {
-    const acc_t z = logit_of<acc_t, kMod>(row[j], s, tau, t, hard, thr, filter, bc[j]);
-    row[j] = z;
-    m = m > z ? m : z;
-    nans += z != z;
-  }
-  m_io = m;
-  nans_io = nans;
-}
-
-// Forward: d → z = s·d' + b in place, −inf at the target column tl; returns max_j z, or NaN if
-// any z is NaN (NaN in, NaN out). A vectorised max reduction may drop NaN (maxps returns its second
-// operand), so NaNs are counted separately — one compare and one add per element, beside an
-// exp polynomial of ~20 operations in the next pass — and the returned max is poisoned at the end;
-// a NaN max then makes every exp(z − m) NaN, and lse_merge / lse_finalize keep it.
-template <typename acc_t, bool kMod>
-MO_ALWAYS_INLINE acc_t row_logits_as(acc_t* row, int64_t nc, int64_t tl, acc_t s, acc_t tau,
-                                     acc_t t, bool hard, acc_t thr, bool filter,
-                                     const acc_t* bc) {
-  acc_t m = epi::neg_inf<acc_t>();
-  int nans = 0;
-  const bool has_t = tl >= 0 && tl < nc;
-  logits_range<acc_t, kMod>(row, 0, has_t ? tl : nc, s, tau, t, hard, thr, filter, bc, m, nans);
-  if (has_t) {
-    row[tl] = epi::neg_inf<acc_t>();
-    logits_range<acc_t, kMod>(row, tl + 1, nc, s, tau, t, hard, thr, filter, bc, m, nans);
-  }
-  return nans ? std::numeric_limits<acc_t>::quiet_NaN() : m;
-}
-
-template <typename acc_t>
-MO_ALWAYS_INLINE acc_t row_logits_impl(acc_t* row, int64_t nc, int64_t tl, acc_t s, acc_t tau,
-                                       acc_t t, bool hard, acc_t thr, bool filter,
-                                       const acc_t* bc) {
-  if (hard || filter)
-    return row_logits_as<acc_t, true>(row, nc, tl, s, tau, t, hard, thr, filter, bc);
-  return row_logits_as<acc_t, false>(row, nc, tl, s, tau, t, hard, thr, filter, bc);
-}
-
-// Forward: Σ_j exp(z_j − m).
-template <typename acc_t>
-MO_ALWAYS_INLINE acc_t row_sum_exp_impl(const acc_t* row, int64_t nc, acc_t m) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < nc; ++j) sum += epi::exp_acc(row[j] - m);
-  return sum;
-}
-
-// Backward, one column: g = grad_lse · exp(z − lse_neg) (0 at the target), d', and
-// dd = g · s · ∂d'/∂d (0 where filtered).
-template <typename acc_t>
-struct DDElem {
-  acc_t g, dm, dd;
-};
-
-template <typename acc_t, bool kMod>
-MO_ALWAYS_INLINE DDElem<acc_t> dd_of(acc_t d, bool target, acc_t s, acc_t tau, acc_t t,
-                                     bool hard, acc_t thr, bool filter, acc_t b, acc_t lse,
-                                     acc_t gl) {
-  if constexpr (!kMod) {
-    acc_t g = epi::softmax_grad(epi::logit(d, s, b), lse, gl);
-    g = target ? acc_t(0) : g;
-    return {g, d, g * s};
-  } else {
-    const bool h = epi::is_hard(d, tau, hard);
-    const bool f = epi::is_filtered(d, thr, filter);
-    const acc_t dm = f ? acc_t(0) : epi::modulate(d, t, h);
-    acc_t g = epi::softmax_grad(epi::logit(dm, s, b), lse, gl);
-    g = target ? acc_t(0) : g;
-    return {g, dm, g * s * (f ? acc_t(0) : epi::modulate_grad(d, t, h))};  // NaN g stays NaN
-  }
-}
-
-// Backward over columns [j0, j1) (none the target): out[j] = dd_j, gbc[j] += g_j (kBias);
-// returns Σ g_j · d'_j.
-template <typename acc_t, bool kMod, bool kBias>
-MO_ALWAYS_INLINE acc_t dd_range(const acc_t* d, acc_t* out, int64_t j0, int64_t j1, acc_t s,
-                                acc_t tau, acc_t t, bool hard, acc_t thr, bool filter,
-                                const acc_t* bc, acc_t lse, acc_t gl, acc_t* gbc) {
-  acc_t gsum = 0;
-#pragma omp simd reduction(+ : gsum)
-  for (int64_t j = j0; j < j1; ++j) {
-    const DDElem<acc_t> e = dd_of<acc_t, kMod>(d[j], false, s, tau, t, hard, thr, filter, bc[j],
-                                               lse, gl);
-    gsum += e.g * e.dm;
-    if constexpr (kBias) gbc[j] += e.g;
-    out[j] = e.dd;
-  }
-  return gsum;
-}
-
-// Backward: from d (sub-center maxima) to dd, written to out (may be d itself):
-//   g_j = grad_lse · exp(z_j − lse_neg) for j ≠ tl, 0 at tl;   gbc_j += g_j (when gbc is given)
-//   dd_j = g_j · s · ∂d'/∂d (0 where filtered);   returns Σ_j g_j · d'_j (this row's ∂scale)
-// The target's grad_dot is added by the caller.
-template <typename acc_t, bool kMod, bool kBias>
-MO_ALWAYS_INLINE acc_t row_dd_as(const acc_t* d, acc_t* out, int64_t nc, int64_t tl, acc_t s,
-                                 acc_t tau, acc_t t, bool hard, acc_t thr, bool filter,
-                                 const acc_t* bc, acc_t lse, acc_t gl, acc_t* gbc) {
-  const bool has_t = tl >= 0 && tl < nc;
-  acc_t gsum = dd_range<acc_t, kMod, kBias>(d, out, 0, has_t ? tl : nc, s, tau, t, hard, thr,
-                                            filter, bc, lse, gl, gbc);
-  if (has_t) {
-    const DDElem<acc_t> e = dd_of<acc_t, kMod>(d[tl], true, s, tau, t, hard, thr, filter, bc[tl],
-                                               lse, gl);
-    gsum += e.g * e.dm;  // 0 · d' (NaN when d' is: NaN in, NaN out)
-    out[tl] = e.dd;
-    gsum += dd_range<acc_t, kMod, kBias>(d, out, tl + 1, nc, s, tau, t, hard, thr, filter, bc,
-                                         lse, gl, gbc);
-  }
-  return gsum;
-}
-
-template <typename acc_t>
-MO_ALWAYS_INLINE acc_t row_dd_impl(const acc_t* d, acc_t* out, int64_t nc, int64_t tl, acc_t s,
-                                   acc_t tau, acc_t t, bool hard, acc_t thr, bool filter,
-                                   const acc_t* bc, acc_t lse, acc_t gl, acc_t* gbc) {
-  const bool mod = hard || filter;
-  if (gbc) {
-    return mod ? row_dd_as<acc_t, true, true>(d, out, nc, tl, s, tau, t, hard, thr, filter, bc,
-                                              lse, gl, gbc)
-               : row_dd_as<acc_t, false, true>(d, out, nc, tl, s, tau, t, hard, thr, filter, bc,
-                                               lse, gl, gbc);
-  }
-  return mod ? row_dd_as<acc_t, true, false>(d, out, nc, tl, s, tau, t, hard, thr, filter, bc,
-                                             lse, gl, gbc)
-             : row_dd_as<acc_t, false, false>(d, out, nc, tl, s, tau, t, hard, thr, filter, bc,
-                                              lse, gl, gbc);
-}
-
-// flatten: every call inside (exp_acc above all) is inlined into each variant's loops, which
-// vectorise only then.
-#define MO_DEFINE_ROW_KERNELS(T)                                                                 \
-  MO_CPU_CLONES MO_FLATTEN T row_logits(T* row, int64_t nc, int64_t tl, T s, T tau, T t,         \
-                                        bool hard, T thr, bool filter, const T* bc) {            \
-    return row_logits_impl<T>(row, nc, tl, s, tau, t, hard, thr, filter, bc);                    \
-  }                                                                                              \
-  MO_CPU_CLONES MO_FLATTEN T row_sum_exp(const T* row, int64_t nc, T m) {                        \
-    return row_sum_exp_impl<T>(row, nc, m);                                                      \
-  }                                                                                              \
-  MO_CPU_CLONES MO_FLATTEN T row_dd(const T* d, T* out, int64_t nc, int64_t tl, T s, T tau, T t, \
-                                    bool hard, T thr, bool filter, const T* bc, T lse, T gl,     \
-                                    T* gbc) {                                                    \
-    return row_dd_impl<T>(d, out, nc, tl, s, tau, t, hard, thr, filter, bc, lse, gl, gbc);       \
-  }
-MO_DEFINE_ROW_KERNELS(float)
-MO_DEFINE_ROW_KERNELS(double)
-#undef MO_DEFINE_ROW_KERNELS
-
 // Which GEMMs a call runs, decided once per call (gemm_plan in margin_lse.cpp) and shared
 // read-only by the threads:
 //   kAten  ATen's mm (MKL / OpenBLAS): fp64, CPUs without AVX-512, or switched off by a knob;
@@ -476,8 +282,8 @@ struct Workspace {
     return in_place() ? Wall.narrow(0, row0, rows) : Wc.narrow(0, 0, rows);
   }
   Tensor T_view(int64_t B, int64_t cols) { return tile.narrow(0, 0, B * cols).view({B, cols}); }
-  // The bf16 GEMMs with weight rows to normalise or convert: the rows go straight to bf16
-  // (load_rows_bf16), never through the fp32 chunk Wc, whose first D values serve as a row buffer.
+  // bf16 GEMMs on weight rows to normalise or convert: straight to bf16 (load_rows_bf16), not
+  // through the fp32 chunk Wc (whose first D values are the Jacobian's row buffer off AVX-512).
   bool rows_bf16() const { return plan.kind == GemmPlan::kBF16 && !in_place(); }
   // Load columns [n0, n0 + nc): normalised rows, their norms, their bias.
   template <typename w_t>
@@ -496,10 +302,9 @@ struct Workspace {
     load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
                sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
   }
-  // load_chunk for the bf16 GEMMs: the rows scaled by 1/‖W_r‖ and rounded to bf16 straight from
-  // the weight into Wrows (Dp = D rounded up to even, zero pad) — the values the fp32 chunk would
-  // give, without writing and re-reading it. 16 rows at a time: their sums of squares, then their
-  // 16 norms (independent square roots and divisions, not one latency chain per row), then the rows.
+  // load_chunk for the bf16 GEMMs: rows scaled by 1/‖W_r‖ and rounded to bf16 straight into Wrows
+  // (Dp = D rounded up to even, zero pad), the values an fp32 chunk would give. 16 rows at a time:
+  // sums of squares, then 16 independent norms (no latency chain per row), then the rows.
   template <typename w_t>
   void load_rows_bf16(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
     const int64_t D = P.D, K = P.K, R = nc * K, Dp = simd::round_up(D, 2);
@@ -508,7 +313,7 @@ struct Workspace {
     acc_t* ss = sumsq.template data_ptr<acc_t>();
     acc_t* bc = bias_c.template data_ptr<acc_t>();
     for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[P.class_of(n0 + j)] : acc_t(0);
-    const w_t* src[16];
+    const w_t* src[16];  // this group's weight rows
     for (int64_t r0 = 0; r0 < R; r0 += 16) {
       const int64_t g = std::min<int64_t>(16, R - r0);
       for (int64_t t = 0; t < g; ++t) {
