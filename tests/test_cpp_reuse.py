@@ -68,6 +68,37 @@ def test_keep_pool_holds_one_block_and_set_keep_budget_frees_it(keep_budget):
     assert held() == 0
 
 
+def test_recycled_weight_gradient_is_an_ordinary_tensor(keep_budget):
+    """The recycled weight gradient is the user's w.grad: in-place updates, clipping, saving,
+    shared memory and a growing resize all work, and its block goes back to the pool once the
+    gradient is dropped (a resize hands it back at once)."""
+    import io
+
+    import marginops
+    keep_budget(1 << 20)
+    held = torch.ops.marginops.keep_pool_held_bytes
+    torch.manual_seed(0)
+    module = marginops.ArcFaceLoss(16, 50, backend="cpp")
+    x, y = torch.randn(8, 16), torch.randint(0, 50, (8,))
+    module(x, y).backward()
+    grad = module.weight.grad
+    expected = grad.clone()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1e9)
+    grad.mul_(2).div_(2)
+    buf = io.BytesIO()
+    torch.save(grad, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), expected)
+    before = held()
+    grad.resize_(60, 16)                         # grows: a new allocation, the block returns
+    assert grad.shape == (60, 16) and held() == before + 50 * 16 * 4
+    module.weight.grad = None
+    del grad
+    module(x, y).backward()                      # takes the held block again
+    assert held() == before
+    torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9).step()
+
+
 def test_keep_pool_release_returns_the_bytes(keep_budget):
     keep_budget(1 << 20)
     _step(make_case(4, 8, 100, dtype=torch.float32))

@@ -68,8 +68,12 @@ class KeepPool {
       p = os_alloc(bytes);
       TORCH_CHECK(p, "marginops: could not allocate ", bytes, " bytes");
     }
-    return at::from_blob(
-        p, {rows, cols}, [this, bytes](void* q) { give_back(q, bytes); }, opt);
+    // A resizable storage (CPU allocator for a resize) whose block comes back here when freed:
+    // a recycled weight gradient is the user's w.grad, an ordinary tensor in every way.
+    c10::DataPtr data(p, new Block{this, p, bytes}, &Block::free, at::Device(at::kCPU));
+    c10::Storage storage(c10::Storage::use_byte_size_t(), need, std::move(data),
+                         at::getCPUAllocator(), /*resizable=*/true);
+    return at::empty({0}, opt).set_(storage, 0, {rows, cols}, {cols, 1});
   }
 
   // Frees the held block (set_keep_budget: the memory goes back at once).
@@ -92,6 +96,17 @@ class KeepPool {
   }
 
  private:
+  struct Block {  // what a tensor's DataPtr carries back to its pool
+    KeepPool* pool;
+    void* p;
+    int64_t bytes;
+    static void free(void* ctx) {
+      auto* b = static_cast<Block*>(ctx);
+      b->pool->give_back(b->p, b->bytes);
+      delete b;
+    }
+  };
+
   void give_back(void* p, int64_t bytes) {
     void* drop = p;
     int64_t drop_bytes = bytes;
