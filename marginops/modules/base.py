@@ -149,14 +149,15 @@ class MarginSoftmaxLoss(nn.Module):
 
     # ---- the cpp backend's one-op loss (marginops/ops/cpp_loss.py)
     def _psi(self) -> cpp_loss.Psi | None:
-        """This family's target function as margin_loss takes it (None: not fusable)."""
+        """This family's target function as margin_loss takes it (None: not fusable). Only a
+        class that defines it itself takes the one-op loss: a subclass may change any step."""
         return None
 
     def _one_op_psi(self, embeddings: Tensor, norms: Tensor | None) -> cpp_loss.Psi | None:
         """ψ when margin_loss serves this call, else None: one of the fixed-margin families
         itself (not a subclass, which may override any step of the pipeline), no norms, bias,
         sub-centers, class shard or weight normalisation off, and ``cpp_loss.applies``."""
-        if not type(self).__dict__.get("_one_op_family", False) or norms is not None or (
+        if "_psi" not in type(self).__dict__ or norms is not None or (
                 self.bias is not None or self.subcenters != 1 or not self.normalize_weight
                 or self._class_range() is not None):
             return None

@@ -44,8 +44,6 @@ class NormFaceLoss(MarginSoftmaxLoss):
         if learnable_scale:
             self.scale = nn.Parameter(torch.tensor(float(init)))
 
-    _one_op_family = True
-
     def _psi(self):
         return cpp_loss.normface()
 
@@ -109,8 +107,6 @@ class CosFaceLoss(MarginSoftmaxLoss):
     def _target_logit(self, cos_y, scale, norms, labels, valid):
         return scale_times(scale, margins.cosface(cos_y, self.margin))
 
-    _one_op_family = True
-
     def _psi(self):
         return cpp_loss.cosface(self.margin)
 
@@ -148,8 +144,6 @@ class ArcFaceLoss(_AngularMixin, MarginSoftmaxLoss):
         return scale_times(scale, margins.arcface(cos_y, self.margin, angle_policy=self.angle_policy,
                                                   grad_mode=self.grad_mode))
 
-    _one_op_family = True
-
     def _psi(self):
         return cpp_loss.arcface(self.margin, self.angle_policy, self.grad_mode)
 
@@ -178,8 +172,6 @@ class CombinedMarginLoss(_AngularMixin, MarginSoftmaxLoss):
         return scale_times(scale, margins.combined(cos_y, self.m1, self.m2, self.m3,
                                                    angle_policy=self.angle_policy,
                                                    grad_mode=self.grad_mode))
-
-    _one_op_family = True
 
     def _psi(self):
         if self.m1 != 1.0:

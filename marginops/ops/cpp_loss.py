@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import FUSED_STEPS
+from . import FUSED_STEPS, cpp
 
 POLICIES = {"fallback": 0, "none": 1, "easy": 2}
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
@@ -63,7 +63,6 @@ def applies(backend: str, embeddings: Tensor, weight: Tensor, scale) -> bool:
     """Whether margin_loss serves this call: backend ``cpp`` (resolved), eager (torch.compile
     traces the Python pipeline), a float scale, and a weight without a fused optimizer step
     (``marginops.optim``, which hooks into the core op's backward)."""
-    from . import cpp
     return (backend == "cpp" and embeddings.device.type == "cpu" and cpp.loaded()
             and not torch.compiler.is_compiling()
             and _floats(scale)
@@ -81,7 +80,6 @@ def margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, psi: Psi, sc
         logits = scale * c.scatter(1, labels[:, None], psi(c.gather(1, labels[:, None])))
         F.cross_entropy(logits, labels, ignore_index=-1, reduction=reduction)
     """
-    from . import cpp
     keep = cpp._keeps(embeddings, weight, None, 1)
     outputs = torch.ops.marginops.margin_loss(
         embeddings.contiguous(), weight.contiguous(), labels, float(scale), psi.arc,

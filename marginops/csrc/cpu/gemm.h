@@ -140,27 +140,19 @@ MO_BF16_TARGET inline void cvt_row(const float* s, int64_t n, bf16_t* d) {
   }
 }
 
-// Two bf16 rows of n → n pairs (s0[j], s1[j]) as uint32 words (s1 null: zeros).
-MO_BF16_TARGET inline void interleave_rows(const bf16_t* s0, const bf16_t* s1, int64_t n,
-                                           uint32_t* d) {
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
-    __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s0 + k));
-    if (s1)
-      v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s1 + k)), 16));
-    _mm512_mask_storeu_epi32(d + k, m, v);
-  }
-}
-
-// Two rows of n floats → n pairs (s0[j], s1[j]) as uint32 words (s1 null: zeros).
-// 16 floats (valid lanes m) → 16 bf16 → zero-extended to 16 uint32 words.
+// 16 values (valid lanes m) → 16 bf16 (floats rounded to nearest even) → zero-extended to 16
+// uint32 words.
 MO_BF16_TARGET inline __m512i widen_bf16(__mmask16 m, const float* s) {
   const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s));
   return _mm512_maskz_cvtepu16_epi32(0xFFFF, h);
 }
+MO_BF16_TARGET inline __m512i widen_bf16(__mmask16 m, const bf16_t* s) {
+  return _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(m, s));
+}
 
-MO_BF16_TARGET inline void interleave_rows(const float* s0, const float* s1, int64_t n,
-                                           uint32_t* d) {
+// Two rows of n floats or bf16 → n bf16 pairs (s0[j], s1[j]) as uint32 words (s1 null: zeros).
+template <typename T>
+MO_BF16_TARGET inline void interleave_rows(const T* s0, const T* s1, int64_t n, uint32_t* d) {
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFFu : (1u << (n - k)) - 1u);
     __m512i v = widen_bf16(m, s0 + k);
@@ -324,35 +316,21 @@ inline void scale_to_bf16(const W* s, int64_t n, float iv, bf16_t* d) {
   for (int64_t k = 0; k < n; ++k) d[k] = bf16_t(float(s[k]) * iv);
 }
 
-// pack_cols_f32: B given as K rows of N floats → pair-packed (consecutive rows interleaved).
-inline void pack_cols_f32(const float* src, int64_t N, int64_t K, int64_t ld, bf16_t* dst) {
+// pack_cols_fast: B given as K rows of N floats or bf16 (row r at src + r·ld) → pair-packed
+// (consecutive rows interleaved).
+template <typename T>
+inline void pack_cols_fast(const T* src, int64_t N, int64_t K, int64_t ld, bf16_t* dst) {
 #if MO_HAVE_AVX512_GEMM
   const int64_t Np = round_up(N, 16), P = round_up(K, 2) / 2;
   auto* d32 = reinterpret_cast<uint32_t*>(dst);
   for (int64_t p = 0; p < P; ++p) {
-    const float* s0 = src + 2 * p * ld;
-    const float* s1 = 2 * p + 1 < K ? s0 + ld : nullptr;
+    const T* s0 = src + 2 * p * ld;
+    const T* s1 = 2 * p + 1 < K ? s0 + ld : nullptr;
     interleave_rows(s0, s1, N, d32 + p * Np);
     std::fill(d32 + p * Np + N, d32 + (p + 1) * Np, 0u);
   }
 #else
   pack_cols(src, N, K, ld, dst);
-#endif
-}
-
-// pack_cols_bf16: B given as K bf16 rows of N (row r at rows + r·ld) → pair-packed.
-inline void pack_cols_bf16(const bf16_t* rows, int64_t N, int64_t K, int64_t ld, bf16_t* dst) {
-#if MO_HAVE_AVX512_GEMM
-  const int64_t Np = round_up(N, 16), P = round_up(K, 2) / 2;
-  auto* d32 = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t p = 0; p < P; ++p) {
-    const bf16_t* s0 = rows + 2 * p * ld;
-    const bf16_t* s1 = 2 * p + 1 < K ? s0 + ld : nullptr;
-    interleave_rows(s0, s1, N, d32 + p * Np);
-    std::fill(d32 + p * Np + N, d32 + (p + 1) * Np, 0u);
-  }
-#else
-  pack_cols(rows, N, K, ld, dst);
 #endif
 }
 

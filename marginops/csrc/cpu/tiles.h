@@ -386,12 +386,12 @@ struct Workspace {
         const int64_t Rp = round_up(ncK, 2), Bp = round_up(B, 2);
         simd::convert_rows_f32(tp, B, ncK, ncK, ddb);
         if (rows_bf16())
-          simd::pack_cols_bf16(Wrows.template data_ptr<at::BFloat16>(), D, ncK, round_up(D, 2),
+          simd::pack_cols_fast(Wrows.template data_ptr<at::BFloat16>(), D, ncK, round_up(D, 2),
                                wnn);
         else
-          simd::pack_cols_f32(Wv.template data_ptr<float>(), D, ncK, D, wnn);
+          simd::pack_cols_fast(Wv.template data_ptr<float>(), D, ncK, D, wnn);
         simd::gemm_bf16(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
-        simd::pack_cols_f32(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
+        simd::pack_cols_fast(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
         simd::gemm_bf16_pair_major(ncK, D, Bp / 2, ddt, round_up(ncK, 16),
                                    plan.Fp.template data_ptr<at::BFloat16>(),
                                    Gv.data_ptr<float>(), D, false);
