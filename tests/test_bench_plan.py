@@ -104,3 +104,22 @@ def test_progress_without_tqdm(monkeypatch, capsys):
     assert lines[0].startswith("bench [1/2]") and lines[0].endswith("time 9")
     assert lines[1].startswith("bench [2/2]  60%")
     assert lines[2].startswith("bench [2/2] 100%") and lines[2].endswith("done")
+
+
+@pytest.mark.parametrize("step_s, calls", [(0.003, 7), (0.05, 1), (1e-5, worker.MAX_BLOCK_CALLS)])
+def test_a_timed_rep_is_a_block_of_steps(monkeypatch, step_s, calls):
+    """One rep = back-to-back steps until BLOCK_S has passed (at most MAX_BLOCK_CALLS), recorded as
+    the mean step: the state left by the provider before (caches, allocator) is amortised."""
+    clock = [0.0]
+    monkeypatch.setattr(worker, "time", type("Clock", (), {"perf_counter": lambda: clock[0]}))
+    seen = []
+
+    def one_step():
+        seen.append(clock[0])
+        clock[0] += step_s
+        return step_s / 3, 2 * step_s / 3, float(len(seen))
+
+    f, b, loss, n = worker.run_block(one_step)
+    assert worker.BLOCK_S == 0.02 and n == calls == len(seen)
+    assert f == pytest.approx(step_s / 3) and b == pytest.approx(2 * step_s / 3)
+    assert loss == float(calls)

@@ -175,17 +175,51 @@ def test_opcheck_margin_loss_backward(dtype):
                               (grad, x, x_hat, norms, lse, dot, dots, w, y, *args[3:11]))
 
 
-def test_keep_and_recompute_agree():
-    """The backward reads the kept dots or recomputes them: the same gradients, bit for bit."""
-    x, w, y = _data(9, 50, 16, dtype=torch.float32)
-    kept = _run(mf.arcface_loss, x, w, y, True)
+@pytest.mark.parametrize("shape", [(9, 51, 16), (4, 37, 37)])
+@pytest.mark.parametrize("dtypes", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize("scale", [64.0, 100.0])
+def test_keep_and_recompute_agree(dtypes, scale, shape):
+    """The backward reads what the forward kept — exps and weight norms under the fixed shift
+    (s <= 75; bf16: straight into the bf16 DD and weight operands), dots above it — or recomputes
+    the dots: the same gradients, bit for bit. (The bf16 forward packs its weight operand straight
+    from the rows; a backward that recomputes goes through bf16 rows: equal dots too.) C and B
+    odd, D odd and above 32: the bf16 layouts' tails."""
+    x, w, y = _data(*shape, dtype=dtypes[0], wdtype=dtypes[1])
+    kept = _run(mf.arcface_loss, x, w, y, True, scale=scale)
     old = cpp.set_keep_budget(0)
     try:
-        recomputed = _run(mf.arcface_loss, x, w, y, True)
+        recomputed = _run(mf.arcface_loss, x, w, y, True, scale=scale)
     finally:
         cpp.set_keep_budget(old)
+    assert kept[3] and recomputed[3]
     for a, b in zip(kept[:3], recomputed[:3]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 75.0, 75.5, 100.0])
+@pytest.mark.parametrize("family", ["arcface", "cosface"])
+def test_fixed_shift_and_max_shift_scales(family, scale):
+    """Up to s = 75 the forward sums exp(s·c − (s − 70)) in one pass and the backward scales kept
+    exps (row_kernels.h's fixed shift); above, the max-shifted two-pass path runs. Both match the
+    pipeline: tight in fp64, within the fp32 budget — at the extremes too, embeddings on and
+    opposite weight rows (cosines ±1, the shifted exponent at its bound −2s + 70)."""
+    fn, kw = FAMILIES[family][:2]
+    x64, w64, y = _data(9, 50, 16, seed=4)
+    x64[0], x64[2] = 5 * w64[y[0]], -3 * w64[7]
+    w64[8] = -w64[y[3]]
+    kw = dict(kw, scale=scale)
+    ours = _run(fn, x64, w64, y, True, **kw)
+    theirs = _run(fn, x64, w64, y, False, **kw)
+    assert ours[3] and not theirs[3]
+    for a, b, name in zip(ours[:3], theirs[:3], ("loss", "grad x", "grad W")):
+        assert torch.isfinite(a).all(), name
+        assert_tight(a, b, name=f"{family} s={scale} {name}")
+    x, w = x64.float(), w64.float()
+    ours = _run(fn, x, w, y, True, **kw)
+    baseline = _run(fn, x, w, y, False, **kw)
+    truth = _run(fn, x64, w64, y, False, **kw)
+    for a, b, t, name in zip(ours[:3], baseline[:3], truth[:3], ("loss", "grad x", "grad W")):
+        assert_within_budget(a, b, t, torch.float32, name=f"{family} s={scale} fp32 {name}")
 
 
 @pytest.mark.parametrize("family", ["arcface", "arcface-none", "arcface-easy", "cosface"])

@@ -2,7 +2,7 @@
 
     common     the case / plan records, list parsing, order statistics, machine facts
     providers  what is timed, and the names tables and plots give it
-    worker     one case in a fresh process: round-robin timing, warm peak memory
+    worker     one case in a fresh process: round-robin timing (blocks of steps), warm peak memory
     planning   which cases run, cut into prioritised fresh-process tasks
     report     tidy rows, the Markdown table, the CSV, the plots
     modelreport the roofline model (benchmarks/model.py) beside the measured times (--model)

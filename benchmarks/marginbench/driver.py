@@ -6,10 +6,11 @@ How it measures (each point in the module named):
 * Every case (family, B, C, D, dtype) runs in a FRESH process (forked from a forkserver that only
   imported the libraries, so no OpenMP/CUDA state is inherited). In it, all providers and the
   bare GEMMs are timed round-robin — rep r of every provider before rep r+1 of any — so the load of
-  a shared machine drifts over all of them alike. One rep is one training step: forward (with
-  autograd recording), then backward; the forward and backward times of the same rep give the
+  a shared machine drifts over all of them alike. One rep is a block of back-to-back training
+  steps lasting ~20 ms (one step for longer steps; why, in ``worker``), each step forward (with
+  autograd recording) then backward; the block's mean forward and backward times give the
   ``forward`` and ``backward`` rows, their sum the ``forward+backward`` row. Fixed reps after
-  warm-up; median, p20 and p80 over the reps (``worker``).
+  one-step warm-ups; median, p20 and p80 over the reps (``worker``).
 * Peak memory, CPU: each provider gets its own fresh process (the compiled one: the timing
   process, after the timing, since compiling again costs ~10 s). The provider first runs one
   warm-up step (on a C <= 4096 copy; the compiled provider at full size), which initialises

@@ -212,15 +212,17 @@ def set_keep_budget(nbytes: int) -> int:
     return old
 
 
-def _keeps(features: Tensor, weight: Tensor, class_index: Tensor | None, subcenters: int) -> bool:
-    """Whether margin_lse takes the keep path: CPU, a gradient will be asked, dots fit the budget."""
+def _keeps(features: Tensor, weight: Tensor, class_index: Tensor | None, subcenters: int,
+           extra_rows: int = 0) -> bool:
+    """Whether margin_lse takes the keep path: CPU, a gradient will be asked, dots fit the budget
+    (with ``extra_rows`` more rows of them: margin_loss keeps the weight norms beside them)."""
     if features.device.type != "cpu" or not torch.is_grad_enabled():
         return False
     if not (features.requires_grad or weight.requires_grad):
         return False
     columns = class_index.shape[0] * subcenters if class_index is not None else weight.shape[0]
     itemsize = 8 if features.dtype == torch.float64 else 4
-    return features.shape[0] * columns * itemsize <= _keep_budget
+    return (features.shape[0] + extra_rows) * columns * itemsize <= _keep_budget
 
 
 def margin_lse(features: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,

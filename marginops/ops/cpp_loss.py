@@ -11,8 +11,9 @@ as the three GEMMs (~0.4 ms per step warm, ~0.6 ms cold); here they are a few lo
 
 ψ (marginops/margins.py): ``arc`` gives cos(θ + m) under the angle policy (fallback / none /
 easy; "clip" is not fused), then ψ −= ``offset``; ``straight_through`` keeps the value and takes
-dψ/dc = 1. The forward keeps the dots for the backward exactly when the core op would
-(``marginops.ops.cpp`` keep budget).
+dψ/dc = 1. The forward keeps a (B + 1, C) block for the backward — the exps of its fixed-shift
+log-sum-exp (scale <= 75, no filtering; else the dots) and the weight rows' squared norms — when
+it fits the ``marginops.ops.cpp`` keep budget.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, psi: Psi, sc
         logits = scale * c.scatter(1, labels[:, None], psi(c.gather(1, labels[:, None])))
         F.cross_entropy(logits, labels, ignore_index=-1, reduction=reduction)
     """
-    keep = cpp._keeps(embeddings, weight, None, 1)
+    keep = cpp._keeps(embeddings, weight, None, 1, extra_rows=1)
     outputs = torch.ops.marginops.margin_loss(
         embeddings.contiguous(), weight.contiguous(), labels, float(scale), psi.arc,
         psi.margin, psi.offset, POLICIES[psi.policy], psi.straight_through,
@@ -99,7 +100,8 @@ def register() -> None:
         batch = embeddings.shape[0]
         rows = embeddings.new_empty((batch,), dtype=acc)
         loss = rows if reduction == REDUCTIONS["none"] else rows.new_empty(())
-        dots = embeddings.new_empty((batch, weight.shape[0]) if keep else (0, 0), dtype=acc)
+        # kept: B rows of exps and the weight rows' squared norms (margin_loss.cpp)
+        dots = embeddings.new_empty((batch + 1, weight.shape[0]) if keep else (0, 0), dtype=acc)
         return (loss, torch.empty_like(embeddings), embeddings.new_empty((batch,), dtype=acc),
                 rows.new_empty((batch,)), rows.new_empty((batch,)), dots)
 

@@ -164,10 +164,10 @@ MO_BF16_TARGET inline void interleave_rows(const T* s0, const T* s1, int64_t n, 
 // 16 × 16 block of 32-bit words, d[c·ldd + r] = s[r·lds + c]: 32-bit then 64-bit interleaves
 // give, in 128-bit lane L of u[4i + k], column 4L + k of rows 4i..4i+3; a 4 × 4 transpose of lanes
 // (shuffle_i32x4) then gathers each column's 16 rows.
-MO_BF16_TARGET inline void transpose16x16(const uint32_t* s, int64_t lds, uint32_t* d,
-                                          int64_t ldd) {
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(s + i * lds);
+// transpose16x16_store: the block given as 16 row registers; output row k (k < rows) stored at
+// d + k·ldd.
+MO_BF16_TARGET inline void transpose16x16_store(__m512i* r, uint32_t* d, int64_t ldd, int rows) {
+  __m512i t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_maskz_unpacklo_epi32(0xFFFF, r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_maskz_unpackhi_epi32(0xFFFF, r[2 * i], r[2 * i + 1]);
@@ -183,21 +183,30 @@ MO_BF16_TARGET inline void transpose16x16(const uint32_t* s, int64_t lds, uint32
     const __m512i x1 = _mm512_maskz_shuffle_i32x4(0xFFFF, r[k], r[4 + k], 0xEE);
     const __m512i y0 = _mm512_maskz_shuffle_i32x4(0xFFFF, r[8 + k], r[12 + k], 0x44);
     const __m512i y1 = _mm512_maskz_shuffle_i32x4(0xFFFF, r[8 + k], r[12 + k], 0xEE);
-    _mm512_storeu_si512(d + (0 + k) * ldd, _mm512_maskz_shuffle_i32x4(0xFFFF, x0, y0, 0x88));
-    _mm512_storeu_si512(d + (4 + k) * ldd, _mm512_maskz_shuffle_i32x4(0xFFFF, x0, y0, 0xDD));
-    _mm512_storeu_si512(d + (8 + k) * ldd, _mm512_maskz_shuffle_i32x4(0xFFFF, x1, y1, 0x88));
-    _mm512_storeu_si512(d + (12 + k) * ldd, _mm512_maskz_shuffle_i32x4(0xFFFF, x1, y1, 0xDD));
+    const __m512i out[4] = {_mm512_maskz_shuffle_i32x4(0xFFFF, x0, y0, 0x88),
+                            _mm512_maskz_shuffle_i32x4(0xFFFF, x0, y0, 0xDD),
+                            _mm512_maskz_shuffle_i32x4(0xFFFF, x1, y1, 0x88),
+                            _mm512_maskz_shuffle_i32x4(0xFFFF, x1, y1, 0xDD)};
+    for (int q = 0; q < 4; ++q)
+      if (4 * q + k < rows) _mm512_storeu_si512(d + (4 * q + k) * ldd, out[q]);
   }
+}
+MO_BF16_TARGET inline void transpose16x16(const uint32_t* s, int64_t lds, uint32_t* d,
+                                          int64_t ldd) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(s + i * lds);
+  transpose16x16_store(r, d, ldd, 16);
 }
 #endif
 
 #if MO_HAVE_AVX512_GEMM
 // The weight-normalisation Jacobian of one weight row (D values), 16 lanes at a time:
 //   proj = ŵ·g if projects else 0;   dst (+)= W((g − ŵ·proj)·iv)
-// the arithmetic of epi::normalize_backward (one FMA, one multiply). One call per row instead of
-// dot_row + grad_row (two clone-dispatched calls and a scalar bf16 rounding per element): at
-// B = 64, C = 10K, D = 128 the rows' loop was ~8 % of the op. bf16 stores round to nearest even
-// (`vcvtneps2bf16`, NaN stays NaN).
+// with ŵ stored (what: the arithmetic of epi::normalize_backward, one FMA and one multiply), or
+// left implicit (what null: ŵ = src·iv, so dst (+)= W(g·iv − src·(iv²·proj)), proj = iv·(src·g);
+// the same math, rounded in another order). One call per row instead of dot_row + grad_row (two
+// clone-dispatched calls and a scalar bf16 rounding per element). bf16 stores round to nearest
+// even (`vcvtneps2bf16`, NaN stays NaN).
 MO_BF16_TARGET inline __m512 load_w(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
 MO_BF16_TARGET inline __m512 load_w(__mmask16 m, const bf16_t* p) {
   const __m512i h = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_maskz_loadu_epi16(m, p));
@@ -232,24 +241,94 @@ MO_BF16_TARGET inline void store_w(__mmask16 m, bf16_t* p, __m512 v) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// ŵ, 16 lanes: stored (what), or the weight row times 1/‖w‖ (what null: src·iv, one rounding,
-// the value load_chunk stores).
+// Up to 16 weight rows (src[t], t < g; the others zero) times iv[t], rounded to bf16 (one rounding
+// of the fp32 product, as cvt_row_scaled) and written pair-packed: word p (elements 2p, 2p + 1) of
+// row t at d[p·ldd + t], p < ⌈D/2⌉ — the logits GEMM's B operand for 16 columns, as
+// pack_bf16_rows gives it, in one pass over the rows with no bf16 rows between.
 template <typename W>
-MO_BF16_TARGET inline __m512 w_hat_lanes(__mmask16 m, const float* what, const W* src, __m512 vi,
-                                         int64_t e) {
-  return what ? _mm512_maskz_loadu_ps(m, what + e) : _mm512_mul_ps(load_w(m, src + e), vi);
+MO_BF16_TARGET void pack_rows_scaled_avx512(const W* const* src, const float* iv, int g,
+                                            int64_t D, uint32_t* d, int64_t ldd) {
+  const int64_t P = (D + 1) / 2;
+  for (int64_t p0 = 0; p0 < P; p0 += 16) {
+    const int64_t e0 = 2 * p0, n0 = std::min<int64_t>(16, D - e0);
+    const int64_t n1 = std::clamp<int64_t>(D - e0 - 16, 0, 16);
+    const __mmask16 m0 = static_cast<__mmask16>(n0 == 16 ? 0xFFFFu : (1u << n0) - 1u);
+    const __mmask16 m1 = static_cast<__mmask16>(n1 == 16 ? 0xFFFFu : (1u << n1) - 1u);
+    __m512i r[16];
+    for (int t = 0; t < 16; ++t) {
+      if (t >= g) {
+        r[t] = _mm512_setzero_si512();
+        continue;
+      }
+      const __m512 v = _mm512_set1_ps(iv[t]);
+      const __m512 lo = _mm512_mul_ps(load_w(m0, src[t] + e0), v);
+      const __m512 hi = _mm512_mul_ps(load_w(m1, src[t] + e0 + 16), v);
+      r[t] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    }
+    transpose16x16_store(r, d + p0 * ldd, ldd, static_cast<int>(std::min<int64_t>(16, P - p0)));
+  }
+}
+
+// scale_pair_bf16 (below) on the AVX512-BF16 units.
+template <typename T>
+MO_BF16_TARGET inline void scale_pair_bf16_avx512(const T* s0, const T* s1, float k0, float k1,
+                                                  int64_t n, bf16_t* d0, bf16_t* d1,
+                                                  uint32_t* pair) {
+  const __m512 v0 = _mm512_set1_ps(k0), v1 = _mm512_set1_ps(k1);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - j >= 16 ? 0xFFFFu : (1u << (n - j)) - 1u);
+    const __m256i h0 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_w(m, s0 + j), v0));
+    if (d0) _mm256_mask_storeu_epi16(d0 + j, m, h0);
+    __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, h0);
+    if (s1) {
+      const __m256i h1 = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_w(m, s1 + j), v1));
+      if (d1) _mm256_mask_storeu_epi16(d1 + j, m, h1);
+      w = _mm512_or_si512(
+          w, _mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, h1), 16));
+    }
+    _mm512_mask_storeu_epi32(pair + j, m, w);
+  }
 }
 
 template <typename W>
 MO_BF16_TARGET void jacobian_row(const float* g, const float* what, const W* src, bool projects,
                                  float iv, W* dst, int64_t D, bool accumulate) {
   const __m512 vi = _mm512_set1_ps(iv);
+  if (!what) {
+    // ŵ = src·iv left implicit: proj = iv·(src·g), dst (+)= g·iv − src·(iv²·proj). The dot in
+    // four independent sums (no 4-cycle FMA chain per 16 lanes of the row).
+    float dot = 0.f;
+    if (projects) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                       _mm512_setzero_ps()};
+      int64_t e = 0;
+      for (; e + 64 <= D; e += 64)
+        for (int q = 0; q < 4; ++q)
+          acc[q] = _mm512_fmadd_ps(load_w(0xFFFF, src + e + 16 * q),
+                                   _mm512_loadu_ps(g + e + 16 * q), acc[q]);
+      for (; e < D; e += 16) {
+        const __mmask16 m = static_cast<__mmask16>(D - e >= 16 ? 0xFFFFu : (1u << (D - e)) - 1u);
+        acc[0] = _mm512_fmadd_ps(load_w(m, src + e), _mm512_maskz_loadu_ps(m, g + e), acc[0]);
+      }
+      dot = _mm512_reduce_add_ps(
+          _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    }
+    const __m512 vc = _mm512_set1_ps(iv * iv * (iv * dot));
+    for (int64_t e = 0; e < D; e += 16) {
+      const __mmask16 m = static_cast<__mmask16>(D - e >= 16 ? 0xFFFFu : (1u << (D - e)) - 1u);
+      __m512 v = _mm512_fnmadd_ps(load_w(m, src + e), vc,
+                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + e), vi));
+      if (accumulate) v = _mm512_add_ps(load_w(m, dst + e), v);
+      store_w(m, dst + e, v);
+    }
+    return;
+  }
   float proj = 0.f;
   if (projects) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t e = 0; e < D; e += 16) {
       const __mmask16 m = static_cast<__mmask16>(D - e >= 16 ? 0xFFFFu : (1u << (D - e)) - 1u);
-      acc = _mm512_fmadd_ps(w_hat_lanes(m, what, src, vi, e), _mm512_maskz_loadu_ps(m, g + e),
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, what + e), _mm512_maskz_loadu_ps(m, g + e),
                             acc);
     }
     proj = _mm512_reduce_add_ps(acc);
@@ -258,7 +337,7 @@ MO_BF16_TARGET void jacobian_row(const float* g, const float* what, const W* src
   for (int64_t e = 0; e < D; e += 16) {
     const __mmask16 m = static_cast<__mmask16>(D - e >= 16 ? 0xFFFFu : (1u << (D - e)) - 1u);
     __m512 v = _mm512_mul_ps(
-        _mm512_fnmadd_ps(w_hat_lanes(m, what, src, vi, e), vp, _mm512_maskz_loadu_ps(m, g + e)),
+        _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, what + e), vp, _mm512_maskz_loadu_ps(m, g + e)),
         vi);
     if (accumulate) v = _mm512_add_ps(load_w(m, dst + e), v);
     store_w(m, dst + e, v);
@@ -332,6 +411,41 @@ inline void pack_cols_fast(const T* src, int64_t N, int64_t K, int64_t ld, bf16_
 #else
   pack_cols(src, N, K, ld, dst);
 #endif
+}
+
+// Two rows of n values (float, or bf16 weights) times k0, k1 → bf16 (one rounding of the fp32
+// product), written as n pairs (row 0, row 1) in `pair` — the layout pack_cols_fast gives — and,
+// when d0 / d1 are given, as rows too; s1 null: a zero second row. Uses: the fixed-shift
+// backward's DD from kept exps, and weight rows normalised straight into the dF GEMM's operand
+// (tiles.h). Other weight types (fp16) take the scalar loop.
+template <typename T>
+inline void scale_pair_bf16(const T* s0, const T* s1, float k0, float k1, int64_t n, bf16_t* d0,
+                            bf16_t* d1, bf16_t* pair) {
+#if MO_HAVE_AVX512_GEMM
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16_t>)
+    return scale_pair_bf16_avx512(s0, s1, k0, k1, n, d0, d1, reinterpret_cast<uint32_t*>(pair));
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    pair[2 * j] = bf16_t(float(s0[j]) * k0);
+    pair[2 * j + 1] = s1 ? bf16_t(float(s1[j]) * k1) : bf16_t(0.f);
+    if (d0) d0[j] = pair[2 * j];
+    if (d1 && s1) d1[j] = pair[2 * j + 1];
+  }
+}
+
+// pack_rows_scaled_avx512 (above) for fp32 or bf16 weights; false, nothing written, for other
+// weight types (fp16): the caller then goes through bf16 rows and pack_bf16_rows.
+template <typename W>
+inline bool pack_rows_scaled(const W* const* src, const float* iv, int g, int64_t D, uint32_t* d,
+                             int64_t ldd) {
+#if MO_HAVE_AVX512_GEMM
+  if constexpr (std::is_same_v<W, float> || std::is_same_v<W, bf16_t>) {
+    pack_rows_scaled_avx512(src, iv, g, D, d, ldd);
+    return true;
+  }
+#endif
+  (void)src, (void)iv, (void)g, (void)D, (void)d, (void)ldd;
+  return false;
 }
 
 // pack_bf16_rows: B given as N bf16 rows of Kp = round_up(K, 2) (zero pad) → pair-packed: the

@@ -11,7 +11,9 @@
 //
 // Steps, each one of the ops marginops/functional.py runs:
 //   x̂ = x / where(‖x‖ = 0, ∞, max(‖x‖, 1e-12))                          (normalize_rows)
-//   (lse_neg, c_y) = margin_lse(x̂, W, s, target_col = labels)            (forward_cpu)
+//   (lse_neg, c_y) = margin_lse(x̂, W, s, target_col = labels)            (forward_cpu; its fixed
+//                    shift (row_kernels.h) where s <= 75 and no filtering: one pass per row, and
+//                    the backward reads kept exps, not dots — no exp, no max in the backward)
 //   row_i = softplus(lse_neg_i − s·ψ(c_y,i)) = logaddexp(·, 0), 0 on ignored rows (label −1)
 //   loss = mean over non-ignored rows (0 if none) | sum | the (B,) rows
 // ψ is marginops/margins.py's:
@@ -32,6 +34,7 @@
 #include <optional>
 #include <tuple>
 
+#include "clones.h"
 #include "margin_lse.h"
 
 namespace marginops {
@@ -107,13 +110,34 @@ inline Prepared prepare_loss(const Tensor& embeddings, const Tensor& labels, dou
   return p;
 }
 
+// The normalisation's row reductions in double: Σ x_e² and Σ g_e·(x_e / den), vectorised (clones.h;
+// the simd reduction sums in another order than a plain loop: x̂ may differ in the last bit).
+#define MO_DEFINE_ROW_REDUCTIONS(T)                                                               \
+  MO_CPU_CLONES double row_sum_squares_f64(const T* x, int64_t n) {                               \
+    double ss = 0;                                                                                \
+    _Pragma("omp simd reduction(+ : ss)") for (int64_t e = 0; e < n; ++e) ss +=                   \
+        double(x[e]) * double(x[e]);                                                              \
+    return ss;                                                                                    \
+  }                                                                                               \
+  MO_CPU_CLONES double row_dot_scaled_f64(const T* g, const T* x, T den, int64_t n) {            \
+    double dot = 0;                                                                               \
+    _Pragma("omp simd reduction(+ : dot)") for (int64_t e = 0; e < n; ++e) dot +=                 \
+        double(g[e]) * (x[e] / den);                                                              \
+    return dot;                                                                                   \
+  }
+MO_DEFINE_ROW_REDUCTIONS(float)
+MO_DEFINE_ROW_REDUCTIONS(double)
+#undef MO_DEFINE_ROW_REDUCTIONS
+
 // normalize_rows' denominator: ∞ for a zero row (x̂ = 0, no gradient), else max(‖x‖, 1e-12).
 template <typename T>
 inline T denominator(T norm) {
   return norm == T(0) ? std::numeric_limits<T>::infinity() : std::max(norm, T(1e-12));
 }
 
-// margin_loss: (loss, x̂, ‖x‖ (B,), lse_neg, c_y, the kept dots or an empty (0, 0) tensor).
+// margin_loss: (loss, x̂, ‖x‖ (B,), lse_neg, c_y, kept), kept = an empty (0, 0) tensor or the
+// (B + 1, C) block its backward reads: B rows of exps exp(s·d − σ) (the fixed shift of
+// row_kernels.h; the dots where it does not apply) and the weight rows' squared norms.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_loss_cpu(
     const Tensor& embeddings, const Tensor& weight, const Tensor& labels, double scale, bool arc,
     double margin, double offset, int64_t angle_policy, bool straight_through,
@@ -131,8 +155,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_loss_cpu(
     scalar_t* xh = x_hat_acc.data_ptr<scalar_t>();
     scalar_t* n = p.norms.data_ptr<scalar_t>();
     for (int64_t i = 0; i < B; ++i) {
-      double ss = 0;  // fp32 rows: the sum of squares in double
-      for (int64_t e = 0; e < D; ++e) ss += double(x[i * D + e]) * x[i * D + e];
+      const double ss = row_sum_squares_f64(x + i * D, D);  // fp32 rows: in double
       n[i] = static_cast<scalar_t>(std::sqrt(ss));
       const scalar_t den = denominator(n[i]);
       for (int64_t e = 0; e < D; ++e) xh[i * D + e] = x[i * D + e] / den;
@@ -140,7 +163,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> margin_loss_cpu(
   });
   Tensor x_hat = x_hat_acc.to(embeddings.scalar_type());
   auto [lse, dot, dots] = forward_cpu(x_hat, weight, p.scale, std::nullopt, p.labels, std::nullopt,
-                                      std::nullopt, std::nullopt, true, 1, filter_threshold, keep);
+                                      std::nullopt, std::nullopt, true, 1, filter_threshold, keep,
+                                      /*fixed_shift=*/true);
   Tensor loss = reduction == kRows ? at::empty({B}, p.x.options()) : at::empty({}, p.x.options());
   AT_DISPATCH_FLOATING_TYPES(p.acc, "margin_loss", [&] {
     const Psi<scalar_t> psi(arc, margin, offset, angle_policy, straight_through);
@@ -205,7 +229,7 @@ std::tuple<Tensor, Tensor> margin_loss_backward_cpu(
   if (dots.numel() > 0) kept = dots;
   auto [g_hat, grad_weight, g_scale, g_bias] = backward_cpu(
       grad_lse, grad_dot, ln, kept, x_hat, weight, p.scale, std::nullopt, p.labels, std::nullopt,
-      std::nullopt, std::nullopt, true, 1, filter_threshold);
+      std::nullopt, std::nullopt, true, 1, filter_threshold, /*fixed_shift=*/true);
   // normalize_rows' backward, autograd's formulas: x̂ = x / den, den = where(‖x‖ = 0, ∞,
   // max(‖x‖, 1e-12)):  ∂x = g / den + x · (∂den / ‖x‖),  ∂den = −Σ_e g_e·(x_e / den) / den where
   // 1e-12 <= ‖x‖ (0 on zero rows and below the clamp).
@@ -218,8 +242,7 @@ std::tuple<Tensor, Tensor> margin_loss_backward_cpu(
     scalar_t* out = g_x.data_ptr<scalar_t>();
     for (int64_t i = 0; i < B; ++i) {
       const scalar_t den = denominator(n[i]);
-      double dot_gx = 0;
-      for (int64_t e = 0; e < D; ++e) dot_gx += double(gp[i * D + e]) * (x[i * D + e] / den);
+      const double dot_gx = row_dot_scaled_f64(gp + i * D, x + i * D, den, D);
       const scalar_t g_den = n[i] >= scalar_t(1e-12) ? static_cast<scalar_t>(-dot_gx) / den
                                                      : scalar_t(0);
       const scalar_t g_norm = n[i] == scalar_t(0) ? scalar_t(0) : g_den / n[i];

@@ -1,6 +1,6 @@
 // CPU kernels of the marginops core op: margin_lse (+ margin_lse_keep), margin_lse_backward
 // (+ margin_lse_backward_kept), topk. Building blocks (buffers, chunk GEMMs): tiles.h; row loops:
-// row_kernels.h.
+// row_kernels.h; the ops' arguments (checks, dtype dispatch, GEMM plan): op_args.h.
 //
 // Structure (the same in all three): stream over the class columns in chunks of `nc` columns.
 // For each chunk
@@ -37,6 +37,7 @@
 
 #include "keep_pool.h"
 #include "margin_lse.h"
+#include "op_args.h"
 #include "tiles.h"
 
 namespace marginops {
@@ -47,10 +48,11 @@ namespace cpu {
 // ================================================================================================
 
 // keep (optional, B × N·K): receives the raw dots of every chunk, for a backward that does not
-// recompute them (margin_lse_keep).
+// recompute them (margin_lse_keep); keep_ssq (optional, N): the weight rows' squared norms
+// (margin_loss, K = 1), which its backward reads instead of summing them again.
 template <typename acc_t, typename w_t>
 void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc_t* lse_out,
-                  acc_t* dot_out, const GemmPlan& plan, acc_t* keep) {
+                  acc_t* dot_out, const GemmPlan& plan, acc_t* keep, acc_t* keep_ssq) {
   const int64_t B = P.B, D = P.D, K = P.K, N = P.N;
   const int64_t nthreads = at::get_num_threads();
   const int64_t nc_max = pick_chunk(B, K, N, sizeof(acc_t), nthreads);
@@ -73,13 +75,22 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t n0 = ch * nc_max, nc = std::min(nc_max, N - n0), ncK = nc * K;
         Tensor T = ws.chunk_dots(P, W, Facc, n0, nc);
+        if (keep_ssq) std::copy_n(ws.sumsq.template data_ptr<acc_t>(), nc, keep_ssq + n0);
         acc_t* tp = T.data_ptr<acc_t>();
         const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
         for (int64_t i = 0; i < B; ++i) {
           acc_t* row = tp + i * ncK;
+          const int64_t tl = P.target[i] - n0;
+          if (P.fixed_shift) {  // one pass: Σ exp(z − σ); `keep` receives those exps (K = 1)
+            if (tl >= 0 && tl < nc) dot_out[i] = row[tl];
+            const acc_t sigma = fixed_shift_of(P.scale[i]);
+            const acc_t sum = row_exps(row, keep ? keep + i * N + n0 : nullptr, nc, tl,
+                                       P.scale[i], sigma);
+            epi::lse_merge(M[i], S[i], sigma, sum);
+            continue;
+          }
           if (keep) std::memcpy(keep + i * N * K + n0 * K, row, sizeof(acc_t) * ncK);
           subcenter_reduce(row, nc, K);
-          const int64_t tl = P.target[i] - n0;
           if (tl >= 0 && tl < nc) dot_out[i] = row[tl];  // exactly one chunk holds the target
           const acc_t m = row_logits(row, nc, tl, P.scale[i], P.hard ? P.tau[i] : acc_t(0), P.t,
                                      P.hard, P.thr, P.filter, bc);
@@ -120,6 +131,12 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
   // Per-group ∂F (B × D) and ∂scale (B) accumulators, merged in group order at the end.
   std::vector<Tensor> gF(ngroups);
   std::vector<acc_t> gsc(ngroups * B, acc_t(0));
+  // Fixed shift (row_kernels.h): p_ij = e_ij · exp(σ_i − lse_i), so dd_ij = k_i · e_ij off target.
+  std::vector<acc_t> kfac(P.fixed_shift ? B : 0);
+  // margin_loss's kept block: B rows of exps, then the weight rows' squared norms (forward_cpu)
+  const acc_t* kept_ssq = kept && P.fixed_shift ? kept + B * N : nullptr;
+  for (int64_t i = 0; i < static_cast<int64_t>(kfac.size()); ++i)
+    kfac[i] = grad_lse[i] * P.scale[i] * epi::exp_acc(fixed_shift_of(P.scale[i]) - lse_neg[i]);
 
   at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
     for (int64_t g = gb; g < ge; ++g) {
@@ -140,8 +157,10 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
         const acc_t* ssq = ws.sumsq.template data_ptr<acc_t>();
         const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
         Tensor T;
+        bool w_packed = false;
         if (kept) {  // the dots are read from `kept` below; T only receives DD
-          ws.load(P, W, n0, nc);
+          w_packed = ws.load_pairs_bf16(P, W, n0, nc, kept_ssq ? kept_ssq + n0 : nullptr);
+          if (!w_packed) ws.load(P, W, n0, nc);
           T = ws.T_view(B, ncK);
         } else {
           T = ws.chunk_dots(P, W, Facc, n0, nc);  // recompute the dots
@@ -156,7 +175,23 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
 
         // Epilogue: dots row (T's, or the kept one) → DD row of T.
         //   g  = grad_lse · exp(z − lse_neg) off target;  dd = g · s · ∂d'/∂d (+ grad_dot at target)
-        for (int64_t i = 0; i < B; ++i) {
+        // Fixed shift: dd = k_i · e_ij from the kept exps or the recomputed dots (grad_dot at the
+        // target); with bf16 GEMMs and kept exps straight into the bf16 DD layouts.
+        bool dd_packed = false;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (P.fixed_shift && kept && ws.dd_bf16()) {
+            ws.dd_from_exps_bf16(P, kept, kfac.data(), grad_dot, n0, nc);
+            dd_packed = true;
+          }
+        }
+        for (int64_t i = 0; i < B && P.fixed_shift && !dd_packed; ++i) {
+          acc_t* row = tp + i * nc;
+          row_dd_shifted(kept ? kept + i * N + n0 : row, row, nc, kept != nullptr, P.scale[i],
+                         fixed_shift_of(P.scale[i]), kfac[i]);
+          const int64_t tl = P.target[i] - n0;
+          if (tl >= 0 && tl < nc) row[tl] = grad_dot[i];
+        }
+        for (int64_t i = 0; i < B && !P.fixed_shift; ++i) {
           acc_t* row = tp + i * ncK;
           const acc_t* src = kept ? kept + (i * N + n0) * K : row;
           const acc_t* d;
@@ -181,23 +216,28 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
           gs[i] += gsum;
         }
 
-        // ∂F += DD · Ŵc ;  G = DDᵀ · F
-        Tensor Gv = g_in_place ? at::from_blob(reinterpret_cast<acc_t*>(gW) + n0 * K * D,
-                                               {ncK, D}, opt)
-                               : ws.G.narrow(0, 0, ncK);
-        ws.chunk_grads(T, Facc, gF[g], Gv);
-        const acc_t* gp = Gv.data_ptr<acc_t>();
-
-        // Normalisation Jacobian per weight row, written to the rows this chunk owns.
-        for (int64_t j = 0; j < nc; ++j) {
+        // ∂F += DD · Ŵc ;  G = DDᵀ · F, kGradRows rows at a time, each block's normalisation
+        // Jacobian applied while it is in cache (in-place weights: G is gW, no Jacobian).
+        ws.chunk_dF(T, gF[g], dd_packed, w_packed);
+        for (int64_t j = 0; j < nc && gbias; ++j) {
           const int64_t c = P.class_of(n0 + j);
-          if (gbias) gbias[c] = accumulate_rows ? gbias[c] + gbc[j] : gbc[j];
-          for (int64_t k = 0; k < K && !g_in_place; ++k) {
-            const int64_t r = j * K + k;
-            const acc_t* grow = gp + r * D;
-            const acc_t* what = Wc ? Wc + r * D : nullptr;
-            jacobian_row(grow, what, W + (c * K + k) * D, row_buf,
-                         epi::norm_projects(ssq[r], P.normalize), inv[r], gW + (c * K + k) * D, D,
+          gbias[c] = accumulate_rows ? gbias[c] + gbc[j] : gbc[j];
+        }
+        if (g_in_place) {
+          Tensor Gv = at::from_blob(reinterpret_cast<acc_t*>(gW) + n0 * K * D, {ncK, D}, opt);
+          ws.chunk_G(T, Facc, Gv, 0, ncK);
+          continue;
+        }
+        for (int64_t r0 = 0; r0 < ncK; r0 += kGradRows) {
+          const int64_t r1 = std::min(ncK, r0 + kGradRows);
+          Tensor Gv = ws.G.narrow(0, 0, r1 - r0);
+          ws.chunk_G(T, Facc, Gv, r0, r1);
+          const acc_t* gp = Gv.data_ptr<acc_t>();
+          // Normalisation Jacobian per weight row, written to the rows this chunk owns.
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t w_row = P.class_of(n0 + r / K) * K + r % K;
+            jacobian_row(gp + (r - r0) * D, Wc ? Wc + r * D : nullptr, W + w_row * D, row_buf,
+                         epi::norm_projects(ssq[r], P.normalize), inv[r], gW + w_row * D, D,
                          accumulate_rows);
           }
         }
@@ -271,133 +311,11 @@ void topk_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, const 
 }
 
 // ================================================================================================
-// Registered ops: argument checks, dtype dispatch
+// Registered ops (their arguments: op_args.h)
 // ================================================================================================
 
-inline at::ScalarType acc_type_of(const Tensor& features) {
-  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline bool has_duplicates(const Tensor& class_index) {
-  if (class_index.numel() < 2) return false;
-  // A plain read of host memory (CPU tensors), not Tensor::item: no dispatcher-level sync op.
-  Tensor s = std::get<0>(class_index.sort()).contiguous();
-  const int64_t* v = s.data_ptr<int64_t>();
-  for (int64_t i = 1; i < s.numel(); ++i)
-    if (v[i] == v[i - 1]) return true;
-  return false;
-}
-
-template <typename acc_t>
-Problem<acc_t> make_problem(const Tensor& Facc, const Tensor& weight, const Tensor& scale,
-                            const std::optional<Tensor>& bias, const Tensor& target_col,
-                            const std::optional<Tensor>& class_index,
-                            const std::optional<Tensor>& hard_tau,
-                            const std::optional<Tensor>& hard_t, bool normalize_weight,
-                            int64_t subcenters, double filter_threshold) {
-  Problem<acc_t> P;
-  P.B = Facc.size(0);
-  P.D = Facc.size(1);
-  P.K = subcenters;
-  TORCH_CHECK(subcenters >= 1, "marginops: subcenters must be >= 1");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == P.D, "marginops: weight must be (R, D)");
-  TORCH_CHECK(weight.size(0) % subcenters == 0, "marginops: weight rows must be C·subcenters");
-  const int64_t C = weight.size(0) / subcenters;
-  P.N = class_index.has_value() ? class_index->numel() : C;
-  P.F = Facc.data_ptr<acc_t>();
-  P.class_index = class_index.has_value() ? class_index->data_ptr<int64_t>() : nullptr;
-  P.target = target_col.data_ptr<int64_t>();
-  TORCH_CHECK(target_col.numel() == P.B, "marginops: target_col must be (B,)");
-  TORCH_CHECK(scale.numel() == P.B, "marginops: scale must be (B,)");
-  P.scale = scale.data_ptr<acc_t>();
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == C, "marginops: bias must be (C_local,)");
-    P.bias = bias->data_ptr<acc_t>();
-  }
-  TORCH_CHECK(hard_tau.has_value() == hard_t.has_value(),
-              "marginops: hard_tau and hard_t are given together");
-  if (hard_tau.has_value()) {
-    P.hard = true;
-    P.tau = hard_tau->data_ptr<acc_t>();
-    P.t = *hard_t->data_ptr<acc_t>();  // a host read of a CPU scalar, not Tensor::item
-  }
-  TORCH_CHECK(std::isfinite(filter_threshold),
-              "marginops: filter_threshold must be finite (0 disables filtering)");
-  P.filter = filter_threshold > 0;  // insightface: only a positive threshold filters
-  P.thr = static_cast<acc_t>(filter_threshold);
-  P.normalize = normalize_weight;
-  return P;
-}
-
-// Contiguous copies in the types the kernels read.
-struct Inputs {
-  Tensor F, W, scale, target;
-  std::optional<Tensor> bias, class_index, tau, t;
-};
-
-inline Inputs prepare(const Tensor& features, const Tensor& weight, const Tensor& scale,
-                      const std::optional<Tensor>& bias, const Tensor& target_col,
-                      const std::optional<Tensor>& class_index,
-                      const std::optional<Tensor>& hard_tau, const std::optional<Tensor>& hard_t) {
-  TORCH_CHECK(features.dim() == 2, "marginops: features must be (B, D)");
-  const auto acc = acc_type_of(features);
-  TORCH_CHECK(acc != at::kDouble || weight.scalar_type() == at::kDouble,
-              "marginops: fp64 features need fp64 weight");
-  TORCH_CHECK(weight.scalar_type() != at::kDouble || acc == at::kDouble,
-              "marginops: fp64 weight needs fp64 features");
-  // detach(): the kernels call ATen ops (mm_out) that must not see autograd-tracked inputs; the
-  // op's autograd is the registered formula, not these internals.
-  Inputs in;
-  in.F = features.detach().to(acc).contiguous();
-  in.W = weight.detach().contiguous();
-  in.scale = scale.detach().to(acc).contiguous();
-  in.target = target_col.detach().to(at::kLong).contiguous();
-  if (bias.has_value()) in.bias = bias->detach().to(acc).contiguous();
-  if (class_index.has_value()) in.class_index = class_index->to(at::kLong).contiguous();
-  if (hard_tau.has_value()) in.tau = hard_tau->detach().to(acc).contiguous();
-  if (hard_t.has_value()) in.t = hard_t->detach().to(acc).contiguous();
-  return in;
-}
-
-// Calls f.template operator()<acc_t, w_t>() for the supported (acc, weight) dtype pairs.
-template <typename Fn>
-void dispatch_types(at::ScalarType acc, at::ScalarType wt, Fn&& f) {
-  if (acc == at::kDouble) {
-    f(double(0), double(0));
-  } else if (wt == at::kFloat) {
-    f(float(0), float(0));
-  } else if (wt == at::kHalf) {
-    f(float(0), at::Half(0));
-  } else if (wt == at::kBFloat16) {
-    f(float(0), at::BFloat16(0));
-  } else {
-    TORCH_CHECK(false, "marginops: unsupported weight dtype ", wt);
-  }
-}
-
-// The GEMMs of a call (GemmPlan in tiles.h): bf16 features on the AVX512-BF16 units (the weight may
-// be bf16 or fp32 master weights, converted per chunk); any other fp32-accumulated input on our
-// AVX-512 fp32 kernel; fp64 (gradcheck) and CPUs without AVX-512 on ATen's GEMM. fp16 features
-// run the fp32 kernel: no fp16 units on these CPUs. Knobs (benchmarking and testing, read per
-// call): MARGINOPS_CPU_BF16_GEMM=0 and MARGINOPS_CPU_F32_GEMM=0 send those cases to ATen instead.
-inline bool knob_on(const char* name) {
-  const char* env = std::getenv(name);
-  return !(env && env[0] == '0');
-}
-
-// topk keeps fp32 products for bf16 features too (allow_bf16 = false): its ranking is compared
-// against fp32 dots.
-inline GemmPlan gemm_plan(const Tensor& features, bool allow_bf16 = true) {
-  if (features.scalar_type() == at::kDouble) return GemmPlan();
-  if (allow_bf16 && features.scalar_type() == at::kBFloat16 && simd::bf16_available() &&
-      knob_on("MARGINOPS_CPU_BF16_GEMM"))
-    return GemmPlan::bf16(features);
-  if (simd::f32_available() && knob_on("MARGINOPS_CPU_F32_GEMM"))
-    return GemmPlan(GemmPlan::kF32);
-  return GemmPlan();
-}
-
-// Forward of margin_lse and margin_lse_keep; keep: also return the B × N·K dots.
+// Forward of margin_lse, margin_lse_keep and margin_loss; keep: also return the B × N·K dots —
+// or, with fixed_shift where fixed_shift_allowed (margin_loss), the B × N exps (row_kernels.h).
 std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Tensor& weight,
                                                const Tensor& scale,
                                                const std::optional<Tensor>& bias,
@@ -406,7 +324,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Ten
                                                const std::optional<Tensor>& hard_tau,
                                                const std::optional<Tensor>& hard_t,
                                                bool normalize_weight, int64_t subcenters,
-                                               double filter_threshold, bool keep) {
+                                               double filter_threshold, bool keep,
+                                               bool fixed_shift) {
+  TORCH_CHECK(!fixed_shift || subcenters == 1, "marginops: fixed_shift needs subcenters = 1");
   Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
   const auto acc = in.F.scalar_type();
   const int64_t B = in.F.size(0);
@@ -419,11 +339,16 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& features, const Ten
     using w_t = decltype(w0);
     auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
                                  in.t, normalize_weight, subcenters, filter_threshold);
-    // the kept dots' block is recycled between steps (keep_pool.h: no page faults per step)
-    dots = keep ? KeepPool::instance().empty(B, P.N * P.K, in.F.options())
+    P.fixed_shift = fixed_shift && fixed_shift_allowed(P);
+    // the kept dots' block is recycled between steps (keep_pool.h: no page faults per step);
+    // margin_loss's (fixed_shift asked, K = 1) has one more row: the weight rows' squared norms
+    const int64_t kept_rows = B + (fixed_shift ? 1 : 0);
+    dots = keep ? KeepPool::instance().empty(kept_rows, P.N * P.K, in.F.options())
                 : at::empty({0, 0}, in.F.options());
+    acc_t* kp = keep ? dots.data_ptr<acc_t>() : nullptr;
     forward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, lse.data_ptr<acc_t>(),
-                             dot.data_ptr<acc_t>(), plan, keep ? dots.data_ptr<acc_t>() : nullptr);
+                             dot.data_ptr<acc_t>(), plan, kp,
+                             kp && fixed_shift ? kp + B * P.N : nullptr);
   });
   return {lse, dot, dots};
 }
@@ -438,7 +363,7 @@ std::tuple<Tensor, Tensor> margin_lse_cpu(const Tensor& features, const Tensor& 
                                           double filter_threshold) {
   auto [lse, dot, dots] = forward_cpu(features, weight, scale, bias, target_col, class_index,
                                       hard_tau, hard_t, normalize_weight, subcenters,
-                                      filter_threshold, false);
+                                      filter_threshold, false, false);
   return {lse, dot};
 }
 
@@ -449,17 +374,19 @@ std::tuple<Tensor, Tensor, Tensor> margin_lse_keep_cpu(
     const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters,
     double filter_threshold) {
   return forward_cpu(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t,
-                     normalize_weight, subcenters, filter_threshold, true);
+                     normalize_weight, subcenters, filter_threshold, true, false);
 }
 
-// Backward of both; kept: the forward's dots (B × N·K) or nullopt to recompute them.
+// Backward of all three; kept: what the forward kept (its dots, or its exps under fixed_shift,
+// decided again here by fixed_shift_allowed on the same inputs) or nullopt to recompute the dots.
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     const Tensor& grad_lse, const Tensor& grad_dot, const Tensor& lse_neg,
     const std::optional<Tensor>& kept, const Tensor& features, const Tensor& weight,
     const Tensor& scale, const std::optional<Tensor>& bias, const Tensor& target_col,
     const std::optional<Tensor>& class_index, const std::optional<Tensor>& hard_tau,
     const std::optional<Tensor>& hard_t, bool normalize_weight, int64_t subcenters,
-    double filter_threshold) {
+    double filter_threshold, bool fixed_shift) {
+  TORCH_CHECK(!fixed_shift || subcenters == 1, "marginops: fixed_shift needs subcenters = 1");
   Inputs in = prepare(features, weight, scale, bias, target_col, class_index, hard_tau, hard_t);
   const auto acc = in.F.scalar_type();
   const int64_t B = in.F.size(0);
@@ -473,9 +400,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     const int64_t NK = (in.class_index.has_value() ? in.class_index->numel()
                                                    : in.W.size(0) / std::max<int64_t>(1, subcenters)) *
                        subcenters;
-    TORCH_CHECK(kd.dim() == 2 && kd.size(0) == B && kd.size(1) == NK,
+    TORCH_CHECK(kd.dim() == 2 && kd.size(0) == B + (fixed_shift ? 1 : 0) && kd.size(1) == NK,
                 "marginops: margin_lse_backward_kept: dots must be the (B, N·K) tensor that "
-                "margin_lse_keep returned for these inputs");
+                "margin_lse_keep returned for these inputs (margin_loss: (B + 1, C))");
   }
   // Rows never iterated (class_index) keep exactly zero; a repeated class in class_index is
   // accumulated, which needs the chunks to run one after another.
@@ -489,12 +416,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   Tensor gS = at::empty({B}, in.F.options());
   Tensor gBias = in.bias.has_value() ? at::zeros_like(*in.bias) : at::empty({0}, in.F.options());
   Tensor gF;
-  const GemmPlan plan = gemm_plan(features);
+  const GemmPlan plan = gemm_plan(features, true, true, !kd.defined());
   dispatch_types(acc, in.W.scalar_type(), [&](auto acc0, auto w0) {
     using acc_t = decltype(acc0);
     using w_t = decltype(w0);
     auto P = make_problem<acc_t>(in.F, in.W, in.scale, in.bias, in.target, in.class_index, in.tau,
                                  in.t, normalize_weight, subcenters, filter_threshold);
+    P.fixed_shift = fixed_shift && fixed_shift_allowed(P);
     backward_impl<acc_t, w_t>(P, in.W.data_ptr<w_t>(), in.F, gl.data_ptr<acc_t>(),
                               gd.data_ptr<acc_t>(), ln.data_ptr<acc_t>(), gF, gW.data_ptr<w_t>(),
                               gS.data_ptr<acc_t>(),
@@ -512,7 +440,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_cpu(
     bool normalize_weight, int64_t subcenters, double filter_threshold) {
   return backward_cpu(grad_lse, grad_dot, lse_neg, std::nullopt, features, weight, scale, bias,
                       target_col, class_index, hard_tau, hard_t, normalize_weight, subcenters,
-                      filter_threshold);
+                      filter_threshold, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_kept_cpu(
@@ -524,7 +452,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> margin_lse_backward_kept_cpu(
     double filter_threshold) {
   return backward_cpu(grad_lse, grad_dot, lse_neg, dots, features, weight, scale, bias,
                       target_col, class_index, hard_tau, hard_t, normalize_weight, subcenters,
-                      filter_threshold);
+                      filter_threshold, false);
 }
 
 std::tuple<Tensor, Tensor> topk_cpu(const Tensor& features, const Tensor& weight,

@@ -45,9 +45,23 @@ struct Problem {
   acc_t thr = 0;                         // interclass filtering threshold (filter: thr > 0)
   bool filter = false;
   bool normalize = true;
+  bool fixed_shift = false;              // row_kernels.h: set where fixed_shift_allowed says so
 
   int64_t class_of(int64_t n) const { return class_index ? class_index[n] : n; }
 };
+
+// Whether the logits are bounded as the fixed shift needs (row_kernels.h): normalised rows, no
+// bias, no sub-centres, no modulation or filtering, 0 < s <= kShiftMaxScale on every row, at most
+// kShiftMaxColumns columns. The ∂scale output is not computed under it (its callers take a float
+// scale).
+template <typename acc_t>
+bool fixed_shift_allowed(const Problem<acc_t>& P) {
+  if (!P.normalize || P.K != 1 || P.hard || P.filter || P.bias || P.N > kShiftMaxColumns)
+    return false;
+  for (int64_t i = 0; i < P.B; ++i)
+    if (!(P.scale[i] > acc_t(0) && P.scale[i] <= acc_t(kShiftMaxScale))) return false;  // NaN too
+  return true;
+}
 
 // Columns per chunk. The B × nc·K tile should stay in the per-core L2 cache while the epilogue
 // runs over it, yet be large enough for an efficient GEMM. MARGINOPS_CPU_TILE_KB overrides the
@@ -189,16 +203,18 @@ inline void subcenter_reduce(acc_t* row, int64_t nc, int64_t K) {
 // read-only by the threads:
 //   kAten  ATen's mm (MKL / OpenBLAS): fp64, CPUs without AVX-512, or switched off by a knob;
 //   kF32   fp32 operands on our AVX-512 kernel (gemm.h: 2.4× MKL's sgemm on the AMD EPYC here);
-//   kBF16  bf16 features on the AVX512-BF16 units, with the features packed here once:
+//   kBF16  bf16 features on the AVX512-BF16 units, with the features packed here once, each
+//          form only where a GEMM of the call reads it:
 //            Fb  B × Dp row-major (Dp = D rounded up to even, zero pad): A of the logits GEMM F·Ŵcᵀ
-//            Fp  F pair-packed as the B operand of G = DDᵀ·F (N = D, K = B)
+//                (forward, top-k, a backward that recomputes the dots)
+//            Fp  F pair-packed as the B operand of G = DDᵀ·F (N = D, K = B): backward
 struct GemmPlan {
   enum Kind { kAten, kF32, kBF16 };
   Kind kind = kAten;
   int64_t Dp = 0;
   Tensor Fb, Fp;
   explicit GemmPlan(Kind k = kAten) : kind(k) {}
-  static GemmPlan bf16(const Tensor& features) {
+  static GemmPlan bf16(const Tensor& features, bool rows, bool pairs) {
     GemmPlan g(kBF16);
     const int64_t B = features.size(0), D = features.size(1);
     g.Dp = simd::round_up(D, 2);
@@ -206,20 +222,28 @@ struct GemmPlan {
     Tensor Fh = features.scalar_type() == at::kBFloat16 ? features : features.to(at::kBFloat16);
     Fh = Fh.contiguous();
     const auto* src = Fh.data_ptr<at::BFloat16>();
-    g.Fb = at::empty({B, g.Dp}, opt);
-    simd::convert_rows(src, B, D, D, g.Fb.data_ptr<at::BFloat16>());
-    g.Fp = at::empty({simd::round_up(B, 2) * simd::round_up(D, 16)}, opt);
-    simd::pack_cols(src, D, B, D, g.Fp.data_ptr<at::BFloat16>());
+    if (rows) {
+      g.Fb = at::empty({B, g.Dp}, opt);
+      simd::convert_rows(src, B, D, D, g.Fb.data_ptr<at::BFloat16>());
+    }
+    if (pairs) {
+      g.Fp = at::empty({simd::round_up(B, 2) * simd::round_up(D, 16)}, opt);
+      simd::pack_cols_fast(src, D, B, D, g.Fp.data_ptr<at::BFloat16>());
+    }
     return g;
   }
 };
+
+// Rows of ∂L/∂Ŵ computed at a time in the backward (chunk_G): their block (96 × D fp32, 48 KiB at
+// D = 128) is still in L1/L2 when the normalisation Jacobian reads it right after.
+constexpr int64_t kGradRows = 96;
 
 // Scratch of one group (one thread), carved from the thread's scratch block (scratch.h): no
 // allocation and no page fault per pass once a thread has run one.
 template <typename acc_t>
 struct Workspace {
   Tensor Wc, tile, inv, sumsq, bias_c;
-  Tensor G;                          // grads: ∂L/∂Ŵ of the chunk (nc·K × D)
+  Tensor G;                          // grads: ∂L/∂Ŵ of kGradRows of the chunk's rows (× D)
   Tensor Wt;                         // kF32: Ŵcᵀ (D × Rt, Rt = nc·K rounded up to 16), the B
                                      // operand of the logits GEMM
   Tensor Wrows, Wnt, Wnn, DDb, DDt;  // kBF16: Ŵc in bf16 (rows, and packed both ways),
@@ -228,18 +252,20 @@ struct Workspace {
   Tensor Wall;       // in-place mode (see read_in_place): the whole weight, and this chunk's row
   int64_t row0 = 0;
   std::optional<ScratchLease> lease;
+  const bool grads;  // a backward's workspace: Wrows kept for the dF operand
+  bool wnt_ready = false;  // load_rows_bf16 wrote Wnt itself (no Wrows to pack)
   // grads: the backward's buffers too (G, and the bf16 DD tiles).
   Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
-            const GemmPlan& plan_, bool grads = false)
-      : plan(plan_) {
+            const GemmPlan& plan_, bool grads_ = false)
+      : plan(plan_), grads(grads_) {
     using Opt = at::TensorOptions;
     ScratchLayout sizes;
-    each_buffer(B, D, K, nc, opt, grads, [&](Tensor&, at::IntArrayRef s, const Opt& o) {
+    each_buffer(B, D, K, nc, opt, grads_, [&](Tensor&, at::IntArrayRef s, const Opt& o) {
       sizes.add(c10::multiply_integers(s), o.dtype().toScalarType());
     });
     lease.emplace(sizes.bytes());
     ScratchLayout taken;
-    each_buffer(B, D, K, nc, opt, grads, [&](Tensor& t, at::IntArrayRef s, const Opt& o) {
+    each_buffer(B, D, K, nc, opt, grads_, [&](Tensor& t, at::IntArrayRef s, const Opt& o) {
       t = taken.take(lease->base(), s, o);
     });
   }
@@ -254,7 +280,7 @@ struct Workspace {
     buffer(inv, {R}, opt);
     buffer(sumsq, {R}, opt);
     buffer(bias_c, {nc}, opt);
-    if (grads) buffer(G, {R, D}, opt);
+    if (grads) buffer(G, {std::min(R, kGradRows), D}, opt);
     if (plan.kind == GemmPlan::kF32) buffer(Wt, {D * round_up(R, 16)}, opt);
     if (plan.kind == GemmPlan::kBF16) {
       const auto ho = opt.dtype(at::kBFloat16);
@@ -303,8 +329,10 @@ struct Workspace {
                sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
   }
   // load_chunk for the bf16 GEMMs: rows scaled by 1/‖W_r‖ and rounded to bf16 straight into Wrows
-  // (Dp = D rounded up to even, zero pad), the values an fp32 chunk would give. 16 rows at a time:
-  // sums of squares, then 16 independent norms (no latency chain per row), then the rows.
+  // (Dp = D rounded up to even, zero pad), the values an fp32 chunk would give — or, outside a
+  // backward (which packs Wrows for its dF GEMM too), straight into Wnt, the logits GEMM's operand
+  // (wnt_ready). 16 rows at a time: sums of squares, then 16 independent norms (no latency chain
+  // per row), then the rows.
   template <typename w_t>
   void load_rows_bf16(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
     const int64_t D = P.D, K = P.K, R = nc * K, Dp = simd::round_up(D, 2);
@@ -314,6 +342,9 @@ struct Workspace {
     acc_t* bc = bias_c.template data_ptr<acc_t>();
     for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[P.class_of(n0 + j)] : acc_t(0);
     const w_t* src[16];  // this group's weight rows
+    auto* wnt = reinterpret_cast<uint32_t*>(Wnt.template data_ptr<at::BFloat16>());
+    const int64_t Np = simd::round_up(R, 16);
+    wnt_ready = false;
     for (int64_t r0 = 0; r0 < R; r0 += 16) {
       const int64_t g = std::min<int64_t>(16, R - r0);
       for (int64_t t = 0; t < g; ++t) {
@@ -322,12 +353,50 @@ struct Workspace {
         ss[r] = P.normalize ? simd::row_sum_squares(src[t], D) : acc_t(0);
       }
       for (int64_t r = r0; r < r0 + g; ++r) iv[r] = epi::inv_norm(ss[r], P.normalize);  // 1: plain
+      if (!grads && simd::pack_rows_scaled(src, iv + r0, static_cast<int>(g), D, wnt + r0, Np)) {
+        wnt_ready = true;
+        continue;
+      }
       for (int64_t t = 0; t < g; ++t) {
         const int64_t r = r0 + t;
         simd::scale_to_bf16(src[t], D, iv[r], out + r * Dp);
         if (Dp != D) out[r * Dp + D] = at::BFloat16(0.f);
       }
     }
+  }
+  // The backward's load when its dots are kept (no logits GEMM to feed), bf16 GEMMs: the rows
+  // normalised and rounded as load_rows_bf16 does, two at a time, written straight into Wnn —
+  // the dF GEMM's operand, consecutive rows interleaved as pack_cols_fast gives — with no Wrows
+  // between (chunk_dF(…, w_packed = true)). Returns false (nothing loaded) where this does not
+  // apply: then load(). ssq_known (optional, nc): the rows' squared norms, as the forward summed
+  // them (margin_loss keeps them), instead of summing them again.
+  template <typename w_t>
+  bool load_pairs_bf16(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc,
+                       const acc_t* ssq_known) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (!rows_bf16()) return false;
+      const int64_t D = P.D, K = P.K, R = nc * K, Np = simd::round_up(D, 16);
+      auto* wnn = Wnn.template data_ptr<at::BFloat16>();
+      acc_t* iv = inv.template data_ptr<acc_t>();
+      acc_t* ss = sumsq.template data_ptr<acc_t>();
+      acc_t* bc = bias_c.template data_ptr<acc_t>();
+      for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[P.class_of(n0 + j)] : acc_t(0);
+      for (int64_t r0 = 0; r0 < R; r0 += 2) {
+        const w_t* src[2] = {nullptr, nullptr};
+        for (int64_t r = r0; r < std::min(r0 + 2, R); ++r) {
+          src[r - r0] = W + (P.class_of(n0 + r / K) * K + r % K) * D;
+          ss[r] = ssq_known ? ssq_known[r]
+                  : P.normalize ? simd::row_sum_squares(src[r - r0], D) : acc_t(0);
+          iv[r] = epi::inv_norm(ss[r], P.normalize);
+        }
+        at::BFloat16* pair = wnn + r0 * Np;  // pair r0 / 2, Np words of two bf16
+        simd::scale_pair_bf16(src[0], src[1], iv[r0], src[1] ? iv[r0 + 1] : 0.f, D, nullptr,
+                              nullptr, pair);
+        std::fill(pair + 2 * D, pair + 2 * Np, at::BFloat16(0.f));
+      }
+      return true;
+    }
+    return false;
   }
   // Load columns [n0, n0 + nc) and return the B × nc·K tile of dots F·Ŵ_cᵀ: the one GEMM every
   // pass (forward, backward, top-k) starts with. bf16 path: Ŵc rounded to bf16 once per chunk
@@ -352,9 +421,9 @@ struct Workspace {
       if (plan.kind == GemmPlan::kBF16) {
         auto* wnt = Wnt.template data_ptr<at::BFloat16>();
         auto* rows = Wrows.template data_ptr<at::BFloat16>();
-        if (rows_bf16())
+        if (rows_bf16() && !wnt_ready)
           simd::pack_bf16_rows(rows, ncK, D, wnt);
-        else  // plain fp32 weights read in place
+        else if (!rows_bf16())  // plain fp32 weights read in place
           simd::pack_rows_f32(wv, ncK, D, D, rows, wnt);
         simd::gemm_bf16(B, ncK, plan.Dp / 2, plan.Fb.template data_ptr<at::BFloat16>(),
                         plan.Dp, wnt, T.data_ptr<float>(), ncK, false);
@@ -364,42 +433,86 @@ struct Workspace {
     at::mm_out(T, Facc, W_view(ncK).t());
     return T;
   }
-  // Backward GEMMs of a chunk, from the DD tile T (B × ncK):  ∂F += DD·Ŵc,  G = DDᵀ·F.
-  void chunk_grads(const Tensor& T, const Tensor& Facc, Tensor& gF, Tensor& Gv) {
+  // bf16 GEMMs: chunk_dF and chunk_G read the DD tile as bf16 rows (DDb) and pairs (DDt).
+  bool dd_bf16() const { return plan.kind == GemmPlan::kBF16; }
+  // Fixed shift, bf16 GEMMs, kept exps (row_kernels.h): dd_ij = k_i·e_ij (grad_dot_i at the
+  // target) rounded to bf16 once, written straight into DDb and DDt — no fp32 tile between;
+  // chunk_dF(…, dd_packed = true) then skips its conversions. kept: B rows of P.N exps.
+  void dd_from_exps_bf16(const Problem<float>& P, const float* kept, const float* k,
+                         const float* grad_dot, int64_t n0, int64_t nc) {
+    const int64_t B = P.B, Rp = simd::round_up(nc, 2), Np = simd::round_up(nc, 16);
+    auto* ddb = DDb.template data_ptr<at::BFloat16>();
+    auto* ddt = DDt.template data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < B; i += 2) {
+      const int64_t rows = std::min<int64_t>(2, B - i);
+      at::BFloat16* pair = ddt + 2 * (i / 2) * Np;
+      simd::scale_pair_bf16(kept + i * P.N + n0, rows == 2 ? kept + (i + 1) * P.N + n0 : nullptr,
+                            k[i], rows == 2 ? k[i + 1] : 0.f, nc, ddb + i * Rp,
+                            rows == 2 ? ddb + (i + 1) * Rp : nullptr, pair);
+      std::fill(pair + 2 * nc, pair + 2 * Np, at::BFloat16(0.f));
+      for (int64_t r = i; r < i + rows; ++r) {
+        if (Rp != nc) ddb[r * Rp + nc] = at::BFloat16(0.f);
+        const int64_t tl = P.target[r] - n0;
+        if (tl < 0 || tl >= nc) continue;
+        ddb[r * Rp + tl] = at::BFloat16(grad_dot[r]);
+        pair[2 * tl + (r - i)] = at::BFloat16(grad_dot[r]);
+      }
+    }
+  }
+  // Backward GEMMs of a chunk, from the DD tile T (B × ncK): chunk_dF, then chunk_G per block of
+  // rows (the Jacobian reads each block while it is in cache).
+  // ∂F += DD·Ŵc. bf16 GEMMs: also packs DD both ways for chunk_G (dd_packed: DDb and DDt already
+  // written by dd_from_exps_bf16; w_packed: Wnn already written by load_pairs_bf16).
+  void chunk_dF(const Tensor& T, Tensor& gF, bool dd_packed = false, bool w_packed = false) {
     const int64_t B = T.size(0), ncK = T.size(1), D = Wc.size(1);
     const Tensor Wv = W_view(ncK);
     if constexpr (std::is_same_v<acc_t, float>) {
       const float* tp = T.data_ptr<float>();
-      if (plan.kind == GemmPlan::kF32) {  // DDᵀ is read in place (A strided by rows)
+      if (plan.kind == GemmPlan::kF32) {
         simd::gemm_f32(B, D, ncK, tp, ncK, 1, Wv.data_ptr<float>(), D, gF.data_ptr<float>(), D,
                        true);
-        simd::gemm_f32(ncK, D, B, tp, 1, ncK, Facc.data_ptr<float>(), D, Gv.data_ptr<float>(),
-                       D, false);
         return;
       }
       if (plan.kind == GemmPlan::kBF16) {
         // DD rounded to bf16, as in the naive bf16 loss's logit gradient; fp32 sums and outputs.
         using simd::round_up;
         auto* ddb = DDb.template data_ptr<at::BFloat16>();
-        auto* ddt = DDt.template data_ptr<at::BFloat16>();
         auto* wnn = Wnn.template data_ptr<at::BFloat16>();
-        const int64_t Rp = round_up(ncK, 2), Bp = round_up(B, 2);
-        simd::convert_rows_f32(tp, B, ncK, ncK, ddb);
-        if (rows_bf16())
+        const int64_t Rp = round_up(ncK, 2);
+        if (!dd_packed) simd::convert_rows_f32(tp, B, ncK, ncK, ddb);
+        if (!w_packed && rows_bf16())
           simd::pack_cols_fast(Wrows.template data_ptr<at::BFloat16>(), D, ncK, round_up(D, 2),
                                wnn);
-        else
+        else if (!w_packed)
           simd::pack_cols_fast(Wv.template data_ptr<float>(), D, ncK, D, wnn);
         simd::gemm_bf16(B, D, Rp / 2, ddb, Rp, wnn, gF.data_ptr<float>(), D, true);
-        simd::pack_cols_fast(tp, ncK, B, ncK, ddt);  // DDᵀ pair-major: no transpose
-        simd::gemm_bf16_pair_major(ncK, D, Bp / 2, ddt, round_up(ncK, 16),
+        if (!dd_packed)  // DDᵀ pair-major for chunk_G: no transpose
+          simd::pack_cols_fast(tp, ncK, B, ncK, DDt.template data_ptr<at::BFloat16>());
+        return;
+      }
+    }
+    gF.addmm_(T, Wv);
+  }
+  // Rows [r0, r1) of G = DDᵀ·F (∂L/∂Ŵ of the chunk's rows) into Gv (r1 − r0 rows), after
+  // chunk_dF.
+  void chunk_G(const Tensor& T, const Tensor& Facc, Tensor& Gv, int64_t r0, int64_t r1) {
+    const int64_t B = T.size(0), ncK = T.size(1), D = Wc.size(1), m = r1 - r0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (plan.kind == GemmPlan::kF32) {  // DDᵀ is read in place (A strided by rows)
+        simd::gemm_f32(m, D, B, T.data_ptr<float>() + r0, 1, ncK, Facc.data_ptr<float>(), D,
+                       Gv.data_ptr<float>(), D, false);
+        return;
+      }
+      if (plan.kind == GemmPlan::kBF16) {
+        const auto* ddt = DDt.template data_ptr<at::BFloat16>();
+        simd::gemm_bf16_pair_major(m, D, simd::round_up(B, 2) / 2, ddt + 2 * r0,
+                                   simd::round_up(ncK, 16),
                                    plan.Fp.template data_ptr<at::BFloat16>(),
                                    Gv.data_ptr<float>(), D, false);
         return;
       }
     }
-    gF.addmm_(T, Wv);
-    at::mm_out(Gv, T.t(), Facc);
+    at::mm_out(Gv, T.t().narrow(0, r0, m), Facc);
   }
 };
 

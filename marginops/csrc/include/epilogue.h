@@ -44,15 +44,11 @@ MO_HD T neg_inf() {
 // the sum, never vanish from it). On the device, expf (full precision) is used.
 // Double always uses exp(), which keeps fp64 gradcheck exact.
 // ---------------------------------------------------------------------------------------------
-MO_HD float exp_acc(float x) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-  return expf(x);
-#else
-  const float lo = -87.33654f, hi = 88.0f;
-  // in_range is false for x < lo (−inf included) and for NaN; NaN is clamped to lo here so that the
-  // float → int conversion below stays defined, and restored at the end (one compare, one select).
-  const bool in_range = x >= lo;
-  float xc = in_range ? (x > hi ? hi : x) : lo;
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+// exp_acc's polynomial for an argument already in [−87.34, 88] (NaN: NaN through p). The CPU's
+// fixed-shift pass (csrc/cpu/row_kernels.h), whose arguments lie there by construction, calls it
+// without exp_acc's clamps.
+inline __attribute__((always_inline)) float exp_poly(float xc) {
   // k = round(x / ln2) with the 1.5·2^23 magic constant (no floor/rint call, vectorisable).
   const float magic = 12582912.0f;
   float t = xc * 1.44269504088896341f + magic;
@@ -72,7 +68,20 @@ MO_HD float exp_acc(float x) {
   int32_t bits = (ki + 127) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(float));
-  float y = p * two_k;
+  return p * two_k;
+}
+#endif
+
+MO_HD float exp_acc(float x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return expf(x);
+#else
+  const float lo = -87.33654f, hi = 88.0f;
+  // in_range is false for x < lo (−inf included) and for NaN; NaN is clamped to lo here so that the
+  // float → int conversion in exp_poly stays defined, and restored at the end (one compare, one
+  // select).
+  const bool in_range = x >= lo;
+  const float y = exp_poly(in_range ? (x > hi ? hi : x) : lo);
   return in_range ? y : (x < lo ? 0.0f : x);  // underflow → 0, NaN → NaN
 #endif
 }
