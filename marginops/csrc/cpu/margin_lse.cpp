@@ -224,15 +224,13 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
           gbias[c] = accumulate_rows ? gbias[c] + gbc[j] : gbc[j];
         }
         if (g_in_place) {
-          Tensor Gv = at::from_blob(reinterpret_cast<acc_t*>(gW) + n0 * K * D, {ncK, D}, opt);
-          ws.chunk_G(T, Facc, Gv, 0, ncK);
+          ws.chunk_G(T, Facc, reinterpret_cast<acc_t*>(gW) + n0 * K * D, 0, ncK);
           continue;
         }
+        acc_t* gp = ws.G.template data_ptr<acc_t>();
         for (int64_t r0 = 0; r0 < ncK; r0 += kGradRows) {
           const int64_t r1 = std::min(ncK, r0 + kGradRows);
-          Tensor Gv = ws.G.narrow(0, 0, r1 - r0);
-          ws.chunk_G(T, Facc, Gv, r0, r1);
-          const acc_t* gp = Gv.data_ptr<acc_t>();
+          ws.chunk_G(T, Facc, gp, r0, r1);
           // Normalisation Jacobian per weight row, written to the rows this chunk owns.
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t w_row = P.class_of(n0 + r / K) * K + r % K;

@@ -493,25 +493,25 @@ struct Workspace {
     }
     gF.addmm_(T, Wv);
   }
-  // Rows [r0, r1) of G = DDᵀ·F (∂L/∂Ŵ of the chunk's rows) into Gv (r1 − r0 rows), after
-  // chunk_dF.
-  void chunk_G(const Tensor& T, const Tensor& Facc, Tensor& Gv, int64_t r0, int64_t r1) {
+  // Rows [r0, r1) of G = DDᵀ·F (∂L/∂Ŵ of the chunk's rows) into g (r1 − r0 rows of D), after
+  // chunk_dF. Raw pointers: called once per kGradRows rows, where a Tensor view per call costs.
+  void chunk_G(const Tensor& T, const Tensor& Facc, acc_t* g, int64_t r0, int64_t r1) {
     const int64_t B = T.size(0), ncK = T.size(1), D = Wc.size(1), m = r1 - r0;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (plan.kind == GemmPlan::kF32) {  // DDᵀ is read in place (A strided by rows)
-        simd::gemm_f32(m, D, B, T.data_ptr<float>() + r0, 1, ncK, Facc.data_ptr<float>(), D,
-                       Gv.data_ptr<float>(), D, false);
+        simd::gemm_f32(m, D, B, T.data_ptr<float>() + r0, 1, ncK, Facc.data_ptr<float>(), D, g, D,
+                       false);
         return;
       }
       if (plan.kind == GemmPlan::kBF16) {
         const auto* ddt = DDt.template data_ptr<at::BFloat16>();
         simd::gemm_bf16_pair_major(m, D, simd::round_up(B, 2) / 2, ddt + 2 * r0,
                                    simd::round_up(ncK, 16),
-                                   plan.Fp.template data_ptr<at::BFloat16>(),
-                                   Gv.data_ptr<float>(), D, false);
+                                   plan.Fp.template data_ptr<at::BFloat16>(), g, D, false);
         return;
       }
     }
+    Tensor Gv = at::from_blob(g, {m, D}, Facc.options());
     at::mm_out(Gv, T.t().narrow(0, r0, m), Facc);
   }
 };
