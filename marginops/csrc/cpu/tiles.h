@@ -222,7 +222,9 @@ struct GemmPlan {
     Tensor Fh = features.scalar_type() == at::kBFloat16 ? features : features.to(at::kBFloat16);
     Fh = Fh.contiguous();
     const auto* src = Fh.data_ptr<at::BFloat16>();
-    if (rows) {
+    if (rows && g.Dp == D) {
+      g.Fb = Fh;  // already B × Dp bf16 rows: read in place
+    } else if (rows) {
       g.Fb = at::empty({B, g.Dp}, opt);
       simd::convert_rows(src, B, D, D, g.Fb.data_ptr<at::BFloat16>());
     }
@@ -328,6 +330,16 @@ struct Workspace {
     load_chunk(P, W, n0, nc, Wc.template data_ptr<acc_t>(), inv.template data_ptr<acc_t>(),
                sumsq.template data_ptr<acc_t>(), bias_c.template data_ptr<acc_t>());
   }
+  // The bias of columns [n0, n0 + nc) (0 without one) into bias_c; the weight row of the chunk's
+  // row r (column n0 + r / K, sub-center r % K).
+  void gather_bias(const Problem<acc_t>& P, int64_t n0, int64_t nc) {
+    acc_t* bc = bias_c.template data_ptr<acc_t>();
+    for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[P.class_of(n0 + j)] : acc_t(0);
+  }
+  template <typename w_t>
+  static const w_t* weight_row(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t r) {
+    return W + (P.class_of(n0 + r / P.K) * P.K + r % P.K) * P.D;
+  }
   // load_chunk for the bf16 GEMMs: rows scaled by 1/‖W_r‖ and rounded to bf16 straight into Wrows
   // (Dp = D rounded up to even, zero pad), the values an fp32 chunk would give — or, outside a
   // backward (which packs Wrows for its dF GEMM too), straight into Wnt, the logits GEMM's operand
@@ -335,12 +347,11 @@ struct Workspace {
   // per row), then the rows.
   template <typename w_t>
   void load_rows_bf16(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
-    const int64_t D = P.D, K = P.K, R = nc * K, Dp = simd::round_up(D, 2);
+    const int64_t D = P.D, R = nc * P.K, Dp = simd::round_up(D, 2);
     auto* out = Wrows.template data_ptr<at::BFloat16>();
     acc_t* iv = inv.template data_ptr<acc_t>();
     acc_t* ss = sumsq.template data_ptr<acc_t>();
-    acc_t* bc = bias_c.template data_ptr<acc_t>();
-    for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[P.class_of(n0 + j)] : acc_t(0);
+    gather_bias(P, n0, nc);
     const w_t* src[16];  // this group's weight rows
     auto* wnt = reinterpret_cast<uint32_t*>(Wnt.template data_ptr<at::BFloat16>());
     const int64_t Np = simd::round_up(R, 16);
@@ -349,7 +360,7 @@ struct Workspace {
       const int64_t g = std::min<int64_t>(16, R - r0);
       for (int64_t t = 0; t < g; ++t) {
         const int64_t r = r0 + t;
-        src[t] = W + (P.class_of(n0 + r / K) * K + r % K) * D;
+        src[t] = weight_row(P, W, n0, r);
         ss[r] = P.normalize ? simd::row_sum_squares(src[t], D) : acc_t(0);
       }
       for (int64_t r = r0; r < r0 + g; ++r) iv[r] = epi::inv_norm(ss[r], P.normalize);  // 1: plain
@@ -375,16 +386,15 @@ struct Workspace {
                        const acc_t* ssq_known) {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (!rows_bf16()) return false;
-      const int64_t D = P.D, K = P.K, R = nc * K, Np = simd::round_up(D, 16);
+      const int64_t D = P.D, R = nc * P.K, Np = simd::round_up(D, 16);
       auto* wnn = Wnn.template data_ptr<at::BFloat16>();
       acc_t* iv = inv.template data_ptr<acc_t>();
       acc_t* ss = sumsq.template data_ptr<acc_t>();
-      acc_t* bc = bias_c.template data_ptr<acc_t>();
-      for (int64_t j = 0; j < nc; ++j) bc[j] = P.bias ? P.bias[P.class_of(n0 + j)] : acc_t(0);
+      gather_bias(P, n0, nc);
       for (int64_t r0 = 0; r0 < R; r0 += 2) {
         const w_t* src[2] = {nullptr, nullptr};
         for (int64_t r = r0; r < std::min(r0 + 2, R); ++r) {
-          src[r - r0] = W + (P.class_of(n0 + r / K) * K + r % K) * D;
+          src[r - r0] = weight_row(P, W, n0, r);
           ss[r] = ssq_known ? ssq_known[r]
                   : P.normalize ? simd::row_sum_squares(src[r - r0], D) : acc_t(0);
           iv[r] = epi::inv_norm(ss[r], P.normalize);
