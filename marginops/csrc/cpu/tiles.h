@@ -4,7 +4,8 @@
 //   load_chunk   a chunk of weight rows → acc dtype, normalised (+ norms, bias)
 //   (row_kernels.h: the epilogue loops — logits + max, Σexp, softmax gradient)
 //   GemmPlan, Workspace  a thread's buffers and the chunk GEMMs (fp32 on our AVX-512 kernel, bf16
-//                on the AVX512-BF16 units — csrc/cpu/gemm.h — or ATen's: fp64, older CPUs)
+//                on the AVX512-BF16 units — csrc/cpu/gemm.h — or ATen's: fp64, older CPUs); the
+//                loops over weight rows (norms, bf16 packing, Jacobian): csrc/cpu/weight_rows.h
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +19,7 @@
 
 #include "epilogue.h"
 #include "gemm.h"
+#include "weight_rows.h"
 #include "row_kernels.h"
 #include "scratch.h"
 
