@@ -199,7 +199,6 @@ MO_BF16_TARGET inline void transpose16x16(const uint32_t* s, int64_t lds, uint32
 }
 #endif
 
-
 // transpose() of 32-bit words with whole 16 × 16 blocks in vector registers.
 inline void transpose32(const uint32_t* src, int64_t R, int64_t Cn, int64_t lds, uint32_t* dst,
                         int64_t ldd) {

@@ -80,18 +80,18 @@ void forward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, acc
         const acc_t* bc = ws.bias_c.template data_ptr<acc_t>();
         for (int64_t i = 0; i < B; ++i) {
           acc_t* row = tp + i * ncK;
+          if (keep && !P.fixed_shift)
+            std::memcpy(keep + i * N * K + n0 * K, row, sizeof(acc_t) * ncK);
+          subcenter_reduce(row, nc, K);
           const int64_t tl = P.target[i] - n0;
+          if (tl >= 0 && tl < nc) dot_out[i] = row[tl];  // exactly one chunk holds the target
           if (P.fixed_shift) {  // one pass: Σ exp(z − σ); `keep` receives those exps (K = 1)
-            if (tl >= 0 && tl < nc) dot_out[i] = row[tl];
             const acc_t sigma = fixed_shift_of(P.scale[i]);
             const acc_t sum = row_exps(row, keep ? keep + i * N + n0 : nullptr, nc, tl,
                                        P.scale[i], sigma);
             epi::lse_merge(M[i], S[i], sigma, sum);
             continue;
           }
-          if (keep) std::memcpy(keep + i * N * K + n0 * K, row, sizeof(acc_t) * ncK);
-          subcenter_reduce(row, nc, K);
-          if (tl >= 0 && tl < nc) dot_out[i] = row[tl];  // exactly one chunk holds the target
           const acc_t m = row_logits(row, nc, tl, P.scale[i], P.hard ? P.tau[i] : acc_t(0), P.t,
                                      P.hard, P.thr, P.filter, bc);
           if (m == epi::neg_inf<acc_t>()) continue;  // no non-target column in this chunk
@@ -133,10 +133,10 @@ void backward_impl(const Problem<acc_t>& P, const w_t* W, const Tensor& Facc, co
   std::vector<acc_t> gsc(ngroups * B, acc_t(0));
   // Fixed shift (row_kernels.h): p_ij = e_ij · exp(σ_i − lse_i), so dd_ij = k_i · e_ij off target.
   std::vector<acc_t> kfac(P.fixed_shift ? B : 0);
-  // margin_loss's kept block: B rows of exps, then the weight rows' squared norms (forward_cpu)
-  const acc_t* kept_ssq = kept && P.fixed_shift ? kept + B * N : nullptr;
   for (int64_t i = 0; i < static_cast<int64_t>(kfac.size()); ++i)
     kfac[i] = grad_lse[i] * P.scale[i] * epi::exp_acc(fixed_shift_of(P.scale[i]) - lse_neg[i]);
+  // margin_loss's kept block: B rows of exps, then the weight rows' squared norms (forward_cpu)
+  const acc_t* kept_ssq = kept && P.fixed_shift ? kept + B * N : nullptr;
 
   at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
     for (int64_t g = gb; g < ge; ++g) {

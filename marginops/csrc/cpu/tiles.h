@@ -257,7 +257,6 @@ struct Workspace {
   int64_t row0 = 0;
   std::optional<ScratchLease> lease;
   const bool grads;  // a backward's workspace: Wrows kept for the dF operand
-  bool wnt_ready = false;  // load_rows_bf16 wrote Wnt itself (no Wrows to pack)
   // grads: the backward's buffers too (G, and the bf16 DD tiles).
   Workspace(int64_t B, int64_t D, int64_t K, int64_t nc, const at::TensorOptions& opt,
             const GemmPlan& plan_, bool grads_ = false)
@@ -342,11 +341,16 @@ struct Workspace {
   static const w_t* weight_row(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t r) {
     return W + (P.class_of(n0 + r / P.K) * P.K + r % P.K) * P.D;
   }
+  // Whether load_rows_bf16 packs Wnt itself (loads_into_wnt) — outside a backward, which packs
+  // Wrows for its dF GEMM too — or leaves Wrows for chunk_dots to pack.
+  template <typename w_t>
+  bool loads_into_wnt() const {
+    return !grads && simd::packs_rows_scaled<w_t>();
+  }
   // load_chunk for the bf16 GEMMs: rows scaled by 1/‖W_r‖ and rounded to bf16 straight into Wrows
-  // (Dp = D rounded up to even, zero pad), the values an fp32 chunk would give — or, outside a
-  // backward (which packs Wrows for its dF GEMM too), straight into Wnt, the logits GEMM's operand
-  // (wnt_ready). 16 rows at a time: sums of squares, then 16 independent norms (no latency chain
-  // per row), then the rows.
+  // (Dp = D rounded up to even, zero pad), the values an fp32 chunk would give — or straight into
+  // Wnt, the logits GEMM's operand (loads_into_wnt). 16 rows at a time: sums of squares, then 16
+  // independent norms (no latency chain per row), then the rows.
   template <typename w_t>
   void load_rows_bf16(const Problem<acc_t>& P, const w_t* W, int64_t n0, int64_t nc) {
     const int64_t D = P.D, R = nc * P.K, Dp = simd::round_up(D, 2);
@@ -357,7 +361,6 @@ struct Workspace {
     const w_t* src[16];  // this group's weight rows
     auto* wnt = reinterpret_cast<uint32_t*>(Wnt.template data_ptr<at::BFloat16>());
     const int64_t Np = simd::round_up(R, 16);
-    wnt_ready = false;
     for (int64_t r0 = 0; r0 < R; r0 += 16) {
       const int64_t g = std::min<int64_t>(16, R - r0);
       for (int64_t t = 0; t < g; ++t) {
@@ -366,9 +369,11 @@ struct Workspace {
         ss[r] = P.normalize ? simd::row_sum_squares(src[t], D) : acc_t(0);
       }
       for (int64_t r = r0; r < r0 + g; ++r) iv[r] = epi::inv_norm(ss[r], P.normalize);  // 1: plain
-      if (!grads && simd::pack_rows_scaled(src, iv + r0, static_cast<int>(g), D, wnt + r0, Np)) {
-        wnt_ready = true;
-        continue;
+      if constexpr (simd::packs_rows_scaled<w_t>()) {
+        if (loads_into_wnt<w_t>()) {
+          simd::pack_rows_scaled(src, iv + r0, static_cast<int>(g), D, wnt + r0, Np);
+          continue;
+        }
       }
       for (int64_t t = 0; t < g; ++t) {
         const int64_t r = r0 + t;
@@ -433,7 +438,7 @@ struct Workspace {
       if (plan.kind == GemmPlan::kBF16) {
         auto* wnt = Wnt.template data_ptr<at::BFloat16>();
         auto* rows = Wrows.template data_ptr<at::BFloat16>();
-        if (rows_bf16() && !wnt_ready)
+        if (rows_bf16() && !loads_into_wnt<w_t>())
           simd::pack_bf16_rows(rows, ncK, D, wnt);
         else if (!rows_bf16())  // plain fp32 weights read in place
           simd::pack_rows_f32(wv, ncK, D, D, rows, wnt);

@@ -203,19 +203,21 @@ inline void scale_pair_bf16(const T* s0, const T* s1, float k0, float k1, int64_
   }
 }
 
-// pack_rows_scaled_avx512 (above) for fp32 or bf16 weights; false, nothing written, for other
-// weight types (fp16): the caller then goes through bf16 rows and pack_bf16_rows.
+// Whether pack_rows_scaled packs weights of type W: fp32 and bf16 on AVX-512 builds. The others
+// (fp16) go through bf16 rows and pack_bf16_rows.
 template <typename W>
-inline bool pack_rows_scaled(const W* const* src, const float* iv, int g, int64_t D, uint32_t* d,
+constexpr bool packs_rows_scaled() {
+  return MO_HAVE_AVX512_GEMM && (std::is_same_v<W, float> || std::is_same_v<W, bf16_t>);
+}
+
+// pack_rows_scaled_avx512 (above), for the weight types packs_rows_scaled<W>() accepts.
+template <typename W>
+inline void pack_rows_scaled(const W* const* src, const float* iv, int g, int64_t D, uint32_t* d,
                              int64_t ldd) {
+  static_assert(packs_rows_scaled<W>(), "pack_rows_scaled: fp32 or bf16 weights, AVX-512 builds");
 #if MO_HAVE_AVX512_GEMM
-  if constexpr (std::is_same_v<W, float> || std::is_same_v<W, bf16_t>) {
-    pack_rows_scaled_avx512(src, iv, g, D, d, ldd);
-    return true;
-  }
+  pack_rows_scaled_avx512(src, iv, g, D, d, ldd);
 #endif
-  (void)src, (void)iv, (void)g, (void)D, (void)d, (void)ldd;
-  return false;
 }
 
 }  // namespace simd
