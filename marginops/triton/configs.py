@@ -189,6 +189,28 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
 RESIDENT_WIDE_DF = C(64, 32, 512, num_warps=8, num_stages=2, block_do=512)
 
 
+# chunked.py's two GEMMs of the chunked-gradient backward (block_b = M, block_n = N,
+# block_d = K): dF = dd'·W (M = rows, N = D, K = a chunk's classes) and dW = dd'ᵀ·F (M = classes,
+# N = D, K = the batch). 128 × 256 tiles: 85 FLOPs per byte loaded (the widest whose 128 × 256
+# fp32 accumulator, 128 registers per thread over 8 warps, compiles without spills);
+# tests/test_triton_aot.py checks them.
+CHUNKED: dict[str, KernelConfig] = {
+    "df_gemm": C(128, 256, 64, num_warps=8, num_stages=3),
+    "dw_gemm": C(128, 256, 64, num_warps=8, num_stages=3),
+}
+INTERPRETER_GEMM = C(16, 16, 16, num_warps=1, num_stages=1)
+
+
+def chunked_applies(features: str, dim: int, has_bias: bool, has_index: bool) -> bool:
+    """Does chunked.py's backward serve a launch that resident.py's kernels serve? At D above
+    RESIDENT_CHUNK (512: where the resident backward recomputes the logit tile per output chunk),
+    without bias or class_index, bf16 (fp32 when forced: the interpreter's tests; fp16's dd'
+    could overflow its operand). ``force(chunked=False)`` turns it off."""
+    if _forced_chunked is False or has_bias or has_index or dim <= RESIDENT_CHUNK:
+        return False
+    return features in ("bfloat16", "float32")
+
+
 def resident_config(kernel: str, dim: int) -> KernelConfig:
     """resident.py's configuration of ``kernel`` at embedding width ``dim``."""
     if kernel == "bwd_df" and dim > RESIDENT_CHUNK:
@@ -250,6 +272,8 @@ _autotune: bool | None = None  # None: follow MARGINOPS_TRITON_AUTOTUNE
 _forced: dict[str, KernelConfig] = {}
 _forced_splits: int | None = None
 _forced_resident: bool | None = None
+_forced_chunked: bool | None = None
+_forced_chunk: int | None = None
 
 
 def set_autotune(on: bool | None) -> None:
@@ -265,29 +289,36 @@ def autotune_enabled() -> bool:
 
 
 class force:
-    """Context manager pinning configurations, the class-split count and/or the resident
-    kernels on or off (tests, benchmarks).
+    """Context manager pinning configurations, the class-split count, the resident kernels
+    and/or the chunked backward on or off, and its chunk width (tests, benchmarks).
 
         with configs.force(splits=3, resident=True, fwd=configs.DEFAULT["half"]["fwd"]): ...
     """
 
     def __init__(self, splits: int | None = None, resident: bool | None = None,
+                 chunked: bool | None = None, chunk: int | None = None,
                  **per_kernel: KernelConfig):
         self.splits, self.resident, self.per_kernel = splits, resident, per_kernel
+        self.chunked, self.chunk = chunked, chunk
 
     def __enter__(self):
-        global _forced_splits, _forced_resident
-        self._saved = (dict(_forced), _forced_splits, _forced_resident)
+        global _forced_splits, _forced_resident, _forced_chunked, _forced_chunk
+        self._saved = (dict(_forced), _forced_splits, _forced_resident, _forced_chunked,
+                       _forced_chunk)
         _forced.update(self.per_kernel)
         if self.splits is not None:
             _forced_splits = self.splits
         if self.resident is not None:
             _forced_resident = self.resident
+        if self.chunked is not None:
+            _forced_chunked = self.chunked
+        if self.chunk is not None:
+            _forced_chunk = self.chunk
         return self
 
     def __exit__(self, *exc):
-        global _forced_splits, _forced_resident
-        saved, _forced_splits, _forced_resident = self._saved
+        global _forced_splits, _forced_resident, _forced_chunked, _forced_chunk
+        saved, _forced_splits, _forced_resident, _forced_chunked, _forced_chunk = self._saved
         _forced.clear()
         _forced.update(saved)
 
@@ -298,4 +329,8 @@ def forced(kernel: str) -> KernelConfig | None:
 
 def forced_splits() -> int | None:
     return _forced_splits
+
+
+def forced_chunk() -> int | None:
+    return _forced_chunk
 

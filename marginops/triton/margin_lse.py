@@ -94,7 +94,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops import register_core_autograd
-from . import configs, resident, waves
+from . import chunked, configs, resident, waves
 from .launch import (  # noqa: F401  (_Args: part of this module's interface)
     _Args,
     _config,
@@ -393,6 +393,14 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     lse = lse.to(torch.float32).contiguous()
     grad_lse = grad_lse.to(torch.float32).contiguous()
     grad_dot = grad_dot.to(torch.float32).contiguous()
+    if a.chunked:  # chunked.py: one recompute, two GEMMs per chunk of classes
+        inv = lse  # dummy pointer, never read without normalisation
+        with device_guard(dev):
+            if a.normalize:
+                inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
+                _inv_norms(a, inv)
+            grad_f, grad_w, grad_s = chunked.backward(a, lse, grad_lse, grad_dot, inv)
+        return grad_f, grad_w, grad_s, grad_b
     common = (a.B, a.N, a.D, a.K)
     df_cfg = df_cfg or _config("bwd_df", a)
     dw_cfg = dw_cfg or _config("bwd_dw", a)

@@ -1,0 +1,274 @@
+"""The chunked-gradient backward: one logit recompute and two plain GEMMs, 8·B·C·D in all.
+
+resident.py's backward computes both gradients inside the kernels that recompute the logits, so
+each kernel holds a second GEMM's fp32 accumulator in registers: at D = 512 that forces a 64-row
+feature-gradient tile and a weight-gradient kernel that recomputes the logit tile once per
+256-column chunk of D (12·B·C·D in all), with 16-row streamed tiles whose shared-memory reads
+bound it. Here the classes are taken in chunks of CC columns; per chunk
+
+    kernel    what it does                                               tensor-core FLOPs
+    _dd       F resident (resident.py's forward shape), W streamed:       2·B·CC·D
+              d = F·Ŵᵀ, dd_in = ∂loss/∂d_in (tiles._grad_logits), and
+              stores dd'_in = dd_in / wn_n into a (B, CC) buffer in the
+              operands' dtype; per row tile Σ_i dd'_in d_in (the
+              Jacobian's ŵ·G) and per row Σ_n g_in d'_in (grad_scale)
+    _df_gemm  dF[split] (+)= dd'[:, K range] · W[chunk rows]              2·B·CC·D
+              (M = B, N = D, K = CC split across programs)
+    _dw_gemm  grad_W[chunk rows] = dd'ᵀ · F − ŵ_n (Σ_i dd'_in d_in)       2·B·CC·D
+              (M = CC, N = D, K = B), the normalisation's Jacobian in
+              its epilogue, stored once in W's dtype
+
+with the forward's 2·B·C·D that is the 8·B·C·D floor: the logits are recomputed once and feed
+both gradients. Why it is right: dF_i = Σ_n dd_in ŵ_n = Σ_n dd'_in W_n, and with
+G'_n = Σ_i dd'_in f_i = G_n / wn_n the Jacobian of W/‖W‖ is
+grad_W_n = (G_n − ŵ_n (ŵ_n·G_n)) / wn_n = G'_n − ŵ_n Σ_i dd'_in d_in (ŵ_n·f_i = d_in).
+
+The price is the dd' buffer: B × CC elements (``plan_chunk``: whole waves of the dW GEMM within
+CHUNK_BYTES), against none for resident.py's backward. The two GEMMs are what cuBLAS-shaped
+Triton GEMMs do well (128 × 256 tiles, K pipelined, no epilogue in the loop); at D = 512 their
+operand reads per FLOP are a third of the resident dW kernel's. benchmarks/model.py models every
+launch (model_triton.chunked_launches).
+
+Where it runs (configs.chunked_applies): where resident.py's kernels apply, at D = 512, without
+bias or class_index (those keep resident.py's backward), on bf16 (the GPU) or, forced, on fp32
+(the interpreter). The forward is resident.py's.
+
+Not measured on a GPU (none was available): counts and compiler output, not timings.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import configs, waves
+from .launch import _Args, _config, _device_slots_info
+from .resident import _chunks, _dots, _inv_cols
+from .tiles import _grad_logits, _grad_rows, _hard_t, _row_inputs, interpreting
+
+CHUNK_BYTES = 128 * 2**20  # the dd' buffer's budget (one chunk of B × CC elements)
+
+
+@triton.jit
+def _dd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t_ptr,
+               lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
+               dd_ptr,    # (B, CC) dd'_in = dd_in / wn_n of the chunk's columns, operand dtype
+               proj_ptr,  # (row tiles, CC) fp32: Σ_i over the tile's rows of dd'_in d_in
+               gs_ptr,    # (splits, B) fp32 of this chunk: Σ_n g_in d'_in over the split
+               B, c0, c_end, cols_per_split, stride_f, stride_w, thr, CC,
+               HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
+               FILTER: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               TWO: tl.constexpr):
+    """Program (row tile, split) of chunk [c0, c_end): resident.py's forward loop (F resident in
+    one or two BLOCK_D chunks, each W tile loaded once) with the backward's epilogue, dd' stored
+    (module docstring). A split past the chunk's end stores zeros (every element written once)."""
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
+    t = _hard_t(t_ptr, HARD)
+    lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
+    dot_ty = f_ptr.dtype.element_ty
+    f0, f1 = _chunks(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D, TWO, dot_ty)
+
+    gs = tl.zeros((BLOCK_B,), tl.float32)
+    n_start = c0 + split * cols_per_split
+    n_end = tl.minimum(n_start + cols_per_split, c_end)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_end
+        cls = cols.to(tl.int64)  # no class_index here (configs.chunked_applies)
+        w0, w1 = _chunks(w_ptr, cls, col_mask, stride_w, 0, BLOCK_D, TWO, dot_ty)
+        inv = _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)
+        d = _dots(f0, w0, f1, w1, TWO, DOT_PREC) * inv[None, :]
+        g, dmod, dd = _grad_logits(d, cols, col_mask, tcol, scale, bias_ptr, cls, tau, t, thr,
+                                   lse, glse, gdot, HAS_BIAS, HARD, FILTER)
+        gs += tl.sum(g * dmod, axis=1)
+        local = cols - c0  # the chunk's own column, 0 … CC − 1
+        if NORMALIZE:
+            dd = dd * inv[None, :]
+            tl.store(proj_ptr + pid_b * CC + local, tl.sum(dd * d, axis=0), mask=col_mask)
+        tl.store(dd_ptr + rows[:, None] * CC + local[None, :], dd.to(dot_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
+
+
+@triton.jit
+def _tile_offsets(rows, cols, stride):
+    """rows[:, None]·stride + cols[None, :], the row products formed before broadcasting."""
+    return (rows * stride)[:, None] + cols[None, :]
+
+
+@triton.jit
+def _df_gemm_kernel(dd_ptr, w_ptr, out_ptr,  # out: (splits, B, D) fp32 partial feature gradients
+                    B, D, c0, k_valid, k_pad, k_tiles_per_split, accumulate, stride_w, CC,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """out[split, rows, dcols] (+)= dd'[rows, K range] · W[c0 + K range, dcols]: program
+    (row tile, D tile, split), the split's K range of the chunk's k_valid columns (padded to
+    k_pad, a multiple of BLOCK_K: dd' is zero there, W's rows masked). The partial is read and
+    written once per chunk, outside the K loop (``accumulate``: 0 on the first chunk).
+
+    Every load is masked along its non-contiguous axis only, and K steps start at multiples of
+    BLOCK_K: the loads then vectorise, and Triton pipelines them (cp.async) with asynchronous
+    wgmma (tests/test_triton_aot.py)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < B
+    dcol_mask = dcols < D
+    k_start = split * k_tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + k_tiles_per_split * BLOCK_K, k_pad)
+    # the previous chunks' partial is the accumulator's start (a second 128 × 256 fp32 tile
+    # after the loop would spill); nothing is read on the first chunk. The store's addresses are
+    # formed again after the loop (``_tile_offsets`` vs the inline form: not merged by CSE), so
+    # no 128 × 256 address tile stays live across it.
+    part = out_ptr + split.to(tl.int64) * B * D
+    mask = row_mask[:, None] & dcol_mask[None, :]
+    keep = tl.full((BLOCK_M,), accumulate, tl.int32) != 0
+    acc = tl.load(part + rows[:, None] * D + dcols[None, :], mask=mask & keep[:, None], other=0.0)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(dd_ptr + rows[:, None] * CC + ks[None, :], mask=row_mask[:, None], other=0.0)
+        b = tl.load(w_ptr + (c0 + ks.to(tl.int64))[:, None] * stride_w + dcols[None, :],
+                    mask=(ks < k_valid)[:, None] & dcol_mask[None, :], other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
+    tl.store(part + _tile_offsets(rows, dcols, D), acc, mask=mask)
+
+
+@triton.jit
+def _dw_gemm_kernel(dd_ptr, f_ptr, w_ptr, inv_ptr, proj_ptr,
+                    gw_ptr,  # (C, D) grad_weight in the weight's dtype, each element written once
+                    B, D, c0, k_valid, row_tiles, stride_f, stride_w, CC,
+                    NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad_W[c0 + cl, dcols] = Σ_i dd'[i, cl] f_i[dcols] − ŵ_cl[dcols] Σ_i dd'_i,cl d_i,cl:
+    program (class tile of the chunk, D tile), K = the batch; the second term sums the dd
+    kernel's per-row-tile partials (module docstring). dd'ᵀ is read unmasked along its classes
+    (contiguous: the load vectorises; CC is a multiple of BLOCK_M, so it stays in the buffer):
+    a column past k_valid only reaches accumulator rows that are never stored."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cl = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cl_mask = cl < k_valid
+    dcol_mask = dcols < D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, B, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < B
+        a = tl.load(dd_ptr + ks[None, :] * CC + cl[:, None],  # dd'ᵀ: (classes, rows)
+                    mask=k_mask[None, :], other=0.0)
+        b = tl.load(f_ptr + ks[:, None] * stride_f + dcols[None, :],
+                    mask=k_mask[:, None] & dcol_mask[None, :], other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
+    wrow = (c0 + cl).to(tl.int64)
+    mask = cl_mask[:, None] & dcol_mask[None, :]
+    if NORMALIZE:
+        proj = tl.zeros((BLOCK_M,), tl.float32)
+        for r in range(row_tiles):
+            proj += tl.load(proj_ptr + r * CC + cl, mask=cl_mask, other=0.0)
+        inv = tl.load(inv_ptr + c0 + cl, mask=cl_mask, other=1.0)
+        w = tl.load(w_ptr + wrow[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0)
+        acc = acc - w.to(tl.float32) * (proj * inv)[:, None]
+    tl.store(gw_ptr + wrow[:, None] * D + dcols[None, :], acc.to(gw_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# =============================================================================================
+# Launcher
+# =============================================================================================
+
+
+def plan_chunk(B: int, N: int, n_sm: int, e: int) -> int:
+    """Columns per chunk: whole waves of the dW GEMM (CC = k·64·n_sm, rounded up to its
+    128-class tile: k·n_sm programs of 128 classes × 256 of D = 512, one per SM), the largest
+    k whose B × CC buffer of ``e``-byte elements fits CHUNK_BYTES (at least k = 1), and no
+    wider than N needs (rounded up to 128 columns: a multiple of every tile here)."""
+    unit = -(-64 * n_sm // 128) * 128
+    k = max(1, CHUNK_BYTES // (B * unit * e))
+    need = -(-max(N, 1) // 128) * 128
+    return min(k * unit, need)
+
+
+def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Tensor):
+    """(grad_f, grad_w, grad_scale) of margin_lse_triton_backward by chunks (module docstring);
+    ``inv`` holds 1/‖W_n‖ (_inv_norm_kernel) when normalising. Launched under the caller's
+    device guard."""
+    dev, B, N, D = a.f.device, a.B, a.N, a.D
+    dd_cfg = _config("fwd", a)            # resident.py's forward tiles
+    df_cfg, dw_cfg = _gemm_config("df_gemm"), _gemm_config("dw_gemm")
+    meta = configs.resident_meta("fwd", D)
+    forced = configs.forced_chunk()
+    if forced is not None:
+        cc = forced
+    elif interpreting() or dev.type != "cuda":
+        cc = 3 * dd_cfg.block_n  # small chunks, so the tests cross chunk and split boundaries
+    else:
+        n_sm = _device_slots_info(dev.index if dev.index is not None
+                                  else torch.cuda.current_device())[0]
+        cc = plan_chunk(B, N, n_sm, a.f.element_size())
+    chunks = triton.cdiv(N, cc)
+    row_tiles = triton.cdiv(B, dd_cfg.block_b)
+    dd_splits = _splits(row_tiles, triton.cdiv(min(cc, N), dd_cfg.block_n), dev)
+    cps = triton.cdiv(triton.cdiv(min(cc, N), dd_cfg.block_n), dd_splits) * dd_cfg.block_n
+    df_tiles = (triton.cdiv(B, df_cfg.block_b), triton.cdiv(D, df_cfg.block_n))
+    k_tiles = triton.cdiv(min(cc, N), df_cfg.block_d)
+    df_splits = _splits(df_tiles[0] * df_tiles[1], k_tiles, dev)
+    k_tiles_per_split = triton.cdiv(k_tiles, df_splits)
+    if cc % df_cfg.block_d or cc % dw_cfg.block_b or cc % dd_cfg.block_n:
+        raise ValueError(f"chunk of {cc} columns: not a multiple of the GEMM tiles")
+
+    dd = torch.empty((B, cc), dtype=a.f.dtype, device=dev)
+    proj = torch.empty((row_tiles, cc), dtype=torch.float32, device=dev)
+    gs = torch.empty((chunks, dd_splits, B), dtype=torch.float32, device=dev)
+    dfp = torch.empty((df_splits, B, D), dtype=torch.float32, device=dev)
+    grad_w = torch.empty_like(a.w)
+    strides = (a.f.stride(0), a.w.stride(0))
+    for c in range(chunks):
+        c0 = c * cc
+        k_valid = min(cc, N - c0)
+        k_pad = triton.cdiv(k_valid, df_cfg.block_d) * df_cfg.block_d
+        if k_pad > k_valid:  # the last chunk's padding: the dF GEMM reads it (× masked W rows)
+            dd[:, k_valid:k_pad].zero_()
+        _dd_kernel[(row_tiles, dd_splits)](
+            *a.ptrs, lse, grad_lse, grad_dot, inv, dd, proj, gs[c], B, c0, c0 + k_valid, cps,
+            *strides, a.thr, cc, **a.flags, BLOCK_B=dd_cfg.block_b, BLOCK_N=dd_cfg.block_n,
+            **meta, **dd_cfg.launch())
+        _df_gemm_kernel[(*df_tiles, df_splits)](
+            dd, a.w, dfp, B, D, c0, k_valid, k_pad, k_tiles_per_split, int(c > 0), a.w.stride(0),
+            cc, DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=df_cfg.block_b, BLOCK_N=df_cfg.block_n,
+            BLOCK_K=df_cfg.block_d, **df_cfg.launch())
+        _dw_gemm_kernel[(triton.cdiv(k_valid, dw_cfg.block_b), triton.cdiv(D, dw_cfg.block_n))](
+            dd, a.f, a.w, inv, proj, grad_w, B, D, c0, k_valid, row_tiles, *strides, cc,
+            NORMALIZE=a.normalize, DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=dw_cfg.block_b,
+            BLOCK_N=dw_cfg.block_n, BLOCK_K=dw_cfg.block_d, **dw_cfg.launch())
+    return dfp.sum(0).to(a.f.dtype), grad_w, gs.sum((0, 1)).to(a.acc)
+
+
+def _gemm_config(kernel: str) -> configs.KernelConfig:
+    """A GEMM's tiles (block_b = M, block_n = N, block_d = K): forced, the interpreter's, or
+    configs.CHUNKED's."""
+    forced = configs.forced(kernel)
+    if forced is not None:
+        return forced
+    return configs.INTERPRETER_GEMM if interpreting() else configs.CHUNKED[kernel]
+
+
+def _splits(tiles: int, k_tiles: int, dev) -> int:
+    """Programs per tile along the split axis: whole waves on a GPU (waves.plan_splits, one
+    program per SM — these kernels' occupancy), 2 in the interpreter (its tests cross a split)."""
+    forced = configs.forced_splits()
+    if forced is not None:
+        return max(1, min(forced, k_tiles))
+    if interpreting() or dev.type != "cuda":
+        return max(1, min(2, k_tiles))
+    n_sm = _device_slots_info(dev.index if dev.index is not None
+                              else torch.cuda.current_device())[0]
+    return waves.plan_splits(tiles, k_tiles, n_sm)
