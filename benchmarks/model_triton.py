@@ -352,4 +352,98 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
         note=f"{wc.block_n}×{wc.block_b} (classes × rows), {nt} class tiles × {q} D chunk(s) of "
              f"{c}; F read once per program, W q× resident + once in the Jacobian; grad_W "
              "stored once in W's dtype")
-    return _step(B, C, D, dtype, gpu, "resident", [fwd], [bwd_df, bwd_dw], s, sd)
+    if configs.chunked_applies(dtype, D, False, False):
+        bwd, sd = chunked_launches(B, C, D, dtype, gpu)
+    else:
+        bwd = [bwd_df, bwd_dw]
+    return _step(B, C, D, dtype, gpu, "resident", [fwd], bwd, s, sd)
+
+
+# ----------------------------------------------------------------------------- chunked backward
+#
+# marginops/triton/chunked.py, where configs.chunked_applies (the resident launches at D = 512,
+# no bias or class_index: the modelled step). Classes in chunks of CC = waves.plan_chunk columns;
+# per chunk three kernels (``count`` = chunks, the figures summed over all of them):
+#   dd       rt × s_dd   resident.py's forward tiles (F 128 × D resident, W 32 × D streamed)
+#                        with the backward epilogue; stores dd' (B × CC, bf16), Σ_i dd'·d per
+#                        row tile (rt × CC fp32), grad_scale partials (s_dd × B fp32)
+#   df_gemm  tiles × s   dF[split] (+)= dd'·W[chunk]: M = B, N = D, K = CC split s ways; the
+#                        (s, B, D) fp32 partial read before and stored after each chunk's K loop
+#   dw_gemm  CC/128 × D/256   grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d: M = CC, N = D, K = B; the
+#                        Jacobian's W rows, 1/‖W‖ and rt partials read in the epilogue
+# GEMM FLOPs 2·B·C·D each (C padded to the chunks' K / class tiles): with the forward, 8·B·C·D.
+# The GEMMs' operands stream through L2 once per output tile ((128 + 256) rows × K, 85 FLOPs per
+# byte); their shared memory: the wgmma operand reads of 128 × 256 tiles (two warpgroups along M)
+# plus the cp.async writes. dd' goes to HBM and back (B × CC bf16 outgrows L2 at B ≥ 512).
+
+GEMM_TILE = (128, 256, 64)   # configs.CHUNKED's M × N × K (both GEMMs)
+
+
+def _gemm(name: str, M: int, N: int, K: int, count: int, grid: int, occ: dict, e: int,
+          unit: str, mult: int, gpu: GPU, l2_extra: float, hbm: float, alu: float = 0.0,
+          note: str = "") -> Launch:
+    """One of chunked.py's GEMMs over all its launches: (M × K)·(K × N) in 128 × 256 tiles, K
+    the summed reduction length (padded per chunk)."""
+    bm, bn, _bk = GEMM_TILE
+    tiles = cdiv(M, bm) * cdiv(N, bn)
+    return Launch(name, count=count, grid=grid, **occ,
+                  tc_flops=2 * tiles * bm * bn * K * mult, unit=unit, alu_flops=alu,
+                  l2=tiles * (bm + bn) * K * e + l2_extra, hbm=hbm,
+                  smem_io=tiles * (gemm_smem(bm, bn, K, e, wgmma_groups(bm, 8, False))
+                                   + (bm + bn) * K * e), note=note)
+
+
+def chunked_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[list[Launch], int]:
+    """chunked.py's backward launches (see above) and its dF split count."""
+    e = ELT[dtype]
+    unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)
+    W, Fb = C * D * e, B * D * e
+    cc = waves.plan_chunk(B, C, gpu.sms, e)
+    chunks = cdiv(C, cc)
+    kpad = (chunks - 1) * cc + cdiv(C - (chunks - 1) * cc, GEMM_TILE[2]) * GEMM_TILE[2]
+
+    fc = configs.resident_config("fwd", D)
+    regs, smem = waves.figures(gpu.arch, fc, "dd", "chunked")
+    occ = dict(threads=32 * fc.num_warps, regs=regs, smem=smem)
+    slots = gpu.sms * waves.ctas_per_sm(regs, smem, occ["threads"], limits(gpu))
+    rt, ct = cdiv(B, fc.block_b), cdiv(min(cc, C), fc.block_n)
+    s_dd = waves.plan_splits(rt, ct, slots)
+    logits = rt * fc.block_b * cdiv(C, fc.block_n) * fc.block_n     # padded tiles (≈ all chunks)
+    dd = Launch(
+        "dd (F resident, S = F·Wᵀ, dd' = ∂/∂d ÷ ‖W‖ stored per chunk)", count=chunks,
+        grid=rt * s_dd, **occ, tc_flops=2 * logits * D * mult, unit=unit,
+        alu_flops=(EPILOGUE_BWD + 2) * logits, exps=logits,
+        l2=chunks * s_dd * Fb + rt * (W + C * 4) + B * C * e + rt * C * 4
+        + chunks * s_dd * B * (ROW_BYTES_BWD + 4),
+        hbm=W + Fb + C * 4 + B * ROW_BYTES_BWD + B * C * e + rt * C * 4 + chunks * s_dd * B * 4,
+        reuse_set=min(rt * fc.block_b, slots * fc.block_b) * D * e + slots * fc.block_n * D * e,
+        smem_io=rt * cdiv(C, fc.block_n) * resident_smem("fwd", fc, D, e) + 2 * B * C * e,
+        note=f"{chunks} chunk(s) of {cc} classes, {rt} row tiles × {s_dd} split(s) each; dd' "
+             f"{B}×{cc} {dtype} ({B * cc * e / 2**20:.0f} MiB), to HBM and back")
+
+    def gemm_occ(kernel: str) -> tuple[dict, int]:
+        cfg = configs.CHUNKED[kernel]
+        r, sm = waves.figures(gpu.arch, cfg, kernel, "chunked")
+        o = dict(threads=32 * cfg.num_warps, regs=r, smem=sm)
+        return o, gpu.sms * waves.ctas_per_sm(r, sm, o["threads"], limits(gpu))
+
+    bm, bn, bk = GEMM_TILE
+    occ_f, slots_f = gemm_occ("df_gemm")
+    tiles_f = cdiv(B, bm) * cdiv(D, bn)
+    s_f = waves.plan_splits(tiles_f, cdiv(min(cc, C), bk), slots_f)
+    partial = s_f * B * D * 4
+    df = _gemm("df_gemm (dF[split] += dd'·W[chunk], K = the chunk's classes)", B, D, kpad,
+               chunks, tiles_f * s_f, occ_f, e, unit, mult, gpu,
+               l2_extra=(2 * chunks - 1) * partial, hbm=B * C * e + partial,
+               note=f"{tiles_f} tiles × {s_f} K split(s); dd' read from HBM, W[chunk] from L2 "
+                    f"(the dd kernel's)")
+    occ_w, _ = gemm_occ("dw_gemm")
+    cpad = chunks * cc if chunks > 1 else cdiv(C, bm) * bm
+    cpad = min(cpad, cdiv(C, bm) * bm)
+    dw = _gemm("dw_gemm (grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d, K = the batch)", cpad, D, B,
+               chunks, cdiv(cc, bm) * cdiv(D, bn), occ_w, e, unit, mult, gpu,
+               l2_extra=W + rt * C * 4 + C * 4 + W, hbm=B * C * e + W + C * 4 + W,
+               alu=JACOBIAN_OPS * C * D,
+               note="F per class tile; the Jacobian's W rows, 1/‖W‖, Σ dd'·d partials in the "
+                    "epilogue; grad_W stored once in W's dtype")
+    return [dd, df, dw], s_f

@@ -182,7 +182,7 @@ MODEL_PICKS: dict[tuple[str, str], dict[int, str]] = {
               "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
         256: ("cccttttttttt" "cctttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
               "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
-        512: ("cccttttttttt" "cctttttttttt" "cctttttttttt" "cttttttttttt" "tttttttttttt"
+        512: ("cctttttttttt" "cctttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
               "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
         1024: ("cccccccccccc" "cccccccccccc" "cccccccccccc" "cccccccccccc" "cccccccccccc"
                "cccccccccccc" "cccccccccccc" "cccccccccccc" "cccccccccccc"),

@@ -217,10 +217,14 @@ def test_resident_target_shape_counts_by_hand():
     one 64-row tile (configs.RESIDENT_WIDE_DF, UNCHAINED): 4·B·C·D. 12·B·C·D in all; at
     D = 256 (q = 1) 4·B·C·D each, 10·B·C·D in all. fwd: 32 row tiles × 4 splits = 128 programs
     (one wave, 97 %); dF: 64 row tiles × 2 splits = 128; dW: 7813 class tiles × 2 chunks."""
+    from marginops.triton import configs
+
     B, C, D, e = 4096, 1_000_000, 512, 2
     W, Fb = C * D * e, B * D * e
     h100 = pm.GPUS["h100"]
-    la = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))
+    with configs.force(chunked=False):  # at D = 512 the launcher takes chunked.py's backward
+        la = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))
+        _, launches, _, _ = pm.model(B, C, D, "bfloat16", h100, "triton")
     fwd, df, dw = la[FWD_RES], la[DF_RES], la[DW_RES]
     assert (fwd.grid, df.grid, dw.grid) == (128, 128, 15626)
     assert (df.regs, df.smem) == (255, 135424)
@@ -252,9 +256,57 @@ def test_resident_target_shape_counts_by_hand():
     # one CTA per SM everywhere (the GEMM and epilogue times add up), and at 32 or 16 columns
     # per warpgroup the operand reads outlast the tensor cores: 0.055-0.063 B per FLOP against
     # the H100's 128 B per 4096 FLOP per SM clock
-    _, launches, _, _ = pm.model(B, C, D, "bfloat16", h100, "triton")
     assert all(x.out["bound"] == "shared memory + epilogue (1 CTA/SM)" for x in launches
                if x.name in (FWD_RES, DF_RES, DW_RES))
+
+
+DD = "dd (F resident, S = F·Wᵀ, dd' = ∂/∂d ÷ ‖W‖ stored per chunk)"
+DF_GEMM = "df_gemm (dF[split] += dd'·W[chunk], K = the chunk's classes)"
+DW_GEMM = "dw_gemm (grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d, K = the batch)"
+
+
+def test_chunked_backward_target_shape_counts_by_hand():
+    """B=4096, C=1M, D=512 bf16 on H100, chunked.py's backward: chunks of CC = 64·132 = 8448
+    classes (66 tiles of 128; 4096 × 8448 bf16 = 66 MiB ≤ 128 MiB, two would not fit): 119
+    chunks, the last of 3136 = 49·64. dd: 32 row tiles × 4 splits (264 column tiles of 32 per
+    chunk); dF: 32 × 2 tiles of 128 × 256 × 2 K splits (132 K tiles of 64 per chunk); dW: 66 × 2
+    tiles per chunk (one wave). 2·B·C·D each: with the forward, 8·B·C·D."""
+    B, C, D, e = 4096, 1_000_000, 512, 2
+    W, Fb = C * D * e, B * D * e
+    h100 = pm.GPUS["h100"]
+    la = _by_name(pm.triton_launches(B, C, D, "bfloat16", h100))
+    assert [x.name for x in la.values()][-5:-2] == [DD, DF_GEMM, DW_GEMM]
+    dd, df, dw = la[DD], la[DF_GEMM], la[DW_GEMM]
+    assert (dd.count, df.count, dw.count) == (119, 119, 119)
+    assert (dd.grid, df.grid, dw.grid) == (128, 128, 132)
+    assert (dd.regs, dd.smem, df.regs, df.smem, dw.regs, dw.smem) == (
+        178, 204800, 250, 147456, 246, 147456)
+    assert dd.tc_flops == df.tc_flops == 2 * B * C * D            # 31250 tiles, 15625 K tiles
+    assert dw.tc_flops == 2 * 7813 * 128 * D * B                  # classes padded to 128
+    assert sum(x.tc_flops for x in la.values()) == pytest.approx(8 * B * C * D, rel=1e-4)
+    assert dd.alu_flops == 22 * B * C and dd.exps == B * C
+    # dd: F once per program and chunk, W + 1/‖W‖ once per row tile, dd' (bf16) and the row
+    # tiles' Σ dd'·d stored, the row vectors read and grad_scale partials stored per program;
+    # dd' to HBM; shared memory: the forward's + dd' through shared memory to the store layout
+    assert dd.l2 == (119 * 4 * Fb + 32 * (W + C * 4) + B * C * e + 32 * C * 4
+                     + 119 * 4 * B * (24 + 4))
+    assert dd.hbm == W + Fb + C * 4 + B * 24 + B * C * e + 32 * C * 4 + 119 * 4 * B * 4
+    assert dd.smem_io == 32 * 31250 * (192 * D * e + 32 * D * e) + 2 * B * C * e
+    # the GEMMs: (128 + 256) rows of operands × K per output tile; dF's (2, B, D) fp32 partial
+    # written on the first chunk, read and written on the others
+    partial = 2 * B * D * 4
+    assert df.l2 == 64 * 384 * C * e + (2 * 119 - 1) * partial
+    assert df.hbm == B * C * e + partial
+    assert dw.l2 == (7813 * 2) * 384 * B * e + 2 * W + 32 * C * 4 + C * 4
+    assert dw.hbm == B * C * e + 2 * W + C * 4
+    # per 128 × 256 tile and k: both warpgroups read their 64 rows of A and all 256 columns of B
+    # (2·256 + 128)·e, plus the cp.async writes (128 + 256)·e
+    assert df.smem_io == 64 * C * (640 + 384) * e
+    assert dw.smem_io == 7813 * 2 * B * (640 + 384) * e
+    _, launches, _, _ = pm.model(B, C, D, "bfloat16", h100, "triton")
+    bounds = {x.name: x.out["bound"] for x in launches}
+    assert bounds[DF_GEMM] == bounds[DW_GEMM] == "L2"
+    assert bounds[DD] == "shared memory + epilogue (1 CTA/SM)"
 
 
 def test_wgmma_layouts_follow_tritons_rule():
@@ -305,7 +357,11 @@ def test_resident_launches_where_the_launcher_takes_them(gpu, dtype, K, D, resid
     if K == 1:
         assert pm.triton_variant(dtype, D, g.arch) == launcher
         names = {x.name for x in pm.triton_launches(1024, 100_000, D, dtype, g)}
-        assert ({FWD_RES, DF_RES, DW_RES} <= names) == resident
+        # at D = 512 the resident forward feeds chunked.py's backward (configs.chunked_applies)
+        chunked = resident and D == 512
+        assert (FWD_RES in names) == resident
+        assert ({DF_RES, DW_RES} <= names) == (resident and not chunked)
+        assert ({DD, DF_GEMM, DW_GEMM} <= names) == chunked
         assert ({FWD, DF, DW} <= names) == (not resident)
 
 

@@ -52,7 +52,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence the 3.9 deprec
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from marginops.triton import configs  # noqa: E402
+from marginops.triton import chunked as ck  # noqa: E402
+from marginops.triton import configs, waves  # noqa: E402
 from marginops.triton import margin_lse as ml  # noqa: E402
 from marginops.triton import resident as rs  # noqa: E402
 from marginops.triton import topk as tk  # noqa: E402
@@ -148,6 +149,11 @@ def compile_stats(kernel: str, cfg: configs.KernelConfig, fdt: str, wdt: str, ar
 def _compile_stats(kernel, cfg, fdt, wdt, arch, flags, k_const, aligned, var, dim) -> dict:
     src = _source(kernel, cfg, fdt, wdt, flags=flags, k_const=k_const, aligned=aligned, var=var,
                   dim=dim)
+    return _stats_of(src, cfg, arch)
+
+
+def _stats_of(src: ASTSource, cfg: configs.KernelConfig, arch: int) -> dict:
+    """Compile ``src`` with ``cfg``'s launch options for ``arch``; its static figures."""
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg.launch())
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(ck.asm["cubin"])
@@ -429,6 +435,68 @@ def test_flags_off_variant(kernel, arch):
     stats = compile_stats(kernel, cfg, "fp16", "fp32", arch, flags=False)
     _check(stats, kernel, "half", "fp16", arch)
     _check_loops(stats, kernel, cfg, "fp16", "fp32", arch)
+
+
+# chunked.py's kernels (sm_90, bf16, D = 512 without bias or class_index: configs.chunked_applies)
+CHUNKED = {"dd": ck._dd_kernel, "df_gemm": ck._df_gemm_kernel, "dw_gemm": ck._dw_gemm_kernel}
+_CHUNKED_INTS = {"D", "stride_f", "stride_w", "CC"}  # multiples of 16 where they run
+
+
+def chunked_config(kernel: str) -> configs.KernelConfig:
+    """The configuration chunked.backward launches ``kernel`` with on a GPU."""
+    return configs.resident_config("fwd", RESIDENT_DIM) if kernel == "dd" else configs.CHUNKED[kernel]
+
+
+@functools.cache
+def chunked_stats(kernel: str, flags: bool) -> dict:
+    """Static figures of chunked.py's ``kernel``, bf16 on sm_90 at D = 512; ``flags``: hard
+    negatives, interclass filtering and normalisation on (the heaviest) or off."""
+    fn, cfg = CHUNKED[kernel], chunked_config(kernel)
+    if kernel == "dd":
+        const = dict(HAS_BIAS=False, HAS_INDEX=False, HARD=flags, FILTER=flags, NORMALIZE=flags,
+                     BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
+                     **configs.resident_meta("fwd", RESIDENT_DIM))
+    else:
+        const = dict(BLOCK_M=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_d)
+        if kernel == "dw_gemm":
+            const["NORMALIZE"] = flags
+    const["DOT_PREC"] = "tf32"
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            kind = {"dd_ptr": "f", "gw_ptr": "w"}.get(name, _PTR.get(name, "fp32"))
+            sig[name] = "*" + {"f": "bf16", "w": "bf16"}.get(kind, kind)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name == "thr" else "i32"
+            if name in _CHUNKED_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return _stats_of(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), cfg, 90)
+
+
+@pytest.mark.parametrize("kernel", list(CHUNKED))
+@pytest.mark.parametrize("flags", [True, False])
+def test_chunked_kernels_compile_clean(kernel, flags):
+    """chunked.py's kernels: no spills, shared memory within sm_90's, wgmma; one GEMM loop with
+    pipelined loads. The GEMMs' K loops keep wgmma asynchronous (no pendings = 0 wait in them)
+    and write no global memory (their partial is read before and stored after); the dd kernel's
+    tile loop stores dd' (each element once: an output, not an accumulator). Their
+    waves.AOT_FIGURES entries give the compiled occupancy."""
+    stats = chunked_stats(kernel, flags)
+    _check(stats, kernel, "chunked", "bf16", 90)
+    gemm_loops = [lp for lp in stats["loops"] if lp["dot"]]
+    assert len(gemm_loops) == 1 and gemm_loops[0]["own_async_copy"], stats["loops"]
+    if kernel != "dd":
+        assert not gemm_loops[0]["write"] and not gemm_loops[0]["own_wait0"], gemm_loops
+    cfg = chunked_config(kernel)
+    threads, limits = 32 * cfg.num_warps, waves.ARCH_LIMITS[90]
+    listed = waves.AOT_FIGURES[waves.figure_key(kernel, "chunked", 90, cfg)]
+    assert (waves.ctas_per_sm(*listed, threads, limits)
+            == waves.ctas_per_sm(stats["regs"], stats["shared"], threads, limits)), (
+        f"waves.AOT_FIGURES: {waves.figure_key(kernel, 'chunked', 90, cfg)}: "
+        f"({stats['regs']}, {stats['shared']})")
 
 
 def static_table() -> str:

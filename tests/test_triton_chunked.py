@@ -121,16 +121,16 @@ def test_resident_backward_still_serves_when_chunked_is_off(monkeypatch):
 
 
 def test_chunk_plan_is_whole_waves_within_the_budget():
-    """plan_chunk: CC = k·64·SMs (the dW GEMM's 128 × 256 tiles at D = 512: k·SMs programs),
+    """waves.plan_chunk: CC = k·64·SMs (the dW GEMM's 128 × 256 tiles at D = 512: k·SMs programs),
     the largest k within CHUNK_BYTES, at least 1; never wider than N needs; a multiple of 128
     (every tile) for an odd SM count too."""
-    from marginops.triton import chunked
+    from marginops.triton import waves
 
-    assert chunked.plan_chunk(4096, 10**6, 132, 2) == 64 * 132          # 69 MB: k = 1
-    assert chunked.plan_chunk(1024, 10**6, 132, 2) == 7 * 64 * 132      # k = 7
-    assert chunked.plan_chunk(65536, 10**6, 132, 2) == 64 * 132         # over: k = 1
-    assert chunked.plan_chunk(1024, 1000, 132, 2) == 1024               # N = 1000
+    assert waves.plan_chunk(4096, 10**6, 132, 2) == 64 * 132          # 69 MB: k = 1
+    assert waves.plan_chunk(1024, 10**6, 132, 2) == 7 * 64 * 132      # k = 7
+    assert waves.plan_chunk(65536, 10**6, 132, 2) == 64 * 132         # over: k = 1
+    assert waves.plan_chunk(1024, 1000, 132, 2) == 1024               # N = 1000
     for B in (1024, 4096, 8192):
-        cc = chunked.plan_chunk(B, 10**6, 108, 2)
-        assert cc % (64 * 108) == 0 and (B * cc * 2 <= chunked.CHUNK_BYTES or cc == 64 * 108)
-    assert chunked.plan_chunk(4096, 10**6, 57, 2) == 4 * 3712  # 64·57 rounded up to 29·128
+        cc = waves.plan_chunk(B, 10**6, 108, 2)
+        assert cc % (64 * 108) == 0 and (B * cc * 2 <= waves.CHUNK_BYTES or cc == 64 * 108)
+    assert waves.plan_chunk(4096, 10**6, 57, 2) == 4 * 3712  # 64·57 rounded up to 29·128

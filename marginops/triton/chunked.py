@@ -23,8 +23,8 @@ both gradients. Why it is right: dF_i = Σ_n dd_in ŵ_n = Σ_n dd'_in W_n, and w
 G'_n = Σ_i dd'_in f_i = G_n / wn_n the Jacobian of W/‖W‖ is
 grad_W_n = (G_n − ŵ_n (ŵ_n·G_n)) / wn_n = G'_n − ŵ_n Σ_i dd'_in d_in (ŵ_n·f_i = d_in).
 
-The price is the dd' buffer: B × CC elements (``plan_chunk``: whole waves of the dW GEMM within
-CHUNK_BYTES), against none for resident.py's backward. The two GEMMs are what cuBLAS-shaped
+The price is the dd' buffer: B × CC elements (waves.plan_chunk: whole waves of the dW GEMM within
+waves.CHUNK_BYTES), against none for resident.py's backward. The two GEMMs are what cuBLAS-shaped
 Triton GEMMs do well (128 × 256 tiles, K pipelined, no epilogue in the loop); at D = 512 their
 operand reads per FLOP are a third of the resident dW kernel's. benchmarks/model.py models every
 launch (model_triton.chunked_launches).
@@ -44,11 +44,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs, waves
-from .launch import _Args, _config, _device_slots_info
+from .launch import _Args, _config, _device_slots_info, device_guard
 from .resident import _chunks, _dots, _inv_cols
 from .tiles import _grad_logits, _grad_rows, _hard_t, _row_inputs, interpreting
-
-CHUNK_BYTES = 128 * 2**20  # the dd' buffer's budget (one chunk of B × CC elements)
 
 
 @triton.jit
@@ -92,7 +90,7 @@ def _dd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t
         if NORMALIZE:
             dd = dd * inv[None, :]
             tl.store(proj_ptr + pid_b * CC + local, tl.sum(dd * d, axis=0), mask=col_mask)
-        tl.store(dd_ptr + rows[:, None] * CC + local[None, :], dd.to(dot_ty),
+        tl.store(dd_ptr + rows.to(tl.int64)[:, None] * CC + local[None, :], dd.to(dot_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
     tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
 
@@ -135,7 +133,8 @@ def _df_gemm_kernel(dd_ptr, w_ptr, out_ptr,  # out: (splits, B, D) fp32 partial 
     acc = tl.load(part + rows[:, None] * D + dcols[None, :], mask=mask & keep[:, None], other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(dd_ptr + rows[:, None] * CC + ks[None, :], mask=row_mask[:, None], other=0.0)
+        a = tl.load(dd_ptr + rows.to(tl.int64)[:, None] * CC + ks[None, :], mask=row_mask[:, None],
+                    other=0.0)
         b = tl.load(w_ptr + (c0 + ks.to(tl.int64))[:, None] * stride_w + dcols[None, :],
                     mask=(ks < k_valid)[:, None] & dcol_mask[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
@@ -163,7 +162,7 @@ def _dw_gemm_kernel(dd_ptr, f_ptr, w_ptr, inv_ptr, proj_ptr,
     for k0 in range(0, B, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < B
-        a = tl.load(dd_ptr + ks[None, :] * CC + cl[:, None],  # dd'ᵀ: (classes, rows)
+        a = tl.load(dd_ptr + ks.to(tl.int64)[None, :] * CC + cl[:, None],  # dd'ᵀ: (classes, rows)
                     mask=k_mask[None, :], other=0.0)
         b = tl.load(f_ptr + ks[:, None] * stride_f + dcols[None, :],
                     mask=k_mask[:, None] & dcol_mask[None, :], other=0.0)
@@ -186,21 +185,9 @@ def _dw_gemm_kernel(dd_ptr, f_ptr, w_ptr, inv_ptr, proj_ptr,
 # =============================================================================================
 
 
-def plan_chunk(B: int, N: int, n_sm: int, e: int) -> int:
-    """Columns per chunk: whole waves of the dW GEMM (CC = k·64·n_sm, rounded up to its
-    128-class tile: k·n_sm programs of 128 classes × 256 of D = 512, one per SM), the largest
-    k whose B × CC buffer of ``e``-byte elements fits CHUNK_BYTES (at least k = 1), and no
-    wider than N needs (rounded up to 128 columns: a multiple of every tile here)."""
-    unit = -(-64 * n_sm // 128) * 128
-    k = max(1, CHUNK_BYTES // (B * unit * e))
-    need = -(-max(N, 1) // 128) * 128
-    return min(k * unit, need)
-
-
 def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Tensor):
     """(grad_f, grad_w, grad_scale) of margin_lse_triton_backward by chunks (module docstring);
-    ``inv`` holds 1/‖W_n‖ (_inv_norm_kernel) when normalising. Launched under the caller's
-    device guard."""
+    ``inv`` holds 1/‖W_n‖ (_inv_norm_kernel) when normalising."""
     dev, B, N, D = a.f.device, a.B, a.N, a.D
     dd_cfg = _config("fwd", a)            # resident.py's forward tiles
     df_cfg, dw_cfg = _gemm_config("df_gemm"), _gemm_config("dw_gemm")
@@ -213,7 +200,7 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
     else:
         n_sm = _device_slots_info(dev.index if dev.index is not None
                                   else torch.cuda.current_device())[0]
-        cc = plan_chunk(B, N, n_sm, a.f.element_size())
+        cc = waves.plan_chunk(B, N, n_sm, a.f.element_size())
     chunks = triton.cdiv(N, cc)
     row_tiles = triton.cdiv(B, dd_cfg.block_b)
     dd_splits = _splits(row_tiles, triton.cdiv(min(cc, N), dd_cfg.block_n), dev)
@@ -225,30 +212,32 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
     if cc % df_cfg.block_d or cc % dw_cfg.block_b or cc % dd_cfg.block_n:
         raise ValueError(f"chunk of {cc} columns: not a multiple of the GEMM tiles")
 
+    # dd' is addressed in 64 bits (B·CC can pass 2^31 at k = 1 from B ≈ 254K rows)
     dd = torch.empty((B, cc), dtype=a.f.dtype, device=dev)
     proj = torch.empty((row_tiles, cc), dtype=torch.float32, device=dev)
     gs = torch.empty((chunks, dd_splits, B), dtype=torch.float32, device=dev)
     dfp = torch.empty((df_splits, B, D), dtype=torch.float32, device=dev)
     grad_w = torch.empty_like(a.w)
     strides = (a.f.stride(0), a.w.stride(0))
-    for c in range(chunks):
-        c0 = c * cc
-        k_valid = min(cc, N - c0)
-        k_pad = triton.cdiv(k_valid, df_cfg.block_d) * df_cfg.block_d
-        if k_pad > k_valid:  # the last chunk's padding: the dF GEMM reads it (× masked W rows)
-            dd[:, k_valid:k_pad].zero_()
-        _dd_kernel[(row_tiles, dd_splits)](
-            *a.ptrs, lse, grad_lse, grad_dot, inv, dd, proj, gs[c], B, c0, c0 + k_valid, cps,
-            *strides, a.thr, cc, **a.flags, BLOCK_B=dd_cfg.block_b, BLOCK_N=dd_cfg.block_n,
-            **meta, **dd_cfg.launch())
-        _df_gemm_kernel[(*df_tiles, df_splits)](
-            dd, a.w, dfp, B, D, c0, k_valid, k_pad, k_tiles_per_split, int(c > 0), a.w.stride(0),
-            cc, DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=df_cfg.block_b, BLOCK_N=df_cfg.block_n,
-            BLOCK_K=df_cfg.block_d, **df_cfg.launch())
-        _dw_gemm_kernel[(triton.cdiv(k_valid, dw_cfg.block_b), triton.cdiv(D, dw_cfg.block_n))](
-            dd, a.f, a.w, inv, proj, grad_w, B, D, c0, k_valid, row_tiles, *strides, cc,
-            NORMALIZE=a.normalize, DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=dw_cfg.block_b,
-            BLOCK_N=dw_cfg.block_n, BLOCK_K=dw_cfg.block_d, **dw_cfg.launch())
+    with device_guard(dev):  # (the caller's too: nested, the same device)
+        for c in range(chunks):
+            c0 = c * cc
+            k_valid = min(cc, N - c0)
+            k_pad = triton.cdiv(k_valid, df_cfg.block_d) * df_cfg.block_d
+            if k_pad > k_valid:  # the last chunk's padding: the dF GEMM reads it (× masked W rows)
+                dd[:, k_valid:k_pad].zero_()
+            _dd_kernel[(row_tiles, dd_splits)](
+                *a.ptrs, lse, grad_lse, grad_dot, inv, dd, proj, gs[c], B, c0, c0 + k_valid, cps,
+                *strides, a.thr, cc, **a.flags, BLOCK_B=dd_cfg.block_b, BLOCK_N=dd_cfg.block_n,
+                **meta, **dd_cfg.launch())
+            _df_gemm_kernel[(*df_tiles, df_splits)](
+                dd, a.w, dfp, B, D, c0, k_valid, k_pad, k_tiles_per_split, int(c > 0), a.w.stride(0),
+                cc, DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=df_cfg.block_b, BLOCK_N=df_cfg.block_n,
+                BLOCK_K=df_cfg.block_d, **df_cfg.launch())
+            _dw_gemm_kernel[(triton.cdiv(k_valid, dw_cfg.block_b), triton.cdiv(D, dw_cfg.block_n))](
+                dd, a.f, a.w, inv, proj, grad_w, B, D, c0, k_valid, row_tiles, *strides, cc,
+                NORMALIZE=a.normalize, DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=dw_cfg.block_b,
+                BLOCK_N=dw_cfg.block_n, BLOCK_K=dw_cfg.block_d, **dw_cfg.launch())
     return dfp.sum(0).to(a.f.dtype), grad_w, gs.sum((0, 1)).to(a.acc)
 
 

@@ -129,6 +129,11 @@ AOT_FIGURES: dict[tuple, tuple[int, int]] = {
     ('bwd_df', 'resident', 90, 64, 32, 512, 8, 2, 512): (255, 135424),
     ('bwd_dw', 'resident', 90, 16, 128, 256, 8, 2, 256): (245, 164288),
     ('topk', 'resident', 90, 64, 32, 64, 4, 2, 0): (128, 20480),
+    # chunked.py's kernels (sm_90, bf16, D = 512, every flag on): dd' in resident.py's forward
+    # tiles, and the two GEMMs
+    ('dd', 'chunked', 90, 128, 32, 256, 8, 2, 0): (178, 204800),
+    ('df_gemm', 'chunked', 90, 128, 256, 64, 8, 3, 0): (250, 147456),
+    ('dw_gemm', 'chunked', 90, 128, 256, 64, 8, 3, 0): (246, 147456),
     ('merge', 'resident', 90, 128, 16, 16, 4, 1, 0): (32, 0),
     ('norm', 'resident', 90, 16, 64, 64, 4, 2, 0): (32, 256),
     ('merge', 'half', 80, 128, 16, 16, 4, 1, 0): (32, 0),
@@ -236,3 +241,17 @@ def plan_splits(row_tiles: int, col_tiles: int, n_slots: int, d_chunks: int = 1)
             break
     per_split = -(-col_tiles // best)
     return -(-col_tiles // per_split)
+
+
+CHUNK_BYTES = 128 * 2**20  # chunked.py's dd' buffer budget (one chunk of B × CC elements)
+
+
+def plan_chunk(B: int, N: int, n_sm: int, e: int) -> int:
+    """Columns per chunk: whole waves of the dW GEMM (CC = k·64·n_sm, rounded up to its
+    128-class tile: k·n_sm programs of 128 classes × 256 of D = 512, one per SM), the largest
+    k whose B × CC buffer of ``e``-byte elements fits CHUNK_BYTES (at least k = 1), and no
+    wider than N needs (rounded up to 128 columns: a multiple of every tile here)."""
+    unit = -(-64 * n_sm // 128) * 128
+    k = max(1, CHUNK_BYTES // (B * unit * e))
+    need = -(-max(N, 1) // 128) * 128
+    return min(k * unit, need)
