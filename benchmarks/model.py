@@ -5,7 +5,8 @@
 
 For every kernel launch of the step (``Launch``, benchmarks/model_roofline.py: for ``triton``,
 benchmarks/model_triton.py: marginops/triton/resident.py's kernels where
-configs.resident_applies — sm_90, bf16, K = 1, D ∈ {128, 256, 512} — else margin_lse.py's;
+configs.resident_applies — sm_90, bf16, K = 1, D ∈ {128, 256, 512}, with chunked.py's backward
+at D = 512 (configs.chunked_applies) — else margin_lse.py's;
 marginops/csrc/cuda/margin_lse.cu for ``cuda``; marginops.reference's ArcFace for ``naive``) it
 counts the tensor-core FLOPs, the CUDA-core FLOPs, the exponentials, the bytes between the SMs
 and L2, the bytes from HBM, the occupancy (CTAs per SM from registers and shared memory) and the
@@ -69,14 +70,17 @@ Assumptions (what the figures mean; change a constant to test another):
 * Not modelled: the O(B)-sized torch ops of the loss around the core op (µs), the host, the
   ``triton`` autotuner (off by default), clocks below boost (power limits), L2 partitioning.
 
-Figures (H100, B = 4096, C = 1M, D = 512, bf16; this model, not measured): ``triton`` (resident.py)
-55.0 ms, 0.308 of peak, which ``auto`` picks (backend_table.MODEL_PICKS) — 12·B·C·D GEMM FLOPs
-(the dW kernel's two chunk programs each recompute the logit tile), one CTA per SM, every
-resident kernel bound by shared memory plus its epilogue: fwd 8.7 ms, bwd_df 17.4 ms, bwd_dw
-28.1 ms; ``cuda`` 73.2 ms, 0.232; margin_lse.py's kernels (``configs.force(resident=False)``)
-130.3 ms, 0.130. At D = 256 the resident kernels reach 0.428 (19.8 ms), at D = 128 0.361. The
-issue's target (≥ 0.5 for auto's backend) is not met on the model; benchmarks/README.md ("The
-GPU performance model") says where the time goes and what would close the gap.
+Figures (H100, B = 4096, C = 1M, D = 512, bf16; this model, not measured): ``triton`` 35.3 ms,
+0.481 of peak, which ``auto`` picks (backend_table.MODEL_PICKS) — resident.py's forward (8.7 ms)
+and chunked.py's backward (dd 9.9 ms, the dF GEMM 8.2, the dW GEMM 7.7: 8·B·C·D GEMM FLOPs in
+all); the resident forward and dd kernels bound by shared memory plus their epilogue at one CTA
+per SM, the two GEMMs by L2; B = 1024 0.451, B = 8192 0.500. resident.py's own backward
+(``configs.force(chunked=False)``: 12·B·C·D) 55.0 ms, 0.308; ``cuda`` 73.2 ms, 0.232;
+margin_lse.py's kernels (``configs.force(resident=False)``) 130.3 ms, 0.130. At D = 256 the
+resident kernels reach 0.428 (19.8 ms), at D = 128 0.361 (chunked.py's backward is slower
+there). The issue's target (≥ 0.5 for auto's backend at B ≥ 1024) is not met on the model;
+benchmarks/README.md ("The GPU performance model") says where the time goes and what would close
+the gap.
 
 The useful work of a forward+backward is 8·B·C·D FLOPs (the logits once, the two gradient GEMMs,
 and the logits again in the backward, which every streaming kernel pays). ``fraction of peak`` =

@@ -220,6 +220,7 @@ def _step(B: int, C: int, D: int, dtype: str, gpu: GPU, var: str, fwd: list[Laun
 #   bwd_dw  nt × q     W 128 × D resident; per 16-row tile: F 16 × D, S (2·16·128·D),
 #                      G[:, chunk] += ddᵀ·F_chunk (2·16·128·c); epilogue reloads W's 128 × c chunk
 #                      (Jacobian), stores grad_W's chunk in W's dtype
+# (chunked.py's backward replaces bwd_df / bwd_dw at D = 512: chunked_launches below)
 # (2q + 2)·B·C·D per backward kernel: 12·B·C·D in all at D = 512 (bwd_dw's second chunk program
 # recomputes the whole S: Triton lays a dot feeding a dot out with all warps along M, and a
 # 64-column dW tile spills — resident.py's module docstring), 10 at D ≤ 256. 1/‖W‖ comes from

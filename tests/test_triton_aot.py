@@ -512,6 +512,12 @@ def static_table() -> str:
             f"| {kernel} | {var} | {cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {cfg.num_warps}, "
             f"{cfg.num_stages}{do} | {fdt}/{wdt} | {arch} | {s['regs']} | {s['shared'] / 1024:.1f} "
             f"| {s['stack']} | {'yes' if s['wgmma'] else 'no'} |")
+    for kernel in CHUNKED:  # chunked.py (sm_90, bf16, D = 512; its options on)
+        cfg, s = chunked_config(kernel), chunked_stats(kernel, True)
+        lines.append(
+            f"| {kernel} | chunked | {cfg.block_b}×{cfg.block_n}×{cfg.block_d}, {cfg.num_warps}, "
+            f"{cfg.num_stages} | bf16/bf16 | 90 | {s['regs']} | {s['shared'] / 1024:.1f} "
+            f"| {s['stack']} | {'yes' if s['wgmma'] else 'no'} |")
     return "\n".join(lines)
 
 

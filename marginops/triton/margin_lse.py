@@ -65,16 +65,19 @@ GPU (none was available): counts, not timings.
 On sm_90 with bf16 features and weight, one sub-center and D ∈ {128, 256, 512}, resident.py's
 kernels run instead (FlashAttention's shape: the program's own F or W tile stays in shared memory
 over the whole D, each streamed tile is loaded once for both GEMMs; 10·B·C·D at D ≤ 256, 12 at
-D = 512, a fifth of these L2 loads). Their docstring says why their tiles are what they are.
+D = 512, a fifth of these L2 loads). Their docstring says why their tiles are what they are. At
+D = 512 without bias or class_index the backward is chunked.py's instead: 8·B·C·D, with dd
+stored per chunk of classes (below).
 
-Why not 8·B·C·D (cut-cross-entropy's one recompute feeding both gradients)? One of the two
-gradients must then be reduced across programs: fp32 atomics on global memory or a B×C-sized dd
-buffer. Per 64×64 tile at D = 512, 6·64·64·512 = 12.6 MFLOP meet an atomic update of a 64×512
-fp32 block (128 KB read + written): 48 FLOP/B, where an H100 needs ≈ 300 FLOP/B of L2 atomic
-traffic (989 TFLOP/s over an estimated ≈ 3.3 TB/s) to stay compute-bound; and atomics make the
-result non-deterministic. Nor the FlashAttention-shaped forward emitting the dF partial: every
-forward (evaluation, no-grad) would pay the extra GEMM, a splits × B × D buffer and the same
-BLOCK_B × D accumulator that spills here.
+Why not 8·B·C·D here (cut-cross-entropy's one recompute feeding both gradients)? One of the two
+gradients must then be reduced across programs: fp32 atomics on global memory or a dd buffer
+(chunked.py takes the buffer, one chunk of classes at a time, where its GEMMs pay off). Per 64×64
+tile at D = 512, 6·64·64·512 = 12.6 MFLOP meet an atomic update of a 64×512 fp32 block (128 KB
+read + written): 48 FLOP/B, where an H100 needs ≈ 300 FLOP/B of L2 atomic traffic (989 TFLOP/s
+over an estimated ≈ 3.3 TB/s) to stay compute-bound; and atomics make the result non-
+deterministic. Nor the FlashAttention-shaped forward emitting the dF partial: every forward
+(evaluation, no-grad) would pay the extra GEMM, a splits × B × D buffer and the same BLOCK_B × D
+accumulator that spills here.
 
 dtypes: features fp32 / fp16 / bf16; weight any of those (fp32 master weights with half features are
 read as they are and converted tile by tile, as autocast would). fp64 is refused (the torch and
