@@ -74,8 +74,8 @@ gradients must then be reduced across programs: fp32 atomics on global memory or
 (chunked.py takes the buffer, one chunk of classes at a time, where its GEMMs pay off). Per 64×64
 tile at D = 512, 6·64·64·512 = 12.6 MFLOP meet an atomic update of a 64×512 fp32 block (128 KB
 read + written): 48 FLOP/B, where an H100 needs ≈ 300 FLOP/B of L2 atomic traffic (989 TFLOP/s
-over an estimated ≈ 3.3 TB/s) to stay compute-bound; and atomics make the result non-
-deterministic. Nor the FlashAttention-shaped forward emitting the dF partial: every forward
+over an estimated ≈ 3.3 TB/s) to stay compute-bound; and atomics make the result
+non-deterministic. Nor the FlashAttention-shaped forward emitting the dF partial: every forward
 (evaluation, no-grad) would pay the extra GEMM, a splits × B × D buffer and the same BLOCK_B × D
 accumulator that spills here.
 
