@@ -399,16 +399,16 @@ def chunked_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[list
     e = ELT[dtype]
     unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)
     W, Fb = C * D * e, B * D * e
-    cc = waves.plan_chunk(B, C, gpu.sms, e)
-    chunks = cdiv(C, cc)
+    fc = configs.resident_config("fwd", D)
+    plan = waves.chunked_plan(B, C, D, gpu.sms, e, fc, configs.CHUNKED["df_gemm"],
+                              configs.CHUNKED["dw_gemm"])   # the launcher's plan
+    cc, chunks = plan.cc, plan.chunks
     kpad = (chunks - 1) * cc + cdiv(C - (chunks - 1) * cc, GEMM_TILE[2]) * GEMM_TILE[2]
 
-    fc = configs.resident_config("fwd", D)
     regs, smem = waves.figures(gpu.arch, fc, "dd", "chunked")
     occ = dict(threads=32 * fc.num_warps, regs=regs, smem=smem)
     slots = gpu.sms * waves.ctas_per_sm(regs, smem, occ["threads"], limits(gpu))
-    rt, ct = cdiv(B, fc.block_b), cdiv(min(cc, C), fc.block_n)
-    s_dd = waves.plan_splits(rt, ct, slots)
+    rt, s_dd = plan.dd_grid
     logits = rt * fc.block_b * cdiv(C, fc.block_n) * fc.block_n     # padded tiles (≈ all chunks)
     dd = Launch(
         "dd (F resident, S = F·Wᵀ, dd' = ∂/∂d ÷ ‖W‖ stored per chunk)", count=chunks,
@@ -422,16 +422,16 @@ def chunked_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[list
         note=f"{chunks} chunk(s) of {cc} classes, {rt} row tiles × {s_dd} split(s) each; dd' "
              f"{B}×{cc} {dtype} ({B * cc * e / 2**20:.0f} MiB), to HBM and back")
 
-    def gemm_occ(kernel: str) -> tuple[dict, int]:
+    def gemm_occ(kernel: str) -> tuple[dict, int]:  # (occupancy fields, program slots)
         cfg = configs.CHUNKED[kernel]
         r, sm = waves.figures(gpu.arch, cfg, kernel, "chunked")
         o = dict(threads=32 * cfg.num_warps, regs=r, smem=sm)
         return o, gpu.sms * waves.ctas_per_sm(r, sm, o["threads"], limits(gpu))
 
     bm, bn, bk = GEMM_TILE
-    occ_f, slots_f = gemm_occ("df_gemm")
+    occ_f, _ = gemm_occ("df_gemm")
     tiles_f = cdiv(B, bm) * cdiv(D, bn)
-    s_f = waves.plan_splits(tiles_f, cdiv(min(cc, C), bk), slots_f)
+    s_f = plan.df_grid[2]
     partial = s_f * B * D * 4
     df = _gemm("df_gemm (dF[split] += dd'·W[chunk], K = the chunk's classes)", B, D, kpad,
                chunks, tiles_f * s_f, occ_f, e, unit, mult, gpu,
@@ -439,10 +439,8 @@ def chunked_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[list
                note=f"{tiles_f} tiles × {s_f} K split(s); dd' read from HBM, W[chunk] from L2 "
                     f"(the dd kernel's)")
     occ_w, _ = gemm_occ("dw_gemm")
-    cpad = chunks * cc if chunks > 1 else cdiv(C, bm) * bm
-    cpad = min(cpad, cdiv(C, bm) * bm)
-    dw = _gemm("dw_gemm (grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d, K = the batch)", cpad, D, B,
-               chunks, cdiv(cc, bm) * cdiv(D, bn), occ_w, e, unit, mult, gpu,
+    dw = _gemm("dw_gemm (grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d, K = the batch)", C, D, B,
+               chunks, plan.dw_grid[0] * plan.dw_grid[1], occ_w, e, unit, mult, gpu,
                l2_extra=W + rt * C * 4 + C * 4 + W, hbm=B * C * e + W + C * 4 + W,
                alu=JACOBIAN_OPS * C * D,
                note="F per class tile; the Jacobian's W rows, 1/‖W‖, Σ dd'·d partials in the "

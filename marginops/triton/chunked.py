@@ -192,52 +192,45 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
     dd_cfg = _config("fwd", a)            # resident.py's forward tiles
     df_cfg, dw_cfg = _gemm_config("df_gemm"), _gemm_config("dw_gemm")
     meta = configs.resident_meta("fwd", D)
-    forced = configs.forced_chunk()
-    if forced is not None:
-        cc = forced
-    elif interpreting() or dev.type != "cuda":
-        cc = 3 * dd_cfg.block_n  # small chunks, so the tests cross chunk and split boundaries
-    else:
+    n_sm = None
+    if dev.type == "cuda" and not interpreting():
         n_sm = _device_slots_info(dev.index if dev.index is not None
                                   else torch.cuda.current_device())[0]
-        cc = waves.plan_chunk(B, N, n_sm, a.f.element_size())
-    chunks = triton.cdiv(N, cc)
-    row_tiles = triton.cdiv(B, dd_cfg.block_b)
-    dd_splits = _splits(row_tiles, triton.cdiv(min(cc, N), dd_cfg.block_n), dev)
-    cps = triton.cdiv(triton.cdiv(min(cc, N), dd_cfg.block_n), dd_splits) * dd_cfg.block_n
-    df_tiles = (triton.cdiv(B, df_cfg.block_b), triton.cdiv(D, df_cfg.block_n))
-    k_tiles = triton.cdiv(min(cc, N), df_cfg.block_d)
-    df_splits = _splits(df_tiles[0] * df_tiles[1], k_tiles, dev)
-    k_tiles_per_split = triton.cdiv(k_tiles, df_splits)
+    plan = waves.chunked_plan(B, N, D, n_sm, a.f.element_size(), dd_cfg, df_cfg, dw_cfg,
+                              chunk=configs.forced_chunk(), splits=configs.forced_splits())
+    cc, row_tiles = plan.cc, plan.dd_grid[0]
     if cc % df_cfg.block_d or cc % dw_cfg.block_b or cc % dd_cfg.block_n:
-        raise ValueError(f"chunk of {cc} columns: not a multiple of the GEMM tiles")
+        raise ValueError(f"chunk of {cc} columns: not a multiple of the kernels' tiles")
 
     # dd' is addressed in 64 bits (B·CC can pass 2^31 at k = 1 from B ≈ 254K rows)
     dd = torch.empty((B, cc), dtype=a.f.dtype, device=dev)
     proj = torch.empty((row_tiles, cc), dtype=torch.float32, device=dev)
-    gs = torch.empty((chunks, dd_splits, B), dtype=torch.float32, device=dev)
-    dfp = torch.empty((df_splits, B, D), dtype=torch.float32, device=dev)
+    gs = torch.empty((plan.chunks, plan.dd_grid[1], B), dtype=torch.float32, device=dev)
+    dfp = torch.empty((plan.df_grid[2], B, D), dtype=torch.float32, device=dev)
     grad_w = torch.empty_like(a.w)
     strides = (a.f.stride(0), a.w.stride(0))
+
+    def gemm(cfg: configs.KernelConfig) -> dict:
+        return dict(DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=cfg.block_b, BLOCK_N=cfg.block_n,
+                    BLOCK_K=cfg.block_d, **cfg.launch())
+
     with device_guard(dev):  # (the caller's too: nested, the same device)
-        for c in range(chunks):
+        for c in range(plan.chunks):
             c0 = c * cc
             k_valid = min(cc, N - c0)
             k_pad = triton.cdiv(k_valid, df_cfg.block_d) * df_cfg.block_d
             if k_pad > k_valid:  # the last chunk's padding: the dF GEMM reads it (× masked W rows)
                 dd[:, k_valid:k_pad].zero_()
-            _dd_kernel[(row_tiles, dd_splits)](
-                *a.ptrs, lse, grad_lse, grad_dot, inv, dd, proj, gs[c], B, c0, c0 + k_valid, cps,
-                *strides, a.thr, cc, **a.flags, BLOCK_B=dd_cfg.block_b, BLOCK_N=dd_cfg.block_n,
-                **meta, **dd_cfg.launch())
-            _df_gemm_kernel[(*df_tiles, df_splits)](
-                dd, a.w, dfp, B, D, c0, k_valid, k_pad, k_tiles_per_split, int(c > 0), a.w.stride(0),
-                cc, DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=df_cfg.block_b, BLOCK_N=df_cfg.block_n,
-                BLOCK_K=df_cfg.block_d, **df_cfg.launch())
-            _dw_gemm_kernel[(triton.cdiv(k_valid, dw_cfg.block_b), triton.cdiv(D, dw_cfg.block_n))](
+            _dd_kernel[plan.dd_grid](
+                *a.ptrs, lse, grad_lse, grad_dot, inv, dd, proj, gs[c], B, c0, c0 + k_valid,
+                plan.cols_per_split, *strides, a.thr, cc, **a.flags, BLOCK_B=dd_cfg.block_b,
+                BLOCK_N=dd_cfg.block_n, **meta, **dd_cfg.launch())
+            _df_gemm_kernel[plan.df_grid](
+                dd, a.w, dfp, B, D, c0, k_valid, k_pad, plan.k_tiles_per_split, int(c > 0),
+                a.w.stride(0), cc, **gemm(df_cfg))
+            _dw_gemm_kernel[(triton.cdiv(k_valid, dw_cfg.block_b), plan.dw_grid[1])](
                 dd, a.f, a.w, inv, proj, grad_w, B, D, c0, k_valid, row_tiles, *strides, cc,
-                NORMALIZE=a.normalize, DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=dw_cfg.block_b,
-                BLOCK_N=dw_cfg.block_n, BLOCK_K=dw_cfg.block_d, **dw_cfg.launch())
+                NORMALIZE=a.normalize, **gemm(dw_cfg))
     return dfp.sum(0).to(a.f.dtype), grad_w, gs.sum((0, 1)).to(a.acc)
 
 
@@ -248,16 +241,3 @@ def _gemm_config(kernel: str) -> configs.KernelConfig:
     if forced is not None:
         return forced
     return configs.INTERPRETER_GEMM if interpreting() else configs.CHUNKED[kernel]
-
-
-def _splits(tiles: int, k_tiles: int, dev) -> int:
-    """Programs per tile along the split axis: whole waves on a GPU (waves.plan_splits, one
-    program per SM — these kernels' occupancy), 2 in the interpreter (its tests cross a split)."""
-    forced = configs.forced_splits()
-    if forced is not None:
-        return max(1, min(forced, k_tiles))
-    if interpreting() or dev.type != "cuda":
-        return max(1, min(2, k_tiles))
-    n_sm = _device_slots_info(dev.index if dev.index is not None
-                              else torch.cuda.current_device())[0]
-    return waves.plan_splits(tiles, k_tiles, n_sm)

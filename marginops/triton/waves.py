@@ -255,3 +255,43 @@ def plan_chunk(B: int, N: int, n_sm: int, e: int) -> int:
     k = max(1, CHUNK_BYTES // (B * unit * e))
     need = -(-max(N, 1) // 128) * 128
     return min(k * unit, need)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """chunked.py's launch plan for a batch of B rows and N columns (see ``chunked_plan``)."""
+    cc: int                  # columns per chunk (the dd' buffer's width)
+    chunks: int
+    dd_grid: tuple[int, int]          # row tiles × splits of a chunk's columns
+    cols_per_split: int               # a multiple of the dd kernel's BLOCK_N
+    df_grid: tuple[int, int, int]     # row tiles × D tiles × K splits
+    k_tiles_per_split: int            # BLOCK_K steps of the chunk's columns per K split
+    dw_grid: tuple[int, int]          # class tiles of a full chunk × D tiles
+
+
+def chunked_plan(B: int, N: int, D: int, n_sm: int | None, e: int, dd, df, dw,
+                 chunk: int | None = None, splits: int | None = None) -> ChunkPlan:
+    """The grids of chunked.py's three kernels (configurations ``dd``, ``df``, ``dw``: block_b,
+    block_n, block_d as M, N, K for the GEMMs): chunks of ``plan_chunk`` columns on a GPU of
+    ``n_sm`` SMs (one program per SM: these kernels' occupancy), the dd and dF split counts in
+    whole waves (``plan_splits``); ``chunk`` / ``splits`` pin them (tests; the interpreter, with
+    ``n_sm`` None, uses 3 dd tiles and 2 splits so its tests cross both boundaries)."""
+    cc = chunk or (plan_chunk(B, N, n_sm, e) if n_sm else 3 * dd.block_n)
+    width = min(cc, N)
+
+    def split_count(tiles: int, k_tiles: int) -> int:
+        if splits is not None:
+            return max(1, min(splits, k_tiles))
+        if not n_sm:
+            return max(1, min(2, k_tiles))
+        return plan_splits(tiles, k_tiles, n_sm)
+
+    rt, ct = -(-B // dd.block_b), max(-(-width // dd.block_n), 1)
+    s_dd = split_count(rt, ct)
+    df_tiles = (-(-B // df.block_b), -(-D // df.block_n))
+    k_tiles = max(-(-width // df.block_d), 1)
+    s_df = split_count(df_tiles[0] * df_tiles[1], k_tiles)
+    return ChunkPlan(cc=cc, chunks=-(-N // cc), dd_grid=(rt, s_dd),
+                     cols_per_split=-(-ct // s_dd) * dd.block_n,
+                     df_grid=(*df_tiles, s_df), k_tiles_per_split=-(-k_tiles // s_df),
+                     dw_grid=(-(-width // dw.block_b), -(-D // dw.block_n)))
