@@ -26,8 +26,9 @@ grad_W_n = (G_n − ŵ_n (ŵ_n·G_n)) / wn_n = G'_n − ŵ_n Σ_i dd'_in d_in (�
 The price is the dd' buffer: B × CC elements (waves.plan_chunk: whole waves of the dW GEMM within
 waves.CHUNK_BYTES), against none for resident.py's backward. The two GEMMs are what cuBLAS-shaped
 Triton GEMMs do well (128 × 256 tiles, K pipelined, no epilogue in the loop); at D = 512 their
-operand reads per FLOP are a third of the resident dW kernel's. benchmarks/model.py models every
-launch (model_triton.chunked_launches).
+operand reads from shared memory per FLOP are half the resident dW kernel's (0.031 B/FLOP,
+what keeps the tensor cores busy), and L2 bounds them instead (85 FLOPs per byte loaded).
+benchmarks/model.py models every launch (model_triton.chunked_launches).
 
 Where it runs (configs.chunked_applies): where resident.py's kernels apply, at D = 512, without
 bias or class_index (those keep resident.py's backward), on bf16 (the GPU) or, forced, on fp32

@@ -52,8 +52,12 @@ the logit GEMM reads its resident operand once per streamed tile and warpgroup, 
 streamed tiles are narrow (16–32 columns per warpgroup, what the registers allow), so at
 D = 512 the kernels move 0.055 (fwd), 0.058 (bwd_df) and 0.063 (bwd_dw) bytes of shared memory
 per FLOP against the 0.031 (128 bytes per SM clock for 4096 bf16 FLOPs) that would keep the
-tensor cores busy. Register-resident operands would cut that, but Triton reloads a hoisted
-operand from shared memory inside the loop. Shared memory
+tensor cores busy. Register-resident operands would cut that, but Triton keeps a loaded,
+loop-invariant dot operand in shared memory (and reloads it inside the loop when it is converted
+or carried). Produced by a dot (x·I, the chained-dot path), F does stay in registers as the
+wgmma's A operand (TTGIR checked: no shared-memory read of it in the loop) — but its 128
+registers per thread at D = 512 leave too few: the bare forward loop spills 160–216 B (BN 16–64,
+64- or 128-column pieces; Triton 3.9), before this file's epilogue. Shared memory
 allocated: 192 KB (fwd), 135 KB (bwd_df at D = 512; 128 KB at D = 256), 160 KB (bwd_dw), one
 program per SM; registers and spills: configs.py (compiled and checked by
 tests/test_triton_aot.py: zero spills at D = 128, 256, 512 with every option flag on and off).
