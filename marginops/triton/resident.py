@@ -56,7 +56,7 @@ tensor cores busy. Register-resident operands would cut that, but Triton keeps a
 loop-invariant dot operand in shared memory (and reloads it inside the loop when it is converted
 or carried). Produced by a dot (x·I, the chained-dot path), F does stay in registers as the
 wgmma's A operand (TTGIR checked: no shared-memory read of it in the loop) — but its 128
-registers per thread at D = 512 leave too few: the bare forward loop spills 160–216 B (BN 16–64,
+registers per thread at D = 512 leave too few: the bare forward loop spills 160–248 B (BN 16–64,
 64- or 128-column pieces; Triton 3.9), before this file's epilogue. Shared memory
 allocated: 192 KB (fwd), 135 KB (bwd_df at D = 512; 128 KB at D = 256), 160 KB (bwd_dw), one
 program per SM; registers and spills: configs.py (compiled and checked by
