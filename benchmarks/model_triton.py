@@ -275,14 +275,18 @@ def resident_gemms(kernel: str, cfg: configs.KernelConfig, D: int
 
 def resident_smem(kernel: str, cfg: configs.KernelConfig, D: int, e: int) -> int:
     """Shared-memory bytes per tile step of resident.py's ``kernel`` (one D chunk program): the
-    logit GEMM over D with both operands in shared memory, the streamed tile's cp.async write
+    logit GEMM over D with both operands in shared memory (A's first chunk from registers where
+    configs.resident_meta says REG0), the streamed tile's cp.async write
     and, in the backward, the second GEMM (dd from registers, the streamed tile's chunk as B)
     plus, when the logit tile is split between warpgroups along N (UNCHAINED), dd's exchange:
     written once and read by each warpgroup of the second GEMM along N (each needs all K = N
     columns of its rows; a chained layout leaves every row's columns with one warp)."""
     gemms = resident_gemms(kernel, cfg, D)
     (M, N, logit_groups), rest = gemms[0], gemms[1:]
-    out = gemm_smem(M, N, D, e, logit_groups) + N * D * e
+    meta = configs.resident_meta(kernel, D)
+    reg = meta["BLOCK_D"] if meta.get("REG0") else 0   # A's first chunk read from registers
+    out = (gemm_smem(M, N, D - reg, e, logit_groups) + gemm_smem(M, N, reg, e, logit_groups, False)
+           + N * D * e)
     for M2, c, groups in rest:
         out += gemm_smem(M2, c, N, e, groups, a_smem=False)
         if logit_groups[1] > 1:
@@ -399,7 +403,7 @@ def chunked_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[list
     e = ELT[dtype]
     unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)
     W, Fb = C * D * e, B * D * e
-    fc = configs.resident_config("fwd", D)
+    fc = configs.CHUNKED["dd"]
     plan = waves.chunked_plan(B, C, D, gpu.sms, e, fc, configs.CHUNKED["df_gemm"],
                               configs.CHUNKED["dw_gemm"])   # the launcher's plan
     cc, chunks = plan.cc, plan.chunks

@@ -178,7 +178,7 @@ MODEL_PICKS: dict[tuple[str, str], dict[int, str]] = {
              "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
         64: ("cctttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"
              "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
-        128: ("cccttttttttt" "cttttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
+        128: ("cccttttttttt" "cctttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
               "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),
         256: ("cccttttttttt" "cctttttttttt" "cttttttttttt" "tttttttttttt" "tttttttttttt"
               "tttttttttttt" "tttttttttttt" "tttttttttttt" "tttttttttttt"),

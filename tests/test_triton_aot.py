@@ -178,10 +178,11 @@ def _loops(ttgir: str) -> list[dict]:
     """Every ``scf.for`` of a TTGIR module with what it holds: ``dot`` / ``write`` (a GEMM / a
     global store or atomic anywhere inside, nested loops included), ``own_wait0`` (a
     ``warp_group_dot_wait {pendings = 0}`` in the loop's own body, outside nested loops),
-    ``own_async_copy`` (a pipelined ``async_copy_global_to_local`` in its own body) and
-    ``d_loop`` (it runs up to the kernel argument D: a GEMM's reduction over D). Regions open on
-    a line ending in ``{`` and close on a line starting with ``}`` (attribute braces are
-    balanced within a line)."""
+    ``own_async_copy`` (a pipelined ``async_copy_global_to_local`` in its own body), ``reg_a`` /
+    ``local_load`` (its own body has a wgmma with a register A operand / a shared-memory load
+    into registers) and ``d_loop`` (it runs up to the kernel argument D: a GEMM's reduction over
+    D). Regions open on a line ending in ``{`` and close on a line starting with ``}`` (attribute
+    braces are balanced within a line)."""
     stack: list[dict | None] = []  # one entry per open region: a loop's record, or None
     out = []
     for line in ttgir.splitlines():
@@ -192,6 +193,7 @@ def _loops(ttgir: str) -> list[dict]:
                 out.append(frame)
         if text.endswith("{"):
             stack.append(dict(dot=False, write=False, own_wait0=False, own_async_copy=False,
+                              reg_a=False, local_load=False,
                               d_loop=" to %D step " in text) if "scf.for " in text else None)
             continue
         loops = [f for f in stack if f is not None]
@@ -207,6 +209,10 @@ def _loops(ttgir: str) -> list[dict]:
             loops[-1]["own_wait0"] = True
         if "async_copy_global_to_local" in text:
             loops[-1]["own_async_copy"] = True
+        if "ttng.warp_group_dot " in text and re.search(r": tensor<[^*]*#ttg\.dot_op", text):
+            loops[-1]["reg_a"] = True  # a wgmma whose A operand is a register tensor
+        if "ttg.local_load " in text:
+            loops[-1]["local_load"] = True
     assert not stack, "unbalanced regions in the TTGIR"
     return out
 
@@ -444,7 +450,7 @@ _CHUNKED_INTS = {"D", "stride_f", "stride_w", "CC"}  # multiples of 16 where the
 
 def chunked_config(kernel: str) -> configs.KernelConfig:
     """The configuration chunked.backward launches ``kernel`` with on a GPU."""
-    return configs.resident_config("fwd", RESIDENT_DIM) if kernel == "dd" else configs.CHUNKED[kernel]
+    return configs.CHUNKED[kernel]
 
 
 @functools.cache
@@ -497,6 +503,24 @@ def test_chunked_kernels_compile_clean(kernel, flags):
             == waves.ctas_per_sm(stats["regs"], stats["shared"], threads, limits)), (
         f"waves.AOT_FIGURES: {waves.figure_key(kernel, 'chunked', 90, cfg)}: "
         f"({stats['regs']}, {stats['shared']})")
+
+
+@pytest.mark.skipif(DEFAULTS_ONLY, reason="the oldest-Triton step compiles the defaults only")
+@pytest.mark.parametrize("kernel", ["fwd", "dd"])
+@pytest.mark.parametrize("flags", [True, False])
+def test_wide_forward_tiles_read_f_from_registers(kernel, flags):
+    """At D = 512 resident.py's forward and chunked.py's dd kernel hold F's first 256 columns in
+    registers (REG0, resident.py's ``_in_registers``): their tile loop runs a wgmma whose A
+    operand is a register tensor, and loads nothing from shared memory into registers (the
+    second chunk's wgmma reads shared memory itself). Without it F is a shared-memory operand
+    read on every tile step — what benchmarks/model.py's shared-memory bytes count."""
+    if kernel == "fwd":
+        cfg = configs.resident_config("fwd", RESIDENT_DIM)
+        stats = compile_stats("fwd", cfg, "bf16", "bf16", 90, flags=flags, var="resident")
+    else:
+        stats = chunked_stats("dd", flags)
+    (loop,) = [lp for lp in stats["loops"] if lp["dot"]]
+    assert loop["reg_a"] and not loop["local_load"], loop
 
 
 def static_table() -> str:

@@ -143,8 +143,7 @@ def test_chunked_grids_are_whole_waves(n_sm):
     useful tile steps / (waves × SMs × the longest program's steps))."""
     from marginops.triton import configs, waves
 
-    dd = configs.resident_config("fwd", 512)
-    df, dw = configs.CHUNKED["df_gemm"], configs.CHUNKED["dw_gemm"]
+    dd, df, dw = (configs.CHUNKED[k] for k in ("dd", "df_gemm", "dw_gemm"))
 
     def eff(programs: int, steps: int, longest: int) -> float:
         return steps / (-(-programs // n_sm) * n_sm * longest)

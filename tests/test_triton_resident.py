@@ -22,6 +22,14 @@ from interpreter import outside_interp, requires_interp, run_in_interpreter
 from test_triton_interpreter import _compare, _ops, _problem, _run
 from tolerance import assert_within_budget
 
+try:  # the register-operand helper's test kernel (its globals must name the helper's module)
+    import triton
+    import triton.language as tl
+
+    from marginops.triton import resident as _resident
+except ImportError:  # no Triton: the tests below skip (requires_interp)
+    triton = None
+
 # numpy warns on log(0) inside the interpreter even where tl.where discards the result
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 
@@ -129,3 +137,31 @@ def test_resident_is_not_chosen_where_it_does_not_apply():
         assert not args(96).resident and not args(1024).resident
         assert not args(128, wdt=torch.float16).resident
     assert not args(128).resident  # not forced: the interpreter has no sm_90
+
+
+@requires_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_register_operand_keeps_every_value(dtype):
+    """resident.py's ``_in_registers`` (x + 0·0 through a dot's accumulator: how the forward
+    keeps F's first chunk in registers at D = 512) returns x exactly — NaN and ±inf included,
+    where an x·I product would turn an inf row into NaN. (−0 may come back as +0.)"""
+    copy = _register_copy_kernel()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 32, generator=g) * 100).to(dtype)
+    x[0, 3], x[1, 5], x[2, 7] = float("nan"), float("inf"), -float("inf")
+    y = torch.empty_like(x)
+    copy[(1,)](x, y, R=16, C=32)
+    assert torch.equal(y.isnan(), x.isnan())
+    assert torch.equal(y[~x.isnan()], x[~x.isnan()])
+
+
+
+def _register_copy_kernel():
+    """y = resident._in_registers(x) over one (R, C) tile."""
+
+    @triton.jit
+    def copy(x_ptr, y_ptr, R: tl.constexpr, C: tl.constexpr):
+        offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+        tl.store(y_ptr + offs, _resident._in_registers(tl.load(x_ptr + offs)))
+
+    return copy

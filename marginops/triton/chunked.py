@@ -45,8 +45,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs, waves
-from .launch import _Args, _config, _device_slots_info, device_guard
-from .resident import _chunks, _dots, _inv_cols
+from .launch import _Args, _device_slots_info, device_guard
+from .resident import _chunks, _dots, _in_registers, _inv_cols
 from .tiles import _grad_logits, _grad_rows, _hard_t, _row_inputs, interpreting
 
 
@@ -60,10 +60,11 @@ def _dd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t
                HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
                FILTER: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               TWO: tl.constexpr):
+               TWO: tl.constexpr, REG0: tl.constexpr):
     """Program (row tile, split) of chunk [c0, c_end): resident.py's forward loop (F resident in
-    one or two BLOCK_D chunks, each W tile loaded once) with the backward's epilogue, dd' stored
-    (module docstring). A split past the chunk's end stores zeros (every element written once)."""
+    one or two BLOCK_D chunks, with REG0 the first in registers; each W tile loaded once) with
+    the backward's epilogue, dd' stored (module docstring). A split past the chunk's end stores
+    zeros (every element written once)."""
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -73,6 +74,8 @@ def _dd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t
     lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
     dot_ty = f_ptr.dtype.element_ty
     f0, f1 = _chunks(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D, TWO, dot_ty)
+    if REG0:
+        f0 = _in_registers(f0)
 
     gs = tl.zeros((BLOCK_B,), tl.float32)
     n_start = c0 + split * cols_per_split
@@ -190,8 +193,7 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
     """(grad_f, grad_w, grad_scale) of margin_lse_triton_backward by chunks (module docstring);
     ``inv`` holds 1/‖W_n‖ (_inv_norm_kernel) when normalising."""
     dev, B, N, D = a.f.device, a.B, a.N, a.D
-    dd_cfg = _config("fwd", a)            # resident.py's forward tiles
-    df_cfg, dw_cfg = _gemm_config("df_gemm"), _gemm_config("dw_gemm")
+    dd_cfg, df_cfg, dw_cfg = (_kernel_config(k) for k in ("dd", "df_gemm", "dw_gemm"))
     meta = configs.resident_meta("fwd", D)
     n_sm = None
     if dev.type == "cuda" and not interpreting():
@@ -235,10 +237,12 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
     return dfp.sum(0).to(a.f.dtype), grad_w, gs.sum((0, 1)).to(a.acc)
 
 
-def _gemm_config(kernel: str) -> configs.KernelConfig:
-    """A GEMM's tiles (block_b = M, block_n = N, block_d = K): forced, the interpreter's, or
-    configs.CHUNKED's."""
+def _kernel_config(kernel: str) -> configs.KernelConfig:
+    """A kernel's tiles (the GEMMs' block_b, block_n, block_d = M, N, K): forced, the
+    interpreter's, or configs.CHUNKED's."""
     forced = configs.forced(kernel)
     if forced is not None:
         return forced
-    return configs.INTERPRETER_GEMM if interpreting() else configs.CHUNKED[kernel]
+    if interpreting():
+        return configs.INTERPRETER["fwd"] if kernel == "dd" else configs.INTERPRETER_GEMM
+    return configs.CHUNKED[kernel]

@@ -189,12 +189,15 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
 RESIDENT_WIDE_DF = C(64, 32, 512, num_warps=8, num_stages=2, block_do=512)
 
 
-# chunked.py's two GEMMs of the chunked-gradient backward (block_b = M, block_n = N,
-# block_d = K): dF = dd'·W (M = rows, N = D, K = a chunk's classes) and dW = dd'ᵀ·F (M = classes,
-# N = D, K = the batch). 128 × 256 tiles: 85 FLOPs per byte loaded (the widest whose 128 × 256
-# fp32 accumulator, 128 registers per thread over 8 warps, compiles without spills);
-# tests/test_triton_aot.py checks them.
+# chunked.py's kernels: dd (rows × classes × D chunk) and the two GEMMs of the chunked-gradient
+# backward (block_b = M, block_n = N, block_d = K): dF = dd'·W (M = rows, N = D, K = a chunk's
+# classes) and dW = dd'ᵀ·F (M = classes, N = D, K = the batch). 128 × 256 tiles: 85 FLOPs per byte
+# loaded (the widest whose 128 × 256 fp32 accumulator, 128 registers per thread over 8 warps,
+# compiles without spills); tests/test_triton_aot.py checks them.
 CHUNKED: dict[str, KernelConfig] = {
+    # dd: resident.py's forward tiles with F's first chunk in registers (REG0); 64-column W
+    # tiles spill 160-352 B beside the backward epilogue, 32 compile clean (250 registers)
+    "dd": C(128, 32, RESIDENT_CHUNK, num_warps=8, num_stages=2),
     "df_gemm": C(128, 256, 64, num_warps=8, num_stages=3),
     "dw_gemm": C(128, 256, 64, num_warps=8, num_stages=3),
 }
@@ -211,10 +214,19 @@ def chunked_applies(features: str, dim: int, has_bias: bool, has_index: bool) ->
     return features in ("bfloat16", "float32")
 
 
+# resident.py's forward at D > RESIDENT_CHUNK: F's first 256-column chunk as a register operand
+# (REG0, resident.py's ``_in_registers``: 64 registers per thread), the second resident in
+# shared memory (64 KB), so two stages of 64-column W tiles fit (128 KB): per tile step the
+# wgmma operand reads fall from 224 to 125 bytes per SM clock of tensor work.
+RESIDENT_WIDE_FWD = C(128, 64, RESIDENT_CHUNK, num_warps=8, num_stages=2)
+
+
 def resident_config(kernel: str, dim: int) -> KernelConfig:
     """resident.py's configuration of ``kernel`` at embedding width ``dim``."""
     if kernel == "bwd_df" and dim > RESIDENT_CHUNK:
         return RESIDENT_WIDE_DF
+    if kernel == "fwd" and dim > RESIDENT_CHUNK:
+        return RESIDENT_WIDE_FWD
     return DEFAULT["resident"][kernel]
 
 
@@ -226,6 +238,8 @@ def resident_meta(kernel: str, dim: int) -> dict:
     meta = dict(BLOCK_D=chunk, TWO=dim > chunk)
     if kernel == "bwd_df":
         meta["UNCHAINED"] = wide
+    if kernel == "fwd":
+        meta["REG0"] = dim > RESIDENT_CHUNK  # RESIDENT_WIDE_FWD
     return meta
 
 
@@ -258,6 +272,8 @@ def gpu_configs(kernel: str, var: str) -> tuple[KernelConfig, ...]:
     out = [DEFAULT[var][kernel]]
     if var == "resident" and kernel == "bwd_df":
         out.append(RESIDENT_WIDE_DF)  # D = 512 (resident_config)
+    if var == "resident" and kernel == "fwd":
+        out.append(RESIDENT_WIDE_FWD)  # D = 512 (resident_config)
     for c in AUTOTUNE.get(var, {}).get(kernel, ()):
         if c not in out:
             out.append(c)

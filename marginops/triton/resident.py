@@ -148,6 +148,17 @@ def _unchained(a, b, live, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _in_registers(x):
+    """x (rows × chunk) as the value of a dot: x + 0·0 through tl.dot's accumulator (exact; NaN
+    and ±inf kept). Triton keeps a dot's value in registers where it feeds another dot as its A
+    operand (the chained-dot path FlashAttention's P takes), so the wgmma reads it from registers
+    on every tile step; a loaded tile would stay in shared memory and be read from there."""
+    zeros_a = tl.zeros((x.shape[0], 16), x.dtype)
+    zeros_b = tl.zeros((16, x.shape[1]), x.dtype)
+    return tl.dot(zeros_a, zeros_b, x.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _inv_cols(inv_ptr, cols, col_mask, NORMALIZE: tl.constexpr):
     """1/wn of the columns (``_inv_norm_kernel``'s buffer), or ones without normalisation."""
     if NORMALIZE:
@@ -175,9 +186,9 @@ def _fwd_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_p
                     HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
                     FILTER: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    TWO: tl.constexpr):
+                    TWO: tl.constexpr, REG0: tl.constexpr):
     """margin_lse.py's ``_fwd_kernel`` with the row tile's F resident over the whole D (one or
-    two BLOCK_D chunks)."""
+    two BLOCK_D chunks; with REG0 the first chunk in registers, ``_in_registers``)."""
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -185,6 +196,8 @@ def _fwd_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_p
     scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
     t = _hard_t(t_ptr, HARD)
     f0, f1 = _chunks(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D, TWO, f_ptr.dtype.element_ty)
+    if REG0:
+        f0 = _in_registers(f0)
 
     m = tl.full((BLOCK_B,), _NEG_INF, tl.float32)  # online logsumexp: lse = m + log s
     s = tl.zeros((BLOCK_B,), tl.float32)

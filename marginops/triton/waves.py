@@ -123,15 +123,17 @@ AOT_FIGURES: dict[tuple, tuple[int, int]] = {
     ('bwd_dw', 'fp32_unaligned', 80, 16, 32, 16, 4, 1, 128): (255, 16384),
     ('bwd_dw', 'fp32_unaligned', 90, 16, 32, 16, 4, 1, 128): (255, 16384),
     # resident.py's kernels (sm_90 only), every flag on, at the largest D each runs at: D = 512
-    # (fwd and bwd_dw in two 256-wide chunks, bwd_df 64×32 in one), 128×32 bwd_df at D = 256
-    ('fwd', 'resident', 90, 128, 32, 256, 8, 2, 0): (119, 196608),
+    # (fwd 128×64 and bwd_dw in two 256-wide chunks, bwd_df 64×32 in one), 128×32 fwd and bwd_df
+    # at D = 256
+    ('fwd', 'resident', 90, 128, 32, 256, 8, 2, 0): (120, 98304),
+    ('fwd', 'resident', 90, 128, 64, 256, 8, 2, 0): (240, 196608),
     ('bwd_df', 'resident', 90, 128, 32, 256, 8, 2, 256): (247, 131072),
     ('bwd_df', 'resident', 90, 64, 32, 512, 8, 2, 512): (255, 135424),
     ('bwd_dw', 'resident', 90, 16, 128, 256, 8, 2, 256): (245, 164288),
     ('topk', 'resident', 90, 64, 32, 64, 4, 2, 0): (128, 20480),
     # chunked.py's kernels (sm_90, bf16, D = 512, every flag on): dd' in resident.py's forward
     # tiles, and the two GEMMs
-    ('dd', 'chunked', 90, 128, 32, 256, 8, 2, 0): (178, 204800),
+    ('dd', 'chunked', 90, 128, 32, 256, 8, 2, 0): (250, 139264),
     ('df_gemm', 'chunked', 90, 128, 256, 64, 8, 3, 0): (250, 147456),
     ('dw_gemm', 'chunked', 90, 128, 256, 64, 8, 3, 0): (246, 147456),
     ('merge', 'resident', 90, 128, 16, 16, 4, 1, 0): (32, 0),
