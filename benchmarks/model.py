@@ -70,17 +70,16 @@ Assumptions (what the figures mean; change a constant to test another):
 * Not modelled: the O(B)-sized torch ops of the loss around the core op (µs), the host, the
   ``triton`` autotuner (off by default), clocks below boost (power limits), L2 partitioning.
 
-Figures (H100, B = 4096, C = 1M, D = 512, bf16; this model, not measured): ``triton`` 35.3 ms,
-0.481 of peak, which ``auto`` picks (backend_table.MODEL_PICKS) — resident.py's forward (8.7 ms)
-and chunked.py's backward (dd 9.9 ms, the dF GEMM 8.2, the dW GEMM 7.7: 8·B·C·D GEMM FLOPs in
-all); the resident forward and dd kernels bound by shared memory plus their epilogue at one CTA
-per SM, the two GEMMs by L2; B = 1024 0.451, B = 8192 0.500. resident.py's own backward
-(``configs.force(chunked=False)``: 12·B·C·D) 55.0 ms, 0.308; ``cuda`` 73.2 ms, 0.232;
+Figures (H100, B = 4096, C = 1M, D = 512, bf16; this model, not measured): ``triton`` 29.8 ms,
+0.569 of peak, which ``auto`` picks (backend_table.MODEL_PICKS) — resident.py's forward (F's
+first 256 columns a register operand: 5.5 ms, tensor-bound plus epilogue) and chunked.py's
+backward (dd 7.8 ms, bound by shared memory plus epilogue; the dF GEMM 8.2 and the dW GEMM 7.7,
+L2-bound: 8·B·C·D GEMM FLOPs in all); B = 1024 0.528, B = 8192 0.595: the issue's target
+(≥ 0.5 for auto's backend at B ≥ 1024) is met on the model. resident.py's own backward
+(``configs.force(chunked=False)``: 12·B·C·D) 51.7 ms, 0.328; ``cuda`` 73.2 ms, 0.232;
 margin_lse.py's kernels (``configs.force(resident=False)``) 130.3 ms, 0.130. At D = 256 the
 resident kernels reach 0.428 (19.8 ms), at D = 128 0.361 (chunked.py's backward is slower
-there). The issue's target (≥ 0.5 for auto's backend at B ≥ 1024) is not met on the model;
-benchmarks/README.md ("The GPU performance model") says where the time goes and what would close
-the gap.
+there). benchmarks/README.md ("The GPU performance model") says where the time goes.
 
 The useful work of a forward+backward is 8·B·C·D FLOPs (the logits once, the two gradient GEMMs,
 and the logits again in the backward, which every streaming kernel pays). ``fraction of peak`` =

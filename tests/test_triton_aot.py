@@ -505,7 +505,6 @@ def test_chunked_kernels_compile_clean(kernel, flags):
         f"({stats['regs']}, {stats['shared']})")
 
 
-@pytest.mark.skipif(DEFAULTS_ONLY, reason="the oldest-Triton step compiles the defaults only")
 @pytest.mark.parametrize("kernel", ["fwd", "dd"])
 @pytest.mark.parametrize("flags", [True, False])
 def test_wide_forward_tiles_read_f_from_registers(kernel, flags):

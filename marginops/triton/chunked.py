@@ -7,7 +7,8 @@ feature-gradient tile and a weight-gradient kernel that recomputes the logit til
 bound it. Here the classes are taken in chunks of CC columns; per chunk
 
     kernel    what it does                                               tensor-core FLOPs
-    _dd       F resident (resident.py's forward shape), W streamed:       2·B·CC·D
+    _dd       F resident (resident.py's forward shape, its first chunk    2·B·CC·D
+              in registers: REG0), W streamed:
               d = F·Ŵᵀ, dd_in = ∂loss/∂d_in (tiles._grad_logits), and
               stores dd'_in = dd_in / wn_n into a (B, CC) buffer in the
               operands' dtype; per row tile Σ_i dd'_in d_in (the

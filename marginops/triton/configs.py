@@ -160,7 +160,8 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
         "merge": _MERGE, "norm": _NORM_UNALIGNED,
     },
     # resident.py (sm_90 only; compiled there with zero spills for D = 128, 256 and 512, every
-    # option flag on and off): fwd 128×32 119 registers, 192 KB shared at D = 512; bwd_df 128×32
+    # option flag on and off): fwd 128×32 120 registers, 96 KB shared at D = 256 (D = 512:
+    # RESIDENT_WIDE_FWD, 240 / 192 KB); bwd_df 128×32
     # 247 / 128 KB at D = 256 (D = 512: RESIDENT_WIDE_DF); bwd_dw 16 rows × 128 columns 245 /
     # 160 KB at D = 512 (32 rows spill 128-160 B). 128 rows (fwd, bwd_df) or columns (bwd_dw) per program:
     # Triton lays out a dot that feeds another dot with all warps along M, so 8 warps need 128

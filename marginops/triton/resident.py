@@ -5,7 +5,9 @@ reload them for each output chunk. Here the tile a program owns stays in shared 
 whole D, and each streamed tile is loaded once and feeds every GEMM of its step:
 
     kernel   resident (loaded once)       streamed per step            GEMMs per step
-    fwd      F rows (BLOCK_B × D)         W columns (BLOCK_N × D)      d = F·Wᵀ
+    fwd      F rows (BLOCK_B × D; at      W columns (BLOCK_N × D)      d = F·Wᵀ
+             D = 512 the first chunk in
+             registers, REG0)
     bwd_df   F rows (BLOCK_B × D)         W columns (BLOCK_N × D)      d = F·Wᵀ;  dF[c] += dd·W[c]
     bwd_dw   W columns (BLOCK_N × D)      F rows (BLOCK_B × D)         dᵀ = W·Fᵀ;  G[c] += ddᵀ·F[c]
 
@@ -49,18 +51,27 @@ the other D, bias and class_index (and ``configs.force(chunked=False)``).
 
 Shared memory bounds these kernels before the tensor cores do (benchmarks/model.py models it):
 the logit GEMM reads its resident operand once per streamed tile and warpgroup, and the
-streamed tiles are narrow (16–32 columns per warpgroup, what the registers allow), so at
-D = 512 the kernels move 0.055 (fwd), 0.058 (bwd_df) and 0.063 (bwd_dw) bytes of shared memory
-per FLOP against the 0.031 (128 bytes per SM clock for 4096 bf16 FLOPs) that would keep the
-tensor cores busy. Register-resident operands would cut that, but Triton keeps a loaded,
-loop-invariant dot operand in shared memory (and reloads it inside the loop when it is converted
-or carried). Produced by a dot (x·I, the chained-dot path), F does stay in registers as the
-wgmma's A operand (TTGIR checked: no shared-memory read of it in the loop) — but its 128
-registers per thread at D = 512 leave too few: the bare forward loop spills 160–248 B (BN 16–64,
-64- or 128-column pieces; Triton 3.9), before this file's epilogue. Shared memory
-allocated: 192 KB (fwd), 135 KB (bwd_df at D = 512; 128 KB at D = 256), 160 KB (bwd_dw), one
-program per SM; registers and spills: configs.py (compiled and checked by
-tests/test_triton_aot.py: zero spills at D = 128, 256, 512 with every option flag on and off).
+streamed tiles are narrow (16–32 columns per warpgroup, what the registers and the 228 KB allow),
+so at D = 512 the backward kernels move 0.058 (bwd_df) and 0.063 (bwd_dw) bytes of shared
+memory per FLOP against the 0.031 (128 bytes per SM clock for 4096 bf16 FLOPs) that keeps the
+tensor cores busy, and so did the forward (0.055) with all of F in shared memory.
+
+The forward at D = 512 (``REG0``, configs.RESIDENT_WIDE_FWD) holds F's first 256-column chunk in
+registers: Triton keeps a loaded, loop-invariant dot operand in shared memory (reloading it
+inside the loop once it is converted or carried), but keeps a dot's *value* in registers where
+it feeds another dot as A — the chained-dot path FlashAttention's P takes. ``_in_registers``
+makes the chunk such a value exactly (F + 0·0 through the accumulator: NaN and ±inf kept, where
+F·I would turn an inf row into NaN). The chunk then costs 64 registers per thread and no shared
+memory, the second chunk stays resident (64 KB), and two stages of 64-column W tiles fit
+(128 KB): 0.031 bytes per FLOP, 240 registers, no spills (tests/test_triton_aot.py checks the
+register operand in the TTGIR). All 512 columns in registers (128 per thread) spill 160–248 B
+even in a bare forward loop (BN 16–64; Triton 3.9). chunked.py's dd kernel takes the same first
+chunk in registers with 32-column W tiles (64 spill beside the backward epilogue).
+
+Shared memory allocated: 192 KB (fwd at D = 512; 96 KB at D ≤ 256), 135 KB (bwd_df at D = 512;
+128 KB at D = 256), 160 KB (bwd_dw), one program per SM at D = 512; registers and spills:
+configs.py (compiled and checked by tests/test_triton_aot.py: zero spills at D = 128, 256, 512
+with every option flag on and off).
 
 What differs from margin_lse.py's kernels (same contract, same outputs):
   * 1/‖W_r‖ comes from ``_inv_norm_kernel``'s (N,) buffer in every pass, the forward included: the
