@@ -164,30 +164,34 @@ RESIDENT_STEP = ["forward: torch fills (lse_neg = −inf, dot_y = 0)", "forward:
 
 def test_resident_small_shape_counts_by_hand():
     """B=200, C=1000, D=256 bf16 on H100: resident.py's kernels (one D chunk: c = 256, q = 1),
+    the backward forced to resident.py's (at D = 256 the launcher takes chunked.py's),
     configs.py's "resident" tiles and their sm_90 AOT figures (fwd and dW: D = 512's,
-    conservative; dF 128×32 runs at D ≤ 256 only: D = 256's), one CTA per SM (fwd by shared
-    memory, the backward by registers too). fwd / dF 128×32: 2 row tiles × 32 column tiles; the
-    most efficient plan with ≥ 4 column tiles per split is 8 splits (16 programs). dW 128
-    classes × 16 rows: 8 class tiles, 13 row tiles each."""
+    conservative; dF 128×32 runs at D ≤ 256 only: D = 256's), one CTA per SM. fwd 128×64
+    (configs.RESIDENT_WIDE_FWD, all of F a register operand at D = 256): 2 row tiles × 16 column
+    tiles, 4 splits (≥ 4 column tiles each: 8 programs); dF 128×32: 2 × 32 column tiles, the most
+    efficient plan with ≥ 4 column tiles per split is 8 splits (16 programs). dW 128 classes × 16
+    rows: 8 class tiles, 13 row tiles each."""
+    from marginops.triton import configs
+
     B, C, D, e = 200, 1000, 256, 2
     W, Fb = C * D * e, B * D * e                     # 512000, 102400 bytes
     h100 = pm.GPUS["h100"]
-    launches = pm.triton_launches(B, C, D, "bfloat16", h100)
+    with configs.force(chunked=False):
+        launches = pm.triton_launches(B, C, D, "bfloat16", h100)
     assert [x.name for x in launches] == RESIDENT_STEP
     la = _by_name(launches)
     fwd, df, dw = la[FWD_RES], la[DF_RES], la[DW_RES]
-    assert (fwd.grid, fwd.regs, fwd.smem, fwd.threads) == (16, 120, 98304, 256)
+    assert (fwd.grid, fwd.regs, fwd.smem, fwd.threads) == (8, 240, 196608, 256)
     assert (df.grid, df.regs, df.smem) == (16, 247, 131072)
     assert (dw.grid, dw.regs, dw.smem) == (8, 245, 164288)
-    # fwd's 128×32 tiles run at D ≤ 256 only (D = 512 has RESIDENT_WIDE_FWD): 96 KB, two per SM
-    assert [pm.occupancy(x, h100) for x in (fwd, df, dw)] == [2, 1, 1]
+    assert [pm.occupancy(x, h100) for x in (fwd, df, dw)] == [1, 1, 1]
     logits = 2 * 128 * 32 * 32                       # padded: 256 rows × 1024 columns
     assert fwd.tc_flops == 2 * logits * D == 134_217_728
     assert fwd.alu_flops == 12 * logits and fwd.exps == logits   # no ‖W‖² (norm kernel's 1/‖W‖)
-    # F once per split (8), W and its 1/‖W‖ once per row tile (2), the row vectors and the
+    # F once per split (4), W and its 1/‖W‖ once per row tile (2), the row vectors and the
     # (m, s, dot_y) partials per split
-    assert fwd.l2 == 8 * Fb + 2 * (W + C * 4) + 8 * B * 12 + 3 * 8 * B * 4 == 1_889_600
-    assert fwd.hbm == W + Fb + C * 4 + B * 12 + 3 * 8 * B * 4 == 640_000
+    assert fwd.l2 == 4 * Fb + 2 * (W + C * 4) + 4 * B * 12 + 3 * 4 * B * 4 == 1_460_800
+    assert fwd.hbm == W + Fb + C * 4 + B * 12 + 3 * 4 * B * 4 == 630_400
     # dF: S over D (2·128·32·256) and the chunk's dd·W (2·128·32·256) per tile: 4·B·C·D padded;
     # the (8, B, D) fp32 partial and (8, B) grad_scale written once
     assert df.tc_flops == 4 * logits * D == 268_435_456
@@ -204,10 +208,11 @@ def test_resident_small_shape_counts_by_hand():
     # both passes normalise W first (reads W, writes C fp32)
     assert la["forward: norm (1/‖W_r‖, C fp32)"].hbm == la["norm (1/‖W_r‖, C fp32)"].hbm == W + C * 4
     # shared memory per tile step (every GEMM chained or 128-row: two warpgroups along M, each
-    # reading its 64 rows of A and all of B): fwd S = F·Wᵀ (128 + 2·32)·D·e + W's cp.async
-    # write 32·D·e; dF the same + dd·W with dd in registers, B = W's 32 × 256 chunk read by both
-    # warpgroups; dW S = W·Fᵀ (128 + 2·16)·D·e + F's write 16·D·e + ddᵀ·F (2·16·256·e)
-    assert fwd.smem_io == 64 * (192 * D * e + 32 * D * e) == 7_340_032
+    # reading its 64 rows of A and all of B): fwd S = F·Wᵀ with F in registers, 2·64·D·e of
+    # B + W's cp.async write 64·D·e; dF S = F·Wᵀ (128 + 2·32)·D·e + W's write 32·D·e + dd·W
+    # with dd in registers, B = W's 32 × 256 chunk read by both warpgroups; dW S = W·Fᵀ
+    # (128 + 2·16)·D·e + F's write 16·D·e + ddᵀ·F (2·16·256·e)
+    assert fwd.smem_io == 32 * (128 * D * e + 64 * D * e) == 3_145_728
     assert df.smem_io == 64 * (192 * D * e + 32 * D * e + 2 * 256 * 32 * e) == 9_437_184
     assert dw.smem_io == 104 * (160 * D * e + 16 * D * e + 2 * 256 * 16 * e) == 11_075_584
 
@@ -255,7 +260,8 @@ def test_resident_target_shape_counts_by_hand():
                                        + 3 * 64 * 32 * e)
     assert dw.smem_io == 2 * 7813 * 256 * (160 * D * e + 16 * D * e + 2 * 256 * 16 * e)
     assert sum(x.tc_flops for x in la.values()) == pytest.approx(12 * B * C * D, rel=1e-4)
-    at_256 = pm.triton_launches(B, C, 256, "bfloat16", h100)
+    with configs.force(chunked=False):
+        at_256 = pm.triton_launches(B, C, 256, "bfloat16", h100)
     assert sum(x.tc_flops for x in at_256) == pytest.approx(10 * B * C * 256, rel=1e-4)
     # one CTA per SM everywhere (the GEMM and epilogue times add up); at 32 or 16 columns per
     # warpgroup the backward's operand reads outlast the tensor cores (0.058-0.063 B per FLOP
@@ -365,8 +371,8 @@ def test_resident_launches_where_the_launcher_takes_them(gpu, dtype, K, D, resid
     if K == 1:
         assert pm.triton_variant(dtype, D, g.arch) == launcher
         names = {x.name for x in pm.triton_launches(1024, 100_000, D, dtype, g)}
-        # at D = 512 the resident forward feeds chunked.py's backward (configs.chunked_applies)
-        chunked = resident and D == 512
+        # at D ≥ 256 the resident forward feeds chunked.py's backward (configs.chunked_applies)
+        chunked = resident and D >= 256
         assert (FWD_RES in names) == resident
         assert ({DF_RES, DW_RES} <= names) == (resident and not chunked)
         assert ({DD, DF_GEMM, DW_GEMM} <= names) == chunked

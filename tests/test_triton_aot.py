@@ -454,14 +454,13 @@ def chunked_config(kernel: str) -> configs.KernelConfig:
 
 
 @functools.cache
-def chunked_stats(kernel: str, flags: bool) -> dict:
-    """Static figures of chunked.py's ``kernel``, bf16 on sm_90 at D = 512; ``flags``: hard
+def chunked_stats(kernel: str, flags: bool, dim: int = RESIDENT_DIM) -> dict:
+    """Static figures of chunked.py's ``kernel``, bf16 on sm_90 at D = ``dim``; ``flags``: hard
     negatives, interclass filtering and normalisation on (the heaviest) or off."""
     fn, cfg = CHUNKED[kernel], chunked_config(kernel)
     if kernel == "dd":
         const = dict(HAS_BIAS=False, HAS_INDEX=False, HARD=flags, FILTER=flags, NORMALIZE=flags,
-                     BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
-                     **configs.resident_meta("fwd", RESIDENT_DIM))
+                     BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, **configs.resident_meta("fwd", dim))
     else:
         const = dict(BLOCK_M=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_d)
         if kernel == "dw_gemm":
@@ -506,18 +505,22 @@ def test_chunked_kernels_compile_clean(kernel, flags):
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "dd"])
+@pytest.mark.parametrize("dim", [256, 512])
 @pytest.mark.parametrize("flags", [True, False])
-def test_wide_forward_tiles_read_f_from_registers(kernel, flags):
-    """At D = 512 resident.py's forward and chunked.py's dd kernel hold F's first 256 columns in
-    registers (REG0, resident.py's ``_in_registers``): their tile loop runs a wgmma whose A
-    operand is a register tensor, and loads nothing from shared memory into registers (the
-    second chunk's wgmma reads shared memory itself). Without it F is a shared-memory operand
-    read on every tile step — what benchmarks/model.py's shared-memory bytes count."""
+def test_wide_forward_tiles_read_f_from_registers(kernel, dim, flags):
+    """From D = 256 resident.py's forward and chunked.py's dd kernel hold F's first 256 columns
+    (at D = 256 all of F) in registers (REG0, resident.py's ``_in_registers``): their tile loop
+    runs a wgmma whose A operand is a register tensor, and loads nothing from shared memory into
+    registers (at D = 512 the second chunk's wgmma reads shared memory itself). Without it F is a
+    shared-memory operand read on every tile step — what benchmarks/model.py's shared-memory
+    bytes count. Both compile without spills there too."""
     if kernel == "fwd":
-        cfg = configs.resident_config("fwd", RESIDENT_DIM)
-        stats = compile_stats("fwd", cfg, "bf16", "bf16", 90, flags=flags, var="resident")
+        cfg = configs.resident_config("fwd", dim)
+        stats = compile_stats("fwd", cfg, "bf16", "bf16", 90, flags=flags, var="resident",
+                              dim=dim)
     else:
-        stats = chunked_stats("dd", flags)
+        stats = chunked_stats("dd", flags, dim)
+    _check(stats, kernel, "chunked" if kernel == "dd" else "resident", "bf16", 90)
     (loop,) = [lp for lp in stats["loops"] if lp["dot"]]
     assert loop["reg_a"] and not loop["local_load"], loop
 

@@ -47,6 +47,7 @@ def _counted(monkeypatch):
 CASES = {
     # id: (B, C, D, options); 129 columns = chunks of 48, 48 and 33
     "plain-37x129x512": (37, 129, 512, {}),
+    "plain-37x129x256": (37, 129, 256, {}),       # one D chunk: all of F a register operand
     "hard-negatives-37x129x512": (37, 129, 512, dict(hard=True)),
     "unnormalized-5x100x512": (5, 100, 512, dict(normalize=False)),
     "zero-weight-row-21x70x512": (21, 70, 512, dict(zero_row=True)),
@@ -87,8 +88,8 @@ def test_chunked_splits_chunks_and_a_single_row(splits, chunk, monkeypatch):
 
 @requires_interp
 def test_chunked_is_chosen_only_where_it_applies():
-    """D = 512 without bias or class_index, fp32 / bf16; not fp16, other D, bias, class_index,
-    or with force(chunked=False) (then resident.py's backward runs)."""
+    """D = 256 and 512 without bias or class_index, fp32 / bf16; not fp16, D = 128, bias,
+    class_index, or with force(chunked=False) (then resident.py's backward runs)."""
     from marginops.triton import configs, margin_lse
 
     def args(D, dtype=torch.float32, bias=False, index=False):
@@ -99,8 +100,8 @@ def test_chunked_is_chosen_only_where_it_applies():
                                 torch.arange(3) if index else None, None, None, True, 1)
 
     with configs.force(resident=True):
-        assert args(512).chunked
-        assert not args(128).chunked and not args(256).chunked
+        assert args(512).chunked and args(256).chunked
+        assert not args(128).chunked
         assert not args(512, torch.float16).chunked
         assert not args(512, bias=True).chunked and not args(512, index=True).chunked
         with configs.force(chunked=False):
@@ -121,9 +122,9 @@ def test_resident_backward_still_serves_when_chunked_is_off(monkeypatch):
 
 
 def test_chunk_plan_is_whole_waves_within_the_budget():
-    """waves.plan_chunk: CC = k·64·SMs (the dW GEMM's 128 × 256 tiles at D = 512: k·SMs programs),
-    the largest k within CHUNK_BYTES, at least 1; never wider than N needs; a multiple of 128
-    (every tile) for an odd SM count too."""
+    """waves.plan_chunk: CC = k·64·SMs at D = 512 (the dW GEMM's 128 × 256 tiles, two along D:
+    k·SMs programs), k·128·SMs at D = 256 (one), the largest k within CHUNK_BYTES, at least 1;
+    never wider than N needs; a multiple of 128 (every tile) for an odd SM count too."""
     from marginops.triton import waves
 
     assert waves.plan_chunk(4096, 10**6, 132, 2) == 64 * 132          # 69 MB: k = 1
@@ -134,10 +135,13 @@ def test_chunk_plan_is_whole_waves_within_the_budget():
         cc = waves.plan_chunk(B, 10**6, 108, 2)
         assert cc % (64 * 108) == 0 and (B * cc * 2 <= waves.CHUNK_BYTES or cc == 64 * 108)
     assert waves.plan_chunk(4096, 10**6, 57, 2) == 4 * 3712  # 64·57 rounded up to 29·128
+    assert waves.plan_chunk(4096, 10**6, 132, 2, d_tiles=1) == 128 * 132    # 132 MiB: k = 1
+    assert waves.plan_chunk(1024, 10**6, 132, 2, d_tiles=1) == 3 * 128 * 132
 
 
 @pytest.mark.parametrize("n_sm", [132, 108])
-def test_chunked_grids_are_whole_waves(n_sm):
+@pytest.mark.parametrize("D", [256, 512])
+def test_chunked_grids_are_whole_waves(n_sm, D):
     """The launcher's plan (waves.chunked_plan) for B ≥ 1024 and C from 100K to 10M: each of a
     full chunk's three grids wastes < 10 % of the GPU's program slots (one program per SM;
     useful tile steps / (waves × SMs × the longest program's steps))."""
@@ -151,7 +155,7 @@ def test_chunked_grids_are_whole_waves(n_sm):
     worst = (1.0, None)
     for B in (1024, 1025, 2000, 4096, 8192, 16384, 65536):
         for C in (100_000, 1_000_000, 10_000_000):
-            p = waves.chunked_plan(B, C, 512, n_sm, 2, dd, df, dw)
+            p = waves.chunked_plan(B, C, D, n_sm, 2, dd, df, dw)
             width = min(p.cc, C)
             rt, s = p.dd_grid
             ct = -(-width // dd.block_n)

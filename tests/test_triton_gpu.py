@@ -109,19 +109,20 @@ def test_resident_kernels_match_oracle(D, options):
             assert_within_budget(a, b, t, torch.bfloat16)
 
 
+@pytest.mark.parametrize("D", [256, 512])
 @pytest.mark.parametrize("chunk", [None, 1024])
 @pytest.mark.parametrize("hard", [False, True])
-def test_chunked_backward_matches_oracle(chunk, hard):
-    """chunked.py's backward (bf16, D = 512, no bias or class_index, sm_90) against the oracle:
-    the launcher's chunk plan (one partial chunk at C = 20011) and 1024-column chunks (20, the
-    last partial); resident.py's backward (force(chunked=False)) on the same inputs too."""
+def test_chunked_backward_matches_oracle(D, chunk, hard):
+    """chunked.py's backward (bf16, D = 256 / 512, no bias or class_index, sm_90) against the
+    oracle: the launcher's chunk plan (one partial chunk at C = 20011) and 1024-column chunks
+    (20, the last partial); resident.py's backward (force(chunked=False)) on the same inputs."""
     binding = _binding()
     from marginops.triton import configs
     from marginops.triton.launch import _Args
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("chunked.py's backward runs on sm_90")
-    args = _inputs(300, 20011, 512, 1, torch.bfloat16, bias=False, hard=hard)
+    args = _inputs(300, 20011, D, 1, torch.bfloat16, bias=False, hard=hard)
     assert _Args(*args).chunked
     gl = torch.randn(300, device=DEV)
     gd = torch.randn(300, device=DEV)

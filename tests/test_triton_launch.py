@@ -269,17 +269,20 @@ def test_resident_kernels_only_where_their_compile_checks_hold():
 
 def test_resident_tiles_and_chunks_per_d():
     """resident.py's configuration and constexprs by D: one chunk at D ≤ 256; at D = 512 fwd and
-    bwd_dw in two 256-wide chunks with 128-row / 128-column tiles — the forward's first chunk in
-    registers (REG0) and 64-column W tiles — and bwd_df in one 512-wide chunk with 64-row tiles
-    and its logit GEMM unchained (the launcher, the AOT checks and the model all read these)."""
+    bwd_dw in two 256-wide chunks with 128-row / 128-column tiles, and bwd_df in one 512-wide
+    chunk with 64-row tiles and its logit GEMM unchained; from D = 256 the forward's first chunk
+    in registers (REG0) with 64-column W tiles (the launcher, the AOT checks and the model all
+    read these)."""
     from marginops.triton import configs
 
     for dim in (128, 256):
-        assert configs.resident_meta("fwd", dim) == dict(BLOCK_D=dim, TWO=False, REG0=False)
+        assert configs.resident_meta("fwd", dim) == dict(BLOCK_D=dim, TWO=False, REG0=dim == 256)
         assert configs.resident_meta("bwd_df", dim) == dict(BLOCK_D=dim, TWO=False, UNCHAINED=False)
         assert configs.resident_meta("bwd_dw", dim) == dict(BLOCK_D=dim, TWO=False)
-        for k in ("fwd", "bwd_df", "bwd_dw"):
+        for k in ("bwd_df", "bwd_dw"):
             assert configs.resident_config(k, dim) == configs.DEFAULT["resident"][k]
+    assert configs.resident_config("fwd", 128) == configs.DEFAULT["resident"]["fwd"]
+    assert configs.resident_config("fwd", 256) == configs.resident_config("fwd", 512)
     assert configs.resident_meta("fwd", 512) == dict(BLOCK_D=256, TWO=True, REG0=True)
     fwd = configs.resident_config("fwd", 512)
     assert (fwd.block_b, fwd.block_n) == (128, 64) and fwd in configs.gpu_configs("fwd", "resident")

@@ -3,8 +3,8 @@
 resident.py's backward computes both gradients inside the kernels that recompute the logits, so
 each kernel holds a second GEMM's fp32 accumulator in registers: at D = 512 that forces a 64-row
 feature-gradient tile and a weight-gradient kernel that recomputes the logit tile once per
-256-column chunk of D (12·B·C·D in all), with 16-row streamed tiles whose shared-memory reads
-bound it. Here the classes are taken in chunks of CC columns; per chunk
+256-column chunk of D (12·B·C·D in all; 10 at D = 256), with 16-row streamed tiles whose
+shared-memory reads bound it. Here the classes are taken in chunks of CC columns; per chunk
 
     kernel    what it does                                               tensor-core FLOPs
     _dd       F resident (resident.py's forward shape, its first chunk    2·B·CC·D
@@ -31,9 +31,10 @@ operand reads from shared memory per FLOP are half the resident dW kernel's (0.0
 what keeps the tensor cores busy), and L2 bounds them instead (85 FLOPs per byte loaded).
 benchmarks/model.py models every launch (model_triton.chunked_launches).
 
-Where it runs (configs.chunked_applies): where resident.py's kernels apply, at D = 512, without
-bias or class_index (those keep resident.py's backward), on bf16 (the GPU) or, forced, on fp32
-(the interpreter). The forward is resident.py's.
+Where it runs (configs.chunked_applies): where resident.py's kernels apply, at D = 256 and 512
+(at D = 128 the GEMMs' 256-wide tiles would be half empty), without bias or class_index (those
+keep resident.py's backward), on bf16 (the GPU) or, forced, on fp32 (the interpreter). The
+forward is resident.py's.
 
 Not measured on a GPU (none was available): counts and compiler output, not timings.
 """

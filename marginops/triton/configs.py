@@ -160,8 +160,8 @@ DEFAULT: dict[str, dict[str, KernelConfig]] = {
         "merge": _MERGE, "norm": _NORM_UNALIGNED,
     },
     # resident.py (sm_90 only; compiled there with zero spills for D = 128, 256 and 512, every
-    # option flag on and off): fwd 128×32 120 registers, 96 KB shared at D = 256 (D = 512:
-    # RESIDENT_WIDE_FWD, 240 / 192 KB); bwd_df 128×32
+    # option flag on and off): fwd 128×32 at D = 128 (D ≥ 256: RESIDENT_WIDE_FWD, 240 / 192 KB
+    # at 512); bwd_df 128×32
     # 247 / 128 KB at D = 256 (D = 512: RESIDENT_WIDE_DF); bwd_dw 16 rows × 128 columns 245 /
     # 160 KB at D = 512 (32 rows spill 128-160 B). 128 rows (fwd, bwd_df) or columns (bwd_dw) per program:
     # Triton lays out a dot that feeds another dot with all warps along M, so 8 warps need 128
@@ -206,19 +206,20 @@ INTERPRETER_GEMM = C(16, 16, 16, num_warps=1, num_stages=1)
 
 
 def chunked_applies(features: str, dim: int, has_bias: bool, has_index: bool) -> bool:
-    """Does chunked.py's backward serve a launch that resident.py's kernels serve? At D above
-    RESIDENT_CHUNK (512: where the resident backward recomputes the logit tile per output chunk),
+    """Does chunked.py's backward serve a launch that resident.py's kernels serve? At
+    D ≥ RESIDENT_CHUNK (256 and 512; at D = 128 its GEMMs' 256-wide tiles would be half empty),
     without bias or class_index, bf16 (fp32 when forced: the interpreter's tests; fp16's dd'
     could overflow its operand). ``force(chunked=False)`` turns it off."""
-    if _forced_chunked is False or has_bias or has_index or dim <= RESIDENT_CHUNK:
+    if _forced_chunked is False or has_bias or has_index or dim < RESIDENT_CHUNK:
         return False
     return features in ("bfloat16", "float32")
 
 
-# resident.py's forward at D > RESIDENT_CHUNK: F's first 256-column chunk as a register operand
-# (REG0, resident.py's ``_in_registers``: 64 registers per thread), the second resident in
-# shared memory (64 KB), so two stages of 64-column W tiles fit (128 KB): per tile step the
-# wgmma operand reads fall from 224 to 125 bytes per SM clock of tensor work.
+# resident.py's forward at D ≥ RESIDENT_CHUNK: F's first 256-column chunk as a register operand
+# (REG0, resident.py's ``_in_registers``: 64 registers per thread) — at D = 256 all of F — and
+# at D = 512 the second resident in shared memory (64 KB), so two stages of 64-column W tiles
+# fit (128 KB): per tile step at D = 512 the wgmma operand reads fall from 224 to 125 bytes per
+# SM clock of tensor work, at D = 256 to 94. 240 registers (222 at D = 256), no spills.
 RESIDENT_WIDE_FWD = C(128, 64, RESIDENT_CHUNK, num_warps=8, num_stages=2)
 
 
@@ -226,7 +227,7 @@ def resident_config(kernel: str, dim: int) -> KernelConfig:
     """resident.py's configuration of ``kernel`` at embedding width ``dim``."""
     if kernel == "bwd_df" and dim > RESIDENT_CHUNK:
         return RESIDENT_WIDE_DF
-    if kernel == "fwd" and dim > RESIDENT_CHUNK:
+    if kernel == "fwd" and dim >= RESIDENT_CHUNK:
         return RESIDENT_WIDE_FWD
     return DEFAULT["resident"][kernel]
 
@@ -240,7 +241,7 @@ def resident_meta(kernel: str, dim: int) -> dict:
     if kernel == "bwd_df":
         meta["UNCHAINED"] = wide
     if kernel == "fwd":
-        meta["REG0"] = dim > RESIDENT_CHUNK  # RESIDENT_WIDE_FWD
+        meta["REG0"] = dim >= RESIDENT_CHUNK  # RESIDENT_WIDE_FWD
     return meta
 
 
@@ -274,7 +275,7 @@ def gpu_configs(kernel: str, var: str) -> tuple[KernelConfig, ...]:
     if var == "resident" and kernel == "bwd_df":
         out.append(RESIDENT_WIDE_DF)  # D = 512 (resident_config)
     if var == "resident" and kernel == "fwd":
-        out.append(RESIDENT_WIDE_FWD)  # D = 512 (resident_config)
+        out.append(RESIDENT_WIDE_FWD)  # D = 256 and 512 (resident_config)
     for c in AUTOTUNE.get(var, {}).get(kernel, ()):
         if c not in out:
             out.append(c)

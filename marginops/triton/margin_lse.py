@@ -66,8 +66,8 @@ On sm_90 with bf16 features and weight, one sub-center and D ∈ {128, 256, 512}
 kernels run instead (FlashAttention's shape: the program's own F or W tile stays in shared memory
 over the whole D, each streamed tile is loaded once for both GEMMs; 10·B·C·D at D ≤ 256, 12 at
 D = 512, a fifth of these L2 loads). Their docstring says why their tiles are what they are. At
-D = 512 without bias or class_index the backward is chunked.py's instead: 8·B·C·D, with dd
-stored per chunk of classes (below).
+D = 256 and 512 without bias or class_index the backward is chunked.py's instead: 8·B·C·D, with
+dd stored per chunk of classes (below).
 
 Why not 8·B·C·D here (cut-cross-entropy's one recompute feeding both gradients)? One of the two
 gradients must then be reduced across programs: fp32 atomics on global memory or a dd buffer

@@ -6,7 +6,7 @@ whole D, and each streamed tile is loaded once and feeds every GEMM of its step:
 
     kernel   resident (loaded once)       streamed per step            GEMMs per step
     fwd      F rows (BLOCK_B × D; at      W columns (BLOCK_N × D)      d = F·Wᵀ
-             D = 512 the first chunk in
+             D ≥ 256 the first chunk in
              registers, REG0)
     bwd_df   F rows (BLOCK_B × D)         W columns (BLOCK_N × D)      d = F·Wᵀ;  dF[c] += dd·W[c]
     bwd_dw   W columns (BLOCK_N × D)      F rows (BLOCK_B × D)         dᵀ = W·Fᵀ;  G[c] += ddᵀ·F[c]
@@ -44,10 +44,10 @@ Cost (e = 2 bytes, q = D / c chunk programs per output; bwd_df at D = 512: q = 1
 (BB = 128, 64 at D = 512; plus 1/‖W‖ and per-row vectors): 10·B·C·D in all at D ≤ 256,
 12·B·C·D at D = 512 — the dW kernel's second chunk programs recompute the logit tile. At
 B = 4096, C = 2^20, D = 512: ≈ 34 + 69 + 72 GB loaded, against 891 GB for margin_lse.py's
-kernels at that shape. At D = 512 without bias or class_index the launcher takes chunked.py's
-backward instead (configs.chunked_applies): one recompute per chunk of classes, in this file's
-forward tiles, stores dd and feeds two GEMMs — 8·B·C·D; the two backward kernels here serve
-the other D, bias and class_index (and ``configs.force(chunked=False)``).
+kernels at that shape. At D = 256 and 512 without bias or class_index the launcher takes
+chunked.py's backward instead (configs.chunked_applies): one recompute per chunk of classes, in
+this file's forward tiles, stores dd and feeds two GEMMs — 8·B·C·D; the two backward kernels
+here serve D = 128, bias and class_index (and ``configs.force(chunked=False)``).
 
 Shared memory bounds these kernels before the tensor cores do (benchmarks/model.py models it):
 the logit GEMM reads its resident operand once per streamed tile and warpgroup, and the
@@ -56,22 +56,23 @@ so at D = 512 the backward kernels move 0.058 (bwd_df) and 0.063 (bwd_dw) bytes 
 memory per FLOP against the 0.031 (128 bytes per SM clock for 4096 bf16 FLOPs) that keeps the
 tensor cores busy, and so did the forward (0.055) with all of F in shared memory.
 
-The forward at D = 512 (``REG0``, configs.RESIDENT_WIDE_FWD) holds F's first 256-column chunk in
-registers: Triton keeps a loaded, loop-invariant dot operand in shared memory (reloading it
-inside the loop once it is converted or carried), but keeps a dot's *value* in registers where
-it feeds another dot as A — the chained-dot path FlashAttention's P takes. ``_in_registers``
-makes the chunk such a value exactly (F + 0·0 through the accumulator: NaN and ±inf kept, where
-F·I would turn an inf row into NaN). The chunk then costs 64 registers per thread and no shared
-memory, the second chunk stays resident (64 KB), and two stages of 64-column W tiles fit
-(128 KB): 0.031 bytes per FLOP, 240 registers, no spills (tests/test_triton_aot.py checks the
-register operand in the TTGIR). All 512 columns in registers (128 per thread) spill 160–248 B
-even in a bare forward loop (BN 16–64; Triton 3.9). chunked.py's dd kernel takes the same first
-chunk in registers with 32-column W tiles (64 spill beside the backward epilogue).
+The forward at D ≥ 256 (``REG0``, configs.RESIDENT_WIDE_FWD) holds F's first 256-column chunk — at
+D = 256 all of F — in registers: Triton keeps a loaded, loop-invariant dot operand in shared
+memory (reloading it inside the loop once it is converted or carried), but keeps a dot's *value*
+in registers where it feeds another dot as A — the chained-dot path FlashAttention's P takes.
+``_in_registers`` makes the chunk such a value exactly (F + 0·0 through the accumulator: NaN and
+±inf kept, where F·I would turn an inf row into NaN). The chunk then costs 64 registers per thread
+and no shared memory, the second chunk stays resident (64 KB), and two stages of 64-column W tiles
+fit (128 KB): 0.031 bytes per FLOP, 240 registers, no spills (at D = 256: 0.023, 222 registers;
+tests/test_triton_aot.py checks the register operand in the TTGIR). All 512 columns in registers
+(128 per thread) spill 160–248 B even in a bare forward loop (BN 16–64; Triton 3.9). chunked.py's
+dd kernel takes the same first chunk in registers with 32-column W tiles (64 spill beside the
+backward epilogue).
 
-Shared memory allocated: 192 KB (fwd at D = 512; 96 KB at D ≤ 256), 135 KB (bwd_df at D = 512;
-128 KB at D = 256), 160 KB (bwd_dw), one program per SM at D = 512; registers and spills:
-configs.py (compiled and checked by tests/test_triton_aot.py: zero spills at D = 128, 256, 512
-with every option flag on and off).
+Shared memory allocated: 192 KB (fwd at D = 512; 64 KB at D = 256, 48 at 128), 135 KB (bwd_df at
+D = 512; 128 KB at D = 256), 160 KB (bwd_dw), one program per SM at D = 512; registers and
+spills: configs.py (compiled and checked by tests/test_triton_aot.py: zero spills at D = 128,
+256, 512 with every option flag on and off).
 
 What differs from margin_lse.py's kernels (same contract, same outputs):
   * 1/‖W_r‖ comes from ``_inv_norm_kernel``'s (N,) buffer in every pass, the forward included: the

@@ -123,9 +123,9 @@ AOT_FIGURES: dict[tuple, tuple[int, int]] = {
     ('bwd_dw', 'fp32_unaligned', 80, 16, 32, 16, 4, 1, 128): (255, 16384),
     ('bwd_dw', 'fp32_unaligned', 90, 16, 32, 16, 4, 1, 128): (255, 16384),
     # resident.py's kernels (sm_90 only), every flag on, at the largest D each runs at: D = 512
-    # (fwd 128×64 and bwd_dw in two 256-wide chunks, bwd_df 64×32 in one), 128×32 fwd and bwd_df
-    # at D = 256
-    ('fwd', 'resident', 90, 128, 32, 256, 8, 2, 0): (120, 98304),
+    # (fwd 128×64 and bwd_dw in two 256-wide chunks, bwd_df 64×32 in one), 128×32 bwd_df at
+    # D = 256, 128×32 fwd at D = 128
+    ('fwd', 'resident', 90, 128, 32, 256, 8, 2, 0): (100, 49152),
     ('fwd', 'resident', 90, 128, 64, 256, 8, 2, 0): (240, 196608),
     ('bwd_df', 'resident', 90, 128, 32, 256, 8, 2, 256): (247, 131072),
     ('bwd_df', 'resident', 90, 64, 32, 512, 8, 2, 512): (255, 135424),
@@ -248,14 +248,16 @@ def plan_splits(row_tiles: int, col_tiles: int, n_slots: int, d_chunks: int = 1)
 CHUNK_BYTES = 128 * 2**20  # chunked.py's dd' buffer budget (one chunk of B × CC elements)
 
 
-def plan_chunk(B: int, N: int, n_sm: int, e: int) -> int:
-    """Columns per chunk: whole waves of the dW GEMM (CC = k·64·n_sm, rounded up to its
-    128-class tile: k·n_sm programs of 128 classes × 256 of D = 512, one per SM), the largest
-    k whose B × CC buffer of ``e``-byte elements fits CHUNK_BYTES (at least k = 1), and no
-    wider than N needs (rounded up to 128 columns: a multiple of every tile here)."""
-    unit = -(-64 * n_sm // 128) * 128
+def plan_chunk(B: int, N: int, n_sm: int, e: int, d_tiles: int = 2, class_tile: int = 128
+               ) -> int:
+    """Columns per chunk: whole waves of the dW GEMM (``class_tile`` classes × ``d_tiles`` tiles
+    along D per program: CC = k·⌈n_sm / d_tiles⌉·class_tile — at D = 512, 2 tiles of 256,
+    k·66·128 on 132 SMs; at D = 256 k·132·128), the largest k whose B × CC buffer of
+    ``e``-byte elements fits CHUNK_BYTES (at least k = 1), and no wider than N needs (rounded
+    up to ``class_tile``, a multiple of every tile here)."""
+    unit = -(-n_sm // d_tiles) * class_tile
     k = max(1, CHUNK_BYTES // (B * unit * e))
-    need = -(-max(N, 1) // 128) * 128
+    need = -(-max(N, 1) // class_tile) * class_tile
     return min(k * unit, need)
 
 
@@ -278,7 +280,8 @@ def chunked_plan(B: int, N: int, D: int, n_sm: int | None, e: int, dd, df, dw,
     ``n_sm`` SMs (one program per SM: these kernels' occupancy), the dd and dF split counts in
     whole waves (``plan_splits``); ``chunk`` / ``splits`` pin them (tests; the interpreter, with
     ``n_sm`` None, uses 3 dd tiles and 2 splits so its tests cross both boundaries)."""
-    cc = chunk or (plan_chunk(B, N, n_sm, e) if n_sm else 3 * dd.block_n)
+    cc = chunk or (plan_chunk(B, N, n_sm, e, -(-D // dw.block_n), dw.block_b) if n_sm
+                   else 3 * dd.block_n)
     width = min(cc, N)
 
     def split_count(tiles: int, k_tiles: int) -> int:
