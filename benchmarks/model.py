@@ -77,9 +77,9 @@ backward (dd 7.8 ms, bound by shared memory plus epilogue; the dF GEMM 8.2 and t
 L2-bound: 8·B·C·D GEMM FLOPs in all); B = 1024 0.528, B = 8192 0.595: the issue's target
 (≥ 0.5 for auto's backend at B ≥ 1024) is met on the model. resident.py's own backward
 (``configs.force(chunked=False)``: 12·B·C·D) 51.7 ms, 0.328; ``cuda`` 73.2 ms, 0.232;
-margin_lse.py's kernels (``configs.force(resident=False)``) 130.3 ms, 0.130. At D = 256 the
-resident kernels reach 0.428 (19.8 ms), at D = 128 0.361 (chunked.py's backward is slower
-there). benchmarks/README.md ("The GPU performance model") says where the time goes.
+margin_lse.py's kernels (``configs.force(resident=False)``) 130.3 ms, 0.130. At D = 256 (the
+same kernels, all of F in registers) 0.546 (15.5 ms), at D = 128 (resident.py's backward) 0.398.
+benchmarks/README.md ("The GPU performance model") says where the time goes.
 
 The useful work of a forward+backward is 8·B·C·D FLOPs (the logits once, the two gradient GEMMs,
 and the logits again in the backward, which every streaming kernel pays). ``fraction of peak`` =
