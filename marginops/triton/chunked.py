@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import configs, waves
 from .launch import _Args, _device_slots_info, device_guard
-from .resident import _chunks, _dots, _in_registers, _inv_cols
+from .resident import _chunks, _dots, _inv_cols, _resident_f
 from .tiles import _grad_logits, _grad_rows, _hard_t, _row_inputs, interpreting
 
 
@@ -75,9 +75,7 @@ def _dd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t
     t = _hard_t(t_ptr, HARD)
     lse, glse, gdot = _grad_rows(lse_ptr, glse_ptr, gdot_ptr, rows, row_mask)
     dot_ty = f_ptr.dtype.element_ty
-    f0, f1 = _chunks(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D, TWO, dot_ty)
-    if REG0:
-        f0 = _in_registers(f0)
+    f0, f1 = _resident_f(f_ptr, rows, row_mask, stride_f, BLOCK_D, TWO, REG0)
 
     gs = tl.zeros((BLOCK_B,), tl.float32)
     n_start = c0 + split * cols_per_split

@@ -133,6 +133,17 @@ def _chunks(ptr, idx, mask, stride, first, BLOCK_D: tl.constexpr, TWO: tl.conste
 
 
 @triton.jit
+def _resident_f(f_ptr, rows, row_mask, stride_f, BLOCK_D: tl.constexpr, TWO: tl.constexpr,
+                REG0: tl.constexpr):
+    """The row tile's F as the forward-shaped kernels hold it: chunk 0 and, with TWO, chunk 1
+    (``_chunks``), chunk 0 a register operand with REG0 (``_in_registers``)."""
+    f0, f1 = _chunks(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D, TWO, f_ptr.dtype.element_ty)
+    if REG0:
+        f0 = _in_registers(f0)
+    return f0, f1
+
+
+@triton.jit
 def _dots(a0, b0, a1, b1, TWO: tl.constexpr, DOT_PREC: tl.constexpr):
     """a·bᵀ over the whole D from its one or two chunks: a0·b0ᵀ (+ a1·b1ᵀ), fp32."""
     acc = tl.dot(a0, tl.trans(b0), input_precision=DOT_PREC)
@@ -207,9 +218,7 @@ def _fwd_res_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_p
     row_mask = rows < B
     scale, tcol, tau = _row_inputs(scale_ptr, tcol_ptr, tau_ptr, rows, row_mask, HARD)
     t = _hard_t(t_ptr, HARD)
-    f0, f1 = _chunks(f_ptr, rows, row_mask, stride_f, 0, BLOCK_D, TWO, f_ptr.dtype.element_ty)
-    if REG0:
-        f0 = _in_registers(f0)
+    f0, f1 = _resident_f(f_ptr, rows, row_mask, stride_f, BLOCK_D, TWO, REG0)
 
     m = tl.full((BLOCK_B,), _NEG_INF, tl.float32)  # online logsumexp: lse = m + log s
     s = tl.zeros((BLOCK_B,), tl.float32)
