@@ -57,16 +57,17 @@ def _dd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t
                lse_ptr, glse_ptr, gdot_ptr, inv_ptr,
                dd_ptr,    # (B, CC) dd'_in = dd_in / wn_n of the chunk's columns, operand dtype
                proj_ptr,  # (row tiles, CC) fp32: Σ_i over the tile's rows of dd'_in d_in
-               gs_ptr,    # (splits, B) fp32 of this chunk: Σ_n g_in d'_in over the split
-               B, c0, c_end, cols_per_split, stride_f, stride_w, thr, CC,
+               gs_ptr,    # (splits, B) fp32: Σ_n g_in d'_in over the split's columns so far
+               B, c0, c_end, cols_per_split, accumulate, stride_f, stride_w, thr, CC,
                HAS_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HARD: tl.constexpr,
                FILTER: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                TWO: tl.constexpr, REG0: tl.constexpr):
     """Program (row tile, split) of chunk [c0, c_end): resident.py's forward loop (F resident in
     one or two BLOCK_D chunks, with REG0 the first in registers; each W tile loaded once) with
-    the backward's epilogue, dd' stored (module docstring). A split past the chunk's end stores
-    zeros (every element written once)."""
+    the backward's epilogue, dd' stored (module docstring). grad_scale's partial is read and
+    written once per chunk (``accumulate``: 0 on the first); a split past the chunk's end adds
+    nothing."""
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -96,6 +97,8 @@ def _dd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t
             tl.store(proj_ptr + pid_b * CC + local, tl.sum(dd * d, axis=0), mask=col_mask)
         tl.store(dd_ptr + rows.to(tl.int64)[:, None] * CC + local[None, :], dd.to(dot_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
+    keep = tl.full((BLOCK_B,), accumulate, tl.int32) != 0  # the previous chunks' sums (not on
+    gs += tl.load(gs_ptr + split * B + rows, mask=row_mask & keep, other=0.0)  # the first)
     tl.store(gs_ptr + split * B + rows, gs, mask=row_mask)
 
 
@@ -208,7 +211,7 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
     # dd' is addressed in 64 bits (B·CC can pass 2^31 at k = 1 from B ≈ 254K rows)
     dd = torch.empty((B, cc), dtype=a.f.dtype, device=dev)
     proj = torch.empty((row_tiles, cc), dtype=torch.float32, device=dev)
-    gs = torch.empty((plan.chunks, plan.dd_grid[1], B), dtype=torch.float32, device=dev)
+    gs = torch.empty((plan.dd_grid[1], B), dtype=torch.float32, device=dev)
     dfp = torch.empty((plan.df_grid[2], B, D), dtype=torch.float32, device=dev)
     grad_w = torch.empty_like(a.w)
     strides = (a.f.stride(0), a.w.stride(0))
@@ -225,16 +228,16 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
             if k_pad > k_valid:  # the last chunk's padding: the dF GEMM reads it (× masked W rows)
                 dd[:, k_valid:k_pad].zero_()
             _dd_kernel[plan.dd_grid](
-                *a.ptrs, lse, grad_lse, grad_dot, inv, dd, proj, gs[c], B, c0, c0 + k_valid,
-                plan.cols_per_split, *strides, a.thr, cc, **a.flags, BLOCK_B=dd_cfg.block_b,
-                BLOCK_N=dd_cfg.block_n, **meta, **dd_cfg.launch())
+                *a.ptrs, lse, grad_lse, grad_dot, inv, dd, proj, gs, B, c0, c0 + k_valid,
+                plan.cols_per_split, int(c > 0), *strides, a.thr, cc, **a.flags,
+                BLOCK_B=dd_cfg.block_b, BLOCK_N=dd_cfg.block_n, **meta, **dd_cfg.launch())
             _df_gemm_kernel[plan.df_grid](
                 dd, a.w, dfp, B, D, c0, k_valid, k_pad, plan.k_tiles_per_split, int(c > 0),
                 a.w.stride(0), cc, **gemm(df_cfg))
             _dw_gemm_kernel[(triton.cdiv(k_valid, dw_cfg.block_b), plan.dw_grid[1])](
                 dd, a.f, a.w, inv, proj, grad_w, B, D, c0, k_valid, row_tiles, *strides, cc,
                 NORMALIZE=a.normalize, **gemm(dw_cfg))
-    return dfp.sum(0).to(a.f.dtype), grad_w, gs.sum((0, 1)).to(a.acc)
+    return dfp.sum(0).to(a.f.dtype), grad_w, gs.sum(0).to(a.acc)
 
 
 def _kernel_config(kernel: str) -> configs.KernelConfig:
