@@ -197,7 +197,7 @@ RESIDENT_WIDE_DF = C(64, 32, 512, num_warps=8, num_stages=2, block_do=512)
 # compiles without spills); tests/test_triton_aot.py checks them.
 CHUNKED: dict[str, KernelConfig] = {
     # dd: resident.py's forward tiles with F's first chunk in registers (REG0); 64-column W
-    # tiles spill 160-352 B beside the backward epilogue, 32 compile clean (250 registers)
+    # tiles spill 160-352 B beside the backward epilogue, 32 compile clean (248 registers)
     "dd": C(128, 32, RESIDENT_CHUNK, num_warps=8, num_stages=2),
     "df_gemm": C(128, 256, 64, num_warps=8, num_stages=3),
     "dw_gemm": C(128, 256, 64, num_warps=8, num_stages=3),
