@@ -369,9 +369,10 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
 # marginops/triton/chunked.py, where configs.chunked_applies (the resident launches at D = 512,
 # no bias or class_index: the modelled step). Classes in chunks of CC = waves.plan_chunk columns;
 # per chunk three kernels (``count`` = chunks, the figures summed over all of them):
-#   dd       rt × s_dd   resident.py's forward tiles (F 128 × D resident, W 32 × D streamed)
-#                        with the backward epilogue; stores dd' (B × CC, bf16), Σ_i dd'·d per
-#                        row tile (rt × CC fp32), grad_scale partials (s_dd × B fp32)
+#   dd       rt × s_dd   resident.py's forward tiles (F 128 × D resident, its first 256 columns
+#                        in registers; W 32 × D streamed) with the backward epilogue; stores dd'
+#                        (B × CC, bf16), Σ_i dd'·d per row tile (rt × CC fp32), and adds to the
+#                        grad_scale partials (s_dd × B fp32, read and written per chunk)
 #   df_gemm  tiles × s   dF[split] (+)= dd'·W[chunk]: M = B, N = D, K = CC split s ways; the
 #                        (s, B, D) fp32 partial read before and stored after each chunk's K loop
 #   dw_gemm  CC/128 × D/256   grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d: M = CC, N = D, K = B; the
@@ -419,8 +420,8 @@ def chunked_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[list
         grid=rt * s_dd, **occ, tc_flops=2 * logits * D * mult, unit=unit,
         alu_flops=(EPILOGUE_BWD + 2) * logits, exps=logits,
         l2=chunks * s_dd * Fb + rt * (W + C * 4) + B * C * e + rt * C * 4
-        + chunks * s_dd * B * (ROW_BYTES_BWD + 4),
-        hbm=W + Fb + C * 4 + B * ROW_BYTES_BWD + B * C * e + rt * C * 4 + chunks * s_dd * B * 4,
+        + chunks * s_dd * B * (ROW_BYTES_BWD + 8),
+        hbm=W + Fb + C * 4 + B * ROW_BYTES_BWD + B * C * e + rt * C * 4 + s_dd * B * 4,
         reuse_set=min(rt * fc.block_b, slots * fc.block_b) * D * e + slots * fc.block_n * D * e,
         smem_io=rt * cdiv(C, fc.block_n) * resident_smem("fwd", fc, D, e) + 2 * B * C * e,
         note=f"{chunks} chunk(s) of {cc} classes, {rt} row tiles × {s_dd} split(s) each; dd' "

@@ -297,13 +297,14 @@ def test_chunked_backward_target_shape_counts_by_hand():
     assert sum(x.tc_flops for x in la.values()) == pytest.approx(8 * B * C * D, rel=1e-4)
     assert dd.alu_flops == 22 * B * C and dd.exps == B * C
     # dd: F once per program and chunk, W + 1/‖W‖ once per row tile, dd' (bf16) and the row
-    # tiles' Σ dd'·d stored, the row vectors read and grad_scale partials stored per program;
+    # tiles' Σ dd'·d stored, the row vectors read and grad_scale partials read and stored per
+    # program (written to HBM once);
     # dd' to HBM; shared memory per 128×32 tile step: F's first chunk a register operand (REG0),
     # so A read for the second chunk only ((128 + 2·32)·256·e), B for the first (2·32·256·e),
     # W's write (32·D·e); and dd' through shared memory to the store layout
     assert dd.l2 == (119 * 4 * Fb + 32 * (W + C * 4) + B * C * e + 32 * C * 4
-                     + 119 * 4 * B * (24 + 4))
-    assert dd.hbm == W + Fb + C * 4 + B * 24 + B * C * e + 32 * C * 4 + 119 * 4 * B * 4
+                     + 119 * 4 * B * (24 + 8))
+    assert dd.hbm == W + Fb + C * 4 + B * 24 + B * C * e + 32 * C * 4 + 4 * B * 4
     assert dd.smem_io == (32 * 31250 * (192 * 256 * e + 64 * 256 * e + 32 * D * e)
                           + 2 * B * C * e)
     # the GEMMs: (128 + 256) rows of operands × K per output tile; dF's (2, B, D) fp32 partial
