@@ -357,7 +357,7 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
         note=f"{wc.block_n}×{wc.block_b} (classes × rows), {nt} class tiles × {q} D chunk(s) of "
              f"{c}; F read once per program, W q× resident + once in the Jacobian; grad_W "
              "stored once in W's dtype")
-    if configs.chunked_applies(dtype, D, False, False):
+    if configs.chunked_applies(dtype, D, False):
         bwd, sd = chunked_launches(B, C, D, dtype, gpu)
     else:
         bwd = [bwd_df, bwd_dw]
@@ -367,7 +367,7 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
 # ----------------------------------------------------------------------------- chunked backward
 #
 # marginops/triton/chunked.py, where configs.chunked_applies (the resident launches at D = 512,
-# no bias or class_index: the modelled step). Classes in chunks of CC = waves.plan_chunk columns;
+# no bias; the modelled step has no class_index either). Classes in chunks of CC = waves.plan_chunk columns;
 # per chunk three kernels (``count`` = chunks, the figures summed over all of them):
 #   dd       rt × s_dd   resident.py's forward tiles (F 128 × D resident, its first 256 columns
 #                        in registers; W 32 × D streamed) with the backward epilogue; stores dd'

@@ -443,7 +443,7 @@ def test_flags_off_variant(kernel, arch):
     _check_loops(stats, kernel, cfg, "fp16", "fp32", arch)
 
 
-# chunked.py's kernels (sm_90, bf16, D = 512 without bias or class_index: configs.chunked_applies)
+# chunked.py's kernels (sm_90, bf16, D = 256 / 512 without bias: configs.chunked_applies)
 CHUNKED = {"dd": ck._dd_kernel, "df_gemm": ck._df_gemm_kernel, "dw_gemm": ck._dw_gemm_kernel}
 _CHUNKED_INTS = {"D", "stride_f", "stride_w", "CC"}  # multiples of 16 where they run
 
@@ -455,14 +455,16 @@ def chunked_config(kernel: str) -> configs.KernelConfig:
 
 @functools.cache
 def chunked_stats(kernel: str, flags: bool, dim: int = RESIDENT_DIM) -> dict:
-    """Static figures of chunked.py's ``kernel``, bf16 on sm_90 at D = ``dim``; ``flags``: hard
-    negatives, interclass filtering and normalisation on (the heaviest) or off."""
+    """Static figures of chunked.py's ``kernel``, bf16 on sm_90 at D = ``dim``; ``flags``:
+    class_index, hard negatives, interclass filtering and normalisation on (the heaviest) or
+    off (no bias: chunked.py does not serve it)."""
     fn, cfg = CHUNKED[kernel], chunked_config(kernel)
     if kernel == "dd":
-        const = dict(HAS_BIAS=False, HAS_INDEX=False, HARD=flags, FILTER=flags, NORMALIZE=flags,
+        const = dict(HAS_BIAS=False, HAS_INDEX=flags, HARD=flags, FILTER=flags, NORMALIZE=flags,
                      BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, **configs.resident_meta("fwd", dim))
     else:
-        const = dict(BLOCK_M=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_d)
+        const = dict(HAS_INDEX=flags, BLOCK_M=cfg.block_b, BLOCK_N=cfg.block_n,
+                     BLOCK_K=cfg.block_d)
         if kernel == "dw_gemm":
             const["NORMALIZE"] = flags
     const["DOT_PREC"] = "tf32"

@@ -2,7 +2,7 @@
 interpreter against the dense oracle (tests/contract_oracle.py), with test_triton_interpreter.py's
 harness.
 
-On a GPU it serves bf16 on sm_90 at D = 512 without bias or class_index; the interpreter cannot
+On a GPU it serves bf16 on sm_90 at D = 256 and 512 without bias; the interpreter cannot
 run bf16 dots, so these tests force the resident kernels (``configs.force(resident=True)``) on
 fp32 inputs, whose code is bf16's. The interpreter's chunks are 48 columns (chunked.backward),
 so every case crosses chunk and split boundaries.
@@ -48,6 +48,7 @@ CASES = {
     # id: (B, C, D, options); 129 columns = chunks of 48, 48 and 33
     "plain-37x129x512": (37, 129, 512, {}),
     "plain-37x129x256": (37, 129, 256, {}),       # one D chunk: all of F a register operand
+    "partial-fc-37x260x512": (37, 260, 512, dict(index=True, hard=True)),  # 130 sampled columns
     "hard-negatives-37x129x512": (37, 129, 512, dict(hard=True)),
     "unnormalized-5x100x512": (5, 100, 512, dict(normalize=False)),
     "zero-weight-row-21x70x512": (21, 70, 512, dict(zero_row=True)),
@@ -66,7 +67,7 @@ def test_chunked_backward_matches_oracle(case, monkeypatch):
         # unnormalised rows: |z| reaches 400 (test_triton_resident.py says why this needs room)
         factors = {"grad_weight": 20.0}
     _compare(_problem(B, C, D, **opts), torch.float32, resident=True, factors=factors)
-    chunks = -(-C // 48)
+    chunks = -(-(C // 2 if opts.get("index") else C) // 48)
     assert {k: c.launches for k, c in counters.items()} == {
         **{k: chunks for k in KERNELS}, "_bwd_df_res_kernel": 0, "_bwd_dw_res_kernel": 0}
 
@@ -87,9 +88,24 @@ def test_chunked_splits_chunks_and_a_single_row(splits, chunk, monkeypatch):
 
 
 @requires_interp
+@pytest.mark.parametrize("chunk", [16, 1024])
+def test_chunked_partial_fc_duplicate_classes(chunk):
+    """Partial FC with a class sampled four times and another three times, in one chunk and
+    across chunks: each column's gradient is computed on its own and the columns of one class
+    are summed (as on every backend); classes never sampled get exactly zero."""
+    from marginops.triton import configs
+
+    p = _problem(19, 40, 512, index=True, hard=True)
+    p["cidx"] = torch.tensor([3, 7, 3, 11, 7, 7, 0, 39, 3, 20, 21, 22, 23, 24, 25, 26, 27, 3])
+    p["tcol"] = p["tcol"].clamp(max=p["cidx"].numel() - 1)
+    with configs.force(chunk=chunk):
+        _compare(p, torch.float32, splits=2, resident=True)
+
+
+@requires_interp
 def test_chunked_is_chosen_only_where_it_applies():
-    """D = 256 and 512 without bias or class_index, fp32 / bf16; not fp16, D = 128, bias,
-    class_index, or with force(chunked=False) (then resident.py's backward runs)."""
+    """D = 256 and 512 without bias (class_index or not), fp32 / bf16; not fp16, D = 128, bias,
+    or with force(chunked=False) (then resident.py's backward runs)."""
     from marginops.triton import configs, margin_lse
 
     def args(D, dtype=torch.float32, bias=False, index=False):
@@ -103,7 +119,7 @@ def test_chunked_is_chosen_only_where_it_applies():
         assert args(512).chunked and args(256).chunked
         assert not args(128).chunked
         assert not args(512, torch.float16).chunked
-        assert not args(512, bias=True).chunked and not args(512, index=True).chunked
+        assert not args(512, bias=True).chunked and args(512, index=True).chunked
         with configs.force(chunked=False):
             assert not args(512).chunked and args(512).resident
     assert not args(512).chunked  # resident.py's kernels off: the general ones

@@ -113,16 +113,17 @@ def test_resident_kernels_match_oracle(D, options):
 @pytest.mark.parametrize("chunk", [None, 1024])
 @pytest.mark.parametrize("hard", [False, True])
 def test_chunked_backward_matches_oracle(D, chunk, hard):
-    """chunked.py's backward (bf16, D = 256 / 512, no bias or class_index, sm_90) against the
-    oracle: the launcher's chunk plan (one partial chunk at C = 20011) and 1024-column chunks
-    (20, the last partial); resident.py's backward (force(chunked=False)) on the same inputs."""
+    """chunked.py's backward (bf16, D = 256 / 512, no bias, sm_90) against the oracle, plain or
+    with hard negatives and class_index (Partial FC, 2001 of the 20011 classes): the launcher's
+    chunk plan and 1024-column chunks (the last partial); resident.py's backward
+    (force(chunked=False)) on the same inputs."""
     binding = _binding()
     from marginops.triton import configs
     from marginops.triton.launch import _Args
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("chunked.py's backward runs on sm_90")
-    args = _inputs(300, 20011, D, 1, torch.bfloat16, bias=False, hard=hard)
+    args = _inputs(300, 20011, D, 1, torch.bfloat16, bias=False, index=hard, hard=hard)
     assert _Args(*args).chunked
     gl = torch.randn(300, device=DEV)
     gd = torch.randn(300, device=DEV)

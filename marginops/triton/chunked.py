@@ -32,9 +32,10 @@ what keeps the tensor cores busy), and L2 bounds them instead (85 FLOPs per byte
 benchmarks/model.py models every launch (model_triton.chunked_launches).
 
 Where it runs (configs.chunked_applies): where resident.py's kernels apply, at D = 256 and 512
-(at D = 128 the GEMMs' 256-wide tiles would be half empty), without bias or class_index (those
-keep resident.py's backward), on bf16 (the GPU) or, forced, on fp32 (the interpreter). The
-forward is resident.py's.
+(at D = 128 the GEMMs' 256-wide tiles would be half empty), without bias (a bias keeps
+resident.py's backward), on bf16 (the GPU) or, forced, on fp32 (the interpreter). With
+class_index (Partial FC) the kernels gather W's rows by class and the dW GEMM writes per column;
+margin_lse sums a class's columns after. The forward is resident.py's.
 
 Not measured on a GPU (none was available): counts and compiler output, not timings.
 """
@@ -49,7 +50,7 @@ from torch import Tensor
 from . import configs, waves
 from .launch import _Args, _device_slots_info, device_guard
 from .resident import _chunks, _dots, _inv_cols, _resident_f
-from .tiles import _grad_logits, _grad_rows, _hard_t, _row_inputs, interpreting
+from .tiles import _class_of, _grad_logits, _grad_rows, _hard_t, _row_inputs, interpreting
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _dd_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_ptr, t
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < n_end
-        cls = cols.to(tl.int64)  # no class_index here (configs.chunked_applies)
+        cls = _class_of(cols, col_mask, cidx_ptr, HAS_INDEX)
         w0, w1 = _chunks(w_ptr, cls, col_mask, stride_w, 0, BLOCK_D, TWO, dot_ty)
         inv = _inv_cols(inv_ptr, cols, col_mask, NORMALIZE)
         d = _dots(f0, w0, f1, w1, TWO, DOT_PREC) * inv[None, :]
@@ -109,14 +110,16 @@ def _tile_offsets(rows, cols, stride):
 
 
 @triton.jit
-def _df_gemm_kernel(dd_ptr, w_ptr, out_ptr,  # out: (splits, B, D) fp32 partial feature gradients
+def _df_gemm_kernel(dd_ptr, w_ptr, cidx_ptr,
+                    out_ptr,  # (splits, B, D) fp32 partial feature gradients
                     B, D, c0, k_valid, k_pad, k_tiles_per_split, accumulate, stride_w, CC,
-                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """out[split, rows, dcols] (+)= dd'[rows, K range] · W[c0 + K range, dcols]: program
-    (row tile, D tile, split), the split's K range of the chunk's k_valid columns (padded to
-    k_pad, a multiple of BLOCK_K: dd' is zero there, W's rows masked). The partial is read and
-    written once per chunk, outside the K loop (``accumulate``: 0 on the first chunk).
+                    HAS_INDEX: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[split, rows, dcols] (+)= dd'[rows, K range] · W[class of c0 + K range, dcols]:
+    program (row tile, D tile, split), the split's K range of the chunk's k_valid columns
+    (padded to k_pad, a multiple of BLOCK_K: dd' is zero there, W's rows masked); a column's
+    W row is class_index[column] with HAS_INDEX (Partial FC), else the column. The partial is
+    read and written once per chunk, outside the K loop (``accumulate``: 0 on the first).
 
     Every load is masked along its non-contiguous axis only, and K steps start at multiples of
     BLOCK_K: the loads then vectorise, and Triton pipelines them (cp.async) with asynchronous
@@ -142,18 +145,21 @@ def _df_gemm_kernel(dd_ptr, w_ptr, out_ptr,  # out: (splits, B, D) fp32 partial 
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(dd_ptr + rows.to(tl.int64)[:, None] * CC + ks[None, :], mask=row_mask[:, None],
                     other=0.0)
-        b = tl.load(w_ptr + (c0 + ks.to(tl.int64))[:, None] * stride_w + dcols[None, :],
-                    mask=(ks < k_valid)[:, None] & dcol_mask[None, :], other=0.0)
+        k_mask = ks < k_valid
+        wrow = _class_of(c0 + ks, k_mask, cidx_ptr, HAS_INDEX)
+        b = tl.load(w_ptr + wrow[:, None] * stride_w + dcols[None, :],
+                    mask=k_mask[:, None] & dcol_mask[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
     tl.store(part + _tile_offsets(rows, dcols, D), acc, mask=mask)
 
 
 @triton.jit
-def _dw_gemm_kernel(dd_ptr, f_ptr, w_ptr, inv_ptr, proj_ptr,
-                    gw_ptr,  # (C, D) grad_weight in the weight's dtype, each element written once
+def _dw_gemm_kernel(dd_ptr, f_ptr, w_ptr, cidx_ptr, inv_ptr, proj_ptr,
+                    gw_ptr,  # (C, D) grad_weight in W's dtype (with HAS_INDEX (N, D), per
+                             # column), each element written once
                     B, D, c0, k_valid, row_tiles, stride_f, stride_w, CC,
-                    NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_W[c0 + cl, dcols] = Σ_i dd'[i, cl] f_i[dcols] − ŵ_cl[dcols] Σ_i dd'_i,cl d_i,cl:
     program (class tile of the chunk, D tile), K = the batch; the second term sums the dd
     kernel's per-row-tile partials (module docstring). dd'ᵀ is read unmasked along its classes
@@ -174,17 +180,21 @@ def _dw_gemm_kernel(dd_ptr, f_ptr, w_ptr, inv_ptr, proj_ptr,
         b = tl.load(f_ptr + ks[:, None] * stride_f + dcols[None, :],
                     mask=k_mask[:, None] & dcol_mask[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
-    wrow = (c0 + cl).to(tl.int64)
-    mask = cl_mask[:, None] & dcol_mask[None, :]
+    col = c0 + cl  # the output row: the column's own with HAS_INDEX (two columns may name
+    mask = cl_mask[:, None] & dcol_mask[None, :]  # one class); int32, offsets formed in 64 bits
     if NORMALIZE:
         proj = tl.zeros((BLOCK_M,), tl.float32)
         for r in range(row_tiles):
             proj += tl.load(proj_ptr + r * CC + cl, mask=cl_mask, other=0.0)
         inv = tl.load(inv_ptr + c0 + cl, mask=cl_mask, other=1.0)
-        w = tl.load(w_ptr + wrow[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0)
+        # W's rows again for the Jacobian: class ids held as int32 (< 2^31), the row offset
+        # formed in 64 bits — with class_index the int64 ids spilled 8 B beside the accumulator
+        wrow = _class_of(col, cl_mask, cidx_ptr, HAS_INDEX).to(tl.int32)
+        w = tl.load(w_ptr + wrow.to(tl.int64)[:, None] * stride_w + dcols[None, :], mask=mask,
+                    other=0.0)
         acc = acc - w.to(tl.float32) * (proj * inv)[:, None]
-    tl.store(gw_ptr + wrow[:, None] * D + dcols[None, :], acc.to(gw_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(gw_ptr + col.to(tl.int64)[:, None] * D + dcols[None, :],
+             acc.to(gw_ptr.dtype.element_ty), mask=mask)
 
 
 # =============================================================================================
@@ -194,7 +204,8 @@ def _dw_gemm_kernel(dd_ptr, f_ptr, w_ptr, inv_ptr, proj_ptr,
 
 def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Tensor):
     """(grad_f, grad_w, grad_scale) of margin_lse_triton_backward by chunks (module docstring);
-    ``inv`` holds 1/‖W_n‖ (_inv_norm_kernel) when normalising."""
+    ``inv`` holds 1/‖W_n‖ (_inv_norm_kernel) when normalising. With class_index grad_w is per
+    column, (N, D) in W's dtype: the caller sums columns into their classes."""
     dev, B, N, D = a.f.device, a.B, a.N, a.D
     dd_cfg, df_cfg, dw_cfg = (_kernel_config(k) for k in ("dd", "df_gemm", "dw_gemm"))
     meta = configs.resident_meta("fwd", D)
@@ -213,12 +224,17 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
     proj = torch.empty((row_tiles, cc), dtype=torch.float32, device=dev)
     gs = torch.empty((plan.dd_grid[1], B), dtype=torch.float32, device=dev)
     dfp = torch.empty((plan.df_grid[2], B, D), dtype=torch.float32, device=dev)
-    grad_w = torch.empty_like(a.w)
+    # grad_W in W's dtype: per column with class_index (margin_lse._scatter_to_classes sums a
+    # class's columns after, in W's dtype too: no fp32 copy), else per class
+    grad_w = (torch.empty((N, D), dtype=a.w.dtype, device=dev) if a.cidx is not None
+              else torch.empty_like(a.w))
+    cidx = a.cidx if a.cidx is not None else a.tcol  # dummy pointer, never read without it
     strides = (a.f.stride(0), a.w.stride(0))
 
     def gemm(cfg: configs.KernelConfig) -> dict:
-        return dict(DOT_PREC=a.flags["DOT_PREC"], BLOCK_M=cfg.block_b, BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_d, **cfg.launch())
+        return dict(HAS_INDEX=a.cidx is not None, DOT_PREC=a.flags["DOT_PREC"],
+                    BLOCK_M=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_d,
+                    **cfg.launch())
 
     with device_guard(dev):  # (the caller's too: nested, the same device)
         for c in range(plan.chunks):
@@ -232,11 +248,11 @@ def backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, inv: Ten
                 plan.cols_per_split, int(c > 0), *strides, a.thr, cc, **a.flags,
                 BLOCK_B=dd_cfg.block_b, BLOCK_N=dd_cfg.block_n, **meta, **dd_cfg.launch())
             _df_gemm_kernel[plan.df_grid](
-                dd, a.w, dfp, B, D, c0, k_valid, k_pad, plan.k_tiles_per_split, int(c > 0),
-                a.w.stride(0), cc, **gemm(df_cfg))
+                dd, a.w, cidx, dfp, B, D, c0, k_valid, k_pad, plan.k_tiles_per_split,
+                int(c > 0), a.w.stride(0), cc, **gemm(df_cfg))
             _dw_gemm_kernel[(triton.cdiv(k_valid, dw_cfg.block_b), plan.dw_grid[1])](
-                dd, a.f, a.w, inv, proj, grad_w, B, D, c0, k_valid, row_tiles, *strides, cc,
-                NORMALIZE=a.normalize, **gemm(dw_cfg))
+                dd, a.f, a.w, cidx, inv, proj, grad_w, B, D, c0, k_valid, row_tiles, *strides,
+                cc, NORMALIZE=a.normalize, **gemm(dw_cfg))
     return dfp.sum(0).to(a.f.dtype), grad_w, gs.sum(0).to(a.acc)
 
 

@@ -205,12 +205,12 @@ CHUNKED: dict[str, KernelConfig] = {
 INTERPRETER_GEMM = C(16, 16, 16, num_warps=1, num_stages=1)
 
 
-def chunked_applies(features: str, dim: int, has_bias: bool, has_index: bool) -> bool:
+def chunked_applies(features: str, dim: int, has_bias: bool) -> bool:
     """Does chunked.py's backward serve a launch that resident.py's kernels serve? At
     D ≥ RESIDENT_CHUNK (256 and 512; at D = 128 its GEMMs' 256-wide tiles would be half empty),
-    without bias or class_index, bf16 (fp32 when forced: the interpreter's tests; fp16's dd'
-    could overflow its operand). ``force(chunked=False)`` turns it off."""
-    if _forced_chunked is False or has_bias or has_index or dim < RESIDENT_CHUNK:
+    without bias (class_index is served), bf16 (fp32 when forced: the interpreter's tests;
+    fp16's dd' could overflow its operand). ``force(chunked=False)`` turns it off."""
+    if _forced_chunked is False or has_bias or dim < RESIDENT_CHUNK:
         return False
     return features in ("bfloat16", "float32")
 

@@ -140,8 +140,7 @@ class _Args:
                              for k in ("fwd", "bwd_df", "bwd_dw")}
         # chunked.py's backward (configs.chunked_applies): a subset of the resident launches
         self.chunked = self.resident and configs.chunked_applies(
-            str(self.f.dtype).removeprefix("torch."), self.D, self.bias is not None,
-            self.cidx is not None)
+            str(self.f.dtype).removeprefix("torch."), self.D, self.bias is not None)
 
 
 def _arch(device: torch.device) -> int:

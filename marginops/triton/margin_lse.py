@@ -66,8 +66,8 @@ On sm_90 with bf16 features and weight, one sub-center and D ∈ {128, 256, 512}
 kernels run instead (FlashAttention's shape: the program's own F or W tile stays in shared memory
 over the whole D, each streamed tile is loaded once for both GEMMs; 10·B·C·D at D ≤ 256, 12 at
 D = 512, a fifth of these L2 loads). Their docstring says why their tiles are what they are. At
-D = 256 and 512 without bias or class_index the backward is chunked.py's instead: 8·B·C·D, with
-dd stored per chunk of classes (below).
+D = 256 and 512 without bias the backward is chunked.py's instead: 8·B·C·D, with dd stored per
+chunk of classes (below).
 
 Why not 8·B·C·D here (cut-cross-entropy's one recompute feeding both gradients)? One of the two
 gradients must then be reduced across programs: fp32 atomics on global memory or a dd buffer
@@ -403,6 +403,8 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
                 inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
                 _inv_norms(a, inv)
             grad_f, grad_w, grad_s = chunked.backward(a, lse, grad_lse, grad_dot, inv)
+        if a.cidx is not None:  # per column: duplicates summed into their classes
+            grad_w, _ = _scatter_to_classes(a, grad_w, grad_s)
         return grad_f, grad_w, grad_s, grad_b
     common = (a.B, a.N, a.D, a.K)
     df_cfg = df_cfg or _config("bwd_df", a)

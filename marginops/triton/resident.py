@@ -44,10 +44,10 @@ Cost (e = 2 bytes, q = D / c chunk programs per output; bwd_df at D = 512: q = 1
 (BB = 128, 64 at D = 512; plus 1/‖W‖ and per-row vectors): 10·B·C·D in all at D ≤ 256,
 12·B·C·D at D = 512 — the dW kernel's second chunk programs recompute the logit tile. At
 B = 4096, C = 2^20, D = 512: ≈ 34 + 69 + 72 GB loaded, against 891 GB for margin_lse.py's
-kernels at that shape. At D = 256 and 512 without bias or class_index the launcher takes
-chunked.py's backward instead (configs.chunked_applies): one recompute per chunk of classes, in
-this file's forward tiles, stores dd and feeds two GEMMs — 8·B·C·D; the two backward kernels
-here serve D = 128, bias and class_index (and ``configs.force(chunked=False)``).
+kernels at that shape. At D = 256 and 512 without bias the launcher takes chunked.py's backward
+instead (configs.chunked_applies): one recompute per chunk of classes, in this file's forward
+tiles, stores dd and feeds two GEMMs — 8·B·C·D; the two backward kernels here serve D = 128 and
+bias (and ``configs.force(chunked=False)``).
 
 Shared memory bounds these kernels before the tensor cores do (benchmarks/model.py models it):
 the logit GEMM reads its resident operand once per streamed tile and warpgroup, and the

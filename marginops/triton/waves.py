@@ -131,11 +131,11 @@ AOT_FIGURES: dict[tuple, tuple[int, int]] = {
     ('bwd_df', 'resident', 90, 64, 32, 512, 8, 2, 512): (255, 135424),
     ('bwd_dw', 'resident', 90, 16, 128, 256, 8, 2, 256): (245, 164288),
     ('topk', 'resident', 90, 64, 32, 64, 4, 2, 0): (128, 20480),
-    # chunked.py's kernels (sm_90, bf16, D = 512, every flag on): dd' in resident.py's forward
-    # tiles, and the two GEMMs
+    # chunked.py's kernels (sm_90, bf16, D = 512; the heavier of every flag on or off): dd' in
+    # resident.py's forward tiles, and the two GEMMs
     ('dd', 'chunked', 90, 128, 32, 256, 8, 2, 0): (248, 139264),
     ('df_gemm', 'chunked', 90, 128, 256, 64, 8, 3, 0): (250, 147456),
-    ('dw_gemm', 'chunked', 90, 128, 256, 64, 8, 3, 0): (246, 147456),
+    ('dw_gemm', 'chunked', 90, 128, 256, 64, 8, 3, 0): (249, 147456),
     ('merge', 'resident', 90, 128, 16, 16, 4, 1, 0): (32, 0),
     ('norm', 'resident', 90, 16, 64, 64, 4, 2, 0): (32, 256),
     ('merge', 'half', 80, 128, 16, 16, 4, 1, 0): (32, 0),
