@@ -220,7 +220,7 @@ def _step(B: int, C: int, D: int, dtype: str, gpu: GPU, var: str, fwd: list[Laun
 #   bwd_dw  nt × q     W 128 × D resident; per 16-row tile: F 16 × D, S (2·16·128·D),
 #                      G[:, chunk] += ddᵀ·F_chunk (2·16·128·c); epilogue reloads W's 128 × c chunk
 #                      (Jacobian), stores grad_W's chunk in W's dtype
-# (chunked.py's backward replaces bwd_df / bwd_dw at D = 512: chunked_launches below)
+# (chunked.py's backward replaces bwd_df / bwd_dw at D ≥ 256: chunked_launches below)
 # (2q + 2)·B·C·D per backward kernel: 12·B·C·D in all at D = 512 (bwd_dw's second chunk program
 # recomputes the whole S: Triton lays a dot feeding a dot out with all warps along M, and a
 # 64-column dW tile spills — resident.py's module docstring), 10 at D ≤ 256. 1/‖W‖ comes from
@@ -366,36 +366,37 @@ def resident_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> list[Laun
 
 # ----------------------------------------------------------------------------- chunked backward
 #
-# marginops/triton/chunked.py, where configs.chunked_applies (the resident launches at D = 512,
-# no bias; the modelled step has no class_index either). Classes in chunks of CC = waves.plan_chunk columns;
-# per chunk three kernels (``count`` = chunks, the figures summed over all of them):
+# marginops/triton/chunked.py, where configs.chunked_applies (the resident launches at D ≥ 256,
+# no bias; the modelled step has no class_index either). Classes in chunks of
+# CC = waves.plan_chunk columns; per chunk three kernels (``count`` = chunks, the figures summed
+# over all of them):
 #   dd       rt × s_dd   resident.py's forward tiles (F 128 × D resident, its first 256 columns
 #                        in registers; W 32 × D streamed) with the backward epilogue; stores dd'
 #                        (B × CC, bf16), Σ_i dd'·d per row tile (rt × CC fp32), and adds to the
 #                        grad_scale partials (s_dd × B fp32, read and written per chunk)
 #   df_gemm  tiles × s   dF[split] (+)= dd'·W[chunk]: M = B, N = D, K = CC split s ways; the
 #                        (s, B, D) fp32 partial read before and stored after each chunk's K loop
-#   dw_gemm  CC/128 × D/256   grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d: M = CC, N = D, K = B; the
+#   dw_gemm  CC/128 × ⌈D/256⌉ grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d: M = CC, N = D, K = B; the
 #                        Jacobian's W rows, 1/‖W‖ and rt partials read in the epilogue
 # GEMM FLOPs 2·B·C·D each (C padded to the chunks' K / class tiles): with the forward, 8·B·C·D.
 # The GEMMs' operands stream through L2 once per output tile ((128 + 256) rows × K, 85 FLOPs per
 # byte); their shared memory: the wgmma operand reads of 128 × 256 tiles (two warpgroups along M)
 # plus the cp.async writes. dd' goes to HBM and back (B × CC bf16 outgrows L2 at B ≥ 512).
 
-GEMM_TILE = (128, 256, 64)   # configs.CHUNKED's M × N × K (both GEMMs)
-
-
-def _gemm(name: str, M: int, N: int, K: int, count: int, grid: int, occ: dict, e: int,
+def _gemm(kernel: str, name: str, M: int, N: int, K: int, count: int, grid: int, e: int,
           unit: str, mult: int, gpu: GPU, l2_extra: float, hbm: float, alu: float = 0.0,
           note: str = "") -> Launch:
-    """One of chunked.py's GEMMs over all its launches: (M × K)·(K × N) in 128 × 256 tiles, K
-    the summed reduction length (padded per chunk)."""
-    bm, bn, _bk = GEMM_TILE
+    """chunked.py's GEMM ``kernel`` (configs.CHUNKED: block_b, block_n = its M, N tile) over all
+    its launches: (M × K)·(K × N), K the summed reduction length (padded per chunk); occupancy
+    from its AOT figures."""
+    cfg = configs.CHUNKED[kernel]
+    bm, bn = cfg.block_b, cfg.block_n
+    regs, smem = waves.figures(gpu.arch, cfg, kernel, "chunked")
     tiles = cdiv(M, bm) * cdiv(N, bn)
-    return Launch(name, count=count, grid=grid, **occ,
+    return Launch(name, count=count, grid=grid, threads=32 * cfg.num_warps, regs=regs, smem=smem,
                   tc_flops=2 * tiles * bm * bn * K * mult, unit=unit, alu_flops=alu,
                   l2=tiles * (bm + bn) * K * e + l2_extra, hbm=hbm,
-                  smem_io=tiles * (gemm_smem(bm, bn, K, e, wgmma_groups(bm, 8, False))
+                  smem_io=tiles * (gemm_smem(bm, bn, K, e, wgmma_groups(bm, cfg.num_warps, False))
                                    + (bm + bn) * K * e), note=note)
 
 
@@ -404,11 +405,10 @@ def chunked_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[list
     e = ELT[dtype]
     unit, mult = ("tf32", 3) if dtype == "float32" else ("bf16", 1)
     W, Fb = C * D * e, B * D * e
-    fc = configs.CHUNKED["dd"]
-    plan = waves.chunked_plan(B, C, D, gpu.sms, e, fc, configs.CHUNKED["df_gemm"],
-                              configs.CHUNKED["dw_gemm"])   # the launcher's plan
-    cc, chunks = plan.cc, plan.chunks
-    kpad = (chunks - 1) * cc + cdiv(C - (chunks - 1) * cc, GEMM_TILE[2]) * GEMM_TILE[2]
+    fc, dfc = configs.CHUNKED["dd"], configs.CHUNKED["df_gemm"]
+    plan = waves.chunked_plan(B, C, D, gpu.sms, e, fc, dfc, configs.CHUNKED["dw_gemm"])
+    cc, chunks = plan.cc, plan.chunks   # the launcher's plan
+    kpad = (chunks - 1) * cc + cdiv(C - (chunks - 1) * cc, dfc.block_d) * dfc.block_d
 
     regs, smem = waves.figures(gpu.arch, fc, "dd", "chunked")
     occ = dict(threads=32 * fc.num_warps, regs=regs, smem=smem)
@@ -427,25 +427,16 @@ def chunked_launches(B: int, C: int, D: int, dtype: str, gpu: GPU) -> tuple[list
         note=f"{chunks} chunk(s) of {cc} classes, {rt} row tiles × {s_dd} split(s) each; dd' "
              f"{B}×{cc} {dtype} ({B * cc * e / 2**20:.0f} MiB), to HBM and back")
 
-    def gemm_occ(kernel: str) -> tuple[dict, int]:  # (occupancy fields, program slots)
-        cfg = configs.CHUNKED[kernel]
-        r, sm = waves.figures(gpu.arch, cfg, kernel, "chunked")
-        o = dict(threads=32 * cfg.num_warps, regs=r, smem=sm)
-        return o, gpu.sms * waves.ctas_per_sm(r, sm, o["threads"], limits(gpu))
-
-    bm, bn, bk = GEMM_TILE
-    occ_f, _ = gemm_occ("df_gemm")
-    tiles_f = cdiv(B, bm) * cdiv(D, bn)
-    s_f = plan.df_grid[2]
+    m_tiles, n_tiles, s_f = plan.df_grid
+    tiles_f = m_tiles * n_tiles
     partial = s_f * B * D * 4
-    df = _gemm("df_gemm (dF[split] += dd'·W[chunk], K = the chunk's classes)", B, D, kpad,
-               chunks, tiles_f * s_f, occ_f, e, unit, mult, gpu,
+    df = _gemm("df_gemm", "df_gemm (dF[split] += dd'·W[chunk], K = the chunk's classes)", B, D,
+               kpad, chunks, tiles_f * s_f, e, unit, mult, gpu,
                l2_extra=(2 * chunks - 1) * partial, hbm=B * C * e + partial,
                note=f"{tiles_f} tiles × {s_f} K split(s); dd' read from HBM, W[chunk] from L2 "
                     f"(the dd kernel's)")
-    occ_w, _ = gemm_occ("dw_gemm")
-    dw = _gemm("dw_gemm (grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d, K = the batch)", C, D, B,
-               chunks, plan.dw_grid[0] * plan.dw_grid[1], occ_w, e, unit, mult, gpu,
+    dw = _gemm("dw_gemm", "dw_gemm (grad_W[chunk] = dd'ᵀ·F − ŵ Σ dd'·d, K = the batch)", C, D,
+               B, chunks, plan.dw_grid[0] * plan.dw_grid[1], e, unit, mult, gpu,
                l2_extra=W + rt * C * 4 + C * 4 + W, hbm=B * C * e + W + C * 4 + W,
                alu=JACOBIAN_OPS * C * D,
                note="F per class tile; the Jacobian's W rows, 1/‖W‖, Σ dd'·d partials in the "

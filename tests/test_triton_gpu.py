@@ -98,15 +98,7 @@ def test_resident_kernels_match_oracle(D, options):
     every = options == "all"
     args = _inputs(300, 5003, D, 1, torch.bfloat16, bias=every, index=every, hard=every)
     assert _Args(*args).resident
-    gl = torch.randn(300, device=DEV)
-    gd = torch.randn(300, device=DEV)
-    base = _loss_grads(margin_lse_dense, args, gl, gd)
-    truth = _loss_grads(margin_lse_dense, _double(args), gl.double(), gd.double())
-    for resident in (True, False):
-        with configs.force(resident=resident):
-            ours = _loss_grads(binding.margin_lse, args, gl, gd)
-        for a, b, t in zip(ours, base, truth):
-            assert_within_budget(a, b, t, torch.bfloat16)
+    _within_budget_forced(binding, args, [configs.force(resident=r) for r in (True, False)])
 
 
 @pytest.mark.parametrize("D", [256, 512])
@@ -125,12 +117,20 @@ def test_chunked_backward_matches_oracle(D, chunk, hard):
         pytest.skip("chunked.py's backward runs on sm_90")
     args = _inputs(300, 20011, D, 1, torch.bfloat16, bias=False, index=hard, hard=hard)
     assert _Args(*args).chunked
-    gl = torch.randn(300, device=DEV)
-    gd = torch.randn(300, device=DEV)
+    _within_budget_forced(binding, args, [configs.force(chunked=True, chunk=chunk),
+                                          configs.force(chunked=False)])
+
+
+def _within_budget_forced(binding, args, forces):
+    """The op on bf16 ``args`` under each ``configs.force(...)`` of ``forces``: every output
+    within the bf16 error budget of the dense oracle (tolerance.py)."""
+    B = args[0].shape[0]
+    gl = torch.randn(B, device=DEV)
+    gd = torch.randn(B, device=DEV)
     base = _loss_grads(margin_lse_dense, args, gl, gd)
     truth = _loss_grads(margin_lse_dense, _double(args), gl.double(), gd.double())
-    for chunked in (True, False):
-        with configs.force(chunked=chunked, chunk=chunk if chunked else None):
+    for force in forces:
+        with force:
             ours = _loss_grads(binding.margin_lse, args, gl, gd)
         for a, b, t in zip(ours, base, truth):
             assert_within_budget(a, b, t, torch.bfloat16)

@@ -180,21 +180,19 @@ def _dw_gemm_kernel(dd_ptr, f_ptr, w_ptr, cidx_ptr, inv_ptr, proj_ptr,
         b = tl.load(f_ptr + ks[:, None] * stride_f + dcols[None, :],
                     mask=k_mask[:, None] & dcol_mask[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
-    col = c0 + cl  # the output row: the column's own with HAS_INDEX (two columns may name
-    mask = cl_mask[:, None] & dcol_mask[None, :]  # one class); int32, offsets formed in 64 bits
+    # the output row: the column's own with HAS_INDEX (two columns may name one class)
+    col = (c0 + cl).to(tl.int64)
+    mask = cl_mask[:, None] & dcol_mask[None, :]
     if NORMALIZE:
         proj = tl.zeros((BLOCK_M,), tl.float32)
         for r in range(row_tiles):
             proj += tl.load(proj_ptr + r * CC + cl, mask=cl_mask, other=0.0)
         inv = tl.load(inv_ptr + c0 + cl, mask=cl_mask, other=1.0)
-        # W's rows again for the Jacobian: class ids held as int32 (< 2^31), the row offset
-        # formed in 64 bits — with class_index the int64 ids spilled 8 B beside the accumulator
-        wrow = _class_of(col, cl_mask, cidx_ptr, HAS_INDEX).to(tl.int32)
-        w = tl.load(w_ptr + wrow.to(tl.int64)[:, None] * stride_w + dcols[None, :], mask=mask,
-                    other=0.0)
+        wrow = _class_of(col, cl_mask, cidx_ptr, HAS_INDEX)  # W's rows again, for the Jacobian
+        w = tl.load(w_ptr + wrow[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0)
         acc = acc - w.to(tl.float32) * (proj * inv)[:, None]
-    tl.store(gw_ptr + col.to(tl.int64)[:, None] * D + dcols[None, :],
-             acc.to(gw_ptr.dtype.element_ty), mask=mask)
+    tl.store(gw_ptr + col[:, None] * D + dcols[None, :], acc.to(gw_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # =============================================================================================

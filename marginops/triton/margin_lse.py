@@ -345,13 +345,18 @@ def _bwd_dw_kernel(f_ptr, w_ptr, scale_ptr, bias_ptr, tcol_ptr, cidx_ptr, tau_pt
 # Launchers
 # =============================================================================================
 
-def _inv_norms(a: _Args, inv: Tensor) -> None:
-    """inv[n, k] = 1/‖W_r‖ of the iterated rows (``_inv_norm_kernel``)."""
+def _inv_norms(a: _Args, dummy: Tensor) -> Tensor:
+    """inv[n, k] = 1/‖W_r‖ of the iterated rows, (N, K) fp32 (``_inv_norm_kernel``), when the
+    weight is normalised; else ``dummy``, a pointer the kernels never read."""
+    if not a.normalize:
+        return dummy
+    inv = torch.empty((a.N, a.K), dtype=torch.float32, device=a.f.device)
     cfg = _config("norm", a)
     with device_guard(a.f.device):
         _inv_norm_kernel[(triton.cdiv(a.N, cfg.block_n),)](
             a.w, a.ptrs[5], inv, a.N, a.D, a.K, a.w.stride(0), HAS_INDEX=a.cidx is not None,
             BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **cfg.launch())
+    return inv
 
 
 def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
@@ -367,10 +372,7 @@ def _forward(a: _Args, cfg=None, merge_cfg=None) -> tuple[Tensor, Tensor]:
     grid = (triton.cdiv(a.B, cfg.block_b), splits)
     with device_guard(dev):
         if a.resident:
-            inv = lse  # dummy pointer, never read without normalisation
-            if a.normalize:  # 1/‖W_n‖ per column: the resident kernels read it in every pass
-                inv = torch.empty(a.N, dtype=torch.float32, device=dev)
-                _inv_norms(a, inv)
+            inv = _inv_norms(a, lse)  # 1/‖W_n‖ per column: every resident pass reads it
             resident._fwd_res_kernel[grid](
                 *a.ptrs, inv, part[0], part[1], part[2], a.B, a.N, a.D, cps, a.f.stride(0),
                 a.w.stride(0), a.thr, **a.flags, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
@@ -397,14 +399,9 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     grad_lse = grad_lse.to(torch.float32).contiguous()
     grad_dot = grad_dot.to(torch.float32).contiguous()
     if a.chunked:  # chunked.py: one recompute, two GEMMs per chunk of classes
-        inv = lse  # dummy pointer, never read without normalisation
-        with device_guard(dev):
-            if a.normalize:
-                inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
-                _inv_norms(a, inv)
-            grad_f, grad_w, grad_s = chunked.backward(a, lse, grad_lse, grad_dot, inv)
+        grad_f, grad_w, grad_s = chunked.backward(a, lse, grad_lse, grad_dot, _inv_norms(a, lse))
         if a.cidx is not None:  # per column: duplicates summed into their classes
-            grad_w, _ = _scatter_to_classes(a, grad_w, grad_s)
+            grad_w, _ = _scatter_to_classes(a, grad_w)
         return grad_f, grad_w, grad_s, grad_b
     common = (a.B, a.N, a.D, a.K)
     df_cfg = df_cfg or _config("bwd_df", a)
@@ -414,9 +411,6 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
         df_do, dw_do = a.res_meta["bwd_df"]["BLOCK_D"], a.res_meta["bwd_dw"]["BLOCK_D"]
     splits, cps = _split_columns(a.B, a.N, df_cfg, dev, "bwd_df", a.variant,
                                  triton.cdiv(a.D, df_do))
-    inv = lse  # dummy pointer, never read without normalisation
-    if a.normalize:  # 1/‖W_r‖ of the iterated rows, (N, K) fp32: both passes need it per column
-        inv = torch.empty((a.N, a.K), dtype=torch.float32, device=dev)
     # feature gradient and grad_scale: rows × splits × D chunks, partial buffers summed below;
     # every element is written exactly once (no zero-fill)
     df = torch.empty((splits, a.B, a.D), dtype=torch.float32, device=dev)
@@ -435,9 +429,8 @@ def _backward(a: _Args, lse: Tensor, grad_lse: Tensor, grad_dot: Tensor, df_cfg=
     df_grid = (triton.cdiv(a.B, df_cfg.block_b), splits, triton.cdiv(a.D, df_do))
     dw_grid = (triton.cdiv(a.N, dw_cfg.block_n), a.K * triton.cdiv(a.D, dw_do))
     strides = (a.f.stride(0), a.w.stride(0), a.thr)
+    inv = _inv_norms(a, lse)  # 1/‖W_r‖ of the iterated rows: both kernels need it per column
     with device_guard(dev):
-        if a.normalize:
-            _inv_norms(a, inv)
         if a.resident:
             resident._bwd_df_res_kernel[df_grid](
                 *a.ptrs, lse, grad_lse, grad_dot, inv, df, gs, a.B, a.N, a.D, cps, *strides,
@@ -476,12 +469,14 @@ def _meta(cfg: configs.KernelConfig, d_chunk: int) -> dict:
     return {**cfg.meta(), "BLOCK_DO": d_chunk}
 
 
-def _scatter_to_classes(a: _Args, g_cols: Tensor, gb_cols: Tensor) -> tuple[Tensor, Tensor]:
+def _scatter_to_classes(a: _Args, g_cols: Tensor, gb_cols: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor | None]:
     """Sum per-column gradients into their classes: grad_W[c_n·K + k] += g_cols[n·K + k] and
     grad_bias[c_n] += gb_cols[n] (``grad_W.index_put_(rows, g, accumulate=True)``; on CUDA that
     is a sort-based, deterministic reduction). grad_W is accumulated in the weight's dtype, so
     the Partial-FC path needs no R×D fp32 buffer (C can be 10^7): a repeated class's sum is
-    rounded once per repeat there; grad_bias stays fp32."""
+    rounded once per repeat there; grad_bias stays fp32 (``gb_cols`` is read only with a bias,
+    else returned as it is)."""
     rows = (a.cidx[:, None] * a.K + torch.arange(a.K, device=a.cidx.device)).reshape(-1)
     gw = torch.zeros_like(a.w)
     gw.index_put_((rows,), g_cols.to(gw.dtype), accumulate=True)
